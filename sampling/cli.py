@@ -1,0 +1,86 @@
+"""What the command-line tools share: flags, one-line errors, the model pair."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .generate import DEFAULTS
+from .utils_bass import SCHEDULES, ScheduleParams
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: ``error: ...`` and exit code 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--target_model_name", default=None,
+                    help="target model: local folder or hub id (default: the embedded models/target)")
+    ap.add_argument("--approx_model_name", default=None,
+                    help="draft model: local folder or hub id (default: the embedded models/draft)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="where to run (auto: cuda if available)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                    help="model dtype (auto: float32 on CPU, float16 on CUDA)")
+
+
+def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma") -> None:
+    ap.add_argument("--max_tokens", type=int, default=DEFAULTS.max_new_tokens,
+                    help="new tokens per prompt")
+    ap.add_argument(gamma_flag, dest="gamma", type=int, default=None,
+                    help=f"draft length; the start of the adaptive schedules (default "
+                         f"{DEFAULTS.gamma} for constant, {DEFAULTS.gamma_init} for bass/aimd)")
+    ap.add_argument("--gamma_schedule", default=DEFAULTS.gamma_schedule, choices=SCHEDULES,
+                    help="draft length schedule: constant, bass (Qiu et al.) or aimd")
+    sp = ScheduleParams()
+    ap.add_argument("--gamma_max", type=int, default=sp.gamma_max, help="bass/aimd: largest gamma")
+    ap.add_argument("--gamma_delta", type=int, default=sp.delta, help="bass: growth after a full accept")
+    ap.add_argument("--gamma_mod", type=int, default=sp.mod, help="bass: shrink by ceil(gamma/mod)")
+    ap.add_argument("--gamma_min", type=int, default=sp.gamma_min, help="aimd: smallest gamma")
+    ap.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                    help="softmax temperature; 0 is greedy")
+    ap.add_argument("--top_k", type=int, default=DEFAULTS.top_k, help="top-k filter (0: off)")
+    ap.add_argument("--top_p", type=float, default=DEFAULTS.top_p, help="nucleus filter in (0, 1] (1: off)")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default: not reproducible)")
+    ap.add_argument("--sort_batch", action="store_true",
+                    help="group prompts of similar length into the same batch (output keeps input order)")
+
+
+def schedule_of(args) -> ScheduleParams:
+    return ScheduleParams(kind=args.gamma_schedule, delta=args.gamma_delta, mod=args.gamma_mod,
+                          gamma_max=args.gamma_max, gamma_min=args.gamma_min)
+
+
+def generate_kwargs(args, tokenizer) -> dict:
+    """The keyword arguments of ``sampling.generate`` that the sampling flags set."""
+    return dict(max_new_tokens=args.max_tokens, gamma=args.gamma, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                eos_token_id=tokenizer.eos_token_id, gamma_schedule=args.gamma_schedule,
+                schedule=schedule_of(args))
+
+
+def load_pair(args, need_draft: bool = True):
+    """(target, draft or None, tokenizer) from the model flags."""
+    from .models import load_model, load_tokenizer
+    tokenizer = load_tokenizer(args.target_model_name)
+    target = load_model(args.target_model_name, "target", args.device, args.dtype)
+    draft = load_model(args.approx_model_name, "draft", args.device, args.dtype) if need_draft else None
+    return target, draft, tokenizer
+
+
+def run(main_fn) -> None:
+    """Call main_fn(); turn bad input into ``error: ...`` on stderr and a non-zero exit."""
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        main_fn()
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)

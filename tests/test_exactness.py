@@ -1,0 +1,93 @@
+"""Greedy exactness: every mode equals plain greedy decoding token for token."""
+import pytest
+import torch
+
+from sampling import generate
+from tiny import ARCHS, greedy_reference, left_padded_batch, never_agreeing_pair, noisy_copy, tiny_model
+
+SPEC_MODES = ("google", "deepmind", "bass")
+LENGTHS = (5, 9, 3, 7)          # a left-padded batch of mixed lengths
+NEW = 12
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_case(request):
+    target = tiny_model(request.param)
+    ids, mask = left_padded_batch(97, LENGTHS, seed=3)
+    return request.param, target, ids, mask, greedy_reference(target, ids, mask, NEW)
+
+
+@pytest.mark.parametrize("mode", ("ar",) + SPEC_MODES)
+def test_greedy_partial_agreement(arch_case, mode):
+    arch, target, ids, mask, ref = arch_case
+    draft = noisy_copy(target, 0.1)
+    res = generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=NEW, gamma=4,
+                   temperature=0, seed=0)
+    assert res.tokens == ref, f"{arch}/{mode} differs from greedy decoding"
+    if mode != "ar":                     # the draft agrees part of the time, not always, not never
+        assert 0 < res.stats["accepted"] < res.stats["drafted"], res.stats
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_greedy_all_accepted(arch_case, mode):
+    arch, target, ids, mask, ref = arch_case
+    res = generate(target, ids, mask, draft_model=target, mode=mode, max_new_tokens=NEW, gamma=4,
+                   temperature=0, seed=0)
+    assert res.tokens == ref
+    assert res.stats["acceptance_rate"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_greedy_all_rejected(arch, mode):
+    target, draft = never_agreeing_pair(tiny_model(arch, seed=5))
+    ids, mask = left_padded_batch(97, LENGTHS, seed=4)
+    ref = greedy_reference(target, ids, mask, NEW)
+    assert all(0 not in row for row in ref)               # precondition: the target never picks 0
+    res = generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=NEW, gamma=3,
+                   temperature=0, seed=0)
+    assert res.tokens == ref
+    assert res.stats["accepted"] == 0 and res.stats["drafted"] > 0
+
+
+@pytest.mark.parametrize("mode", ("ar",) + SPEC_MODES)
+def test_eos_inside_accepted_block(mode):
+    target = tiny_model("llama")
+    ids, mask = left_padded_batch(97, (6, 4), seed=7)
+    free = greedy_reference(target, ids, mask, NEW)
+    eos = free[0][2]                                       # row 0 meets it as its 3rd token
+    ref = greedy_reference(target, ids, mask, NEW, eos_token_id=eos)
+    res = generate(target, ids, mask, draft_model=target, mode=mode, max_new_tokens=NEW, gamma=4,
+                   temperature=0, eos_token_id=eos)
+    assert res.tokens == ref
+    assert res.tokens[0][-1] == eos and len(res.tokens[0]) == free[0].index(eos) + 1
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+@pytest.mark.parametrize("budget", (1, 5, 6, 7))
+def test_budget_never_overshot(mode, budget):
+    target = tiny_model("gpt2")
+    ids, mask = left_padded_batch(97, (5, 8), seed=8)
+    ref = greedy_reference(target, ids, mask, budget)
+    res = generate(target, ids, mask, draft_model=target, mode=mode, max_new_tokens=budget, gamma=4,
+                   temperature=0)
+    assert res.tokens == ref and all(len(r) == budget for r in res.tokens)
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_p_equals_q_accepts_everything(mode):
+    target = tiny_model("opt")
+    ids, mask = left_padded_batch(97, (5, 8, 2), seed=9)
+    res = generate(target, ids, mask, draft_model=target, mode=mode, max_new_tokens=10, gamma=3,
+                   temperature=1.0, seed=1)
+    assert res.stats["acceptance_rate"] == 1.0
+    assert all(0 <= t < 97 for row in res.tokens for t in row)
+
+
+def test_seed_reproduces():
+    target = tiny_model("llama")
+    draft = noisy_copy(target, 0.3)
+    ids, mask = left_padded_batch(97, (5, 8), seed=9)
+    runs = [generate(target, ids, mask, draft_model=draft, mode="google", max_new_tokens=10,
+                     temperature=1.0, seed=42).tokens for _ in range(2)]
+    assert runs[0] == runs[1]
