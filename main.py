@@ -83,7 +83,7 @@ def print_table(runs, tok) -> None:
     print(f"{'mode':<9} {'tokens/s':>9} {'speedup':>8} {'accept':>7} {'tok/call':>9}  text")
     for mode, (res, _) in runs.items():
         s = res.stats
-        text = tok.decode(res.tokens[0]).replace("\n", " ")[:60]
+        text = "".join(c if c.isprintable() else " " for c in tok.decode(res.tokens[0]))[:60]
         print(f"{mode:<9} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / base:>7.2f}x "
               f"{s['acceptance_rate']:>7.2f} {s['mean_accepted_tokens']:>9.2f}  {text}")
 

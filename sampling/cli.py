@@ -27,7 +27,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="model dtype (auto: float32 on CPU, float16 on CUDA)")
 
 
-def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma") -> None:
+def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
+                      schedule_constants: bool = True) -> None:
     ap.add_argument("--max_tokens", type=int, default=DEFAULTS.max_new_tokens,
                     help="new tokens per prompt")
     ap.add_argument(gamma_flag, dest="gamma", type=int, default=None,
@@ -36,10 +37,11 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma") 
     ap.add_argument("--gamma_schedule", default=DEFAULTS.gamma_schedule, choices=SCHEDULES,
                     help="draft length schedule: constant, bass (Qiu et al.) or aimd")
     sp = ScheduleParams()
-    ap.add_argument("--gamma_max", type=int, default=sp.gamma_max, help="bass/aimd: largest gamma")
-    ap.add_argument("--gamma_delta", type=int, default=sp.delta, help="bass: growth after a full accept")
-    ap.add_argument("--gamma_mod", type=int, default=sp.mod, help="bass: shrink by ceil(gamma/mod)")
-    ap.add_argument("--gamma_min", type=int, default=sp.gamma_min, help="aimd: smallest gamma")
+    if not schedule_constants:                      # the defaults of ScheduleParams then apply
+        ap.set_defaults(gamma_max=sp.gamma_max, gamma_delta=sp.delta, gamma_mod=sp.mod,
+                        gamma_min=sp.gamma_min)
+    else:
+        add_schedule_args(ap, sp)
     ap.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                     help="softmax temperature; 0 is greedy")
     ap.add_argument("--top_k", type=int, default=DEFAULTS.top_k, help="top-k filter (0: off)")
@@ -47,6 +49,13 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma") 
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: not reproducible)")
     ap.add_argument("--sort_batch", action="store_true",
                     help="group prompts of similar length into the same batch (output keeps input order)")
+
+
+def add_schedule_args(ap: argparse.ArgumentParser, sp: ScheduleParams) -> None:
+    ap.add_argument("--gamma_max", type=int, default=sp.gamma_max, help="bass/aimd: largest gamma")
+    ap.add_argument("--gamma_delta", type=int, default=sp.delta, help="bass: growth after a full accept")
+    ap.add_argument("--gamma_mod", type=int, default=sp.mod, help="bass: shrink by ceil(gamma/mod)")
+    ap.add_argument("--gamma_min", type=int, default=sp.gamma_min, help="aimd: smallest gamma")
 
 
 def schedule_of(args) -> ScheduleParams:

@@ -95,3 +95,28 @@ def greedy_reference(model, ids, mask, max_new_tokens, eos_token_id=None):
                 seq = torch.cat([seq, torch.tensor([[tok]])], dim=1)
         out.append(new)
     return out
+
+
+def save_tiny_pair(folder, arch: str = "llama", draft_vocab: int | None = None):
+    """A target/draft pair saved as Hugging Face folders, with a small trained BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The quick brown fox jumps over the lazy dog.", "Speculative decoding drafts tokens.",
+            "A small draft model proposes, the large target verifies."] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", padding_side="left")
+    vocab = len(fast)
+    paths = {}
+    for role, v, seed in (("target", vocab, 0), ("draft", draft_vocab or vocab, 1)):
+        model = tiny_model(arch, vocab=v, seed=seed, dtype=torch.float32, positions=64)
+        path = str(folder / role)
+        model.save_pretrained(path)
+        fast.save_pretrained(path)
+        paths[role] = path
+    return paths

@@ -1,0 +1,1 @@
+"""Benchmarks and evaluation: ``python -m benchmark.run_experiment`` and ``eval_dolly.py``."""

@@ -1,0 +1,74 @@
+"""Plots of a sweep's summary (matplotlib, PNG, written atomically)."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .utils_io import atomic_write  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def _label(r) -> str:
+    sched = "" if r.gamma_schedule == "constant" or r["mode"] in ("ar", "hf") else f"/{r.gamma_schedule}"
+    gamma = f" g{r.gamma}" if r.gamma else ""
+    return f"{r['mode']}{gamma}{sched}"
+
+
+def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]:
+    """throughput by mode and batch, speedup over AR by batch, acceptance and tokens per call by
+    gamma, acceptance by Dolly category; one PNG per temperature for the first two."""
+    written = []
+    s = summary.assign(label=[_label(r) for _, r in summary.iterrows()])
+    for temp, part in s.groupby("temperature"):
+        for metric, name, ylabel in (("throughput", "throughput", "new tokens / s"),
+                                     ("speedup_vs_ar", "speedup", "throughput / AR at the same batch")):
+            fig, ax = plt.subplots(figsize=(7, 4.2))
+            for label, line in part.groupby("label"):
+                line = line.sort_values("batch")
+                ax.plot(line.batch, line[metric], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{name} by mode and batch size, temperature {temp:g}")
+            if metric == "speedup_vs_ar":
+                ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            path = os.path.join(folder, f"{name}_t{temp:g}.png")
+            _save(fig, path)
+            written.append(path)
+    spec = s[s.drafted > 0]
+    if len(spec):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for (mode, temp), part in spec[spec.gamma_schedule == "constant"].groupby(["mode", "temperature"]):
+            part = part.groupby("gamma")[["acceptance_rate", "tokens_per_call"]].mean().reset_index()
+            for ax, metric in zip(axes, ("acceptance_rate", "tokens_per_call")):
+                ax.plot(part.gamma, part[metric], marker="o", label=f"{mode} T={temp:g}")
+        for ax, title in zip(axes, ("acceptance rate", "tokens per target call")):
+            ax.set_xlabel("gamma")
+            ax.set_title(f"{title} by gamma")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        path = os.path.join(folder, "acceptance_by_gamma.png")
+        _save(fig, path)
+        written.append(path)
+        cat = raw[raw.drafted > 0].groupby(["category", "temperature"])[["accepted", "drafted"]].sum()
+        cat = (cat.accepted / cat.drafted).unstack("temperature")
+        fig, ax = plt.subplots(figsize=(8, 4))
+        cat.plot.barh(ax=ax)
+        ax.set_xlabel("acceptance rate (all speculative configurations)")
+        ax.set_title("acceptance by Dolly category")
+        ax.legend(title="temperature", fontsize=7)
+        path = os.path.join(folder, "acceptance_by_category.png")
+        _save(fig, path)
+        written.append(path)
+    return written
