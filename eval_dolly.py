@@ -12,11 +12,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from benchmark.metrics import summarise
-from benchmark.runner import SEQUENTIAL_MODES, RunConfig, encode_records, parse_modes, run_config
-from benchmark.utils_io import load_dolly, write_csv
+from benchmark.runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_config
+from benchmark.utils_io import write_csv
 from sampling import SamplingParams, check_args
-from sampling.cli import Parser, add_model_args, add_sampling_args, load_pair, run, schedule_of
-from sampling.generate import DEFAULTS, max_positions
+from sampling.cli import Parser, add_model_args, add_sampling_args, run, schedule_of
+from sampling.generate import DEFAULTS
 
 COLUMNS = {"mode": "mode", "samples": "samples", "new_tokens": "new tokens", "wall_time_s": "wall s",
            "throughput": "tokens/s", "latency_ms": "ms/token", "ttft_s": "TTFT s",
@@ -55,15 +55,7 @@ def parse(argv=None):
 
 def main(argv=None) -> None:
     args = parse(argv)
-    records = load_dolly(args.dataset_path, args.skip_bad_lines)
-    if args.samples > len(records):
-        print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
-    records = records[:args.samples]
-    target, draft, tok = load_pair(args, need_draft=any(m not in ("ar", "hf") for m in args.modes))
-    limit = max_positions(target)
-    prompts, meta = encode_records(records, tok, limit, args.max_tokens + args.gamma + 1)
-    if not prompts:
-        raise ValueError("no record fits the model's positions")
+    prompts, meta, target, draft, tok = prepare(args, args.gamma)
     rows = []
     with tqdm(total=len(prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
         for mode in args.modes:

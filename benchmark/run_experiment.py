@@ -15,15 +15,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from sampling import SCHEDULES, SamplingParams, check_args
-from sampling.cli import Parser, add_model_args, load_pair, run
-from sampling.generate import max_positions
+from sampling.cli import Parser, add_model_args, run
 from sampling.utils_bass import ScheduleParams
 
 from .analyzer import plot_all
 from .metrics import KEYS, summarise
-from .runner import SEQUENTIAL_MODES, RunConfig, encode_records, parse_modes, run_config
+from .runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_config
 from .runner_support import measure_cost
-from .utils_io import env_info, load_dolly, write_csv, write_json
+from .utils_io import env_info, write_csv, write_json
 
 
 def int_list(text: str, name: str) -> list[int]:
@@ -97,13 +96,7 @@ def configs(args) -> list[RunConfig]:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    records = load_dolly(args.dataset_path, args.skip_bad_lines)
-    if args.samples > len(records):
-        print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
-    records = records[:args.samples]
-    target, draft, tok = load_pair(args, need_draft=any(m not in ("ar", "hf") for m in args.modes))
-    reserve = args.max_tokens + max(args.gammas) + 1
-    prompts, meta = encode_records(records, tok, max_positions(target), reserve)
+    prompts, meta, target, draft, tok = prepare(args, max(args.gammas))
     grid = configs(args)
     raw_path = os.path.join(args.out, "raw.csv")
     raw = pd.read_csv(raw_path) if args.resume and os.path.exists(raw_path) else pd.DataFrame()

@@ -23,6 +23,24 @@ def parse_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
+def prepare(args, gamma_max: int):
+    """Dataset, models and encoded prompts for eval_dolly and run_experiment (their shared flags):
+    (prompts, meta, target, draft, tokenizer)."""
+    from sampling.cli import load_pair
+    from sampling.generate import max_positions
+
+    from .utils_io import load_dolly
+    records = load_dolly(args.dataset_path, args.skip_bad_lines)
+    if args.samples > len(records):
+        print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
+    records = records[:args.samples]
+    target, draft, tok = load_pair(args, need_draft=any(m not in ("ar", "hf") for m in args.modes))
+    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens + gamma_max + 1)
+    if not prompts:
+        raise ValueError("no record fits the model's positions")
+    return prompts, meta, target, draft, tok
+
+
 def encode_records(records: list[dict], tokenizer, limit: int | None, reserve: int, warn=print):
     """Token ids and meta (sample, category) of each record's prompt; records whose prompt plus
     ``reserve`` positions exceed the model's ``limit`` are skipped and counted."""

@@ -1,5 +1,4 @@
 """Sampled output follows the target's exact law: the accept/reject kernel and whole loops."""
-import itertools
 
 import pytest
 import torch

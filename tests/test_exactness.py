@@ -1,6 +1,5 @@
 """Greedy exactness: every mode equals plain greedy decoding token for token."""
 import pytest
-import torch
 
 from sampling import generate
 from tiny import ARCHS, greedy_reference, left_padded_batch, never_agreeing_pair, noisy_copy, tiny_model

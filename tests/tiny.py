@@ -97,7 +97,7 @@ def greedy_reference(model, ids, mask, max_new_tokens, eos_token_id=None):
     return out
 
 
-def save_tiny_pair(folder, arch: str = "llama", draft_vocab: int | None = None):
+def save_tiny_pair(folder, arch: str = "llama", draft_vocab: int | None = None, positions: int = 64):
     """A target/draft pair saved as Hugging Face folders, with a small trained BPE tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -114,7 +114,7 @@ def save_tiny_pair(folder, arch: str = "llama", draft_vocab: int | None = None):
     vocab = len(fast)
     paths = {}
     for role, v, seed in (("target", vocab, 0), ("draft", draft_vocab or vocab, 1)):
-        model = tiny_model(arch, vocab=v, seed=seed, dtype=torch.float32, positions=64)
+        model = tiny_model(arch, vocab=v, seed=seed, dtype=torch.float32, positions=positions)
         path = str(folder / role)
         model.save_pretrained(path)
         fast.save_pretrained(path)

@@ -1,0 +1,115 @@
+"""Dataset loader, eval_dolly and a small sweep of python -m benchmark.run_experiment."""
+import json
+import os
+
+import pandas as pd
+import pytest
+
+import eval_dolly
+from benchmark import run_experiment
+from benchmark.metrics import leviathan_speedup
+from benchmark.utils_io import load_dolly, render_prompt
+from sampling.cli import run
+from tiny import save_tiny_pair
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dolly-fixture.jsonl")
+
+
+def test_fixture_loads_and_skips_blank_lines():
+    records = load_dolly(FIXTURE)
+    assert len(records) == 12                       # 13 lines, one blank
+    assert set(records[0]) == {"instruction", "context", "response", "category"}
+    with_ctx = render_prompt(records[1])
+    assert with_ctx.startswith("### Instruction:\n") and "### Context:\n" in with_ctx
+    assert with_ctx.endswith("### Response:\n")
+    assert "### Context" not in render_prompt(records[0])
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = open(FIXTURE).read().splitlines()
+    lines.insert(3, '{"instruction": "half a record"')
+    lines.insert(5, '["not", "an", "object"]')
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"{bad}:4: malformed record: invalid JSON"):
+        load_dolly(str(bad))
+    warnings = []
+    records = load_dolly(str(bad), skip_bad_lines=True, warn=warnings.append)
+    assert len(records) == 12 and warnings == [f"warning: skipped 2 malformed line(s) in {bad}"]
+
+
+def test_missing_file_and_offline_hub(monkeypatch):
+    with pytest.raises(ValueError, match="dataset file not found: /no/such.jsonl"):
+        load_dolly("/no/such.jsonl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="pass a local Dolly jsonl with --dataset_path"):
+        load_dolly(None)
+
+
+def test_leviathan_formula():
+    assert leviathan_speedup(0.0, 4, 0.0) == 1.0
+    assert leviathan_speedup(1.0, 4, 0.0) == 5.0
+    assert abs(leviathan_speedup(0.8, 4, 0.1) - (1 - 0.8 ** 5) / (0.2 * 1.4)) < 1e-12
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"), positions=512)
+
+
+def cli(module, argv, capsys):
+    code = 0
+    try:
+        run(lambda: module.main(argv))
+    except SystemExit as e:
+        code = e.code
+    return code, *capsys.readouterr()
+
+
+def test_eval_dolly_table_and_consistency(pair, capsys, tmp_path):
+    code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--samples", "5", "--max_tokens", "4",
+                                      "--modes", "AR,google,Bass,hf", "--temperature", "0", "--batch", "2",
+                                      "--target_model_name", pair["target"], "--approx_model_name",
+                                      pair["draft"], "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    for mode in ("google", "bass", "hf"):
+        assert f"consistency: {mode} equals ar on 5/5 outputs" in out
+    assert {"raw.csv", "summary.csv"} <= set(os.listdir(tmp_path))
+
+
+def test_eval_dolly_bad_input(pair, capsys):
+    code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--modes", "ar,turbo"], capsys)
+    assert code == 2 and err.strip() == ("error: unknown mode(s) turbo; choose from ar, google, deepmind, "
+                                         "bass, hf, hf_assisted")
+    code, out, err = cli(eval_dolly, ["--dataset_path", "/no/file.jsonl", "--target_model_name",
+                                      pair["target"]], capsys)
+    assert code == 2 and err.strip() == "error: dataset file not found: /no/file.jsonl"
+
+
+def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
+    out_dir = tmp_path / "sweep"
+    argv = ["--dataset_path", FIXTURE, "--samples", "4", "--max_tokens", "4", "--modes",
+            "ar,google,bass,hf_assisted", "--batch_sizes", "1,2", "--gammas", "2", "--temperatures", "0,1",
+            "--repeats", "1", "--target_model_name", pair["target"], "--approx_model_name", pair["draft"],
+            "--out", str(out_dir)]
+    code, out, err = cli(run_experiment, argv, capsys)
+    assert code == 0, err
+    files = set(os.listdir(out_dir))
+    assert {"raw.csv", "summary.csv", "config.json", "env.json", "throughput_t0.png", "speedup_t1.png",
+            "acceptance_by_gamma.png", "acceptance_by_category.png"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    raw = pd.read_csv(out_dir / "raw.csv")
+    # ar at 2 batch sizes, bass at 2, google and hf_assisted at 1; two temperatures; 4 samples each
+    assert len(raw) == (2 + 2 + 1 + 1) * 2 * 4
+    for col in ("mode", "batch", "gamma", "temperature", "category", "prompt_tokens", "new_tokens",
+                "wall_time_s", "target_calls", "accepted", "drafted"):
+        assert col in raw.columns
+    summary = pd.read_csv(out_dir / "summary.csv")
+    spec = summary[summary["mode"].isin(["google", "bass"])]
+    assert spec.predicted_speedup.notna().all() and spec.efficiency.notna().all()
+    assert "1" in json.load(open(out_dir / "env.json"))["cost"]
+    # --resume: nothing left to run, the rows stay as they were
+    code, out, err = cli(run_experiment, argv + ["--resume"], capsys)
+    assert code == 0 and "12 configurations, 12 already in" in out
+    assert len(pd.read_csv(out_dir / "raw.csv")) == len(raw)

@@ -1,0 +1,48 @@
+"""The embedded default pair loads offline, and greedy speculative output equals greedy AR."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sampling import generate, pad_left
+from sampling.models import DEFAULT_TARGET, load_model, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["The quick brown fox",
+           "### Instruction:\nExplain what a Python list is.\n\n### Response:\n",
+           "To install a package on Debian, run",
+           "The function returns"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    assert (DEFAULT_TARGET / "model.safetensors").exists(), "the embedded pair is missing from models/"
+    tok = load_tokenizer(None)
+    return load_model(None, "target", "cpu"), load_model(None, "draft", "cpu"), tok
+
+
+def test_pair_shares_a_vocabulary_and_loads_as_float32(pair):
+    target, draft, tok = pair
+    assert target.config.vocab_size == draft.config.vocab_size == len(tok)
+    assert next(target.parameters()).dtype == next(draft.parameters()).dtype
+    assert str(next(target.parameters()).dtype) == "torch.float32"
+
+
+@pytest.mark.parametrize("mode", ("google", "deepmind", "bass"))
+def test_greedy_speculative_equals_greedy_ar(pair, mode):
+    target, draft, tok = pair
+    ids, mask = pad_left([tok(p)["input_ids"] for p in PROMPTS], tok.pad_token_id)
+    kw = dict(max_new_tokens=24, temperature=0, eos_token_id=tok.eos_token_id)
+    ar = generate(target, ids, mask, mode="ar", **kw)
+    spec = generate(target, ids, mask, draft_model=draft, mode=mode, gamma=4, **kw)
+    assert spec.tokens == ar.tokens
+    assert spec.stats["acceptance_rate"] > 0.3          # a trained, distilled draft agrees often
+
+
+def test_main_runs_offline_on_the_default_pair():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "main.py", "--input", "The quick brown fox", "--max_tokens", "12",
+                           "--seed", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The quick brown fox") and len(proc.stdout) > len("The quick brown fox") + 5
