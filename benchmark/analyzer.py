@@ -72,3 +72,31 @@ def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]
         _save(fig, path)
         written.append(path)
     return written
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """The project card's table per temperature: throughput gain and per-sequence latency change
+    against AR at batch 1, with acceptance, tokens per target call and the Leviathan prediction."""
+    lines = []
+    for temp, part in summary.groupby("temperature"):
+        base = part[(part["mode"] == "ar") & (part.batch == 1)]
+        if base.empty:
+            continue
+        tput, lat = float(base.throughput.iloc[0]), float(base.latency_ms.iloc[0])
+        lines += [f"\n**temperature {temp:g}** (baseline: ar at batch 1, {tput:.1f} tokens/s, {lat:.1f} ms/token)\n",
+                  "| mode | batch | gamma | throughput (tok/s) | throughput gain | latency (ms/token) | latency change"
+                  " | acceptance | tokens / target call | speedup vs ar, same batch | predicted (Leviathan)"
+                  " | efficiency | predicted with verify cost |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for _, r in part.sort_values(["mode", "batch", "gamma"]).iterrows():
+            def f(x, fmt):
+                return "" if x != x else format(x, fmt)
+            gamma = "" if r.gamma == 0 else f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
+            lines.append(f"| {r['mode']}{' sorted' if r.sort_batch else ''} | {r.batch} | {gamma} | "
+                         f"{r.throughput:.1f} | {r.throughput / tput:.2f}x | {r.latency_ms:.1f} | "
+                         f"{r.latency_ms / lat:.2f}x | {f(r.acceptance_rate, '.3f')} | "
+                         f"{f(r.tokens_per_call, '.2f')} | {f(r.speedup_vs_ar, '.2f')} | "
+                         f"{f(r.get('predicted_speedup', float('nan')), '.2f')} | "
+                         f"{f(r.get('efficiency', float('nan')), '.2f')} | "
+                         f"{f(r.get('predicted_verify', float('nan')), '.2f')} |")
+    return "\n".join(lines) + "\n"

@@ -16,13 +16,24 @@ def leviathan_speedup(alpha: float, gamma: float, c: float) -> float:
     return expected_tokens_per_call(alpha, gamma) / (gamma * c + 1)
 
 
+def verify_aware_speedup(alpha: float, gamma: float, c: float, v: float) -> float:
+    """The same with the measured cost v of a (gamma + 1)-token verify pass in target steps
+    (Leviathan et al. take v = 1; on a CPU it is larger)."""
+    return expected_tokens_per_call(alpha, gamma) / (gamma * c + v)
+
+
+def cost_key(batch: int, gamma: int) -> str:
+    return f"{batch}x{gamma}"
+
+
 def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     """One row per configuration from the per-sample rows.
 
     throughput: new tokens / the summed wall time of the config's batches; latency: the mean over
     sequences of (its batch's wall time / its new tokens); speedup: throughput over ``ar`` at the
     same batch size and temperature; predicted: Leviathan et al. from the measured acceptance,
-    the mean draft length and the cost ratio c measured at that batch size (``cost``).
+    the mean draft length and the cost ratio c measured at that batch size and gamma (``cost``,
+    keyed by ``cost_key``); predicted_verify: the same with the measured verify cost.
     """
     raw = raw.assign(latency_ms=1000 * raw.wall_time_s / raw.new_tokens.clip(lower=1))
     batches = raw.drop_duplicates(KEYS + ["batch_id"])
@@ -43,9 +54,13 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     out["speedup_vs_ar"] = [t / ar.get((b, temp), float("nan")) for t, b, temp in
                             zip(out.throughput, out.batch, out.temperature)]
     if cost:
-        out["cost_ratio_c"] = [cost.get(int(b), {}).get("c", float("nan")) if m not in ("ar", "hf") else float("nan")
-                               for m, b in zip(out["mode"], out.batch)]
-        out["predicted_speedup"] = [leviathan_speedup(a, g_, c) if a == a and c == c else float("nan")
+        nan = float("nan")
+        costs = [cost.get(cost_key(b, g_), {}) for b, g_ in zip(out.batch, out.gamma)]
+        out["cost_ratio_c"] = [c.get("c", nan) for c in costs]
+        out["verify_cost_v"] = [c.get("verify_over_step", nan) for c in costs]
+        out["predicted_speedup"] = [leviathan_speedup(a, g_, c) if a == a and c == c else nan
                                     for a, g_, c in zip(out.acceptance_rate, out.mean_gamma, out.cost_ratio_c)]
+        out["predicted_verify"] = [verify_aware_speedup(a, g_, c, v) if a == a and c == c else nan for a, g_, c, v
+                                   in zip(out.acceptance_rate, out.mean_gamma, out.cost_ratio_c, out.verify_cost_v)]
         out["efficiency"] = out.speedup_vs_ar / out.predicted_speedup
     return out

@@ -18,11 +18,11 @@ from sampling import SCHEDULES, SamplingParams, check_args
 from sampling.cli import Parser, add_model_args, run
 from sampling.utils_bass import ScheduleParams
 
-from .analyzer import plot_all
-from .metrics import KEYS, summarise
+from .analyzer import markdown_table, plot_all
+from .metrics import KEYS, cost_key, summarise
 from .runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_config
 from .runner_support import measure_cost
-from .utils_io import env_info, write_csv, write_json
+from .utils_io import env_info, write_csv, write_json, write_text
 
 
 def int_list(text: str, name: str) -> list[int]:
@@ -105,24 +105,25 @@ def main(argv=None) -> None:
     print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(prompts)} prompts")
     write_json(os.path.join(args.out, "config.json"), dict(vars(args), configurations=len(grid)))
     env = env_info()
-    if draft is not None:                              # the cost ratio c at every batch size used
-        env["cost"] = {b: measure_cost(target, draft, b, max(args.gammas)) for b in sorted(
-            {c.batch for c in grid if c.mode not in ("ar", "hf")})}
+    if draft is not None:                              # c and the verify cost at every batch and gamma
+        env["cost"] = {cost_key(b, g): measure_cost(target, draft, b, g) for b, g in sorted(
+            {(c.batch, c.gamma) for c in grid if c.mode not in ("ar", "hf")})}
     write_json(os.path.join(args.out, "env.json"), env)
     with tqdm(total=len(todo) * len(prompts), desc="sweep", dynamic_ncols=True) as bar:
         for cfg in todo:
             rows = pd.DataFrame(run_config(cfg, prompts, meta, target, draft, tok, args.repeats, bar))
             raw = rows if raw.empty else pd.concat([raw, rows], ignore_index=True)
             write_csv(raw_path, raw)                   # an interrupted sweep keeps what finished
-    cost = {int(b): v for b, v in env.get("cost", {}).items()}
+    cost = env.get("cost", {})
     summary = summarise(raw, cost)
     write_csv(os.path.join(args.out, "summary.csv"), summary)
     plots = plot_all(summary, raw, args.out)
+    write_text(os.path.join(args.out, "table.md"), markdown_table(summary))
     cols = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "throughput",
             "latency_ms", "acceptance_rate", "tokens_per_call", "speedup_vs_ar"] + \
-           (["predicted_speedup", "efficiency"] if cost else [])
+           (["predicted_speedup", "predicted_verify", "efficiency"] if cost else [])
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    print(f"wrote {raw_path}, summary.csv, config.json, env.json and {len(plots)} plots in {args.out}")
+    print(f"wrote {raw_path}, summary.csv, table.md, config.json, env.json and {len(plots)} plots in {args.out}")
     print(json.dumps({b: {k: round(v, 3) for k, v in c.items()} for b, c in cost.items()}))
 
 
