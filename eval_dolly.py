@@ -55,7 +55,7 @@ def parse(argv=None):
 
 def main(argv=None) -> None:
     args = parse(argv)
-    prompts, meta, target, draft, tok = prepare(args, args.gamma)
+    prompts, meta, target, draft, tok = prepare(args)
     rows = []
     with tqdm(total=len(prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
         for mode in args.modes:

@@ -96,7 +96,7 @@ def configs(args) -> list[RunConfig]:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    prompts, meta, target, draft, tok = prepare(args, max(args.gammas))
+    prompts, meta, target, draft, tok = prepare(args)
     grid = configs(args)
     raw_path = os.path.join(args.out, "raw.csv")
     raw = pd.read_csv(raw_path) if args.resume and os.path.exists(raw_path) else pd.DataFrame()

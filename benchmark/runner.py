@@ -23,7 +23,7 @@ def parse_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def prepare(args, gamma_max: int):
+def prepare(args):
     """Dataset, models and encoded prompts for eval_dolly and run_experiment (their shared flags):
     (prompts, meta, target, draft, tokenizer)."""
     from sampling.cli import load_pair
@@ -35,7 +35,7 @@ def prepare(args, gamma_max: int):
         print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
     records = records[:args.samples]
     target, draft, tok = load_pair(args, need_draft=any(m not in ("ar", "hf") for m in args.modes))
-    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens + gamma_max + 1)
+    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens)
     if not prompts:
         raise ValueError("no record fits the model's positions")
     return prompts, meta, target, draft, tok

@@ -59,20 +59,19 @@ def check_args(mode: str, max_new_tokens: int, gamma: int, params: SamplingParam
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens, gamma) -> None:
+def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens) -> None:
     """Checks of the models and the batch, one-line ValueErrors."""
     if input_ids.dim() != 2 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids must be a [B, T] tensor with B >= 1, got shape {tuple(input_ids.shape)}")
     lengths = attention_mask.sum(-1)
     if (lengths == 0).any():
         raise ValueError("empty prompt: every row needs at least one token")
+    longest = int(lengths.max()) + max_new_tokens     # drafts never pass this position
     for name, model in (("target", target), ("draft", draft)):
         limit = max_positions(model) if model is not None else None
-        longest = int(lengths.max()) + max_new_tokens + (gamma if mode != "ar" else 0)
         if limit is not None and longest > limit:
-            raise ValueError(f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens"
-                             f"{' + gamma ' + str(gamma) if mode != 'ar' else ''} exceeds the {name}"
-                             f" model's maximum of {limit} positions")
+            raise ValueError(f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens exceeds"
+                             f" the {name} model's maximum of {limit} positions")
     if mode != "ar":
         if draft is None:
             raise ValueError(f"mode {mode!r} needs a draft model")
@@ -102,7 +101,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         attention_mask = torch.ones_like(input_ids)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     check_args(mode, max_new_tokens, gamma, params, schedule)
-    check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens, gamma)
+    check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens)
     device = input_ids.device
     generator = torch.Generator(device=device)
     if seed is None:
