@@ -86,8 +86,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
         lines += [f"\n**temperature {temp:g}** (baseline: ar at batch 1, {tput:.1f} tokens/s, {lat:.1f} ms/token)\n",
                   "| mode | batch | gamma | throughput (tok/s) | throughput gain | latency (ms/token) | latency change"
                   " | acceptance | tokens / target call | speedup vs ar, same batch | predicted (Leviathan)"
-                  " | efficiency | predicted with verify cost |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  " | efficiency | predicted with verify cost | efficiency (verify-aware) |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for _, r in part.sort_values(["mode", "batch", "gamma"]).iterrows():
             def f(x, fmt):
                 return "" if x != x else format(x, fmt)
@@ -98,5 +98,6 @@ def markdown_table(summary: pd.DataFrame) -> str:
                          f"{f(r.tokens_per_call, '.2f')} | {f(r.speedup_vs_ar, '.2f')} | "
                          f"{f(r.get('predicted_speedup', float('nan')), '.2f')} | "
                          f"{f(r.get('efficiency', float('nan')), '.2f')} | "
-                         f"{f(r.get('predicted_verify', float('nan')), '.2f')} |")
+                         f"{f(r.get('predicted_verify', float('nan')), '.2f')} | "
+                         f"{f(r.get('efficiency_verify', float('nan')), '.2f')} |")
     return "\n".join(lines) + "\n"

@@ -63,4 +63,5 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
         out["predicted_verify"] = [verify_aware_speedup(a, g_, c, v) if a == a and c == c else nan for a, g_, c, v
                                    in zip(out.acceptance_rate, out.mean_gamma, out.cost_ratio_c, out.verify_cost_v)]
         out["efficiency"] = out.speedup_vs_ar / out.predicted_speedup
+        out["efficiency_verify"] = out.speedup_vs_ar / out.predicted_verify
     return out
