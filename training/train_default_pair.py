@@ -15,7 +15,8 @@ Stages, all seeded:
      next-token distribution, on corpus windows and on continuations the target wrote itself
      (greedy and sampled), so that it agrees with the target as much as its size allows.
 Weights are stored in float16 (config ``dtype`` says float32, so they load as float32).
-Loss logs go to ``<out>/training_log.csv``.
+Loss logs go to ``<out>/training_log.csv`` (target: cross-entropy, nats/token; draft: KL(p || q)
+to the target, nats/token, and top-1 agreement with the target on the training batch).
 """
 from __future__ import annotations
 
@@ -209,7 +210,7 @@ class Log:
     def __init__(self, path: str):
         self.f = open(path, "w", newline="")
         self.w = csv.writer(self.f)
-        self.w.writerow(["model", "step", "tokens", "lr", "train_loss", "val_loss", "elapsed_s"])
+        self.w.writerow(["model", "step", "tokens", "lr", "train_loss", "val_loss", "top1_agree", "elapsed_s"])
 
     def row(self, *values):
         self.w.writerow(values)
@@ -238,7 +239,7 @@ def train_target(cfg, train, val, eos_id, log, t0):
         if step % 25 == 0 or last:
             v = val_loss(model, val, cfg.seq_len) if (step % 100 == 0 or last) else ""
             log.row("target", step, (step + 1) * x.numel(), f"{lr:.2e}", f"{loss.item():.4f}",
-                    f"{v:.4f}" if v != "" else "", f"{time.time() - t0:.0f}")
+                    f"{v:.4f}" if v != "" else "", "", f"{time.time() - t0:.0f}")
     return model.eval()
 
 
@@ -295,8 +296,8 @@ def distill_draft(cfg, target, train, samples, eos_id, log, t0):
             agree = (q_logits.argmax(-1) == p_logits.argmax(-1)).float().mean().item()
         bar.set_postfix(kl=f"{loss.item():.3f}", top1=f"{agree:.3f}")
         if step % 25 == 0 or step == cfg.draft_steps - 1:
-            log.row("draft", step, (step + 1) * x.numel(), f"{lr:.2e}", f"{loss.item():.4f}",
-                    f"top1_agree={agree:.4f}", f"{time.time() - t0:.0f}")
+            log.row("draft", step, (step + 1) * x.numel(), f"{lr:.2e}", f"{loss.item():.4f}", "",
+                    f"{agree:.4f}", f"{time.time() - t0:.0f}")
     return draft.eval()
 
 
