@@ -85,17 +85,19 @@ def markdown_table(summary: pd.DataFrame) -> str:
         tput, lat = float(base.throughput.iloc[0]), float(base.latency_ms.iloc[0])
         lines += [f"\n**temperature {temp:g}** (baseline: ar at batch 1, {tput:.1f} tokens/s, {lat:.1f} ms/token)\n",
                   "| mode | batch | gamma | throughput (tok/s) | throughput gain | latency (ms/token) | latency change"
-                  " | acceptance | tokens / target call | speedup vs ar, same batch | predicted (Leviathan)"
+                  " | acceptance | alpha | tokens / target call | speedup vs ar, same batch | decode-phase tok/s"
+                  " | decode speedup vs ar | predicted (Leviathan)"
                   " | efficiency | predicted with verify cost | efficiency (verify-aware) |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for _, r in part.sort_values(["mode", "batch", "gamma"]).iterrows():
             def f(x, fmt):
                 return "" if x != x else format(x, fmt)
             gamma = "" if r.gamma == 0 else f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
             lines.append(f"| {r['mode']}{' sorted' if r.sort_batch else ''} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {r.throughput / tput:.2f}x | {r.latency_ms:.1f} | "
-                         f"{r.latency_ms / lat:.2f}x | {f(r.acceptance_rate, '.3f')} | "
+                         f"{r.latency_ms / lat:.2f}x | {f(r.acceptance_rate, '.3f')} | {f(r.alpha, '.3f')} | "
                          f"{f(r.tokens_per_call, '.2f')} | {f(r.speedup_vs_ar, '.2f')} | "
+                         f"{f(r.decode_throughput, '.1f')} | {f(r.decode_speedup_vs_ar, '.2f')} | "
                          f"{f(r.get('predicted_speedup', float('nan')), '.2f')} | "
                          f"{f(r.get('efficiency', float('nan')), '.2f')} | "
                          f"{f(r.get('predicted_verify', float('nan')), '.2f')} | "

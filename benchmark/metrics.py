@@ -11,6 +11,20 @@ def expected_tokens_per_call(alpha: float, gamma: float) -> float:
     return gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
+def alpha_from_accepted(accepted_per_step: float, gamma: float) -> float:
+    """Leviathan et al.'s alpha (per-token acceptance probability) from the mean number of drafts
+    accepted per verification: invert E[accepted] = alpha + alpha^2 + ... + alpha^gamma (bisection;
+    a fractional gamma, the mean of an adaptive schedule, is used as is)."""
+    if not accepted_per_step == accepted_per_step or gamma <= 0:
+        return float("nan")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        a = (lo + hi) / 2
+        expected = gamma if a >= 1 else a * (1 - a ** gamma) / (1 - a)
+        lo, hi = (a, hi) if expected < accepted_per_step else (lo, a)
+    return (lo + hi) / 2
+
+
 def leviathan_speedup(alpha: float, gamma: float, c: float) -> float:
     """Predicted walltime speedup over AR: (1 - a^(g+1)) / ((1 - a)(g c + 1))."""
     return expected_tokens_per_call(alpha, gamma) / (gamma * c + 1)
@@ -30,10 +44,13 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     """One row per configuration from the per-sample rows.
 
     throughput: new tokens / the summed wall time of the config's batches; latency: the mean over
-    sequences of (its batch's wall time / its new tokens); speedup: throughput over ``ar`` at the
-    same batch size and temperature; predicted: Leviathan et al. from the measured acceptance,
-    the mean draft length and the cost ratio c measured at that batch size and gamma (``cost``,
-    keyed by ``cost_key``); predicted_verify: the same with the measured verify cost.
+    sequences of (its batch's wall time / its new tokens); decode_throughput: new tokens after each
+    batch's first / the wall time after it (TTFT, which holds the prefill, excluded); speedup:
+    throughput over ``ar`` at the same batch size, temperature and sorting; alpha: the per-token acceptance probability estimated from the
+    accepted drafts per verification (``alpha_from_accepted``; acceptance_rate, accepted / drafted,
+    is lower, since drafts after a rejection are counted but never tested); predicted: Leviathan
+    et al. from alpha, the mean draft length and the cost ratio c measured at that batch size and
+    gamma (``cost``, keyed by ``cost_key``); predicted_verify: the same with the measured verify cost.
     """
     raw = raw.assign(latency_ms=1000 * raw.wall_time_s / raw.new_tokens.clip(lower=1))
     batches = raw.drop_duplicates(KEYS + ["batch_id"])
@@ -48,20 +65,34 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
                                                       prompt_padding=("prompt_padding", "mean")).reset_index()
     out = out.merge(walls, on=KEYS)
     out["throughput"] = out.new_tokens / out.wall_time_s
+    # decode phase: after each batch's first token (the prefill, which padding inflates, excluded)
+    per_batch = raw.groupby(KEYS + ["batch_id"], dropna=False).agg(
+        tokens=("new_tokens", "sum"), rows=("sample", "count"), wall=("wall_time_s", "first"),
+        ttft=("ttft_s", "first")).reset_index()
+    per_batch = per_batch.assign(dec_tokens=per_batch.tokens - per_batch.rows,
+                                 dec_time=per_batch.wall - per_batch.ttft)
+    dec = per_batch.groupby(KEYS, dropna=False)[["dec_tokens", "dec_time"]].sum(min_count=1).reset_index()
+    out = out.merge(dec, on=KEYS)
+    out["decode_throughput"] = out.dec_tokens / out.dec_time
+    out = out.drop(columns=["dec_tokens", "dec_time"])
     out["acceptance_rate"] = (out.accepted / out.drafted).where(out.drafted > 0)
     out["tokens_per_call"] = (out.new_tokens / out.target_calls).where(out.target_calls > 0)
-    ar = out[out["mode"] == "ar"].set_index(["batch", "temperature"])["throughput"]
-    out["speedup_vs_ar"] = [t / ar.get((b, temp), float("nan")) for t, b, temp in
-                            zip(out.throughput, out.batch, out.temperature)]
+    steps = out.target_calls - out.samples                 # verifications: calls less the prefills
+    out["alpha"] = [alpha_from_accepted(a / s_, g_) if d > 0 and s_ > 0 else float("nan")
+                    for a, s_, g_, d in zip(out.accepted, steps, out.mean_gamma, out.drafted)]
+    ar = out[out["mode"] == "ar"].set_index(["batch", "temperature", "sort_batch"])
+    for col, name in (("throughput", "speedup_vs_ar"), ("decode_throughput", "decode_speedup_vs_ar")):
+        out[name] = [t / ar[col].get((b, temp, srt), float("nan")) for t, b, temp, srt in
+                     zip(out[col], out.batch, out.temperature, out.sort_batch)]
     if cost:
         nan = float("nan")
         costs = [cost.get(cost_key(b, g_), {}) for b, g_ in zip(out.batch, out.gamma)]
         out["cost_ratio_c"] = [c.get("c", nan) for c in costs]
         out["verify_cost_v"] = [c.get("verify_over_step", nan) for c in costs]
         out["predicted_speedup"] = [leviathan_speedup(a, g_, c) if a == a and c == c else nan
-                                    for a, g_, c in zip(out.acceptance_rate, out.mean_gamma, out.cost_ratio_c)]
+                                    for a, g_, c in zip(out.alpha, out.mean_gamma, out.cost_ratio_c)]
         out["predicted_verify"] = [verify_aware_speedup(a, g_, c, v) if a == a and c == c else nan for a, g_, c, v
-                                   in zip(out.acceptance_rate, out.mean_gamma, out.cost_ratio_c, out.verify_cost_v)]
+                                   in zip(out.alpha, out.mean_gamma, out.cost_ratio_c, out.verify_cost_v)]
         out["efficiency"] = out.speedup_vs_ar / out.predicted_speedup
         out["efficiency_verify"] = out.speedup_vs_ar / out.predicted_verify
     return out

@@ -104,11 +104,14 @@ def main(argv=None) -> None:
     todo = [c for c in grid if c.key() not in done]
     print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(prompts)} prompts")
     write_json(os.path.join(args.out, "config.json"), dict(vars(args), configurations=len(grid)))
-    env = env_info()
+    env_path = os.path.join(args.out, "env.json")
+    old = json.load(open(env_path)) if args.resume and os.path.exists(env_path) else {}
+    env = dict(env_info(), cost=old.get("cost", {}))    # a resumed sweep keeps its measured costs
     if draft is not None:                              # c and the verify cost at every batch and gamma
-        env["cost"] = {cost_key(b, g): measure_cost(target, draft, b, g) for b, g in sorted(
-            {(c.batch, c.gamma) for c in grid if c.mode not in ("ar", "hf")})}
-    write_json(os.path.join(args.out, "env.json"), env)
+        for b, g in sorted({(c.batch, c.gamma) for c in grid if c.mode not in ("ar", "hf")}):
+            if cost_key(b, g) not in env["cost"]:
+                env["cost"][cost_key(b, g)] = measure_cost(target, draft, b, g)
+    write_json(env_path, env)
     with tqdm(total=len(todo) * len(prompts), desc="sweep", dynamic_ncols=True) as bar:
         for cfg in todo:
             rows = pd.DataFrame(run_config(cfg, prompts, meta, target, draft, tok, args.repeats, bar))
@@ -120,7 +123,8 @@ def main(argv=None) -> None:
     plots = plot_all(summary, raw, args.out)
     write_text(os.path.join(args.out, "table.md"), markdown_table(summary))
     cols = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "throughput",
-            "latency_ms", "acceptance_rate", "tokens_per_call", "speedup_vs_ar"] + \
+            "latency_ms", "acceptance_rate", "alpha", "tokens_per_call", "speedup_vs_ar", "decode_throughput",
+            "decode_speedup_vs_ar"] + \
            (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify"] if cost else [])
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     print(f"wrote {raw_path}, summary.csv, table.md, config.json, env.json and {len(plots)} plots in {args.out}")
