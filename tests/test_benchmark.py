@@ -47,6 +47,12 @@ def test_missing_file_and_offline_hub(monkeypatch):
         load_dolly(None)
 
 
+def test_alpha_from_accepted_inverts_the_geometric_sum():
+    from benchmark.metrics import alpha_from_accepted
+    for alpha in (0.1, 0.5, 0.73, 0.95):
+        assert abs(alpha_from_accepted(alpha * (1 - alpha ** 4) / (1 - alpha), 4) - alpha) < 1e-9
+
+
 def test_leviathan_formula():
     assert leviathan_speedup(0.0, 4, 0.0) == 1.0
     assert leviathan_speedup(1.0, 4, 0.0) == 5.0
