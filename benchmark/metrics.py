@@ -53,26 +53,26 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     gamma (``cost``, keyed by ``cost_key``); predicted_verify: the same with the measured verify cost.
     """
     raw = raw.assign(latency_ms=1000 * raw.wall_time_s / raw.new_tokens.clip(lower=1))
-    batches = raw.drop_duplicates(KEYS + ["batch_id"])
+    nan_sum = lambda s: s.sum(min_count=1)  # noqa: E731  (NaN, not 0, where nothing is known)
     g = raw.groupby(KEYS, dropna=False)
     out = g.agg(samples=("sample", "count"), new_tokens=("new_tokens", "sum"),
                 prompt_tokens=("prompt_tokens", "mean"), accepted=("accepted", "sum"),
-                drafted=("drafted", "sum"), target_calls=("target_calls", lambda s: s.sum(min_count=1)),
+                drafted=("drafted", "sum"), target_calls=("target_calls", nan_sum),
                 latency_ms=("latency_ms", "mean"), mean_gamma=("mean_gamma", "mean")).reset_index()
-    walls = batches.groupby(KEYS, dropna=False).agg(wall_time_s=("wall_time_s", "sum"),
-                                                      ttft_s=("ttft_s", "mean"),
-                                                      padding_fraction=("padding_fraction", "mean"),
-                                                      prompt_padding=("prompt_padding", "mean")).reset_index()
-    out = out.merge(walls, on=KEYS)
-    out["throughput"] = out.new_tokens / out.wall_time_s
-    # decode phase: after each batch's first token (the prefill, which padding inflates, excluded)
+    # one row per timed batch; the decode phase is what follows its first token (TTFT holds the
+    # prefill, which padding inflates)
     per_batch = raw.groupby(KEYS + ["batch_id"], dropna=False).agg(
         tokens=("new_tokens", "sum"), rows=("sample", "count"), wall=("wall_time_s", "first"),
-        ttft=("ttft_s", "first")).reset_index()
+        ttft=("ttft_s", "first"), padding=("padding_fraction", "first"),
+        prompt_padding=("prompt_padding", "first")).reset_index()
     per_batch = per_batch.assign(dec_tokens=per_batch.tokens - per_batch.rows,
                                  dec_time=per_batch.wall - per_batch.ttft)
-    dec = per_batch.groupby(KEYS, dropna=False)[["dec_tokens", "dec_time"]].sum(min_count=1).reset_index()
-    out = out.merge(dec, on=KEYS)
+    walls = per_batch.groupby(KEYS, dropna=False).agg(
+        wall_time_s=("wall", "sum"), ttft_s=("ttft", "mean"), padding_fraction=("padding", "mean"),
+        prompt_padding=("prompt_padding", "mean"), dec_tokens=("dec_tokens", "sum"),
+        dec_time=("dec_time", nan_sum)).reset_index()
+    out = out.merge(walls, on=KEYS)
+    out["throughput"] = out.new_tokens / out.wall_time_s
     out["decode_throughput"] = out.dec_tokens / out.dec_time
     out = out.drop(columns=["dec_tokens", "dec_time"])
     out["acceptance_rate"] = (out.accepted / out.drafted).where(out.drafted > 0)
