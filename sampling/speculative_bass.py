@@ -56,16 +56,16 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         # 5. hand out the new tokens; rows that met EOS or the budget are finished
         live = []
-        for j, r in enumerate(rows.tolist()):
-            new = drafts[j, :n[j]].tolist() + [int(nxt[j])]
-            new = new[:max_new_tokens - len(out[r])]
+        for j, (r, n_j, nxt_j, drafts_j) in enumerate(zip(rows.tolist(), n.tolist(), nxt.tolist(),
+                                                            drafts.tolist())):
+            new = (drafts_j[:n_j] + [nxt_j])[:max_new_tokens - len(out[r])]
             if eos_token_id is not None and eos_token_id in new:
                 new = new[:new.index(eos_token_id) + 1]
             out[r] += new
             row_steps[r] += 1
-            row_accepted[r] += int(n[j])
+            row_accepted[r] += n_j
             row_drafted[r] += g
-            accepted_lengths.append(int(n[j]))
+            accepted_lengths.append(n_j)
             if len(out[r]) < max_new_tokens and new[-1] != eos_token_id:
                 live.append(j)
         if len(live) < len(rows):                    # finished rows stop costing compute
