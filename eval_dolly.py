@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from benchmark.metrics import summarise
-from benchmark.runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_config
+from benchmark.runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_grid
 from benchmark.utils_io import write_csv
 from sampling import SamplingParams, check_args
 from sampling.cli import Parser, add_model_args, add_sampling_args, run, schedule_of
@@ -47,7 +47,7 @@ def parse(argv=None):
     if args.gamma is None:
         args.gamma = DEFAULTS.gamma_init
     check_args("bass", args.max_tokens, args.gamma, SamplingParams(args.temperature, args.top_k, args.top_p),
-               schedule_of(args))
+               schedule_of(args), args.finished_rows)
     if args.seed is None:
         args.seed = random.randrange(2 ** 31)
     return args
@@ -58,13 +58,14 @@ def main(argv=None) -> None:
     prompts, meta, target, draft, tok = prepare(args)
     rows = []
     with tqdm(total=len(prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
-        for mode in args.modes:
-            cfg = RunConfig(mode=mode, batch=1 if mode in SEQUENTIAL_MODES else args.batch,
-                            gamma=0 if mode in ("ar", "hf") else args.gamma,
-                            gamma_schedule=args.gamma_schedule, temperature=args.temperature,
-                            sort_batch=args.sort_batch, max_tokens=args.max_tokens, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
-            rows += run_config(cfg, prompts, meta, target, draft, tok, args.repeats, progress=bar)
+        cfgs = [RunConfig(mode=mode, batch=1 if mode in SEQUENTIAL_MODES else args.batch,
+                          gamma=0 if mode in ("ar", "hf") else args.gamma,
+                          gamma_schedule=args.gamma_schedule, temperature=args.temperature,
+                          sort_batch=args.sort_batch and mode not in SEQUENTIAL_MODES,
+                          max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, finished_rows=args.finished_rows) for mode in args.modes]
+        for group in run_grid(cfgs, prompts, meta, target, draft, tok, args.repeats, progress=bar):
+            rows += group
     raw = pd.DataFrame(rows)
     summary = summarise(raw)
     if "ar" in args.modes:                        # speedup over this run's ar, whatever its batch

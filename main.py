@@ -37,7 +37,7 @@ def parse(argv=None):
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     gamma = args.gamma if args.gamma is not None else DEFAULTS.gamma
     check_args(args.mode, args.max_tokens, gamma, SamplingParams(args.temperature, args.top_k, args.top_p),
-               schedule_of(args))
+               schedule_of(args), args.finished_rows)
     return args
 
 

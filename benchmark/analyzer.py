@@ -20,7 +20,8 @@ def _save(fig, path: str) -> None:
 def _label(r) -> str:
     sched = "" if r.gamma_schedule == "constant" or r["mode"] in ("ar", "hf") else f"/{r.gamma_schedule}"
     gamma = f" g{r.gamma}" if r.gamma else ""
-    return f"{r['mode']}{gamma}{sched}"
+    masked = " masked" if r.get("finished_rows") == "mask" else ""
+    return f"{r['mode']}{gamma}{sched}{masked}"
 
 
 def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]:
@@ -93,7 +94,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
             def f(x, fmt):
                 return "" if x != x else format(x, fmt)
             gamma = "" if r.gamma == 0 else f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
-            lines.append(f"| {r['mode']}{' sorted' if r.sort_batch else ''} | {r.batch} | {gamma} | "
+            name = r["mode"] + (" sorted" if r.sort_batch else "") + (" masked" if r.get("finished_rows") == "mask" else "")
+            lines.append(f"| {name} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {r.throughput / tput:.2f}x | {r.latency_ms:.1f} | "
                          f"{r.latency_ms / lat:.2f}x | {f(r.acceptance_rate, '.3f')} | {f(r.alpha, '.3f')} | "
                          f"{f(r.tokens_per_call, '.2f')} | {f(r.speedup_vs_ar, '.2f')} | "

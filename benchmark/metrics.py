@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import pandas as pd
 
-KEYS = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch"]
+from sampling import DEFAULTS
+
+KEYS = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows"]
+NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.csv files lack, and
+                 "rows_verified": float("nan")}             # what those runs did or what is unknown
+
+
+def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
+    """raw with every column of the current format (an older file resumes and summarises as is)."""
+    missing = {k: v for k, v in NEWER_COLUMNS.items() if k not in raw.columns}
+    return raw.assign(**missing) if missing and not raw.empty else raw
 
 
 def expected_tokens_per_call(alpha: float, gamma: float) -> float:
@@ -52,6 +62,7 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     et al. from alpha, the mean draft length and the cost ratio c measured at that batch size and
     gamma (``cost``, keyed by ``cost_key``); predicted_verify: the same with the measured verify cost.
     """
+    raw = upgrade_raw(raw)
     raw = raw.assign(latency_ms=1000 * raw.wall_time_s / raw.new_tokens.clip(lower=1))
     nan_sum = lambda s: s.sum(min_count=1)  # noqa: E731  (NaN, not 0, where nothing is known)
     g = raw.groupby(KEYS, dropna=False)
@@ -64,12 +75,13 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     per_batch = raw.groupby(KEYS + ["batch_id"], dropna=False).agg(
         tokens=("new_tokens", "sum"), rows=("sample", "count"), wall=("wall_time_s", "first"),
         ttft=("ttft_s", "first"), padding=("padding_fraction", "first"),
-        prompt_padding=("prompt_padding", "first")).reset_index()
+        prompt_padding=("prompt_padding", "first"), rows_verified=("rows_verified", "first")).reset_index()
     per_batch = per_batch.assign(dec_tokens=per_batch.tokens - per_batch.rows,
                                  dec_time=per_batch.wall - per_batch.ttft)
     walls = per_batch.groupby(KEYS, dropna=False).agg(
         wall_time_s=("wall", "sum"), ttft_s=("ttft", "mean"), padding_fraction=("padding", "mean"),
-        prompt_padding=("prompt_padding", "mean"), dec_tokens=("dec_tokens", "sum"),
+        prompt_padding=("prompt_padding", "mean"), rows_verified=("rows_verified", nan_sum),
+        dec_tokens=("dec_tokens", "sum"),
         dec_time=("dec_time", nan_sum)).reset_index()
     out = out.merge(walls, on=KEYS)
     out["throughput"] = out.new_tokens / out.wall_time_s

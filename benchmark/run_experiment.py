@@ -14,13 +14,14 @@ import time
 import pandas as pd
 from tqdm import tqdm
 
-from sampling import SCHEDULES, SamplingParams, check_args
+from sampling import DEFAULTS, SCHEDULES, SamplingParams, check_args
 from sampling.cli import Parser, add_model_args, run
+from sampling.generate import FINISHED_ROWS
 from sampling.utils_bass import ScheduleParams
 
 from .analyzer import markdown_table, plot_all
-from .metrics import KEYS, cost_key, summarise
-from .runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_config
+from .metrics import KEYS, cost_key, summarise, upgrade_raw
+from .runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_grid
 from .runner_support import measure_cost
 from .utils_io import env_info, write_csv, write_json, write_text
 
@@ -54,6 +55,8 @@ def parse(argv=None):
     ap.add_argument("--max_tokens", type=int, default=32, help="new tokens per prompt")
     ap.add_argument("--sort_batch", default="off", choices=("off", "on", "both"),
                     help="sorted batching for the batched modes")
+    ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows,
+                    help=f"comma list, bass only: what becomes of finished rows ({', '.join(FINISHED_ROWS)})")
     ap.add_argument("--repeats", type=int, default=3, help="time each batch this many times, keep the median")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
     ap.add_argument("--out", default=None, help="output folder (default results/<timestamp>/)")
@@ -63,6 +66,7 @@ def parse(argv=None):
     args.batch_sizes = int_list(args.batch_sizes, "batch_sizes")
     args.gammas = int_list(args.gammas, "gammas")
     args.schedules = [s.strip() for s in args.gamma_schedule.split(",") if s.strip()]
+    args.finished = [f.strip() for f in args.finished_rows.split(",") if f.strip()]
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     except ValueError:
@@ -70,8 +74,8 @@ def parse(argv=None):
     for name in ("samples", "repeats", "max_tokens"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for t, g, s in itertools.product(args.temperatures, args.gammas, args.schedules):
-        check_args("bass", args.max_tokens, g, SamplingParams(t, args.top_k, args.top_p), ScheduleParams(kind=s))
+    for t, g, s, f in itertools.product(args.temperatures, args.gammas, args.schedules, args.finished or [""]):
+        check_args("bass", args.max_tokens, g, SamplingParams(t, args.top_k, args.top_p), ScheduleParams(kind=s), f)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out: the folder of the sweep to continue")
     args.out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
@@ -86,11 +90,12 @@ def configs(args) -> list[RunConfig]:
         batches = [1] if mode in SEQUENTIAL_MODES else args.batch_sizes
         gammas = [0] if mode in ("ar", "hf") else args.gammas
         schedules = ["constant"] if mode in ("ar", "hf", "hf_assisted") else args.schedules
-        for b, g, s, srt in itertools.product(batches, gammas, schedules, sorts):
+        finished = args.finished if mode == "bass" else [DEFAULTS.finished_rows]
+        for b, g, s, srt, f in itertools.product(batches, gammas, schedules, sorts, finished):
             out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
                                  sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
                                  max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
-                                 seed=args.seed))
+                                 seed=args.seed, finished_rows=f))
     return list(dict.fromkeys(out))
 
 
@@ -99,7 +104,7 @@ def main(argv=None) -> None:
     prompts, meta, target, draft, tok = prepare(args)
     grid = configs(args)
     raw_path = os.path.join(args.out, "raw.csv")
-    raw = pd.read_csv(raw_path) if args.resume and os.path.exists(raw_path) else pd.DataFrame()
+    raw = upgrade_raw(pd.read_csv(raw_path)) if args.resume and os.path.exists(raw_path) else pd.DataFrame()
     done = set() if raw.empty else {tuple(k) for k in raw[KEYS].drop_duplicates().itertuples(index=False)}
     todo = [c for c in grid if c.key() not in done]
     print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(prompts)} prompts")
@@ -113,16 +118,16 @@ def main(argv=None) -> None:
                 env["cost"][cost_key(b, g)] = measure_cost(target, draft, b, g)
     write_json(env_path, env)
     with tqdm(total=len(todo) * len(prompts), desc="sweep", dynamic_ncols=True) as bar:
-        for cfg in todo:
-            rows = pd.DataFrame(run_config(cfg, prompts, meta, target, draft, tok, args.repeats, bar))
+        for group in run_grid(todo, prompts, meta, target, draft, tok, args.repeats, bar):
+            rows = pd.DataFrame(group)
             raw = rows if raw.empty else pd.concat([raw, rows], ignore_index=True)
-            write_csv(raw_path, raw)                   # an interrupted sweep keeps what finished
+            write_csv(raw_path, raw)                   # an interrupted sweep keeps the groups that finished
     cost = env.get("cost", {})
     summary = summarise(raw, cost)
     write_csv(os.path.join(args.out, "summary.csv"), summary)
     plots = plot_all(summary, raw, args.out)
     write_text(os.path.join(args.out, "table.md"), markdown_table(summary))
-    cols = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "throughput",
+    cols = KEYS + ["throughput",
             "latency_ms", "acceptance_rate", "alpha", "tokens_per_call", "speedup_vs_ar", "decode_throughput",
             "decode_speedup_vs_ar"] + \
            (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify"] if cost else [])

@@ -1,11 +1,11 @@
-"""Measure one configuration: warm up, time each batch ``repeats`` times, keep the median run,
-and return one raw row per sample."""
+"""Measure configurations: warm up, time each batch ``repeats`` times, keep the median run, and
+return one raw row per sample; configurations that share a batching are interleaved."""
 from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass, replace
 
-from sampling import generate, pad_left
+from sampling import DEFAULTS, generate, pad_left
 from sampling.batching import batch_order
 
 from .runner_support import HF_MODES, hf_generate
@@ -70,18 +70,54 @@ class RunConfig:
     top_k: int = 0            # 0: off
     top_p: float = 1.0        # 1.0: off
     seed: int = 0             # seed of batch i is seed + i, the same in every repeat
+    finished_rows: str = DEFAULTS.finished_rows  # bass: drop finished rows or keep them masked
 
     def key(self) -> tuple:
         return (self.mode, self.batch, self.gamma, self.gamma_schedule, float(self.temperature),
-                bool(self.sort_batch))
+                bool(self.sort_batch), self.finished_rows)
 
 
-def run_config(cfg: RunConfig, prompts: list[list[int]], meta: list[dict], target, draft, tokenizer,
-               repeats: int = 3, progress=None) -> list[dict]:
-    """Raw rows (one per prompt) of one configuration. ``meta[i]`` carries sample and category."""
+def batching_of(cfg: RunConfig) -> tuple[int, bool]:
+    """Configurations with the same batching run the same batches of prompts."""
+    return cfg.batch, cfg.sort_batch
+
+
+def run_grid(cfgs: list[RunConfig], prompts: list[list[int]], meta: list[dict], target, draft, tokenizer,
+             repeats: int = 3, progress=None):
+    """Yield the raw rows (one per prompt and configuration) of each group of configurations that
+    share a batching, one group at a time.
+
+    Within a group the configurations are interleaved: each batch runs once under every
+    configuration, ``repeats`` rounds (the order rotating per round), and each configuration keeps
+    its median run per batch. Ratios within a group are so measured side by side, and a machine
+    that drifts during a sweep slows every configuration of a group alike.
+    """
+    groups: dict[tuple, list[RunConfig]] = {}
+    for cfg in cfgs:
+        groups.setdefault(batching_of(cfg), []).append(cfg)
+    for (batch, sort_batch), group in groups.items():
+        batches = batch_order(prompts, batch, sort_batch)
+        runners = [_runner(cfg, prompts, target, draft, tokenizer) for cfg in group]
+        for once in runners:
+            once(batches[0], 0, 4)                        # warm-up, not timed
+        rows = {cfg: [] for cfg in group}
+        for bid, idx in enumerate(batches):
+            runs = [[] for _ in group]
+            for rep in range(repeats):
+                for k in [(k + rep) % len(group) for k in range(len(group))]:
+                    runs[k].append(runners[k](idx, bid, group[k].max_tokens))
+            for cfg, cfg_runs in zip(group, runs):
+                tokens, st = sorted(cfg_runs, key=lambda r: r[1]["wall_time_s"])[len(cfg_runs) // 2]
+                rows[cfg] += _rows(cfg, idx, bid, tokens, st, prompts, meta)
+            if progress is not None:
+                progress.update(len(idx) * len(group))
+        yield [r for cfg in group for r in rows[cfg]]
+
+
+def _runner(cfg: RunConfig, prompts, target, draft, tokenizer):
+    """once(idx, bid, max_tokens) -> (tokens, stats): one timed generation of prompts[idx]."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(target.parameters()).device
-    batches = batch_order(prompts, cfg.batch, cfg.sort_batch)
 
     def once(idx, bid, max_tokens):
         if cfg.mode in HF_MODES:
@@ -93,29 +129,28 @@ def run_config(cfg: RunConfig, prompts: list[list[int]], meta: list[dict], targe
         res = generate(target, ids, mask, draft_model=draft, mode=cfg.mode, max_new_tokens=max_tokens,
                        gamma=cfg.gamma or None, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, eos_token_id=eos, seed=cfg.seed + bid,
-                       gamma_schedule=cfg.gamma_schedule)
+                       gamma_schedule=cfg.gamma_schedule, finished_rows=cfg.finished_rows)
         st = res.stats
         st["prompt_padding"] = 1.0 - mask.float().mean().item()
         if "rows" not in st:                              # ar: one target call per token
             st["rows"] = [dict(target_calls=len(t), accepted=0, drafted=0) for t in res.tokens]
         return res.tokens, st
+    return once
 
-    once(batches[0], 0, min(4, cfg.max_tokens))           # warm-up, not timed
-    rows = []
-    for bid, idx in enumerate(batches):
-        runs = [once(idx, bid, cfg.max_tokens) for _ in range(repeats)]
-        tokens, st = sorted(runs, key=lambda r: r[1]["wall_time_s"])[len(runs) // 2]
-        trace = st.get("gamma_trace") or [cfg.gamma]
-        for j, i in enumerate(idx):
-            r = st["rows"][j]
-            rows.append(dict(asdict(cfg), **meta[i], batch_id=bid, prompt_tokens=len(prompts[i]),
-                             new_tokens=len(tokens[j]), wall_time_s=st["wall_time_s"],
-                             ttft_s=st["ttft_s"], target_calls=r["target_calls"],
-                             accepted=r["accepted"], drafted=r["drafted"],
-                             padding_fraction=st.get("padding_fraction", st.get("prompt_padding", 0.0)),
-                             prompt_padding=st.get("prompt_padding", 0.0),
-                             mean_gamma=statistics.mean(trace) if cfg.mode not in ("ar", "hf") else 0.0,
-                             tokens=" ".join(map(str, tokens[j]))))
-        if progress is not None:
-            progress.update(len(idx))
-    return rows
+
+def _rows(cfg: RunConfig, idx, bid, tokens, st, prompts, meta) -> list[dict]:
+    """The raw rows of one timed batch."""
+    trace = st.get("gamma_trace") or [cfg.gamma]
+    out = []
+    for j, i in enumerate(idx):
+        r = st["rows"][j]
+        out.append(dict(asdict(cfg), **meta[i], batch_id=bid, prompt_tokens=len(prompts[i]),
+                        new_tokens=len(tokens[j]), wall_time_s=st["wall_time_s"],
+                        ttft_s=st["ttft_s"], target_calls=r["target_calls"],
+                        accepted=r["accepted"], drafted=r["drafted"],
+                        padding_fraction=st.get("padding_fraction", st.get("prompt_padding", 0.0)),
+                        prompt_padding=st.get("prompt_padding", 0.0),
+                        rows_verified=st.get("rows_verified", float("nan")),
+                        mean_gamma=statistics.mean(trace) if cfg.mode not in ("ar", "hf") else 0.0,
+                        tokens=" ".join(map(str, tokens[j]))))
+    return out

@@ -60,6 +60,8 @@ def merge_stats(per_batch: list[dict]) -> dict:
                prompt_padding_fraction=sum(s["prompt_padding_fraction"] for s in per_batch) / len(per_batch))
     if any("padding_fraction" in s for s in per_batch):
         out["padding_fraction"] = sum(s.get("padding_fraction", 0.0) for s in per_batch) / len(per_batch)
+    if any("rows_verified" in s for s in per_batch):
+        out["rows_verified"] = sum(s.get("rows_verified", 0) for s in per_batch)
     if any("gamma_trace" in s for s in per_batch):
         out["gamma_trace"] = [g for s in per_batch for g in s.get("gamma_trace", [])]
     return out

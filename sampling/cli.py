@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generate import DEFAULTS
+from .generate import DEFAULTS, FINISHED_ROWS
 from .utils_bass import SCHEDULES, ScheduleParams
 
 
@@ -49,6 +49,8 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: not reproducible)")
     ap.add_argument("--sort_batch", action="store_true",
                     help="group prompts of similar length into the same batch (output keeps input order)")
+    ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows, choices=FINISHED_ROWS,
+                    help="bass: drop a finished row from both caches, or keep it in the batch masked")
 
 
 def add_schedule_args(ap: argparse.ArgumentParser, sp: ScheduleParams) -> None:
@@ -68,7 +70,7 @@ def generate_kwargs(args, tokenizer) -> dict:
     return dict(max_new_tokens=args.max_tokens, gamma=args.gamma, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                 eos_token_id=tokenizer.eos_token_id, gamma_schedule=args.gamma_schedule,
-                schedule=schedule_of(args))
+                schedule=schedule_of(args), finished_rows=args.finished_rows)
 
 
 def load_pair(args, need_draft: bool = True):

@@ -13,6 +13,7 @@ from .utils import SamplingParams
 from .utils_bass import GammaSchedule, ScheduleParams
 
 MODES = ("ar", "google", "deepmind", "bass")
+FINISHED_ROWS = ("drop", "mask")   # bass: what becomes of a finished row (see speculative_bass)
 SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")
 
 
@@ -25,7 +26,8 @@ class Defaults:
     temperature: float = 1.0      # 0 is greedy
     top_k: int = 0                # 0: off
     top_p: float = 1.0            # 1.0: off
-    gamma_schedule: str = "constant"
+    gamma_schedule: str = "constant"  # constant | bass | aimd
+    finished_rows: str = "drop"       # bass: drop finished rows from both caches, or keep them masked
 
 
 DEFAULTS = Defaults()
@@ -47,10 +49,12 @@ def vocab_size(model) -> int:
 
 
 def check_args(mode: str, max_new_tokens: int, gamma: int, params: SamplingParams,
-               schedule: ScheduleParams) -> None:
+               schedule: ScheduleParams, finished_rows: str = DEFAULTS.finished_rows) -> None:
     """Checks that need no model: raise ValueError naming the bad value and the allowed range."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if finished_rows not in FINISHED_ROWS:
+        raise ValueError(f"unknown finished_rows {finished_rows!r}; choose one of {', '.join(FINISHED_ROWS)}")
     params.validate()
     schedule.validate()
     if gamma <= 0:
@@ -85,14 +89,15 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              gamma: int | None = None, temperature: float = DEFAULTS.temperature,
              top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p,
              eos_token_id: int | None = None, seed: int | None = None,
-             gamma_schedule: str = DEFAULTS.gamma_schedule, schedule: ScheduleParams | None = None
-             ) -> GenerationResult:
+             gamma_schedule: str = DEFAULTS.gamma_schedule, schedule: ScheduleParams | None = None,
+             finished_rows: str = DEFAULTS.finished_rows) -> GenerationResult:
     """Generate new tokens for a left-padded batch input_ids [B, T] (mask [B, T]).
 
     mode: "ar" (target alone), "google" (Leviathan et al.), "deepmind" (Chen et al.) or
     "bass" (batched speculative sampling). temperature 0 is greedy. ``gamma`` is the draft
     length, the starting one for the adaptive ``gamma_schedule``s "bass" and "aimd" (whose
     constants ``schedule`` may override); None picks DEFAULTS.gamma or DEFAULTS.gamma_init.
+    ``finished_rows`` (bass only): "drop" a finished row from both caches or keep it "mask"ed.
     """
     schedule = ScheduleParams(**{**(schedule.__dict__ if schedule else {}), "kind": gamma_schedule})
     if gamma is None:
@@ -100,7 +105,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    check_args(mode, max_new_tokens, gamma, params, schedule)
+    check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
     check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens)
     device = input_ids.device
     generator = torch.Generator(device=device)
@@ -117,7 +122,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if mode == "bass":
         tokens, stats = bass_sampling(target_model, draft_model, input_ids, attention_mask, params,
                                       max_new_tokens, GammaSchedule(gamma, schedule), eos_token_id,
-                                      generator)
+                                      generator, finished_rows)
         return GenerationResult(tokens, stats)
     # google / deepmind: one row at a time (rows accept different counts; "bass" batches them)
     t0, tokens, per_row = time.perf_counter(), [], []

@@ -24,7 +24,8 @@ def test_bass_batch8_equals_greedy(arch, schedule):
     assert 0 < s["padding_fraction"] < 1 and len(s["gamma_trace"]) == s["target_calls"] - 1
 
 
-def test_rows_finishing_early_leave_the_others_alone():
+@pytest.mark.parametrize("finished_rows", ("drop", "mask"))
+def test_rows_finishing_early_leave_the_others_alone(finished_rows):
     target = tiny_model("llama", seed=31)
     draft = noisy_copy(target, 0.1, seed=32)
     ids, mask = left_padded_batch(97, LENGTHS8, seed=33)
@@ -32,13 +33,35 @@ def test_rows_finishing_early_leave_the_others_alone():
                     temperature=0).tokens
     eos = free[0][3]                                  # row 0 ends early; which others have it?
     res = generate(target, ids, mask, draft_model=draft, mode="bass", max_new_tokens=20, gamma=4,
-                   temperature=0, eos_token_id=eos)
+                   temperature=0, eos_token_id=eos, finished_rows=finished_rows)
     assert res.tokens == greedy_reference(target, ids, mask, 20, eos_token_id=eos)
     untouched = [i for i, row in enumerate(free) if eos not in row]
     assert untouched, "the test needs rows that never meet the EOS"
     for i in untouched:
         assert res.tokens[i] == free[i]
     assert len(res.tokens[0]) == free[0].index(eos) + 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_finished_rows_kept_masked_equal_greedy(arch):
+    """finished_rows="mask": rows that met EOS stay in the batch, masked, and change nothing."""
+    target = tiny_model(arch, seed=51)
+    draft = noisy_copy(target, 0.1, seed=52)
+    ids, mask = left_padded_batch(97, LENGTHS8, seed=53)
+    free = generate(target, ids, mask, draft_model=draft, mode="bass", max_new_tokens=16, gamma=3,
+                    temperature=0).tokens
+    eos = free[2][2]                                   # some rows end early, at different steps
+    runs = {f: generate(target, ids, mask, draft_model=draft, mode="bass", max_new_tokens=16, gamma=3,
+                        temperature=0, eos_token_id=eos, finished_rows=f) for f in ("drop", "mask")}
+    assert runs["mask"].tokens == greedy_reference(target, ids, mask, 16, eos_token_id=eos)
+    assert runs["mask"].tokens == runs["drop"].tokens
+    assert sum(len(t) < 16 for t in runs["mask"].tokens) >= 1
+    # the masked run kept the finished rows in every verify pass; the other dropped them
+    steps = {f: r.stats["target_calls"] - 1 for f, r in runs.items()}
+    assert runs["mask"].stats["rows_verified"] == 8 * steps["mask"]
+    assert runs["drop"].stats["rows_verified"] == sum(r["target_calls"] - 1 for r in runs["drop"].stats["rows"])
+    assert runs["drop"].stats["rows_verified"] < runs["mask"].stats["rows_verified"]
+    assert runs["mask"].stats["gamma_trace"] == runs["drop"].stats["gamma_trace"]
 
 
 def test_bass_schedule_rule():

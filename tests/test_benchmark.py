@@ -119,3 +119,43 @@ def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
     code, out, err = cli(run_experiment, argv + ["--resume"], capsys)
     assert code == 0 and "12 configurations, 12 already in" in out
     assert len(pd.read_csv(out_dir / "raw.csv")) == len(raw)
+    # a file from before --finished_rows existed resumes too; only the new bass configurations run
+    raw.drop(columns=["finished_rows"]).to_csv(out_dir / "raw.csv", index=False)
+    code, out, err = cli(run_experiment, argv + ["--resume", "--finished_rows", "drop,mask"], capsys)
+    assert code == 0 and "16 configurations, 12 already in" in out, err
+    grown = pd.read_csv(out_dir / "raw.csv")
+    assert len(grown) == len(raw) + 2 * 2 * 4        # bass masked at batch 1 and 2, two temperatures
+    masked = grown[grown.finished_rows == "mask"]
+    assert set(masked["mode"]) == {"bass"}
+    greedy = grown[(grown.temperature == 0) & (grown["mode"] == "bass")].groupby("finished_rows")
+    assert (greedy.get_group("mask").tokens.values == greedy.get_group("drop").tokens.values).all()
+    assert "mask" in set(pd.read_csv(out_dir / "summary.csv").finished_rows)
+
+
+def test_run_grid_interleaves_configurations_of_one_batching(monkeypatch):
+    """Configurations with the same batching take turns on every batch, each keeps its median run."""
+    from benchmark import runner
+    calls, walls = [], [3.0, 1.0, 2.0]                     # the 3 repeats of a batch take 3 s, 1 s, 2 s
+
+    def fake_runner(cfg, prompts, target, draft, tokenizer):
+        def once(idx, bid, max_tokens):
+            timed = max_tokens == cfg.max_tokens              # the warm-up asks for fewer tokens
+            calls.append((cfg.mode, cfg.batch, bid) if timed else "warm-up")
+            wall = walls[calls.count((cfg.mode, cfg.batch, bid)) - 1] if timed else 0.0
+            rows = [dict(target_calls=1, accepted=0, drafted=0) for _ in idx]
+            return [[7] for _ in idx], dict(wall_time_s=wall, ttft_s=0.0, rows=rows)
+        return once
+
+    monkeypatch.setattr(runner, "_runner", fake_runner)
+    cfg = dict(gamma=0, gamma_schedule="constant", temperature=0.0, sort_batch=False, max_tokens=5)
+    cfgs = [runner.RunConfig(mode="ar", batch=2, **cfg), runner.RunConfig(mode="bass", batch=2, **cfg),
+            runner.RunConfig(mode="ar", batch=1, **cfg)]
+    prompts, meta = [[1, 2]] * 4, [dict(sample=i, category="x") for i in range(4)]
+    groups = list(runner.run_grid(cfgs, prompts, meta, None, None, None, repeats=3))
+    assert [len(g) for g in groups] == [8, 4]             # batch 2 (ar and bass together), then batch 1
+    assert calls[:2] == ["warm-up"] * 2 and calls[14] == "warm-up"
+    for bid in (0, 1):                   # ar, bass / bass, ar / ar, bass: the order rotates per round
+        assert calls[2 + 6 * bid:8 + 6 * bid] == [("ar", 2, bid), ("bass", 2, bid), ("bass", 2, bid),
+                                                  ("ar", 2, bid), ("ar", 2, bid), ("bass", 2, bid)]
+    assert calls[15:] == [("ar", 1, bid) for bid in range(4) for _ in range(3)]
+    assert {r["wall_time_s"] for g in groups for r in g} == {2.0}     # the median of 3, 1, 2

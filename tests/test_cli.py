@@ -37,12 +37,16 @@ def models(pair, draft="draft"):
 
 
 def test_json_output_and_modes(pair, capsys):
-    code, out, err = call(["--input", "The quick brown fox", "--max_tokens", "6", "--json", "--seed", "1",
-                           "--mode", "bass", "--batch", "3"] + models(pair), capsys)
-    assert code == 0, err
-    res = json.loads(out)
-    assert len(res["outputs"]) == 3 and all(len(t) <= 6 for t in res["tokens"])
-    assert res["stats"]["new_tokens"] == sum(map(len, res["tokens"]))
+    outs = {}
+    for finished in ("drop", "mask"):
+        code, out, err = call(["--input", "The quick brown fox", "--input", "Hi", "--max_tokens", "6", "--json",
+                               "--temperature", "0", "--mode", "bass", "--batch", "3", "--finished_rows", finished]
+                              + models(pair), capsys)
+        assert code == 0, err
+        res = outs[finished] = json.loads(out)
+        assert len(res["outputs"]) == 3 and all(len(t) <= 6 for t in res["tokens"])
+        assert res["stats"]["new_tokens"] == sum(map(len, res["tokens"]))
+    assert outs["drop"]["tokens"] == outs["mask"]["tokens"]
 
 
 def test_compare_table(pair, capsys):
@@ -65,6 +69,7 @@ BAD = {
     "negative top_k": (["--top_k", "-3"], "top_k must be >= 0"),
     "batch 0": (["--batch", "0"], "--batch must be >= 1, got 0"),
     "unknown mode": (["--mode", "fast"], "invalid choice: 'fast'"),
+    "unknown finished_rows": (["--finished_rows", "keep"], "invalid choice: 'keep'"),
     "missing model": (["--target_model_name", "./no/such/model"], "target model path does not exist: ./no/such/model"),
     "too long": (["--input", "fox " * 200], "exceeds the target model's maximum of 64 positions"),
     "vocab mismatch": (["--approx_model_name", "BAD"], "draft vocabulary (111 tokens) differs"),

@@ -68,9 +68,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("mode", ("google", "deepmind", "bass"))
+@pytest.mark.parametrize("mode", ("google", "deepmind", "bass", "bass-mask"))
 def test_whole_loop_joint_law(mode, case):
-    """Joint law of the first 3 new tokens (gamma 2: drafts, rejection, bonus) against enumeration."""
+    """Joint law of the first 3 new tokens (gamma 2: drafts, rejection, bonus) against enumeration.
+    bass-mask: bass keeping finished rows in the batch (rows finish at different steps here)."""
+    mode, finished_rows = ("bass", "mask") if mode == "bass-mask" else (mode, "drop")
     V, K = 5, 3
     params = CASES[case]
     target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
@@ -83,9 +85,10 @@ def test_whole_loop_joint_law(mode, case):
     N = 4000 if mode == "bass" else 2500
     ids = torch.tensor([prompt] * N)
     res = generate(target, ids, draft_model=draft, mode=mode, max_new_tokens=K, gamma=2,
-                   temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=7)
+                   temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=7,
+                   finished_rows=finished_rows)
     codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in res.tokens])
     pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), law)
-    print(f"{mode} {case}: acceptance {res.stats['acceptance_rate']:.2f}, p-value {pval:.3g}")
+    print(f"{mode} ({finished_rows}) {case}: acceptance {res.stats['acceptance_rate']:.2f}, p-value {pval:.3g}")
     assert 0.05 < res.stats["acceptance_rate"] < 0.95       # both branches of the rule are used
     assert pval > ALPHA
