@@ -29,7 +29,7 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
     tgt.prefill(input_ids, mask)
     drf.prefill(input_ids, mask)
     seq, rows = input_ids, torch.arange(B)            # slot tokens [b, S]; original index of each row
-    done = torch.zeros(B, dtype=torch.bool)           # [b] finished rows kept in the batch ("mask")
+    done = torch.zeros(B, dtype=torch.bool)           # [b] finished rows (only "mask" keeps them)
     out = [[] for _ in range(B)]
     row_steps, row_accepted, row_drafted = [0] * B, [0] * B, [0] * B
     accepted_lengths, padding, ttft, rows_verified = [], [], None, 0
