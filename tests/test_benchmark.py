@@ -105,6 +105,9 @@ def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
     assert {"raw.csv", "summary.csv", "table.md", "config.json", "env.json", "throughput_t0.png", "speedup_t1.png",
             "acceptance_by_gamma.png", "acceptance_by_category.png"} <= files
     assert not [f for f in files if f.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out_dir / "summary.csv").st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's 0600
     raw = pd.read_csv(out_dir / "raw.csv")
     # ar at 2 batch sizes, bass at 2, google and hf_assisted at 1; two temperatures; 4 samples each
     assert len(raw) == (2 + 2 + 1 + 1) * 2 * 4
