@@ -26,7 +26,7 @@ def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor,
     rows = torch.arange(B)                                               # original index of live rows
     seq, ttft = input_ids, None
     for step in range(max_new_tokens):
-        x = sample(p, generator)                                         # [b]
+        x = sample(p, generator, params.greedy)                          # [b]
         ttft = ttft if ttft is not None else time.perf_counter() - t0
         for r, tok in zip(rows.tolist(), x.tolist()):
             out[r].append(tok)

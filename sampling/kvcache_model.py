@@ -2,7 +2,8 @@
 
 The wrapper owns a transformers ``DynamicCache``, the attention mask of the cached positions and
 the filtered next-token probabilities of every position fed after the prompt (its *history*).
-``rollback`` trims the cache, the mask and the history together, so they never disagree.
+``rollback`` trims the cache, the mask and the history together, so they never disagree. The
+history lives in a buffer that doubles when full, so appending a step copies that step only.
 """
 from __future__ import annotations
 
@@ -25,8 +26,26 @@ class KVCacheModel:
         self.params = params
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None    # [B, L] mask of the L cached positions
-        self.probs: torch.Tensor | None = None   # [B, H, V] history: next-token probs of the last H positions
+        self._buf: torch.Tensor | None = None    # [B, capacity, V]: the history in its first H slots
+        self._h = 0                              # H, the history's length
         self.calls = 0                           # forward passes run
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """[B, H, V] history: next-token probs of the last H positions (the prompt's last, then
+        every position fed after it). A view of the buffer: read it before the next catch_up."""
+        return self._buf[:, :self._h]
+
+    def _append(self, new: torch.Tensor) -> None:
+        """Add new [B, n, V] to the history."""
+        h = self._h + new.shape[1]
+        if self._buf is None or h > self._buf.shape[1]:              # grow: double the capacity
+            buf = new.new_empty(new.shape[0], max(h, 2 * self._h, 16), new.shape[2])
+            if self._h:
+                buf[:, :self._h] = self.probs
+            self._buf = buf
+        self._buf[:, self._h:h] = new
+        self._h = h
 
     @property
     def length(self) -> int:
@@ -48,7 +67,8 @@ class KVCacheModel:
         """Run the prompt [B, T]; the history starts with the next-token probs [B, V] it returns."""
         self.cache = DynamicCache(config=self.model.config)
         self.mask = mask[:, :0]
-        self.probs = self._forward(input_ids, mask, keep=1)              # [B, 1, V]
+        self._buf, self._h = None, 0
+        self._append(self._forward(input_ids, mask, keep=1))             # [B, 1, V]
         return self.probs[:, -1]
 
     @torch.inference_mode()
@@ -60,8 +80,7 @@ class KVCacheModel:
         """
         n = seq.shape[1] - self.length
         if n > 0:
-            new = self._forward(seq[:, -n:], mask, keep=n)               # [B, n, V]
-            self.probs = torch.cat([self.probs, new], dim=1)
+            self._append(self._forward(seq[:, -n:], mask, keep=n))       # [B, n, V]
         return self.probs[:, -1]
 
     def rollback(self, length: int) -> None:
@@ -70,10 +89,10 @@ class KVCacheModel:
         if k > 0:
             self.cache.crop(-k)
             self.mask = self.mask[:, :length]
-            self.probs = self.probs[:, :-k]
+            self._h -= k
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing compute)."""
         self.cache.batch_select_indices(rows)
         self.mask = self.mask[rows]
-        self.probs = self.probs[rows]
+        self._buf = self._buf[rows, :self._h]     # a copy: capacity back to H, grows again on append

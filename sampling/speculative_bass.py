@@ -39,7 +39,7 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
         g = min(schedule.gamma, room - 1)             # drafts that can still be used by some row
         # 1. draft: g tokens for every live row
         for _ in range(g):
-            x = sample(drf.catch_up(seq, mask), generator)                   # [b]
+            x = sample(drf.catch_up(seq, mask), generator, params.greedy)    # [b]
             seq = torch.cat([seq, x.unsqueeze(1)], dim=1)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         q = drf.probs[:, drf.probs.shape[1] - g:]                            # [b, g, V]
@@ -49,7 +49,7 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
         padding.append(1.0 - mask.float().mean().item())
         rows_verified += len(rows)
         # 3. accept: each row its own prefix, then a correction or bonus token
-        n, nxt = accept_reject(p, q, seq[:, S:], generator)                  # [b], [b]
+        n, nxt = accept_reject(p, q, seq[:, S:], generator, greedy=params.greedy)  # [b], [b]
         n = n.masked_fill(done, 0)                                           # a finished row keeps nothing
         ttft = ttft if ttft is not None else time.perf_counter() - t0
         schedule.update(n[~done], g)

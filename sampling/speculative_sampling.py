@@ -35,14 +35,15 @@ def speculative_sampling(target, draft, input_ids: torch.Tensor, params: Samplin
         g = min(schedule.gamma, max_new_tokens - (prefix - T) - 1)      # drafts that still fit
         # 1. draft: g tokens from q, one cached step each
         for _ in range(g):
-            x = sample(drf.catch_up(seq, ones(seq)), generator)          # [1]
+            x = sample(drf.catch_up(seq, ones(seq)), generator, params.greedy)  # [1]
             seq = torch.cat([seq, x.unsqueeze(1)], dim=1)
         q = drf.probs[:, drf.probs.shape[1] - g:]                        # [1, g, V]
         # 2. verify: one target pass over the g drafts (and the token before them)
         tgt.catch_up(seq, ones(seq))
         p = tgt.probs[:, -(g + 1):]                                      # [1, g + 1, V]
         # 3. accept a prefix of the drafts, then a correction or bonus token
-        n, nxt = accept_reject(p, q, seq[:, prefix:], generator, sequential=variant == "deepmind")
+        n, nxt = accept_reject(p, q, seq[:, prefix:], generator, sequential=variant == "deepmind",
+                               greedy=params.greedy)
         schedule.update(n, g)
         n = int(n)
         drafted, accepted = drafted + g, accepted + n

@@ -52,8 +52,11 @@ def norm_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of probs [N, V] -> [N]."""
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None, greedy: bool = False) -> torch.Tensor:
+    """One draw per row of probs [N, V] -> [N]. ``greedy``: the rows are one-hot (``norm_logits``
+    at temperature 0), so the draw is their argmax, without the cost of ``multinomial``."""
+    if greedy:
+        return probs.argmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -66,7 +69,7 @@ def max_fn(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
 
 def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
                   generator: torch.Generator | None = None,
-                  sequential: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  sequential: bool = False, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative rejection sampling for a batch of rows (Leviathan et al. 2023, Chen et al. 2023).
 
     p: [B, g + 1, V] target probabilities at the g draft positions and the bonus position
@@ -76,7 +79,8 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
     a draw from norm(max(0, p_n - q_n)) after a rejection, or from p_g when all g are accepted.
     ``sequential`` tests the drafts one by one as in Chen et al.'s Algorithm 2 (a uniform per
     draft, stopping at the first rejection); otherwise all g uniforms are drawn at once and n is
-    the first rejection (Leviathan et al.). Both give the same law.
+    the first rejection (Leviathan et al.). Both give the same law. ``greedy``: p and q are
+    one-hot (temperature 0), so the next token is drawn by argmax (see ``sample``).
     """
     B, g = x.shape
     p_x = p[:, :g].gather(-1, x.unsqueeze(-1)).squeeze(-1)          # [B, g]
@@ -98,4 +102,4 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
     idx = n.view(B, 1, 1).expand(B, 1, p.shape[-1])
     p_n = p.gather(1, idx).squeeze(1)                               # [B, V]
     q_n = q_ext.gather(1, idx).squeeze(1)                           # [B, V]
-    return n, sample(max_fn(p_n - q_n, fallback=p_n), generator)
+    return n, sample(max_fn(p_n - q_n, fallback=p_n), generator, greedy)

@@ -90,3 +90,39 @@ def test_seed_reproduces():
     runs = [generate(target, ids, mask, draft_model=draft, mode="google", max_new_tokens=10,
                      temperature=1.0, seed=42).tokens for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_kvcache_history_follows_catch_up_rollback_and_select_rows():
+    """The probability history always equals a fresh forward pass over what the cache holds,
+    through appends that outgrow the buffer, rollbacks and row selection."""
+    import torch
+
+    from sampling.kvcache_model import KVCacheModel, position_ids
+    from sampling.utils import SamplingParams, norm_logits
+    model = tiny_model("llama", seed=61)
+    params = SamplingParams(temperature=0.8)
+    ids, mask = left_padded_batch(97, (5, 2, 7), seed=62)
+    gen = torch.Generator().manual_seed(63)
+    seq = torch.cat([ids, torch.randint(3, 97, (3, 40), generator=gen)], dim=1)
+    mask = torch.cat([mask, torch.ones(3, 40, dtype=mask.dtype)], dim=1)
+    T = ids.shape[1]
+
+    def expected(seq, mask, h):                 # next-token probs of the last h positions
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+        return norm_logits(logits, params)[:, -h:]
+
+    kv = KVCacheModel(model, params)
+    kv.prefill(ids, mask[:, :T])
+    L = T
+    for step, (add, back) in enumerate([(3, 1), (9, 4), (6, 0), (20, 7), (10, 3)]):   # outgrows 16, 32
+        L += add
+        kv.catch_up(seq[:, :L], mask[:, :L])
+        L -= back
+        kv.rollback(L)
+        if step == 2:
+            keep = torch.tensor([0, 2])
+            kv.select_rows(keep)
+            seq, mask = seq[keep], mask[keep]
+        assert kv.probs.shape[1] == L - T + 1
+        torch.testing.assert_close(kv.probs, expected(seq[:, :L], mask[:, :L], L - T + 1))
