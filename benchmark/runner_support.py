@@ -1,6 +1,7 @@
 """Peer baselines (Hugging Face generate, assisted generation) and the cost-ratio measurement."""
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -21,14 +22,20 @@ def hf_generate(target, ids: torch.Tensor, cfg, eos_token_id: int, pad_token_id:
                   do_sample=cfg.temperature > 0)
     if cfg.temperature > 0:
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
-    if draft is not None:
-        gc = draft.generation_config
+    saved = None
+    if draft is not None:                   # assisted generation reads gamma from the draft's config
+        saved, gc = draft.generation_config, copy.deepcopy(draft.generation_config)
         gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = cfg.gamma, "constant"
         gc.assistant_confidence_threshold = 0.0
+        draft.generation_config = gc
         kwargs["assistant_model"] = draft
-    t0 = time.perf_counter()
-    out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    wall = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        wall = time.perf_counter() - t0
+    finally:
+        if saved is not None:               # leave the caller's draft as it was
+            draft.generation_config = saved
     new = out[0, ids.shape[1]:].tolist()
     if eos_token_id in new:
         new = new[:new.index(eos_token_id) + 1]

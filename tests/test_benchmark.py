@@ -162,3 +162,20 @@ def test_run_grid_interleaves_configurations_of_one_batching(monkeypatch):
                                                   ("ar", 2, bid), ("ar", 2, bid), ("bass", 2, bid)]
     assert calls[15:] == [("ar", 1, bid) for bid in range(4) for _ in range(3)]
     assert {r["wall_time_s"] for g in groups for r in g} == {2.0}     # the median of 3, 1, 2
+
+
+def test_hf_assisted_leaves_the_draft_config_alone():
+    import torch
+
+    from benchmark.runner import RunConfig
+    from benchmark.runner_support import hf_generate
+    from tiny import greedy_reference, noisy_copy, tiny_model
+    target = tiny_model("llama", seed=71)
+    draft = noisy_copy(target, 0.1, seed=72)
+    before = draft.generation_config.to_dict()
+    ids = torch.tensor([[5, 9, 3, 17]])
+    cfg = RunConfig(mode="hf_assisted", batch=1, gamma=3, gamma_schedule="constant", temperature=0.0,
+                    sort_batch=False, max_tokens=6)
+    new, _ = hf_generate(target, ids, cfg, eos_token_id=None, pad_token_id=0, draft=draft)
+    assert new == greedy_reference(target, ids, torch.ones_like(ids), 6)[0]
+    assert draft.generation_config.to_dict() == before
