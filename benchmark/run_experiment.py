@@ -127,10 +127,9 @@ def main(argv=None) -> None:
     write_csv(os.path.join(args.out, "summary.csv"), summary)
     plots = plot_all(summary, raw, args.out)
     write_text(os.path.join(args.out, "table.md"), markdown_table(summary))
-    cols = KEYS + ["throughput",
-            "latency_ms", "acceptance_rate", "alpha", "tokens_per_call", "speedup_vs_ar", "decode_throughput",
-            "decode_speedup_vs_ar"] + \
-           (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify"] if cost else [])
+    cols = KEYS + ["throughput", "latency_ms", "acceptance_rate", "alpha", "tokens_per_call", "speedup_vs_ar",
+                   "decode_throughput", "decode_speedup_vs_ar"] + \
+        (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify"] if cost else [])
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     print(f"wrote {raw_path}, summary.csv, table.md, config.json, env.json and {len(plots)} plots in {args.out}")
     print(json.dumps({b: {k: round(v, 3) for k, v in c.items()} for b, c in cost.items()}))

@@ -98,8 +98,8 @@ def run_grid(cfgs: list[RunConfig], prompts: list[list[int]], meta: list[dict], 
     for (batch, sort_batch), group in groups.items():
         batches = batch_order(prompts, batch, sort_batch)
         runners = [_runner(cfg, prompts, target, draft, tokenizer) for cfg in group]
-        for once in runners:
-            once(batches[0], 0, 4)                        # warm-up, not timed
+        for cfg, once in zip(group, runners):
+            once(batches[0], 0, min(4, cfg.max_tokens))   # warm-up, not timed
         rows = {cfg: [] for cfg in group}
         for bid, idx in enumerate(batches):
             runs = [[] for _ in group]

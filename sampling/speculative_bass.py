@@ -21,7 +21,7 @@ from .utils_bass import GammaSchedule, histogram
 @torch.inference_mode()
 def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
                   max_new_tokens: int, schedule: GammaSchedule, eos_token_id: int | None,
-                  generator: torch.Generator | None, finished_rows: str = "drop"):
+                  generator: torch.Generator | None, finished_rows: str):
     """Generate for a left-padded batch input_ids [B, T]; returns (tokens, stats)."""
     t0 = time.perf_counter()
     B = input_ids.shape[0]
@@ -50,15 +50,16 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
         rows_verified += len(rows)
         # 3. accept: each row its own prefix, then a correction or bonus token
         n, nxt = accept_reject(p, q, seq[:, S:], generator, greedy=params.greedy)  # [b], [b]
-        n = n.masked_fill(done, 0)                                           # a finished row keeps nothing
+        done_d = done.to(n.device)                                           # [b] on the models' device
+        n = n.masked_fill(done_d, 0)                                         # a finished row keeps nothing
         ttft = ttft if ttft is not None else time.perf_counter() - t0
-        schedule.update(n[~done], g)
+        schedule.update(n[~done_d], g)
         # 4. realign (BASS-PAD): crop both caches to the longest row, mask the others' holes
         drafts = seq[:, S:]
         mask = tgt.realign(S, n, mask)                                       # [b, S + n_max]
         drf.rollback(mask.shape[1])
         seq = torch.cat([seq[:, :mask.shape[1]], nxt.unsqueeze(1)], dim=1)
-        mask = torch.cat([mask, (~done).to(mask.dtype).unsqueeze(1)], dim=1)
+        mask = torch.cat([mask, (~done_d).to(mask.dtype).unsqueeze(1)], dim=1)
         # 5. hand out the new tokens; rows that met EOS or the budget are finished
         for j, (r, n_j, nxt_j, drafts_j, done_j) in enumerate(zip(
                 rows.tolist(), n.tolist(), nxt.tolist(), drafts.tolist(), done.tolist())):
