@@ -4,13 +4,13 @@ import os
 
 import pandas as pd
 import pytest
+from tiny import save_tiny_pair
 
 import eval_dolly
 from benchmark import run_experiment
 from benchmark.metrics import leviathan_speedup
 from benchmark.utils_io import load_dolly, render_prompt
 from sampling.cli import run
-from tiny import save_tiny_pair
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dolly-fixture.jsonl")
 
@@ -166,10 +166,10 @@ def test_run_grid_interleaves_configurations_of_one_batching(monkeypatch):
 
 def test_hf_assisted_leaves_the_draft_config_alone():
     import torch
+    from tiny import greedy_reference, noisy_copy, tiny_model
 
     from benchmark.runner import RunConfig
     from benchmark.runner_support import hf_generate
-    from tiny import greedy_reference, noisy_copy, tiny_model
     target = tiny_model("llama", seed=71)
     draft = noisy_copy(target, 0.1, seed=72)
     before = draft.generation_config.to_dict()
