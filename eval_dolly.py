@@ -1,7 +1,7 @@
 """Batch evaluation on Dolly-15k: every mode on the same prompts, a table per mode.
 
     python eval_dolly.py --dataset_path ../shared/dolly/dolly-sample.jsonl --samples 16 \\
-        --modes ar,google,bass --temperature 0 --batch 8
+        --modes ar,google,bass --temperature 0 --batch 8 --show 2
 """
 from __future__ import annotations
 
@@ -12,42 +12,41 @@ import pandas as pd
 from tqdm import tqdm
 
 from benchmark.metrics import summarise
-from benchmark.runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_grid
+from benchmark.runner import (ALL_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
+                              prepare, run_grid)
 from benchmark.utils_io import write_csv
-from sampling import SamplingParams, check_args
-from sampling.cli import Parser, add_model_args, add_sampling_args, run, schedule_of
-from sampling.generate import DEFAULTS
+from sampling import check_args
+from sampling.cli import Parser, add_model_args, add_sampling_args, params_of, run, schedule_of
+from sampling.generate import default_gamma
 
 COLUMNS = {"mode": "mode", "samples": "samples", "new_tokens": "new tokens", "wall_time_s": "wall s",
-           "throughput": "tokens/s", "latency_ms": "ms/token", "ttft_s": "TTFT s",
+           "throughput": "tokens/s", "latency_ms": "ms/token per sequence", "ttft_s": "TTFT s",
            "acceptance_rate": "accept", "tokens_per_call": "tok/call", "target_calls": "target calls",
-           "speedup_vs_ar": "speedup"}
+           "speedup_vs_ar": "speedup vs ar"}
 
 
 def parse(argv=None):
     ap = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(ap)
-    ap.add_argument("--dataset_path", default=None,
-                    help="local Dolly jsonl (default: the hub dataset databricks/databricks-dolly-15k)")
-    ap.add_argument("--skip_bad_lines", action="store_true",
-                    help="warn about malformed lines and skip them instead of stopping")
-    ap.add_argument("--samples", type=int, default=32, help="how many records, from the top of the file")
+    add_bench_args(ap)
     ap.add_argument("--batch", type=int, default=8,
                     help="batch size of ar and bass (google, deepmind, hf, hf_assisted run one at a time)")
     ap.add_argument("--modes", default="ar,google,deepmind,bass",
-                    help="comma list of ar, google, deepmind, bass, hf, hf_assisted (case-insensitive)")
+                    help=f"comma list of {', '.join(ALL_MODES)} (case-insensitive); the table keeps this order")
     add_sampling_args(ap, gamma_flag="--gamma_init", schedule_constants=False)
-    ap.add_argument("--repeats", type=int, default=1, help="time each batch this many times, keep the median")
+    ap.add_argument("--show", type=int, default=0, help="print the first N prompts and each mode's output")
     ap.add_argument("--out", default=None, help="folder for raw.csv and summary.csv (default: write nothing)")
     args = ap.parse_args(argv)
     args.modes = parse_modes(args.modes)
     for name in ("samples", "batch", "repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.show < 0:
+        raise ValueError(f"--show must be >= 0, got {args.show}")
     if args.gamma is None:
-        args.gamma = DEFAULTS.gamma_init
-    check_args("bass", args.max_tokens, args.gamma, SamplingParams(args.temperature, args.top_k, args.top_p),
-               schedule_of(args), args.finished_rows)
+        args.gamma = default_gamma(args.gamma_schedule)
+    check_args("bass", args.max_tokens, args.gamma, params_of(args), schedule_of(args), args.finished_rows)
+    check_out(args.out, False, args.overwrite)
     if args.seed is None:
         args.seed = random.randrange(2 ** 31)
     return args
@@ -55,25 +54,30 @@ def parse(argv=None):
 
 def main(argv=None) -> None:
     args = parse(argv)
-    prompts, meta, target, draft, tok = prepare(args)
+    data = prepare(args, args.modes)
     rows = []
-    with tqdm(total=len(prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
-        cfgs = [RunConfig(mode=mode, batch=1 if mode in SEQUENTIAL_MODES else args.batch,
-                          gamma=0 if mode in ("ar", "hf") else args.gamma,
-                          gamma_schedule=args.gamma_schedule, temperature=args.temperature,
-                          sort_batch=args.sort_batch and mode not in SEQUENTIAL_MODES,
-                          max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, finished_rows=args.finished_rows) for mode in args.modes]
-        for group in run_grid(cfgs, prompts, meta, target, draft, tok, args.repeats, progress=bar):
+    cfgs = [RunConfig(mode=mode, batch=1 if mode in SEQUENTIAL_MODES else args.batch,
+                      gamma=0 if mode in ("ar", "hf") else args.gamma,
+                      gamma_schedule=args.gamma_schedule, temperature=args.temperature,
+                      sort_batch=args.sort_batch and mode not in SEQUENTIAL_MODES,
+                      max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                      repetition_penalty=args.repetition_penalty, seed=args.seed,
+                      finished_rows=args.finished_rows) for mode in args.modes]
+    with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
+        for group in run_grid(cfgs, data, args.repeats, progress=bar):
             rows += group
     raw = pd.DataFrame(rows)
     summary = summarise(raw)
+    summary = summary.set_index("mode").loc[args.modes].reset_index()    # the order of --modes
     if "ar" in args.modes:                        # speedup over this run's ar, whatever its batch
         summary["speedup_vs_ar"] = summary.throughput / float(summary.loc[summary["mode"] == "ar", "throughput"].iloc[0])
+    else:
+        summary["speedup_vs_ar"] = float("nan")
     table = summary[list(COLUMNS)].rename(columns=COLUMNS)
-    print(f"\n{len(prompts)} samples, {args.max_tokens} new tokens max, temperature {args.temperature}, "
-          f"gamma {args.gamma} ({args.gamma_schedule}), seed {args.seed}")
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    print(f"\n{len(data.prompts)} samples, {args.max_tokens} new tokens max, temperature {args.temperature}, "
+          f"gamma {args.gamma} ({args.gamma_schedule}), seed {args.seed}; each batch timed {args.repeats} "
+          f"time(s) after a warm-up run, the median kept, modes interleaved")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if args.temperature == 0 and "ar" in args.modes:
         ref = raw[raw["mode"] == "ar"].set_index("sample")["tokens"]
         for mode in args.modes:
@@ -81,10 +85,20 @@ def main(argv=None) -> None:
                 out = raw[raw["mode"] == mode].set_index("sample")["tokens"]
                 same = int((out == ref.loc[out.index]).sum())
                 print(f"consistency: {mode} equals ar on {same}/{len(out)} outputs")
+    show(raw, data, args.modes, args.show)
     if args.out:
         write_csv(os.path.join(args.out, "raw.csv"), raw)
         write_csv(os.path.join(args.out, "summary.csv"), summary)
         print(f"wrote {args.out}/raw.csv and summary.csv")
+
+
+def show(raw: pd.DataFrame, data, modes: list[str], n: int) -> None:
+    """The first n prompts and what each mode wrote after them."""
+    for k, (ids, meta) in enumerate(zip(data.prompts[:n], data.meta[:n])):
+        print(f"\n=== sample {meta['sample']} ({meta['category']}) ===\n{data.tokenizer.decode(ids)}")
+        for mode in modes:
+            text = raw[(raw["mode"] == mode) & (raw["sample"] == meta["sample"])]["output"].iloc[0]
+            print(f"--- {mode}: {text}")
 
 
 if __name__ == "__main__":

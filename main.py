@@ -1,7 +1,7 @@
 """Generate from one or more prompts with any decoding mode of the toolkit.
 
-    python main.py --input "The quick brown fox"                  # embedded default pair
-    python main.py --input "The quick brown fox" --compare        # every mode side by side
+    python main.py --input "The quick brown fox"                  # embedded default pair, streamed
+    python main.py --input "The quick brown fox" --compare        # every mode side by side, timed
     python main.py --input "Hello" --bass --batch 8 -v            # batched speculative sampling
 """
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import sys
 
-from sampling import MODES, SamplingParams, check_args, generate_many
-from sampling.cli import Parser, add_model_args, add_sampling_args, generate_kwargs, load_pair, run, schedule_of
-from sampling.generate import DEFAULTS
+from sampling import MODES, check_args, generate_many
+from sampling.cli import (Parser, add_model_args, add_sampling_args, generate_kwargs, load_pair, params_of, run,
+                          schedule_of)
+from sampling.generate import DEFAULTS, default_gamma
 
 
 def parse(argv=None):
@@ -19,69 +20,93 @@ def parse(argv=None):
     ap.add_argument("--input", action="append", default=None,
                     help="a prompt (repeat the flag for several)")
     add_model_args(ap)
-    ap.add_argument("--mode", default="google", choices=MODES, help="decoding mode")
+    ap.add_argument("--mode", default=DEFAULTS.mode, choices=MODES, help="decoding mode")
     ap.add_argument("--bass", action="store_true", help="shorthand for --mode bass")
     ap.add_argument("--batch", type=int, default=1,
                     help="batch size; fewer prompts than this are repeated to fill one batch")
     ap.add_argument("--compare", action="store_true",
-                    help="run every mode on the same input and print a side-by-side table")
+                    help="run every mode on the same input and print a side-by-side table of timed runs")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="--compare: timed runs per mode after one warm-up run, modes interleaved; "
+                         "the table shows the median")
     add_sampling_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
-    ap.add_argument("-v", "--verbose", action="store_true", help="print statistics and the gamma trace")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="print every statistic: gamma trace, accepted-length histogram, per-row stats")
     args = ap.parse_args(argv)
     if args.bass:
         args.mode = "bass"
     if not args.input or any(not p.strip() for p in args.input):
         raise ValueError("empty prompt: give a non-empty --input")
-    if args.batch <= 0:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    gamma = args.gamma if args.gamma is not None else DEFAULTS.gamma
-    check_args(args.mode, args.max_tokens, gamma, SamplingParams(args.temperature, args.top_k, args.top_p),
-               schedule_of(args), args.finished_rows)
+    for name in ("batch", "repeats"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    gamma = args.gamma if args.gamma is not None else default_gamma(args.gamma_schedule)
+    check_args(args.mode, args.max_tokens, gamma, params_of(args), schedule_of(args), args.finished_rows)
     return args
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     modes = MODES if args.compare else (args.mode,)
-    target, draft, tok = load_pair(args, need_draft=any(m != "ar" for m in modes))
+    target, draft, tok, vocab = load_pair(args, need_draft=any(m != "ar" for m in modes))
     prompts = list(args.input)
     while len(prompts) < args.batch:                       # fill one batch with copies
         prompts.append(args.input[len(prompts) % len(args.input)])
     ids = [tok(p)["input_ids"] for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise ValueError("empty prompt: a prompt encodes to no tokens")
-    runs = {}
-    for mode in modes:
-        res, per_batch = generate_many(target, ids, batch_size=args.batch, pad_id=tok.pad_token_id,
-                                       sort_batch=args.sort_batch, draft_model=draft, mode=mode,
-                                       **generate_kwargs(args, tok))
-        runs[mode] = (res, per_batch)
-    if args.json:
-        out = {m: dict(outputs=[tok.decode(t) for t in r.tokens], tokens=r.tokens, stats=r.stats)
-               for m, (r, _) in runs.items()}
-        print(json.dumps(out if args.compare else out[args.mode]))
-        return
+    kwargs = dict(batch_size=args.batch, pad_id=tok.pad_token_id, sort_batch=args.sort_batch,
+                  draft_model=draft, **generate_kwargs(args, tok, vocab))
     if args.compare:
-        print_table(runs, tok)
+        runs = timed_runs(target, modes, ids, kwargs, args.repeats)
+        if args.json:
+            print(json.dumps({m: dict(outputs=[tok.decode(t) for t in r.tokens], tokens=r.tokens, stats=r.stats)
+                              for m, r in runs.items()}))
+        else:
+            print_table(runs, tok, args.repeats)
         return
-    res, per_batch = runs[args.mode]
-    for prompt, toks in zip(prompts, res.tokens):
-        print(f"{prompt}{tok.decode(toks)}")
-        print("-" * 40)
+    stream = len(ids) == 1 and not args.json
+    if stream:                                             # batch 1: print the text as it is accepted
+        from transformers import TextStreamer
+        print(prompts[0], end="", flush=True)
+        kwargs["streamer"] = TextStreamer(tok)
+    res, _ = generate_many(target, ids, mode=args.mode, **kwargs)
+    if args.json:
+        print(json.dumps(dict(outputs=[tok.decode(t) for t in res.tokens], tokens=res.tokens, stats=res.stats)))
+        return
+    if not stream:
+        for prompt, toks in zip(prompts, res.tokens):
+            print(f"{prompt}{tok.decode(toks)}")
+            print("-" * 40)
     s = res.stats
-    print(f"[{args.mode}] {s['new_tokens']} tokens in {s['wall_time_s']:.2f}s = {s['tokens_per_s']:.1f} tokens/s;"
-          f" acceptance {s['acceptance_rate']:.2f}, {s['mean_accepted_tokens']:.2f} tokens per target call",
-          file=sys.stderr)
+    print(f"[{args.mode}] {s['new_tokens']} tokens in {s['wall_time_s']:.2f}s = {s['tokens_per_s']:.1f} tokens/s"
+          f" (one run, no warm-up; --compare times runs properly); acceptance {s['acceptance_rate']:.2f},"
+          f" {s['mean_accepted_tokens']:.2f} tokens per target call", file=sys.stderr)
     if args.verbose:
         for k, v in s.items():
             print(f"  {k}: {v}", file=sys.stderr)
 
 
-def print_table(runs, tok) -> None:
-    base = runs["ar"][0].stats["tokens_per_s"]
+def timed_runs(target, modes, ids, kwargs, repeats: int) -> dict:
+    """Each mode once untimed on the same shapes (warm-up), then ``repeats`` timed rounds with the
+    modes interleaved (the order rotating); each mode keeps its median run by wall time (generate
+    synchronises the device before reading the clock)."""
+    runs = {m: [] for m in modes}
+    for rep in range(repeats + 1):
+        order = [modes[(k + rep) % len(modes)] for k in range(len(modes))]
+        for mode in order:
+            res, _ = generate_many(target, ids, mode=mode, **kwargs)
+            if rep:                                        # round 0 is the warm-up
+                runs[mode].append(res)
+    return {m: sorted(r, key=lambda x: x.stats["wall_time_s"])[len(r) // 2] for m, r in runs.items()}
+
+
+def print_table(runs, tok, repeats: int) -> None:
+    base = runs["ar"].stats["tokens_per_s"]
+    print(f"each mode: the median of {repeats} timed run(s) after one warm-up run, modes interleaved")
     print(f"{'mode':<9} {'tokens/s':>9} {'speedup':>8} {'accept':>7} {'tok/call':>9}  text")
-    for mode, (res, _) in runs.items():
+    for mode, res in runs.items():
         s = res.stats
         text = "".join(c if c.isprintable() else " " for c in tok.decode(res.tokens[0]))[:60]
         print(f"{mode:<9} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / base:>7.2f}x "

@@ -5,9 +5,13 @@ import pandas as pd
 
 from sampling import DEFAULTS
 
-KEYS = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows"]
+KEYS = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows", "max_tokens",
+        "top_k", "top_p", "min_p", "repetition_penalty", "seed"]     # every field of RunConfig
 NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.csv files lack, and
-                 "rows_verified": float("nan")}             # what those runs did or what is unknown
+                 "rows_verified": float("nan"),             # what those runs did or what is unknown
+                 "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
+                 "peak_mem_mib": float("nan"), "output": ""}
+EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
 def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
@@ -107,4 +111,26 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
                                    in zip(out.alpha, out.mean_gamma, out.cost_ratio_c, out.verify_cost_v)]
         out["efficiency"] = out.speedup_vs_ar / out.predicted_speedup
         out["efficiency_verify"] = out.speedup_vs_ar / out.predicted_verify
+        out = flag_out_of_range(out)
+    return out
+
+
+def flag_out_of_range(out: pd.DataFrame) -> pd.DataFrame:
+    """Blank the predicted and efficiency figures that fall outside their possible range, and say
+    why in ``flagged``: a verify cost v < 1 (a (gamma + 1)-token pass timed faster than a one-token
+    step) or an efficiency above EFFICIENCY_MAX (the measured step costs were off)."""
+    out = out.copy()
+    nan, flags = float("nan"), []
+    for i, r in out.iterrows():
+        why = []
+        if r.verify_cost_v == r.verify_cost_v and r.verify_cost_v < 1:
+            why.append(f"verify cost v {r.verify_cost_v:.2f} < 1")
+            out.loc[i, ["predicted_verify", "efficiency_verify"]] = nan
+        for col in ("efficiency", "efficiency_verify"):
+            e = out.loc[i, col]
+            if e == e and not 0 < e <= EFFICIENCY_MAX:
+                why.append(f"{col} {e:.2f} outside (0, {EFFICIENCY_MAX}]")
+                out.loc[i, col] = nan
+        flags.append("; ".join(why))
+    out["flagged"] = flags
     return out

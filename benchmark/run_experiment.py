@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -20,10 +21,10 @@ from sampling.generate import FINISHED_ROWS
 from sampling.utils_bass import ScheduleParams
 
 from .analyzer import markdown_table, plot_all
-from .metrics import KEYS, cost_key, summarise, upgrade_raw
-from .runner import SEQUENTIAL_MODES, RunConfig, parse_modes, prepare, run_grid
-from .runner_support import measure_cost
-from .utils_io import env_info, write_csv, write_json, write_text
+from .metrics import KEYS, summarise, upgrade_raw
+from .runner import (ALL_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, normalise, parse_modes,
+                     prepare, run_grid)
+from .utils_io import env_info, peak_memory, write_csv, write_json, write_text
 
 
 def int_list(text: str, name: str) -> list[int]:
@@ -36,31 +37,37 @@ def int_list(text: str, name: str) -> list[int]:
     return values
 
 
+IDENTITY = ("fingerprint", "dataset_path", "samples", "skip_bad_lines", "target_model_name", "approx_model_name",
+            "device", "dtype", "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "repeats")
+
+
 def parse(argv=None):
     ap = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(ap)
-    ap.add_argument("--dataset_path", default=None,
-                    help="local Dolly jsonl (default: the hub dataset databricks/databricks-dolly-15k)")
-    ap.add_argument("--skip_bad_lines", action="store_true", help="skip malformed lines with a warning")
-    ap.add_argument("--samples", type=int, default=32, help="records from the top of the dataset")
+    add_bench_args(ap)
     ap.add_argument("--batch_sizes", default="1,4", help="comma list of batch sizes for ar and bass")
     ap.add_argument("--modes", default="ar,google,bass",
-                    help="comma list of ar, google, deepmind, bass, hf, hf_assisted")
-    ap.add_argument("--gammas", default="4", help="comma list of draft lengths (start of adaptive schedules)")
-    ap.add_argument("--gamma_schedule", default="constant",
+                    help=f"comma list of {', '.join(ALL_MODES)}")
+    ap.add_argument("--gammas", default=str(DEFAULTS.gamma),
+                    help="comma list of draft lengths (start of adaptive schedules)")
+    ap.add_argument("--gamma_schedule", default=DEFAULTS.gamma_schedule,
                     help=f"comma list of schedules: {', '.join(SCHEDULES)}")
     ap.add_argument("--temperatures", default="0", help="comma list of temperatures (0 is greedy)")
-    ap.add_argument("--top_k", type=int, default=0, help="top-k filter (0: off)")
-    ap.add_argument("--top_p", type=float, default=1.0, help="nucleus filter (1: off)")
-    ap.add_argument("--max_tokens", type=int, default=32, help="new tokens per prompt")
+    ap.add_argument("--top_k", type=int, default=DEFAULTS.top_k, help="top-k filter (0: off)")
+    ap.add_argument("--top_p", type=float, default=DEFAULTS.top_p, help="nucleus filter in (0, 1] (1: off)")
+    ap.add_argument("--min_p", type=float, default=DEFAULTS.min_p, help="min-p filter in [0, 1) (0: off)")
+    ap.add_argument("--repetition_penalty", type=float, default=DEFAULTS.repetition_penalty,
+                    help="repetition penalty > 0 (1: off)")
+    ap.add_argument("--max_tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
     ap.add_argument("--sort_batch", default="off", choices=("off", "on", "both"),
                     help="sorted batching for the batched modes")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows,
                     help=f"comma list, bass only: what becomes of finished rows ({', '.join(FINISHED_ROWS)})")
-    ap.add_argument("--repeats", type=int, default=3, help="time each batch this many times, keep the median")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
-    ap.add_argument("--out", default=None, help="output folder (default results/<timestamp>/)")
-    ap.add_argument("--resume", action="store_true", help="skip configurations already in <out>/raw.csv")
+    ap.add_argument("--out", default=None, help="output folder (default: results/<timestamp>/)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the sweep in --out: skip configurations already in its raw.csv (every "
+                         "setting that changes a row must match)")
     args = ap.parse_args(argv)
     args.modes = parse_modes(args.modes)
     args.batch_sizes = int_list(args.batch_sizes, "batch_sizes")
@@ -75,10 +82,12 @@ def parse(argv=None):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for t, g, s, f in itertools.product(args.temperatures, args.gammas, args.schedules, args.finished or [""]):
-        check_args("bass", args.max_tokens, g, SamplingParams(t, args.top_k, args.top_p), ScheduleParams(kind=s), f)
+        check_args("bass", args.max_tokens, g, SamplingParams(t, args.top_k, args.top_p, args.min_p,
+                                                              args.repetition_penalty), ScheduleParams(kind=s), f)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out: the folder of the sweep to continue")
     args.out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
+    check_out(args.out, args.resume, args.overwrite)
     return args
 
 
@@ -95,44 +104,72 @@ def configs(args) -> list[RunConfig]:
             out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
                                  sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
                                  max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
+                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                  seed=args.seed, finished_rows=f))
     return list(dict.fromkeys(out))
 
 
+def check_resume(config_path: str, identity: dict) -> None:
+    """--resume only into a sweep whose every row-changing setting matches this one."""
+    if not os.path.exists(config_path):
+        raise ValueError(f"--resume: {config_path} is missing, so the earlier run's settings are unknown")
+    with open(config_path) as f:
+        saved = json.load(f)
+    for k, v in identity.items():
+        if k in saved and saved[k] != v:
+            raise ValueError(f"--resume: {k} is {saved[k]!r} in {config_path} but {v!r} now; rerun with the same "
+                             f"value or use another --out")
+
+
 def main(argv=None) -> None:
     args = parse(argv)
-    prompts, meta, target, draft, tok = prepare(args)
+    data = prepare(args, args.modes)
     grid = configs(args)
-    raw_path = os.path.join(args.out, "raw.csv")
-    raw = upgrade_raw(pd.read_csv(raw_path)) if args.resume and os.path.exists(raw_path) else pd.DataFrame()
-    done = set() if raw.empty else {tuple(k) for k in raw[KEYS].drop_duplicates().itertuples(index=False)}
+    raw_path, config_path = os.path.join(args.out, "raw.csv"), os.path.join(args.out, "config.json")
+    identity = {k: getattr(args, k, None) for k in IDENTITY if k != "fingerprint"}
+    identity["fingerprint"] = data.fingerprint
+    resuming = args.resume and os.path.exists(raw_path)
+    if resuming:
+        check_resume(config_path, identity)
+    raw = upgrade_raw(pd.read_csv(raw_path, keep_default_na=False, na_values=[""])) if resuming else pd.DataFrame()
+    fields = [f.name for f in dataclasses.fields(RunConfig)]       # in RunConfig.key()'s order
+    done = set() if raw.empty else {tuple(normalise(v) for v in k)
+                                    for k in raw[fields].drop_duplicates().itertuples(index=False)}
     todo = [c for c in grid if c.key() not in done]
-    print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(prompts)} prompts")
-    write_json(os.path.join(args.out, "config.json"), dict(vars(args), configurations=len(grid)))
+    print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(data.prompts)} prompts")
+    write_json(config_path, dict(vars(args), **identity, configurations=len(grid)))
     env_path = os.path.join(args.out, "env.json")
-    old = json.load(open(env_path)) if args.resume and os.path.exists(env_path) else {}
+    old = json.load(open(env_path)) if resuming and os.path.exists(env_path) else {}
     env = dict(env_info(), cost=old.get("cost", {}))    # a resumed sweep keeps its measured costs
-    if draft is not None:                              # c and the verify cost at every batch and gamma
-        for b, g in sorted({(c.batch, c.gamma) for c in grid if c.mode not in ("ar", "hf")}):
-            if cost_key(b, g) not in env["cost"]:
-                env["cost"][cost_key(b, g)] = measure_cost(target, draft, b, g)
-    write_json(env_path, env)
-    with tqdm(total=len(todo) * len(prompts), desc="sweep", dynamic_ncols=True) as bar:
-        for group in run_grid(todo, prompts, meta, target, draft, tok, args.repeats, bar):
-            rows = pd.DataFrame(group)
-            raw = rows if raw.empty else pd.concat([raw, rows], ignore_index=True)
-            write_csv(raw_path, raw)                   # an interrupted sweep keeps the groups that finished
-    cost = env.get("cost", {})
+    saved = 0
+    try:
+        with tqdm(total=len(todo) * len(data.prompts), desc="sweep", dynamic_ncols=True) as bar:
+            for group in run_grid(todo, data, args.repeats, bar, costs=env["cost"]):
+                rows = pd.DataFrame(group)
+                raw = rows if raw.empty else pd.concat([raw, rows], ignore_index=True)
+                write_csv(raw_path, raw)               # an interrupted sweep keeps the groups that finished
+                saved += 1
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{saved} group(s) of configurations were saved in {raw_path}; to continue, "
+                                f"run the same command with --resume") from None
+    finally:
+        env["peak_memory"] = dict(peak_memory(), cuda_max_allocated_mib=float(raw["peak_mem_mib"].max())
+                                  if "peak_mem_mib" in raw else None)
+        write_json(env_path, env)
+    cost = env["cost"]
     summary = summarise(raw, cost)
     write_csv(os.path.join(args.out, "summary.csv"), summary)
     plots = plot_all(summary, raw, args.out)
     write_text(os.path.join(args.out, "table.md"), markdown_table(summary))
-    cols = KEYS + ["throughput", "latency_ms", "acceptance_rate", "alpha", "tokens_per_call", "speedup_vs_ar",
-                   "decode_throughput", "decode_speedup_vs_ar"] + \
-        (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify"] if cost else [])
+    cols = KEYS[:7] + ["throughput", "latency_ms", "acceptance_rate", "alpha", "tokens_per_call", "speedup_vs_ar",
+                       "decode_throughput", "decode_speedup_vs_ar"] + \
+        (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify", "flagged"] if cost else [])
+    print(f"each figure: per batch, the median of {args.repeats} timed run(s) after one warm-up run, the "
+          f"configurations of a batch size interleaved")
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     print(f"wrote {raw_path}, summary.csv, table.md, config.json, env.json and {len(plots)} plots in {args.out}")
-    print(json.dumps({b: {k: round(v, 3) for k, v in c.items()} for b, c in cost.items()}))
+    print("measured step costs (batch x gamma: target step ms, draft step ms, verify ms, c, v): " +
+          json.dumps({b: {k: round(v, 3) for k, v in c.items()} for b, c in cost.items()}))
 
 
 if __name__ == "__main__":

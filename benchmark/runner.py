@@ -2,16 +2,24 @@
 return one raw row per sample; configurations that share a batching are interleaved."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import statistics
 from dataclasses import asdict, dataclass, replace
+
+import torch
 
 from sampling import DEFAULTS, generate, pad_left
 from sampling.batching import batch_order
 
-from .runner_support import HF_MODES, hf_generate
+from .metrics import cost_key
+from .runner_support import HF_MODES, hf_generate, measure_cost
 
 SEQUENTIAL_MODES = ("google", "deepmind") + HF_MODES   # one prompt at a time: always batch 1
 ALL_MODES = ("ar", "google", "deepmind", "bass") + HF_MODES
+REPEATS = 3          # timed runs of each batch under each configuration (the median is kept)
+SAMPLES = 32         # records from the top of the dataset
 
 
 def parse_modes(text: str) -> list[str]:
@@ -23,9 +31,42 @@ def parse_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def prepare(args):
-    """Dataset, models and encoded prompts for eval_dolly and run_experiment (their shared flags):
-    (prompts, meta, target, draft, tokenizer)."""
+def add_bench_args(ap) -> None:
+    """The flags eval_dolly and run_experiment share: the dataset, repeats, the output folder."""
+    ap.add_argument("--dataset_path", default=None,
+                    help="local Dolly-format jsonl (instruction, context, response, category per line); "
+                         "default: the hub dataset databricks/databricks-dolly-15k through `datasets`")
+    ap.add_argument("--skip_bad_lines", action="store_true",
+                    help="warn about malformed lines and skip them instead of stopping")
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="how many records, from the top of the file")
+    ap.add_argument("--repeats", type=int, default=REPEATS,
+                    help="timed runs of each batch per configuration after one warm-up; the median is kept")
+    ap.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+
+
+def check_out(out: str | None, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over earlier results unless told to (--resume continues them, --overwrite replaces them)."""
+    if out and os.path.exists(os.path.join(out, "raw.csv")) and not (resume or overwrite):
+        raise ValueError(f"{out}/raw.csv exists; pass --resume to continue that run, --overwrite to replace "
+                         f"it, or another --out")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+
+
+@dataclass
+class Prepared:
+    prompts: list[list[int]]    # token ids of each kept record's prompt
+    meta: list[dict]            # sample (the record's index in the dataset) and category of each
+    target: object
+    draft: object               # None when no mode needs one
+    tokenizer: object
+    vocab: int | None           # the shared vocabulary (generate's vocab_size)
+    fingerprint: str            # sha256 of the prompts' token ids: the same data, tokenizer and template
+
+
+def prepare(args, modes) -> Prepared:
+    """Dataset, models and encoded prompts for eval_dolly and run_experiment (their shared flags).
+    The draft's tokenizer is checked before any mode runs, hf_assisted included."""
     from sampling.cli import load_pair
     from sampling.generate import max_positions
 
@@ -34,11 +75,12 @@ def prepare(args):
     if args.samples > len(records):
         print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
     records = records[:args.samples]
-    target, draft, tok = load_pair(args, need_draft=any(m not in ("ar", "hf") for m in args.modes))
+    target, draft, tok, vocab = load_pair(args, need_draft=any(m not in ("ar", "hf") for m in modes))
     prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens)
     if not prompts:
         raise ValueError("no record fits the model's positions")
-    return prompts, meta, target, draft, tok
+    fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+    return Prepared(prompts, meta, target, draft, tok, vocab, fingerprint)
 
 
 def encode_records(records: list[dict], tokenizer, limit: int | None, reserve: int, warn=print):
@@ -67,14 +109,21 @@ class RunConfig:
     temperature: float        # 0 is greedy
     sort_batch: bool          # group prompts of similar length
     max_tokens: int           # new tokens per prompt
-    top_k: int = 0            # 0: off
-    top_p: float = 1.0        # 1.0: off
+    top_k: int = DEFAULTS.top_k                  # 0: off
+    top_p: float = DEFAULTS.top_p                # 1.0: off
+    min_p: float = DEFAULTS.min_p                # 0: off
+    repetition_penalty: float = DEFAULTS.repetition_penalty   # 1.0: off
     seed: int = 0             # seed of batch i is seed + i, the same in every repeat
     finished_rows: str = DEFAULTS.finished_rows  # bass: drop finished rows or keep them masked
 
     def key(self) -> tuple:
-        return (self.mode, self.batch, self.gamma, self.gamma_schedule, float(self.temperature),
-                bool(self.sort_batch), self.finished_rows)
+        """Every field: a raw row is reused (--resume) only by the very same configuration."""
+        return tuple(normalise(v) for v in asdict(self).values())
+
+
+def normalise(v):
+    """A value as read back from raw.csv compares equal to the one written."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 def batching_of(cfg: RunConfig) -> tuple[int, bool]:
@@ -82,69 +131,79 @@ def batching_of(cfg: RunConfig) -> tuple[int, bool]:
     return cfg.batch, cfg.sort_batch
 
 
-def run_grid(cfgs: list[RunConfig], prompts: list[list[int]], meta: list[dict], target, draft, tokenizer,
-             repeats: int = 3, progress=None):
+def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, progress=None,
+             costs: dict | None = None):
     """Yield the raw rows (one per prompt and configuration) of each group of configurations that
     share a batching, one group at a time.
 
-    Within a group the configurations are interleaved: each batch runs once under every
+    Each configuration first runs the group's first batch untimed, at its full budget (warm-up on
+    its shapes). Then the configurations are interleaved: each batch runs once under every
     configuration, ``repeats`` rounds (the order rotating per round), and each configuration keeps
     its median run per batch. Ratios within a group are so measured side by side, and a machine
-    that drifts during a sweep slows every configuration of a group alike.
+    that drifts during a sweep slows every configuration of a group alike. ``costs`` (a dict):
+    the step costs of the group's batch size and gammas are measured after its warm-up, beside it.
     """
     groups: dict[tuple, list[RunConfig]] = {}
     for cfg in cfgs:
         groups.setdefault(batching_of(cfg), []).append(cfg)
     for (batch, sort_batch), group in groups.items():
-        batches = batch_order(prompts, batch, sort_batch)
-        runners = [_runner(cfg, prompts, target, draft, tokenizer) for cfg in group]
+        batches = batch_order(data.prompts, batch, sort_batch)
+        runners = [_runner(cfg, data) for cfg in group]
         for cfg, once in zip(group, runners):
-            once(batches[0], 0, min(4, cfg.max_tokens))   # warm-up, not timed
+            once(batches[0], 0)                          # warm-up on its shapes, not timed
+        if costs is not None and data.draft is not None:
+            for g in sorted({c.gamma for c in group if c.mode not in ("ar", "hf")}):
+                if cost_key(batch, g) not in costs:
+                    costs[cost_key(batch, g)] = measure_cost(data.target, data.draft, batch, g)
         rows = {cfg: [] for cfg in group}
         for bid, idx in enumerate(batches):
             runs = [[] for _ in group]
             for rep in range(repeats):
                 for k in [(k + rep) % len(group) for k in range(len(group))]:
-                    runs[k].append(runners[k](idx, bid, group[k].max_tokens))
+                    runs[k].append(runners[k](idx, bid))
             for cfg, cfg_runs in zip(group, runs):
                 tokens, st = sorted(cfg_runs, key=lambda r: r[1]["wall_time_s"])[len(cfg_runs) // 2]
-                rows[cfg] += _rows(cfg, idx, bid, tokens, st, prompts, meta)
+                rows[cfg] += _rows(cfg, idx, bid, tokens, st, data)
             if progress is not None:
                 progress.update(len(idx) * len(group))
         yield [r for cfg in group for r in rows[cfg]]
 
 
-def _runner(cfg: RunConfig, prompts, target, draft, tokenizer):
-    """once(idx, bid, max_tokens) -> (tokens, stats): one timed generation of prompts[idx]."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+def _runner(cfg: RunConfig, data: Prepared):
+    """once(idx, bid) -> (tokens, stats): one timed generation of prompts[idx]."""
+    tok, target, draft = data.tokenizer, data.target, data.draft
+    eos, pad = tok.eos_token_id, tok.pad_token_id
     device = next(target.parameters()).device
 
-    def once(idx, bid, max_tokens):
+    def once(idx, bid):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if cfg.mode in HF_MODES:
-            ids = pad_left([prompts[idx[0]]], pad, device)[0]
-            new, st = hf_generate(target, ids, replace(cfg, max_tokens=max_tokens),
-                                  eos, pad, draft if cfg.mode == "hf_assisted" else None)
-            return [new], dict(st, rows=[dict(target_calls=float("nan"), accepted=0, drafted=0)])
-        ids, mask = pad_left([prompts[i] for i in idx], pad, device)
-        res = generate(target, ids, mask, draft_model=draft, mode=cfg.mode, max_new_tokens=max_tokens,
-                       gamma=cfg.gamma or None, temperature=cfg.temperature, top_k=cfg.top_k,
-                       top_p=cfg.top_p, eos_token_id=eos, seed=cfg.seed + bid,
-                       gamma_schedule=cfg.gamma_schedule, finished_rows=cfg.finished_rows)
-        st = res.stats
-        st["prompt_padding"] = 1.0 - mask.float().mean().item()
-        if "rows" not in st:                              # ar: one target call per token
-            st["rows"] = [dict(target_calls=len(t), accepted=0, drafted=0) for t in res.tokens]
-        return res.tokens, st
+            ids = pad_left([data.prompts[idx[0]]], pad, device)[0]
+            new, st = hf_generate(target, ids, cfg, eos, pad, draft if cfg.mode == "hf_assisted" else None)
+            tokens, st = [new], dict(st, rows=[dict(target_calls=float("nan"), accepted=0, drafted=0)])
+        else:
+            ids, mask = pad_left([data.prompts[i] for i in idx], pad, device)
+            res = generate(target, ids, mask, draft_model=draft, mode=cfg.mode, max_new_tokens=cfg.max_tokens,
+                           gamma=cfg.gamma or None, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
+                           eos_token_id=eos, seed=cfg.seed + bid, gamma_schedule=cfg.gamma_schedule,
+                           finished_rows=cfg.finished_rows, vocab_size=data.vocab)
+            tokens, st = res.tokens, res.stats
+            st["prompt_padding"] = 1.0 - mask.float().mean().item()
+        st["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+                              else float("nan"))
+        return tokens, st
     return once
 
 
-def _rows(cfg: RunConfig, idx, bid, tokens, st, prompts, meta) -> list[dict]:
-    """The raw rows of one timed batch."""
+def _rows(cfg: RunConfig, idx, bid, tokens, st, data: Prepared) -> list[dict]:
+    """The raw rows of one timed batch: the configuration, the record, the counts, ids and text."""
     trace = st.get("gamma_trace") or [cfg.gamma]
     out = []
     for j, i in enumerate(idx):
         r = st["rows"][j]
-        out.append(dict(asdict(cfg), **meta[i], batch_id=bid, prompt_tokens=len(prompts[i]),
+        out.append(dict(asdict(cfg), **data.meta[i], batch_id=bid, prompt_tokens=len(data.prompts[i]),
                         new_tokens=len(tokens[j]), wall_time_s=st["wall_time_s"],
                         ttft_s=st["ttft_s"], target_calls=r["target_calls"],
                         accepted=r["accepted"], drafted=r["drafted"],
@@ -152,5 +211,7 @@ def _rows(cfg: RunConfig, idx, bid, tokens, st, prompts, meta) -> list[dict]:
                         prompt_padding=st.get("prompt_padding", 0.0),
                         rows_verified=st.get("rows_verified", float("nan")),
                         mean_gamma=statistics.mean(trace) if cfg.mode not in ("ar", "hf") else 0.0,
-                        tokens=" ".join(map(str, tokens[j]))))
+                        peak_mem_mib=st["peak_mem_mib"],
+                        tokens=" ".join(map(str, tokens[j])),
+                        output=data.tokenizer.decode(tokens[j]).replace("\x00", "\ufffd")))  # CSV holds no NUL
     return out

@@ -37,11 +37,15 @@ def load_dolly(path: str | None, skip_bad_lines: bool = False, warn=print) -> li
     if path is None:
         try:
             import datasets
+
+            from sampling.models import hub_reachable
+            if not hub_reachable():                    # the local cache only, at once, no retries
+                datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
             return [dict(r) for r in datasets.load_dataset(DOLLY_HUB, split="train")]
         except Exception as e:                         # offline, or the hub refused
             raise ValueError(f"no --dataset_path given and the hub dataset {DOLLY_HUB} could not be "
                              f"loaded ({type(e).__name__}); pass a local Dolly jsonl with "
-                             f"--dataset_path, e.g. ../shared/dolly/dolly-sample.jsonl") from None
+                             f"--dataset_path (README: Where Dolly comes from)") from None
     if not os.path.isfile(path):
         raise ValueError(f"dataset file not found: {path}")
     records, bad = [], 0
@@ -117,3 +121,9 @@ def env_info() -> dict:
     return dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
                 platform=platform.platform(), cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process so far (MiB; the CUDA peak of each run is in raw.csv)."""
+    import resource
+    return dict(max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))  # KiB on Linux

@@ -1,48 +1,36 @@
 """Autoregressive baseline: one target forward pass per new token, batched, with the KV cache."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .kvcache_model import KVCacheModel
+from .rows import Rows
 from .utils import SamplingParams, sample
 
 
 @torch.inference_mode()
-def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor,
-                            params: SamplingParams, max_new_tokens: int,
-                            eos_token_id: int | None, generator: torch.Generator | None):
+def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
+                            max_new_tokens: int, eos_token_id: int | None, generator: torch.Generator | None,
+                            vocab: int | None = None, streamer=None):
     """Sample up to ``max_new_tokens`` for each row of a left-padded batch [B, T].
 
     A row stops after its EOS and is dropped from the cache, so finished rows cost nothing.
     Returns (tokens: list[list[int]], stats: dict).
     """
-    B = input_ids.shape[0]
-    t0 = time.perf_counter()
-    model = KVCacheModel(target, params)
+    rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
+    model = KVCacheModel(target, params, vocab)
     p = model.prefill(input_ids, mask)                                   # [B, V]
-    out = [[] for _ in range(B)]
-    rows = torch.arange(B)                                               # original index of live rows
-    seq, ttft = input_ids, None
-    for step in range(max_new_tokens):
+    seq = input_ids
+    while True:
         x = sample(p, generator, params.greedy)                          # [b]
-        ttft = ttft if ttft is not None else time.perf_counter() - t0
-        for r, tok in zip(rows.tolist(), x.tolist()):
-            out[r].append(tok)
-        if step == max_new_tokens - 1:
+        rows.hand_out([[t] for t in x.tolist()])
+        if rows.all_done:
             break
-        seq = torch.cat([seq, x.unsqueeze(1)], dim=1)                    # [b, T + step + 1]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        if eos_token_id is not None and (x == eos_token_id).any():
-            live = (x != eos_token_id).nonzero().squeeze(1)              # drop finished rows
-            if len(live) == 0:
-                break
-            rows, seq, mask = rows[live], seq[live], mask[live]
-            model.select_rows(live)
+        seq = torch.cat([seq, x.unsqueeze(1)], dim=1)                    # [b, S + 1]
+        mask = torch.cat([mask, mask.new_ones(len(seq), 1)], dim=1)
+        keep = rows.drop_finished()                                      # finished rows leave the cache
+        if keep is not None:
+            seq, mask = seq[keep], mask[keep]
+            model.select_rows(keep)
         p = model.catch_up(seq, mask)                                    # [b, V]
-    new_tokens = sum(map(len, out))
-    stats = dict(new_tokens=new_tokens, target_calls=model.calls, draft_calls=0, drafted=0,
-                 accepted=0, acceptance_rate=0.0, mean_accepted_tokens=1.0,  # one token per row per call
-                 wall_time_s=time.perf_counter() - t0, ttft_s=ttft or 0.0)
-    return out, stats
+    return rows.out, rows.stats(model.calls)

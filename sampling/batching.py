@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .generate import GenerationResult, generate
+from .generate import GenerationResult, generate, sum_hists
 
 
 def pad_left(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,4 +64,9 @@ def merge_stats(per_batch: list[dict]) -> dict:
         out["rows_verified"] = sum(s.get("rows_verified", 0) for s in per_batch)
     if any("gamma_trace" in s for s in per_batch):
         out["gamma_trace"] = [g for s in per_batch for g in s.get("gamma_trace", [])]
+    if any("accepted_hist" in s for s in per_batch):
+        out["accepted_hist"] = sum_hists([s.get("accepted_hist", []) for s in per_batch])
+    if all("rows" in s and "indices" in s for s in per_batch):     # per-row stats in the caller's order
+        rows = {i: r for s in per_batch for i, r in zip(s["indices"], s["rows"])}
+        out["rows"] = [rows[i] for i in sorted(rows)]
     return out

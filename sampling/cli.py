@@ -2,14 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .generate import DEFAULTS, FINISHED_ROWS
+from .utils import SamplingParams
 from .utils_bass import SCHEDULES, ScheduleParams
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """-h appends each flag's default, unless its help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line: ``error: ...`` and exit code 2."""
+    """argparse whose errors are one line (``error: ...``, exit code 2) and whose -h shows defaults."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=_ShowDefaults, **kwargs)
 
     def error(self, message):
         sys.stderr.write(f"error: {message}\n")
@@ -46,6 +60,10 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
                     help="softmax temperature; 0 is greedy")
     ap.add_argument("--top_k", type=int, default=DEFAULTS.top_k, help="top-k filter (0: off)")
     ap.add_argument("--top_p", type=float, default=DEFAULTS.top_p, help="nucleus filter in (0, 1] (1: off)")
+    ap.add_argument("--min_p", type=float, default=DEFAULTS.min_p,
+                    help="drop tokens below min_p x the top token's probability, in [0, 1) (0: off)")
+    ap.add_argument("--repetition_penalty", type=float, default=DEFAULTS.repetition_penalty,
+                    help="CTRL penalty on tokens already in the prefix, > 0 (1: off)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: not reproducible)")
     ap.add_argument("--sort_batch", action="store_true",
                     help="group prompts of similar length into the same batch (output keeps input order)")
@@ -65,33 +83,51 @@ def schedule_of(args) -> ScheduleParams:
                           gamma_max=args.gamma_max, gamma_min=args.gamma_min)
 
 
-def generate_kwargs(args, tokenizer) -> dict:
+def params_of(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+
+
+def generate_kwargs(args, tokenizer, vocab_size: int | None) -> dict:
     """The keyword arguments of ``sampling.generate`` that the sampling flags set."""
     return dict(max_new_tokens=args.max_tokens, gamma=args.gamma, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                eos_token_id=tokenizer.eos_token_id, gamma_schedule=args.gamma_schedule,
-                schedule=schedule_of(args), finished_rows=args.finished_rows)
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed,
+                eos_token_id=tokenizer.eos_token_id, schedule=schedule_of(args),
+                finished_rows=args.finished_rows, vocab_size=vocab_size)
 
 
 def load_pair(args, need_draft: bool = True):
-    """(target, draft or None, tokenizer) from the model flags."""
-    from .models import load_model, load_tokenizer
+    """(target, draft or None, tokenizer, vocab_size) from the model flags. The draft's tokenizer
+    is checked against the target's before anything runs (``shared_vocab``)."""
+    from .models import load_model, load_tokenizer, shared_vocab
     tokenizer = load_tokenizer(args.target_model_name)
     target = load_model(args.target_model_name, "target", args.device, args.dtype)
-    draft = load_model(args.approx_model_name, "draft", args.device, args.dtype) if need_draft else None
-    return target, draft, tokenizer
+    if not need_draft:
+        return target, None, tokenizer, None
+    draft = load_model(args.approx_model_name, "draft", args.device, args.dtype)
+    vocab = shared_vocab(tokenizer, load_tokenizer(args.approx_model_name, "draft"), target, draft)
+    return target, draft, tokenizer, vocab
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(main_fn) -> None:
-    """Call main_fn(); turn bad input into ``error: ...`` on stderr and a non-zero exit."""
+    """Call main_fn(); turn bad input into ``error: ...`` on stderr and a non-zero exit, and
+    SIGINT or SIGTERM into ``error: interrupted`` (exit 130)."""
     from transformers.utils import logging
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         main_fn()
     except (ValueError, FileNotFoundError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+    except KeyboardInterrupt as e:                   # args: what to do next (run_experiment: --resume)
+        sys.stderr.write("error: interrupted" + (f"; {e}" if e.args else "") + "\n")
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,14 +1,13 @@
 """``sampling.generate``: the one entry point to every decoding mode."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .autoregressive_sampling import autoregressive_sampling
+from .rows import now
 from .speculative_bass import bass_sampling
-from .speculative_sampling import speculative_sampling
 from .utils import SamplingParams
 from .utils_bass import GammaSchedule, ScheduleParams
 
@@ -19,18 +18,37 @@ SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")
 
 @dataclass(frozen=True)
 class Defaults:
-    """The one home of every generation default (the CLIs read theirs from here)."""
+    """The one home of every generation default (the CLIs and the benchmarks read theirs from here)."""
+    mode: str = "google"          # ar | google | deepmind | bass
     max_new_tokens: int = 20      # new tokens per row
     gamma: int = 4                # draft length of the constant schedule
     gamma_init: int = 7           # starting draft length of the adaptive schedules (BASS paper)
     temperature: float = 1.0      # 0 is greedy
     top_k: int = 0                # 0: off
     top_p: float = 1.0            # 1.0: off
+    min_p: float = 0.0            # 0: off
+    repetition_penalty: float = 1.0   # 1.0: off
     gamma_schedule: str = "constant"  # constant | bass | aimd
     finished_rows: str = "drop"       # bass: drop finished rows from both caches, or keep them masked
 
 
 DEFAULTS = Defaults()
+
+
+def default_gamma(gamma_schedule: str) -> int:
+    """The draft length a schedule starts from when none is given."""
+    return DEFAULTS.gamma if gamma_schedule == "constant" else DEFAULTS.gamma_init
+
+
+def resolve_schedule(gamma_schedule: str | None, schedule: ScheduleParams | None) -> ScheduleParams:
+    """One schedule from ``gamma_schedule`` (the kind) and ``schedule`` (kind and constants); they
+    may not disagree."""
+    if schedule is None:
+        return ScheduleParams(kind=gamma_schedule or DEFAULTS.gamma_schedule)
+    if gamma_schedule is not None and gamma_schedule != schedule.kind:
+        raise ValueError(f"gamma_schedule {gamma_schedule!r} disagrees with schedule.kind {schedule.kind!r}; "
+                         f"give one of them")
+    return schedule
 
 
 @dataclass
@@ -45,6 +63,7 @@ def max_positions(model) -> int | None:
 
 
 def vocab_size(model) -> int:
+    """Rows of the model's output embedding (may exceed its tokenizer's vocabulary: padding)."""
     return model.get_output_embeddings().weight.shape[0]
 
 
@@ -63,50 +82,67 @@ def check_args(mode: str, max_new_tokens: int, gamma: int, params: SamplingParam
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens) -> None:
-    """Checks of the models and the batch, one-line ValueErrors."""
+def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens, vocab) -> int | None:
+    """Checks of the models and the batch, one-line ValueErrors. Returns the vocabulary every
+    distribution is restricted to (None: the target's whole output embedding)."""
     if input_ids.dim() != 2 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids must be a [B, T] tensor with B >= 1, got shape {tuple(input_ids.shape)}")
     lengths = attention_mask.sum(-1)
     if (lengths == 0).any():
         raise ValueError("empty prompt: every row needs at least one token")
     longest = int(lengths.max()) + max_new_tokens     # drafts never pass this position
-    for name, model in (("target", target), ("draft", draft)):
+    for name, model in (("target", target), ("draft", draft if mode != "ar" else None)):
         limit = max_positions(model) if model is not None else None
         if limit is not None and longest > limit:
             raise ValueError(f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens exceeds"
                              f" the {name} model's maximum of {limit} positions")
-    if mode != "ar":
-        if draft is None:
-            raise ValueError(f"mode {mode!r} needs a draft model")
-        if vocab_size(draft) != vocab_size(target):
-            raise ValueError(f"draft vocabulary ({vocab_size(draft)} tokens) differs from the "
-                             f"target's ({vocab_size(target)}): speculative decoding needs one vocabulary")
+    sizes = [vocab_size(target)] + ([vocab_size(draft)] if mode != "ar" and draft is not None else [])
+    if mode != "ar" and draft is None:
+        raise ValueError(f"mode {mode!r} needs a draft model")
+    if vocab is not None:
+        if not 1 <= vocab <= min(sizes):
+            raise ValueError(f"vocab_size must be in [1, {min(sizes)}] (the models' output embeddings), got {vocab}")
+        return vocab
+    if len(set(sizes)) > 1:
+        raise ValueError(f"draft output embedding ({sizes[1]} rows) differs from the target's ({sizes[0]}): "
+                         f"pass vocab_size, the size of the tokenizer both share (sampling.models.shared_vocab "
+                         f"checks that they do)")
+    return None
 
 
 def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             draft_model=None, mode: str = "ar", max_new_tokens: int = DEFAULTS.max_new_tokens,
+             draft_model=None, mode: str = DEFAULTS.mode, max_new_tokens: int = DEFAULTS.max_new_tokens,
              gamma: int | None = None, temperature: float = DEFAULTS.temperature,
-             top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p,
+             top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p, min_p: float = DEFAULTS.min_p,
+             repetition_penalty: float = DEFAULTS.repetition_penalty,
              eos_token_id: int | None = None, seed: int | None = None,
-             gamma_schedule: str = DEFAULTS.gamma_schedule, schedule: ScheduleParams | None = None,
-             finished_rows: str = DEFAULTS.finished_rows) -> GenerationResult:
+             gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
+             finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
+             streamer=None) -> GenerationResult:
     """Generate new tokens for a left-padded batch input_ids [B, T] (mask [B, T]).
 
     mode: "ar" (target alone), "google" (Leviathan et al.), "deepmind" (Chen et al.) or
-    "bass" (batched speculative sampling). temperature 0 is greedy. ``gamma`` is the draft
-    length, the starting one for the adaptive ``gamma_schedule``s "bass" and "aimd" (whose
-    constants ``schedule`` may override); None picks DEFAULTS.gamma or DEFAULTS.gamma_init.
+    "bass" (batched speculative sampling). temperature 0 is greedy; top_k, top_p, min_p and
+    repetition_penalty are transformers' logits processors, applied to target and draft alike,
+    each verified position with its own prefix. ``gamma`` is the draft length, the starting one
+    for the adaptive schedules "bass" and "aimd"; None picks ``default_gamma``. The schedule is
+    ``gamma_schedule`` (a kind) or ``schedule`` (a kind and its constants), not both unless they agree.
     ``finished_rows`` (bass only): "drop" a finished row from both caches or keep it "mask"ed.
+    ``vocab_size``: restrict every distribution to the first ids, for a pair that shares a tokenizer
+    but pads its embeddings to different sizes. ``streamer`` (batch 1): a transformers streamer
+    (``TextStreamer``) that is given the tokens as they are accepted.
     """
-    schedule = ScheduleParams(**{**(schedule.__dict__ if schedule else {}), "kind": gamma_schedule})
+    schedule = resolve_schedule(gamma_schedule, schedule)
     if gamma is None:
-        gamma = DEFAULTS.gamma if gamma_schedule == "constant" else DEFAULTS.gamma_init
+        gamma = default_gamma(schedule.kind)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty)
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
-    check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens)
+    vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens, vocab_size)
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")
     device = input_ids.device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -114,29 +150,42 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     else:
         generator.manual_seed(seed)
     attention_mask = attention_mask.to(device)
+    common = dict(params=params, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                  generator=generator, vocab=vocab, streamer=streamer)
 
     if mode == "ar":
-        tokens, stats = autoregressive_sampling(target_model, input_ids, attention_mask, params,
-                                                max_new_tokens, eos_token_id, generator)
+        tokens, stats = autoregressive_sampling(target_model, input_ids, attention_mask, **common)
         return GenerationResult(tokens, stats)
     if mode == "bass":
-        tokens, stats = bass_sampling(target_model, draft_model, input_ids, attention_mask, params,
-                                      max_new_tokens, GammaSchedule(gamma, schedule), eos_token_id,
-                                      generator, finished_rows)
+        tokens, stats = bass_sampling(target_model, draft_model, input_ids, attention_mask,
+                                      schedule=GammaSchedule(gamma, schedule), finished_rows=finished_rows,
+                                      **common)
         return GenerationResult(tokens, stats)
-    # google / deepmind: one row at a time (rows accept different counts; "bass" batches them)
-    t0, tokens, per_row = time.perf_counter(), [], []
+    # google / deepmind: the same loop, one row at a time (rows accept different counts; "bass"
+    # batches them); they differ in how the acceptance test draws its uniforms
+    t0, tokens, per_row = now(device), [], []
     for ids, m in zip(input_ids, attention_mask):
-        row, stats = speculative_sampling(target_model, draft_model, ids[m.bool()].unsqueeze(0),
-                                          params, max_new_tokens, GammaSchedule(gamma, schedule),
-                                          eos_token_id, generator,
-                                          variant=mode)
-        tokens.append(row)
+        ids = ids[m.bool()].unsqueeze(0)                                  # [1, T_i], no padding
+        row, stats = bass_sampling(target_model, draft_model, ids, torch.ones_like(ids),
+                                   schedule=GammaSchedule(gamma, schedule), sequential=mode == "deepmind",
+                                   **common)
+        tokens.append(row[0])
         per_row.append(stats)
     stats = {k: sum(s[k] for s in per_row) for k in SUM_STATS}
+    passes = sum(s["rows"][0]["target_calls"] for s in per_row)
     stats.update(acceptance_rate=stats["accepted"] / max(1, stats["drafted"]),
-                 mean_accepted_tokens=stats["new_tokens"] / max(1, stats["target_calls"]),
-                 wall_time_s=time.perf_counter() - t0, ttft_s=per_row[0]["ttft_s"],
+                 mean_accepted_tokens=stats["new_tokens"] / max(1, passes),
+                 wall_time_s=now(device) - t0, ttft_s=per_row[0]["ttft_s"],
                  gamma_trace=[g for s in per_row for g in s["gamma_trace"]],
-                 rows=[{k: s[k] for k in SUM_STATS} for s in per_row])
+                 accepted_hist=sum_hists([s["accepted_hist"] for s in per_row]),
+                 rows=[s["rows"][0] for s in per_row])
     return GenerationResult(tokens, stats)
+
+
+def sum_hists(hists: list[list[int]]) -> list[int]:
+    """Element-wise sum of histograms of different lengths."""
+    out = [0] * max(map(len, hists), default=0)
+    for h in hists:
+        for i, c in enumerate(h):
+            out[i] += c
+    return out

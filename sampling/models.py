@@ -1,8 +1,11 @@
 """Loading models and tokenizers: the embedded default pair, local folders or hub ids."""
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -44,29 +47,70 @@ def _source(name: str | None, default: Path, role: str) -> str:
     return name                                          # a hub id such as "gpt2" or "org/model"
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub can be reached: False at once when HF_HUB_OFFLINE is set or a
+    first connection fails (instead of transformers' 30 to 50 s of retries)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _pretrained(cls, src: str, role: str, **kwargs):
+    """cls.from_pretrained(src), from the local cache alone when the hub is out of reach."""
+    local = os.path.isdir(src)
+    offline = not local and not hub_reachable()
+    try:
+        return cls.from_pretrained(src, local_files_only=offline, **kwargs)
+    except OSError as e:
+        if offline:
+            raise ValueError(f"cannot load {role} {src!r}: the hub is out of reach (offline or HF_HUB_OFFLINE)"
+                             f" and it is not in the local cache; name a local folder") from None
+        raise ValueError(f"cannot load {role} {src!r}: {str(e).splitlines()[0]}") from None
+
+
 def load_model(name: str | None, role: str = "target", device: str = "auto", dtype: str = "auto"):
     """A causal LM in eval mode. BLOOM gets eager attention (its SDPA path mishandles padding)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     src = _source(name, DEFAULT_TARGET if role == "target" else DEFAULT_DRAFT, role)
     dev = resolve_device(device)
-    try:
-        config = AutoConfig.from_pretrained(src)
-        extra = {"attn_implementation": "eager"} if config.model_type == "bloom" else {}
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=resolve_dtype(dtype, dev), **extra)
-    except OSError as e:
-        raise ValueError(f"cannot load {role} model {name!r}: {str(e).splitlines()[0]}") from None
+    config = _pretrained(AutoConfig, src, f"{role} model")
+    extra = {"attn_implementation": "eager"} if config.model_type == "bloom" else {}
+    model = _pretrained(AutoModelForCausalLM, src, f"{role} model", config=config,
+                        dtype=resolve_dtype(dtype, dev), **extra)
     return model.to(dev).eval()
 
 
-def load_tokenizer(name: str | None):
-    """The target's tokenizer, left-padding, with a pad token (EOS if it has none)."""
+def load_tokenizer(name: str | None, role: str = "target"):
+    """A model's tokenizer, left-padding, with a pad token (EOS if it has none)."""
     from transformers import AutoTokenizer
-    src = _source(name, DEFAULT_TARGET, "target")
-    try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except OSError as e:
-        raise ValueError(f"cannot load tokenizer of {name!r}: {str(e).splitlines()[0]}") from None
+    src = _source(name, DEFAULT_TARGET if role == "target" else DEFAULT_DRAFT, role)
+    tok = _pretrained(AutoTokenizer, src, f"{role} tokenizer")
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def shared_vocab(target_tok, draft_tok, target, draft) -> int | None:
+    """Check that draft and target share a tokenizer (the same token -> id map); returns the
+    vocabulary to restrict both to (``generate(vocab_size=)``): None when their output embeddings
+    have the same size, else the tokenizer's size (real pairs pad embeddings differently)."""
+    from .generate import vocab_size
+    t, d = target_tok.get_vocab(), draft_tok.get_vocab()
+    if t != d:
+        diff = sorted(set(t.items()) ^ set(d.items()), key=lambda kv: kv[1])[:1]
+        raise ValueError(f"the draft's tokenizer ({len(d)} tokens) differs from the target's ({len(t)} tokens),"
+                         f" e.g. at {diff[0][0]!r}: speculative decoding needs one vocabulary")
+    sizes = vocab_size(target), vocab_size(draft)
+    if sizes[0] == sizes[1]:
+        return None
+    if len(t) > min(sizes):
+        raise ValueError(f"the tokenizer has {len(t)} tokens but an output embedding only {min(sizes)} rows")
+    return len(t)

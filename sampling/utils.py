@@ -4,51 +4,94 @@ Names follow the papers: ``p`` is the target model's distribution, ``q`` the dra
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0   # 0 means greedy (argmax); > 0 divides the logits
-    top_k: int = 0             # keep the k most likely tokens; 0 switches the filter off
-    top_p: float = 1.0         # keep the smallest set of tokens with mass >= top_p; 1.0 is off
+    temperature: float = 1.0         # 0 means greedy (argmax); > 0 divides the logits
+    top_k: int = 0                   # keep the k most likely tokens; 0 switches the filter off
+    top_p: float = 1.0               # keep the smallest set of tokens with mass >= top_p; 1.0 is off
+    min_p: float = 0.0               # drop tokens below min_p x the top token's probability; 0 is off
+    repetition_penalty: float = 1.0  # CTRL penalty on tokens already in the prefix (> 1 discourages); 1 is off
 
     def validate(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 switches it off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 switches it off), got {self.min_p}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 switches it off), "
+                             f"got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def uses_prefix(self) -> bool:
+        """Whether the filtered law of a position depends on its prefix (the repetition penalty)."""
+        return self.repetition_penalty != 1.0
 
-def norm_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Filtered next-token probabilities [..., V] from logits [..., V].
+    @cached_property
+    def processors(self) -> LogitsProcessorList:
+        """transformers' logits processors, in the order ``generate`` applies them: the repetition
+        penalty, then (sampling only; none of them moves the argmax) temperature, top-k, top-p, min-p."""
+        out = LogitsProcessorList()
+        if self.uses_prefix:
+            out.append(RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty)))
+        if self.greedy:
+            return out
+        if self.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(float(self.temperature)))
+        if self.top_k > 0:
+            out.append(TopKLogitsWarper(int(self.top_k)))
+        if self.top_p < 1.0:
+            out.append(TopPLogitsWarper(float(self.top_p)))
+        if self.min_p > 0:
+            out.append(MinPLogitsWarper(float(self.min_p)))
+        return out
+
+
+def norm_logits(logits: torch.Tensor, params: SamplingParams, seq: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Filtered next-token probabilities [B, n, V] from the logits [B, n, V] of the last n
+    positions of seq [B, S] (mask [B, S]); each position is filtered with its own prefix, as
+    assisted generation does. seq and mask are needed only when ``params.uses_prefix``; masked
+    slots (padding, BASS holes) are not part of a prefix.
 
     Greedy is a one-hot distribution on the argmax, so the same accept/reject rule serves
     greedy and sampled decoding alike. Computed in float32 (float64 stays float64).
     """
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
+    procs = params.processors
+    if procs:
+        B, n, V = logits.shape
+        if params.uses_prefix:
+            assert seq is not None and mask is not None, "the repetition penalty needs the prefix"
+            S = seq.shape[1]
+            cols = []
+            for j in range(n):                       # position S - n + j sees seq[:, :S - n + j + 1]
+                prefix, pm = seq[:, :S - n + j + 1], mask[:, :S - n + j + 1]
+                prefix = torch.where(pm.bool(), prefix, prefix[:, -1:])  # a masked slot repeats a real token
+                cols.append(procs(prefix, logits[:, j]))
+            logits = torch.stack(cols, 1)                                 # [B, n, V]
+        else:
+            logits = procs(None, logits.reshape(B * n, V)).view(B, n, V)
     if params.greedy:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, -1)
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # mass before it
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

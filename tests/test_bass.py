@@ -4,7 +4,7 @@ import torch
 
 from sampling import ScheduleParams, generate, generate_many
 from sampling.utils_bass import GammaSchedule
-from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
+from tiny import ARCHS, greedy_reference, left_padded_batch, never_agreeing_pair, noisy_copy, tiny_model
 
 LENGTHS8 = (3, 11, 6, 1, 9, 4, 12, 7)
 
@@ -19,9 +19,41 @@ def test_bass_batch8_equals_greedy(arch, schedule):
     res = generate(target, ids, mask, draft_model=draft, mode="bass", max_new_tokens=16, gamma=3,
                    temperature=0, gamma_schedule=schedule)
     assert res.tokens == ref
-    s = res.stats
-    assert sum(s["accepted_hist"]) == sum(r["target_calls"] - 1 for r in s["rows"])
-    assert 0 < s["padding_fraction"] < 1 and len(s["gamma_trace"]) == s["target_calls"] - 1
+
+
+def test_bass_stats_equal_counts_known_in_advance():
+    """With a draft that always agrees (the target itself) and one that never does, every count is
+    known before running: steps, the accepted-length histogram, the gamma trace, the padding."""
+    target = tiny_model("llama", seed=24)
+    ids, mask = left_padded_batch(97, LENGTHS8, seed=25)
+    T, pads = ids.shape[1], sum(ids.shape[1] - n for n in LENGTHS8)
+    s = generate(target, ids, mask, draft_model=target, mode="bass", max_new_tokens=16, gamma=3,
+                 temperature=0).stats
+    # 16 tokens = 4 steps of 3 accepted drafts + a bonus token, for all 8 rows at once
+    assert s["gamma_trace"] == [3, 3, 3, 3] and s["accepted_hist"] == [0, 0, 0, 32]
+    assert s["target_calls"] == 5 and s["rows_verified"] == 32
+    # no holes: only the prompt padding, in verify passes of T + 3, T + 7, T + 11, T + 15 slots
+    expected = sum(pads / (8 * (T + 4 * k + 3)) for k in range(4)) / 4
+    assert abs(s["padding_fraction"] - expected) < 1e-6
+    target, draft = never_agreeing_pair(tiny_model("llama", seed=26))
+    s = generate(target, ids, mask, draft_model=draft, mode="bass", max_new_tokens=16, gamma=3,
+                 temperature=0).stats
+    # one token per step: 16 steps, each drafting what the remaining budget can still use
+    assert s["gamma_trace"] == [3] * 13 + [2, 1, 0] and s["accepted_hist"] == [128, 0, 0, 0]
+    assert s["target_calls"] == 17 and s["drafted"] == 8 * 42 and s["accepted"] == 0
+
+
+def test_schedule_params_choose_the_schedule():
+    target = tiny_model("llama", seed=27)
+    ids, mask = left_padded_batch(97, (4, 6), seed=28)
+    kw = dict(draft_model=target, mode="bass", max_new_tokens=20, gamma=2, temperature=0)
+    trace = generate(target, ids, mask, schedule=ScheduleParams(kind="aimd"), **kw).stats["gamma_trace"]
+    assert trace[:3] == [2, 3, 4]                     # aimd grows by one after each full accept
+    trace = generate(target, ids, mask, schedule=ScheduleParams(kind="aimd"), gamma_schedule="aimd",
+                     **kw).stats["gamma_trace"]
+    assert trace[:3] == [2, 3, 4]
+    with pytest.raises(ValueError, match="gamma_schedule 'constant' disagrees with schedule.kind 'aimd'"):
+        generate(target, ids, mask, schedule=ScheduleParams(kind="aimd"), gamma_schedule="constant", **kw)
 
 
 @pytest.mark.parametrize("finished_rows", ("drop", "mask"))
@@ -68,12 +100,15 @@ def test_bass_schedule_rule():
     sched = GammaSchedule(7, ScheduleParams(kind="bass"))
     sched.update(torch.tensor([7, 7]), 7)             # all accepted: +delta
     assert sched.gamma == 9 and sched.s == 0
-    sched.update(torch.tensor([2, 9]), 9)             # a rejection: max(1, max x_i, g - ceil(g/m) - s)
-    assert sched.gamma == max(1, 9, 9 - 1 - 0) == 9 and sched.s == 1
-    sched.update(torch.tensor([0, 3]), 9)             # s = 1 now: 9 - 1 - 1 = 7
+    sched.update(torch.tensor([2, 5]), 9)             # a rejection: max(1, max x_i, g - ceil(g/m) - s)
+    assert sched.gamma == 8 and sched.s == 1          # 9 - 1 - 0 beats max x_i = 5
+    sched.update(torch.tensor([0, 7]), 8)             # max x_i = 7 beats 8 - 1 - 1 = 6
     assert sched.gamma == 7
-    sched.update(torch.tensor([0, 0]), 7)             # 7 - 1 - 1 = 5
+    sched.update(torch.tensor([0, 3]), 7)             # 7 - 1 - 1 = 5
     assert sched.gamma == 5
+    sched.update(torch.tensor([5]), 5)                # all accepted: +delta, s back to 0
+    sched.update(torch.tensor([0]), 7)                # 7 - 1 - 0
+    assert sched.gamma == 6
     for _ in range(20):
         sched.update(torch.tensor([sched.gamma]), sched.gamma)
     assert sched.gamma == 32                          # capped at gamma_max

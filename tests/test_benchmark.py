@@ -82,6 +82,33 @@ def test_eval_dolly_table_and_consistency(pair, capsys, tmp_path):
     for mode in ("google", "bass", "hf"):
         assert f"consistency: {mode} equals ar on 5/5 outputs" in out
     assert {"raw.csv", "summary.csv"} <= set(os.listdir(tmp_path))
+    table = out[out.index("mode "):].splitlines()
+    assert [line.split()[0] for line in table[1:5]] == ["ar", "google", "bass", "hf"]    # the order of --modes
+    assert "ms/token per sequence" in table[0]
+    code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "3",
+                                      "--modes", "bass,ar", "--temperature", "0", "--show", "1", "--repeats", "1",
+                                      "--target_model_name", pair["target"], "--approx_model_name", pair["draft"],
+                                      "--out", str(tmp_path)], capsys)
+    assert code == 2 and "raw.csv exists" in err                     # no silent overwrite
+    code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "3",
+                                      "--modes", "bass,ar", "--temperature", "0", "--show", "1", "--repeats", "1",
+                                      "--target_model_name", pair["target"], "--approx_model_name", pair["draft"]],
+                         capsys)
+    assert code == 0, err
+    raw_text = out[out.index("=== sample 0"):]
+    assert raw_text.count("--- bass: ") == 1 and raw_text.count("--- ar: ") == 1
+
+
+def test_offline_hub_id_fails_at_once(monkeypatch):
+    import time
+
+    from sampling import models
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="the hub is out of reach .* and it is not in the local cache"):
+        models.load_model("no-such-org/no-such-model", "target", "cpu")
+    assert time.perf_counter() - t0 < 5
+    models.hub_reachable.cache_clear() if hasattr(models.hub_reachable, "cache_clear") else None
 
 
 def test_eval_dolly_bad_input(pair, capsys):
@@ -116,7 +143,7 @@ def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
         assert col in raw.columns
     summary = pd.read_csv(out_dir / "summary.csv")
     spec = summary[summary["mode"].isin(["google", "bass"])]
-    assert spec.predicted_speedup.notna().all() and spec.efficiency.notna().all()
+    assert spec.predicted_speedup.notna().all() and (spec.efficiency.notna() | (spec.flagged != "")).all()
     assert {"1x2", "2x2"} <= set(json.load(open(out_dir / "env.json"))["cost"])
     # --resume: nothing left to run, the rows stay as they were
     code, out, err = cli(run_experiment, argv + ["--resume"], capsys)
@@ -133,28 +160,78 @@ def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
     greedy = grown[(grown.temperature == 0) & (grown["mode"] == "bass")].groupby("finished_rows")
     assert (greedy.get_group("mask").tokens.values == greedy.get_group("drop").tokens.values).all()
     assert "mask" in set(pd.read_csv(out_dir / "summary.csv").finished_rows)
+    # what a user reads: the record's index, the decoded text, peak memory in env.json
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(pair["target"])
+    text = pd.read_csv(out_dir / "raw.csv", keep_default_na=False)
+    assert text.output.tolist() == [tok.decode([int(t) for t in str(ids).split()]).replace("\x00", "\ufffd")
+                                    for ids in text.tokens]                 # NUL, which CSV cannot hold, as U+FFFD
+    assert set(grown["sample"]) == {0, 1, 2, 3}
+    assert "max_rss_mib" in json.load(open(out_dir / "env.json"))["peak_memory"]
+    # resuming with a setting that changes the rows is refused, naming it; nothing is rewritten
+    before = (out_dir / "config.json").read_text()
+    for flag, value, name in (("--max_tokens", "5", "max_tokens"), ("--samples", "3", "samples"),
+                              ("--seed", "9", "seed"), ("--top_k", "5", "top_k")):
+        changed = list(argv)
+        if flag in changed:
+            changed[changed.index(flag) + 1] = value
+        else:
+            changed += [flag, value]
+        code, out, err = cli(run_experiment, changed + ["--resume"], capsys)
+        assert code == 2 and err.startswith(f"error: --resume: {name} is ") and len(err.splitlines()) == 1, err
+    assert (out_dir / "config.json").read_text() == before
+    # a rerun without --resume does not overwrite raw.csv unless told to
+    code, out, err = cli(run_experiment, argv, capsys)
+    assert code == 2 and "raw.csv exists; pass --resume" in err
+    assert len(pd.read_csv(out_dir / "raw.csv")) == len(grown)
+
+
+def test_interrupted_sweep_says_how_to_resume(pair, capsys, tmp_path, monkeypatch):
+    from benchmark import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+    monkeypatch.setattr(run_experiment, "run_grid", interrupted)
+    code, out, err = cli(run_experiment, ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "2",
+                                          "--modes", "ar", "--target_model_name", pair["target"],
+                                          "--out", str(tmp_path / "s")], capsys)
+    assert code == 130
+    assert err.strip().splitlines()[-1] == (f"error: interrupted; 0 group(s) of configurations were saved in "
+                                            f"{tmp_path / 's'}/raw.csv; to continue, run the same command with --resume")
+    assert runner.run_grid is not interrupted
 
 
 def test_run_grid_interleaves_configurations_of_one_batching(monkeypatch):
-    """Configurations with the same batching take turns on every batch, each keeps its median run."""
+    """Each configuration warms up on the group's first batch at its full budget, then the
+    configurations take turns on every batch, and each keeps its median run."""
     from benchmark import runner
-    calls, walls = [], [3.0, 1.0, 2.0]                     # the 3 repeats of a batch take 3 s, 1 s, 2 s
+    calls, walls, made = [], [3.0, 1.0, 2.0], []          # the 3 repeats of a batch take 3 s, 1 s, 2 s
 
-    def fake_runner(cfg, prompts, target, draft, tokenizer):
-        def once(idx, bid, max_tokens):
-            timed = max_tokens == cfg.max_tokens              # the warm-up asks for fewer tokens
-            calls.append((cfg.mode, cfg.batch, bid) if timed else "warm-up")
-            wall = walls[calls.count((cfg.mode, cfg.batch, bid)) - 1] if timed else 0.0
+    def fake_runner(cfg, data):
+        made.append(cfg)
+        first = []
+
+        def once(idx, bid):
+            warm = not first
+            first.append(1)
+            calls.append("warm-up" if warm else (cfg.mode, cfg.batch, bid))
+            wall = 0.0 if warm else walls[calls.count((cfg.mode, cfg.batch, bid)) - 1]
             rows = [dict(target_calls=1, accepted=0, drafted=0) for _ in idx]
-            return [[7] for _ in idx], dict(wall_time_s=wall, ttft_s=0.0, rows=rows)
+            return [[7] for _ in idx], dict(wall_time_s=wall, ttft_s=0.0, rows=rows, peak_mem_mib=0.0)
         return once
+
+    class Tok:
+        def decode(self, ids):
+            return "x" * len(ids)
 
     monkeypatch.setattr(runner, "_runner", fake_runner)
     cfg = dict(gamma=0, gamma_schedule="constant", temperature=0.0, sort_batch=False, max_tokens=5)
     cfgs = [runner.RunConfig(mode="ar", batch=2, **cfg), runner.RunConfig(mode="bass", batch=2, **cfg),
             runner.RunConfig(mode="ar", batch=1, **cfg)]
-    prompts, meta = [[1, 2]] * 4, [dict(sample=i, category="x") for i in range(4)]
-    groups = list(runner.run_grid(cfgs, prompts, meta, None, None, None, repeats=3))
+    data = runner.Prepared([[1, 2]] * 4, [dict(sample=i, category="x") for i in range(4)], None, None, Tok(),
+                           None, "")
+    groups = list(runner.run_grid(cfgs, data, repeats=3))
     assert [len(g) for g in groups] == [8, 4]             # batch 2 (ar and bass together), then batch 1
     assert calls[:2] == ["warm-up"] * 2 and calls[14] == "warm-up"
     for bid in (0, 1):                   # ar, bass / bass, ar / ar, bass: the order rotates per round
@@ -162,6 +239,18 @@ def test_run_grid_interleaves_configurations_of_one_batching(monkeypatch):
                                                   ("ar", 2, bid), ("ar", 2, bid), ("bass", 2, bid)]
     assert calls[15:] == [("ar", 1, bid) for bid in range(4) for _ in range(3)]
     assert {r["wall_time_s"] for g in groups for r in g} == {2.0}     # the median of 3, 1, 2
+    assert {r["output"] for g in groups for r in g} == {"x"}
+
+
+def test_out_of_range_figures_are_flagged_not_printed():
+    from benchmark.metrics import flag_out_of_range
+    df = pd.DataFrame(dict(verify_cost_v=[1.8, 0.7, 1.5], efficiency=[0.9, 0.8, 2.36],
+                           efficiency_verify=[0.95, 1.1, 1.0], predicted_verify=[1.2, 1.3, 1.1]))
+    out = flag_out_of_range(df)
+    assert out.flagged.tolist() == ["", "verify cost v 0.70 < 1", "efficiency 2.36 outside (0, 1.25]"]
+    assert out.efficiency.isna().tolist() == [False, False, True]
+    assert out.efficiency_verify.isna().tolist() == [False, True, False]
+    assert out.loc[0].equals(df.assign(flagged="").loc[0])
 
 
 def test_hf_assisted_leaves_the_draft_config_alone():

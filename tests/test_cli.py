@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pair")
     paths = save_tiny_pair(folder)
-    paths["bad_draft"] = save_tiny_pair(folder / "other", draft_vocab=111)["draft"]
+    paths["bad_draft"] = save_tiny_pair(folder / "other", other_draft_tokenizer=True)["draft"]
+    paths["padded_draft"] = save_tiny_pair(folder / "padded", draft_extra_rows=13)["draft"]
     return paths
 
 
@@ -54,6 +55,8 @@ def test_compare_table(pair, capsys):
                            "--temperature", "0"] + models(pair), capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
+    assert lines[0] == "each mode: the median of 3 timed run(s) after one warm-up run, modes interleaved"
+    lines = lines[1:]
     assert lines[0].split()[:3] == ["mode", "tokens/s", "speedup"]
     texts = {line.split()[0]: line.split("  ")[-1] for line in lines[1:]}
     assert set(texts) == {"ar", "google", "deepmind", "bass"}
@@ -63,7 +66,7 @@ def test_compare_table(pair, capsys):
 BAD = {
     "empty prompt": (["--input", "  "], "empty prompt"),
     "gamma 0": (["--gamma", "0"], "gamma must be >= 1, got 0"),
-    "negative temperature": (["--temperature", "-0.5"], "temperature must be >= 0"),
+    "negative temperature": (["--temperature", "-0.5"], "temperature must be a finite number >= 0"),
     "top_p 0": (["--top_p", "0"], "top_p must be in (0, 1], got 0.0"),
     "top_p above 1": (["--top_p", "1.2"], "top_p must be in (0, 1], got 1.2"),
     "negative top_k": (["--top_k", "-3"], "top_k must be >= 0"),
@@ -72,7 +75,12 @@ BAD = {
     "unknown finished_rows": (["--finished_rows", "keep"], "invalid choice: 'keep'"),
     "missing model": (["--target_model_name", "./no/such/model"], "target model path does not exist: ./no/such/model"),
     "too long": (["--input", "fox " * 200], "exceeds the target model's maximum of 64 positions"),
-    "vocab mismatch": (["--approx_model_name", "BAD"], "draft vocabulary (111 tokens) differs"),
+    "tokenizer mismatch": (["--approx_model_name", "BAD"], "the draft's tokenizer (280 tokens) differs from the "
+                                                           "target's (300 tokens)"),
+    "infinite temperature": (["--temperature", "inf"], "temperature must be a finite number >= 0 (0 is greedy), got inf"),
+    "min_p 1": (["--min_p", "1"], "min_p must be in [0, 1) (0 switches it off), got 1.0"),
+    "repetition_penalty 0": (["--repetition_penalty", "0"], "repetition_penalty must be a finite number > 0"),
+    "repeats 0": (["--repeats", "0"], "--repeats must be >= 1, got 0"),
 }
 
 
@@ -93,3 +101,35 @@ def test_script_error_has_no_traceback(pair):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: gamma must be >= 1, got -2"
+
+
+def test_padded_embeddings_with_one_tokenizer_run_and_equal_ar(pair, capsys):
+    """Real pairs share a tokenizer but pad their embeddings differently: both are restricted to it."""
+    outs = {}
+    for mode in ("ar", "bass", "google"):
+        code, out, err = call(["--input", "The quick brown fox", "--input", "Hi", "--max_tokens", "6", "--json",
+                               "--temperature", "0", "--mode", mode] + models(pair, "padded_draft"), capsys)
+        assert code == 0, err
+        outs[mode] = json.loads(out)["tokens"]
+    assert outs["bass"] == outs["ar"] == outs["google"]
+
+
+def test_streamed_text_and_verbose_stats(pair, capsys):
+    argv = ["--input", "The quick brown fox", "--max_tokens", "8", "--temperature", "0"] + models(pair)
+    code, out, err = call(argv + ["--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert "accepted_hist" in res["stats"] and len(res["stats"]["rows"]) == 1
+    code, out, err = call(argv + ["-v"], capsys)                 # batch 1: the text is streamed
+    assert code == 0, err
+    assert out.rstrip("\n") == "The quick brown fox" + res["outputs"][0]
+    assert "accepted_hist: [" in err and "rows: [{" in err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main_cli.parse(["-h"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)", "decoding mode (default: google)",
+                 "(default 4 for constant, 7 for bass/aimd)", "--repeats REPEATS", "(default: 3)"):
+        assert text in out, text

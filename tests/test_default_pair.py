@@ -40,9 +40,15 @@ def test_greedy_speculative_equals_greedy_ar(pair, mode):
     assert spec.stats["acceptance_rate"] > 0.3          # a trained, distilled draft agrees often
 
 
-def test_main_runs_offline_on_the_default_pair():
+def test_main_runs_offline_on_the_default_pair(pair):
+    """The quick start's command, greedy: it streams exactly the text greedy AR writes in-process."""
+    target, _, tok = pair
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "main.py", "--input", "The quick brown fox", "--max_tokens", "12",
-                           "--seed", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    prompt = "The quick brown fox"
+    proc = subprocess.run([sys.executable, "main.py", "--input", prompt, "--max_tokens", "12", "--temperature", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("The quick brown fox") and len(proc.stdout) > len("The quick brown fox") + 5
+    ids, mask = pad_left([tok(prompt)["input_ids"]], tok.pad_token_id)
+    ar = generate(target, ids, mask, mode="ar", max_new_tokens=12, temperature=0, eos_token_id=tok.eos_token_id)
+    assert proc.stdout.rstrip("\n") == prompt + tok.decode(ar.tokens[0])
+    assert "[google] " in proc.stderr

@@ -47,23 +47,88 @@ def test_kernel_p_equals_q_no_nan():
     assert (n == 3).all() and not torch.isnan(nxt.double()).any()
 
 
+def reference_law(logits: list[float], params: SamplingParams, prefix: list[int]) -> list[float]:
+    """The filtered next-token law by hand, in plain Python, independent of the code under test:
+    repetition penalty on the prefix's tokens, temperature, top-k (ties kept), top-p (drop the least
+    likely tokens while the mass of those dropped, ascending, stays <= 1 - top_p; the top one always
+    stays), min-p (drop below min_p x the top probability), then softmax."""
+    import math
+    z = list(logits)
+    for t in set(prefix):
+        z[t] = z[t] * params.repetition_penalty if z[t] < 0 else z[t] / params.repetition_penalty
+    z = [v / params.temperature for v in z]
+    keep = set(range(len(z)))
+
+    def probs():
+        m = max(z[i] for i in keep)
+        e = {i: math.exp(z[i] - m) for i in keep}
+        total = sum(e.values())
+        return {i: e[i] / total for i in keep}
+
+    if params.top_k:
+        kth = sorted(z, reverse=True)[min(params.top_k, len(z)) - 1]
+        keep = {i for i in keep if z[i] >= kth}
+    if params.top_p < 1:
+        pr, mass = probs(), 0.0
+        for i in sorted(keep, key=lambda i: pr[i])[:-1]:      # ascending, never the top token
+            mass += pr[i]
+            if mass > 1 - params.top_p:
+                break
+            keep.discard(i)
+    if params.min_p:
+        pr = probs()
+        top = max(pr.values())
+        keep = {i for i in keep if pr[i] >= params.min_p * top}
+    pr = probs()
+    return [pr.get(i, 0.0) for i in range(len(z))]
+
+
 def exact_joint(model, prompt: list[int], params: SamplingParams, k: int, V: int) -> torch.Tensor:
-    """The target's exact law of the next k tokens, by enumeration: probs [V ** k]."""
+    """The target's exact law of the next k tokens, by enumeration with ``reference_law``: probs [V ** k]."""
     law = torch.ones(1, dtype=torch.float64)
     prefixes = [()]
     with torch.no_grad():
         for _ in range(k):
             batch = torch.tensor([prompt + list(s) for s in prefixes])
-            step = norm_logits(model(input_ids=batch).logits[:, -1], params).double()  # [n, V]
+            logits = model(input_ids=batch).logits[:, -1].double().tolist()
+            step = torch.tensor([reference_law(z, params, prompt + list(s)) for z, s in zip(logits, prefixes)],
+                                dtype=torch.float64)                                   # [n, V]
             law = (law.unsqueeze(1) * step).reshape(-1)
             prefixes = [s + (v,) for s in prefixes for v in range(V)]
     return law
+
+
+FILTERS = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r)
+           for t, k, p, m, r in [(1.0, 3, 1.0, 0.0, 1.0), (0.7, 1, 1.0, 0.0, 1.0), (1.0, 0, 0.5, 0.0, 1.0),
+                                 (1.3, 0, 0.9, 0.0, 1.0), (1.0, 0, 1.0, 0.2, 1.0), (1.0, 0, 1.0, 0.0, 1.8),
+                                 (0.8, 5, 0.8, 0.05, 1.3), (1.0, 0, 0.999, 0.0, 0.7)]]
+
+
+@pytest.mark.parametrize("params", FILTERS, ids=str)
+def test_filters_equal_the_hand_written_reference(params):
+    """norm_logits (transformers' processors) against reference_law on random logits, every position
+    with its own prefix, left padding excluded from the prefix."""
+    from sampling.utils import norm_logits
+    gen = torch.Generator().manual_seed(5)
+    B, S, n, V = 6, 9, 3, 12
+    logits = 3 * torch.randn(B, n, V, generator=gen, dtype=torch.float64)
+    seq = torch.randint(0, V, (B, S), generator=gen)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[0, :4] = 0                                           # row 0 is left-padded
+    got = norm_logits(logits, params, seq, mask)
+    for b in range(B):
+        for j in range(n):
+            prefix = [t for t, m in zip(seq[b, :S - n + j + 1].tolist(), mask[b].tolist()) if m]
+            want = reference_law(logits[b, j].tolist(), params, prefix)
+            torch.testing.assert_close(got[b, j], torch.tensor(want, dtype=torch.float64), atol=1e-9, rtol=1e-7)
 
 
 CASES = {
     "t1": SamplingParams(temperature=1.0),
     "t0.7-topk3": SamplingParams(temperature=0.7, top_k=3),
     "t1.3-topp0.8": SamplingParams(temperature=1.3, top_p=0.8),
+    "t1-minp0.3": SamplingParams(temperature=1.0, min_p=0.3),
+    "t1-rep2": SamplingParams(temperature=1.0, repetition_penalty=2.0),
 }
 
 
@@ -85,8 +150,8 @@ def test_whole_loop_joint_law(mode, case):
     N = 4000 if mode == "bass" else 2500
     ids = torch.tensor([prompt] * N)
     res = generate(target, ids, draft_model=draft, mode=mode, max_new_tokens=K, gamma=2,
-                   temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=7,
-                   finished_rows=finished_rows)
+                   temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                   repetition_penalty=params.repetition_penalty, seed=7, finished_rows=finished_rows)
     codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in res.tokens])
     pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), law)
     print(f"{mode} ({finished_rows}) {case}: acceptance {res.stats['acceptance_rate']:.2f}, p-value {pval:.3g}")

@@ -80,42 +80,47 @@ def test_p_equals_q_accepts_everything(mode):
     res = generate(target, ids, mask, draft_model=target, mode=mode, max_new_tokens=10, gamma=3,
                    temperature=1.0, seed=1)
     assert res.stats["acceptance_rate"] == 1.0
-    assert all(0 <= t < 97 for row in res.tokens for t in row)
+    # every draft accepted: 10 tokens = blocks of 3 + 1, 3 + 1, then 1 + 1 (the budget), per row
+    assert [len(r) for r in res.tokens] == [10, 10, 10]
+    assert res.stats["drafted"] == res.stats["accepted"] == 3 * 7
+    assert res.stats["target_calls"] == (4 if mode == "bass" else 3 * 4)   # prefill + 3 verifies
 
 
-def test_seed_reproduces():
+@pytest.mark.parametrize("mode", ("ar",) + SPEC_MODES)
+def test_seed_reproduces_and_seeds_differ(mode):
     target = tiny_model("llama")
     draft = noisy_copy(target, 0.3)
     ids, mask = left_padded_batch(97, (5, 8), seed=9)
-    runs = [generate(target, ids, mask, draft_model=draft, mode="google", max_new_tokens=10,
-                     temperature=1.0, seed=42).tokens for _ in range(2)]
+    runs = [generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=10,
+                     temperature=1.0, seed=seed).tokens for seed in (42, 42, 43)]
     assert runs[0] == runs[1]
+    assert runs[0] != runs[2]                 # 20 draws over 97 tokens: equal by chance ~never
 
 
 def test_kvcache_history_follows_catch_up_rollback_and_select_rows():
-    """The probability history always equals a fresh forward pass over what the cache holds,
-    through appends that outgrow the buffer, rollbacks and row selection."""
+    """The probability history equals a fresh forward pass over what the cache holds, through
+    catch-ups, rollbacks and row selection, and never holds more than the last pass + 1 positions."""
     import torch
 
     from sampling.kvcache_model import KVCacheModel, position_ids
-    from sampling.utils import SamplingParams, norm_logits
+    from sampling.utils import SamplingParams
     model = tiny_model("llama", seed=61)
     params = SamplingParams(temperature=0.8)
     ids, mask = left_padded_batch(97, (5, 2, 7), seed=62)
     gen = torch.Generator().manual_seed(63)
-    seq = torch.cat([ids, torch.randint(3, 97, (3, 40), generator=gen)], dim=1)
-    mask = torch.cat([mask, torch.ones(3, 40, dtype=mask.dtype)], dim=1)
+    seq = torch.cat([ids, torch.randint(3, 97, (3, 60), generator=gen)], dim=1)
+    mask = torch.cat([mask, torch.ones(3, 60, dtype=mask.dtype)], dim=1)
     T = ids.shape[1]
 
-    def expected(seq, mask, h):                 # next-token probs of the last h positions
+    def expected(seq, mask, h):                 # next-token probs of the last h positions, by hand
         with torch.no_grad():
             logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
-        return norm_logits(logits, params)[:, -h:]
+        return torch.softmax(logits[:, -h:].double() / 0.8, -1)
 
     kv = KVCacheModel(model, params)
     kv.prefill(ids, mask[:, :T])
     L = T
-    for step, (add, back) in enumerate([(3, 1), (9, 4), (6, 0), (20, 7), (10, 3)]):   # outgrows 16, 32
+    for step, (add, back) in enumerate([(3, 1), (9, 4), (6, 0), (5, 2), (1, 0), (1, 0), (4, 3)]):
         L += add
         kv.catch_up(seq[:, :L], mask[:, :L])
         L -= back
@@ -124,5 +129,60 @@ def test_kvcache_history_follows_catch_up_rollback_and_select_rows():
             keep = torch.tensor([0, 2])
             kv.select_rows(keep)
             seq, mask = seq[keep], mask[keep]
-        assert kv.probs.shape[1] == L - T + 1
-        torch.testing.assert_close(kv.probs, expected(seq[:, :L], mask[:, :L], L - T + 1))
+        assert kv.probs.shape[1] == add + 1 - back            # the last pass, its predecessor, less the rollback
+        torch.testing.assert_close(kv.probs.double(), expected(seq[:, :L], mask[:, :L], add + 1 - back))
+    for _ in range(30):                                       # one token at a time: memory stays flat
+        L += 1
+        kv.catch_up(seq[:, :L], mask[:, :L])
+        assert kv.probs.shape[1] == 2
+
+
+def test_greedy_with_repetition_penalty_equals_a_hand_written_reference():
+    """The penalty depends on each position's own prefix (BASS holes and padding excluded)."""
+    import torch
+    target = tiny_model("llama", seed=64)
+    draft = noisy_copy(target, 0.1, seed=65)
+    ids, mask = left_padded_batch(97, LENGTHS, seed=66)
+    ref = []
+    for row, m in zip(ids, mask):                             # plain loop, no cache, penalty by hand
+        seq = row[m.bool()].tolist()
+        new = []
+        for _ in range(NEW):
+            with torch.no_grad():
+                logits = target(input_ids=torch.tensor([seq])).logits[0, -1].tolist()
+            for t in set(seq):
+                logits[t] = logits[t] * 1.5 if logits[t] < 0 else logits[t] / 1.5
+            tok = max(range(len(logits)), key=logits.__getitem__)
+            new.append(tok)
+            seq.append(tok)
+        ref.append(new)
+    for mode in ("ar",) + SPEC_MODES:
+        res = generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=NEW, gamma=3,
+                       temperature=0, repetition_penalty=1.5)
+        assert res.tokens == ref, mode
+    plain = generate(target, ids, mask, mode="ar", max_new_tokens=NEW, temperature=0).tokens
+    assert plain != ref                                       # the penalty changed the text
+
+
+def test_streamer_gets_the_tokens_as_they_are_accepted():
+    class Collect:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    target = tiny_model("llama", seed=67)
+    ids, mask = left_padded_batch(97, (6,), seed=68)
+    for mode in ("ar",) + SPEC_MODES:
+        s = Collect()
+        res = generate(target, ids, mask, draft_model=noisy_copy(target, 0.1), mode=mode, max_new_tokens=NEW,
+                       gamma=3, temperature=0, streamer=s)
+        assert [t for put in s.puts for t in put] == res.tokens[0] and s.ended
+        assert len(s.puts) == res.stats["target_calls"] - (mode != "ar")   # one put per verify (per step for AR)
+    ids2, mask2 = left_padded_batch(97, (6, 3), seed=68)
+    with pytest.raises(ValueError, match="a streamer takes one sequence; got a batch of 2"):
+        generate(target, ids2, mask2, mode="ar", streamer=Collect())

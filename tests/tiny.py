@@ -97,26 +97,39 @@ def greedy_reference(model, ids, mask, max_new_tokens, eos_token_id=None):
     return out
 
 
-def save_tiny_pair(folder, arch: str = "llama", draft_vocab: int | None = None, positions: int = 64):
-    """A target/draft pair saved as Hugging Face folders, with a small trained BPE tokenizer."""
+def tiny_tokenizer(words: str = "The quick brown fox jumps over the lazy dog.", size: int = 300):
+    """A small byte-level BPE tokenizer trained on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    text = ["The quick brown fox jumps over the lazy dog.", "Speculative decoding drafts tokens.",
+    text = [words, "Speculative decoding drafts tokens.",
             "A small draft model proposes, the large target verifies."] * 20
     tok.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+        vocab_size=size, special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", padding_side="left")
+
+
+def save_tiny_pair(folder, arch: str = "llama", draft_extra_rows: int = 0, positions: int = 64,
+                   other_draft_tokenizer: bool = False):
+    """A target/draft pair saved as Hugging Face folders, each with its tokenizer.
+
+    ``draft_extra_rows``: the draft's embeddings are padded by that many rows (same tokenizer, as
+    real pairs do); ``other_draft_tokenizer``: the draft gets a tokenizer of its own.
+    """
+    fast = tiny_tokenizer()
     vocab = len(fast)
     paths = {}
-    for role, v, seed in (("target", vocab, 0), ("draft", draft_vocab or vocab, 1)):
+    for role, seed in (("target", 0), ("draft", 1)):
+        tok = tiny_tokenizer("Pack my box with five dozen liquor jugs!", 280) \
+            if role == "draft" and other_draft_tokenizer else fast
+        v = len(tok) + (draft_extra_rows if role == "draft" else 0)
         model = tiny_model(arch, vocab=v, seed=seed, dtype=torch.float32, positions=positions)
         path = str(folder / role)
         model.save_pretrained(path)
-        fast.save_pretrained(path)
+        tok.save_pretrained(path)
         paths[role] = path
     return paths

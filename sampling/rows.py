@@ -1,0 +1,99 @@
+"""What every decode loop shares: which rows still generate, what each has produced, the budget and
+EOS, finished rows leaving the batch, the streamer, the clock and the statistics.
+
+Bookkeeping lives in Python lists; every tensor this module hands back (row indices, masks) is
+made on the models' device, so the loops never mix host and device tensors.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .utils_bass import histogram
+
+
+def now(device: torch.device) -> float:
+    """The clock, read after the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class Rows:
+    """The rows of a batch being decoded: their output, budget, EOS and per-row statistics."""
+
+    def __init__(self, B: int, max_new_tokens: int, eos_token_id: int | None, device: torch.device,
+                 streamer=None):
+        self.out: list[list[int]] = [[] for _ in range(B)]   # new tokens of each original row
+        self.index = list(range(B))          # original row of each row of the current batch
+        self.done = [False] * B              # per current row: finished (kept only when masked)
+        self.max_new_tokens, self.eos, self.device, self.streamer = max_new_tokens, eos_token_id, device, streamer
+        self.steps, self.accepted, self.drafted = [0] * B, [0] * B, [0] * B   # per original row
+        self.accepted_lengths: list[int] = []                # drafts accepted per row and verify
+        self.t0, self.ttft = now(device), None
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def room(self) -> int:
+        """New tokens the least advanced unfinished row may still take."""
+        return self.max_new_tokens - min(len(self.out[r]) for r, d in zip(self.index, self.done) if not d)
+
+    def done_mask(self) -> torch.Tensor:
+        """[b] bool on the models' device: which current rows are finished."""
+        return torch.tensor(self.done, dtype=torch.bool, device=self.device)
+
+    def hand_out(self, new: list[list[int]], accepted: list[int] | None = None, drafted: int = 0) -> None:
+        """Append each unfinished row's new tokens, cut at the budget and after an EOS; a row that
+        reaches either is done. ``accepted`` (speculative loops): drafts each row accepted of ``drafted``."""
+        for j, (r, toks) in enumerate(zip(self.index, new)):
+            if self.done[j]:
+                continue
+            toks = toks[:self.max_new_tokens - len(self.out[r])]
+            if self.eos is not None and self.eos in toks:
+                toks = toks[:toks.index(self.eos) + 1]
+            self.out[r] += toks
+            if self.streamer is not None:
+                self.streamer.put(torch.tensor(toks))
+            self.steps[r] += 1
+            if accepted is not None:
+                self.accepted[r] += accepted[j]
+                self.drafted[r] += drafted
+                self.accepted_lengths.append(accepted[j])
+            self.done[j] = len(self.out[r]) == self.max_new_tokens or toks[-1] == self.eos
+        if self.ttft is None:
+            self.ttft = now(self.device) - self.t0
+
+    def drop_finished(self) -> torch.Tensor | None:
+        """Forget finished rows; returns the indices of the rows that go on, on the models' device,
+        for the caches and the loop's tensors (None when no row finished)."""
+        if not any(self.done):
+            return None
+        keep = [j for j, d in enumerate(self.done) if not d]
+        self.index = [self.index[j] for j in keep]
+        self.done = [False] * len(keep)
+        return torch.tensor(keep, dtype=torch.long, device=self.device)
+
+    def stats(self, target_calls: int, draft_calls: int = 0, gamma_trace: list[int] | None = None) -> dict:
+        """The statistics every loop returns (README: Python API). ``gamma_trace`` None: AR, whose
+        prefill gives the first token (a row's passes = its tokens); speculative loops verify after
+        the prefill (a row's passes = its steps + 1)."""
+        if self.streamer is not None:
+            self.streamer.end()
+        B, new_tokens = len(self.out), sum(map(len, self.out))
+        passes = [s + (gamma_trace is not None) for s in self.steps]     # target passes of each row
+        drafted, accepted = sum(self.drafted), sum(self.accepted)
+        stats = dict(new_tokens=new_tokens, target_calls=target_calls, draft_calls=draft_calls,
+                     drafted=drafted, accepted=accepted,
+                     acceptance_rate=accepted / drafted if drafted else 0.0,
+                     # new tokens per target pass a row took part in (the prefill included): 1.0 for AR
+                     mean_accepted_tokens=new_tokens / max(1, sum(passes)),
+                     wall_time_s=now(self.device) - self.t0, ttft_s=self.ttft or 0.0,
+                     rows=[dict(new_tokens=len(self.out[r]), target_calls=passes[r],
+                                drafted=self.drafted[r], accepted=self.accepted[r]) for r in range(B)])
+        if gamma_trace is not None:
+            stats.update(gamma_trace=gamma_trace,
+                         accepted_hist=histogram(self.accepted_lengths, max(gamma_trace + [0]) + 1))
+        return stats

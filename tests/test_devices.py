@@ -1,0 +1,64 @@
+"""Every mode on a second device type: CUDA where there is one, and everywhere a virtual device that
+catches host/device mixing on the CPU (the crash AR once had on CUDA when a row finished early)."""
+import pytest
+import torch
+from virtual_device import DeviceMismatch, VirtualDevice
+
+from sampling import generate
+from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
+
+MODES = ("ar", "google", "deepmind", "bass", "bass-mask")
+LENGTHS = (3, 9, 5, 7)
+
+
+def case():
+    """A batch where rows meet the EOS at different steps, so finished rows leave (or stay masked)."""
+    target = tiny_model("llama", seed=81)
+    draft = noisy_copy(target, 0.1, seed=82)
+    ids, mask = left_padded_batch(97, LENGTHS, seed=83)
+    free = greedy_reference(target, ids, mask, 12)
+    eos = free[1][2]
+    return target, draft, ids, mask, eos, greedy_reference(target, ids, mask, 12, eos_token_id=eos)
+
+
+def run(mode, target, draft, ids, mask, eos, **kw):
+    mode, finished = ("bass", "mask") if mode == "bass-mask" else (mode, "drop")
+    return generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=12, gamma=3,
+                    eos_token_id=eos, finished_rows=finished, **kw)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_virtual_device_catches_no_host_device_mixing(mode):
+    target, draft, ids, mask, eos, ref = case()
+    assert sum(len(r) < 12 for r in ref) >= 1 and sum(len(r) == 12 for r in ref) >= 1   # rows end apart
+    with VirtualDevice(target, draft) as vd:
+        greedy = run(mode, target, draft, ids, mask, eos, temperature=0)
+        sampled = run(mode, target, draft, ids, mask, eos, temperature=0.9, top_k=20, top_p=0.9, min_p=0.05,
+                      repetition_penalty=1.2, seed=3)
+    assert vd.ops > 300                                       # it saw the loops' tensor work
+    assert greedy.tokens == ref
+    assert all(len(t) >= 1 for t in sampled.tokens)
+
+
+def test_virtual_device_raises_on_the_old_ar_bug():
+    """The emulator is able to fail: a host index tensor indexed by a device mask, as AR once did."""
+    x = torch.tensor([5, 2, 7, 2])                            # an input: on the (virtual) accelerator
+    with VirtualDevice():
+        rows = torch.arange(4)                                # host: no device given
+        live = (x != 2).nonzero().squeeze(1)                  # on the device, like x
+        with pytest.raises(DeviceMismatch):
+            rows[live]
+        with pytest.raises(DeviceMismatch):
+            torch.cat([rows, live])
+        assert rows[live.cpu()].tolist() == [0, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_on_cuda(mode):
+    target, draft, ids, mask, eos, ref = case()
+    target, draft = target.cuda(), draft.cuda()
+    ids, mask = ids.cuda(), mask.cuda()
+    assert run(mode, target, draft, ids, mask, eos, temperature=0).tokens == ref
+    sampled = run(mode, target, draft, ids, mask, eos, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+    assert all(1 <= len(t) <= 12 for t in sampled.tokens)

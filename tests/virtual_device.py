@@ -1,0 +1,121 @@
+"""A second device on a CPU-only machine, for catching host/device mixing without a GPU.
+
+``VirtualDevice`` is a TorchFunctionMode. Tensors that come from the caller's inputs, the models and
+what is derived from them live on a virtual accelerator (their ``.device`` reads ``cpu:0``);
+tensors made by a factory without ``device=`` (or with a plain ``cpu``), or moved with ``.cpu()``,
+live on the host (``cpu``). Operations that CUDA refuses for such a mix raise here as well:
+host and device tensors in one op (0-dim host tensors excepted, as CUDA allows), and indexing a
+host tensor with a device index. Everything runs on the CPU; only the bookkeeping is virtual.
+"""
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+ACCEL = torch.device("cpu", 0)     # the virtual accelerator; a plain torch.device("cpu") is the host
+FACTORIES = {"arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "tensor", "as_tensor",
+             "linspace", "eye"}
+SAME_AS_SOURCE = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like", "ones_like",
+                  "full_like", "empty_like", "rand_like", "randn_like", "randint_like"}
+
+
+class DeviceMismatch(RuntimeError):
+    pass
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+class VirtualDevice(TorchFunctionMode):
+    def __init__(self, *models):
+        super().__init__()
+        self.host: dict[int, torch.Tensor] = {}     # id -> tensor living on the host
+        self.ops = 0
+        self.inside = 0                             # > 0 while a model's forward runs: not checked
+        self.hooks = []
+        for m in models:                            # the models are the library's business, not ours
+            self.hooks.append(m.register_forward_pre_hook(self._enter))
+            self.hooks.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, module, args):
+        self.inside += 1
+
+    def _leave(self, module, args, out):
+        self.inside -= 1
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def is_host(self, t: torch.Tensor) -> bool:
+        return self.host.get(id(t)) is t
+
+    def _tag(self, out, host: bool):
+        for t in _tensors(out):
+            if host:
+                self.host[id(t)] = t
+            else:
+                self.host.pop(id(t), None)
+        return out
+
+    @staticmethod
+    def _target(device) -> bool | None:
+        """host? for a device argument (None: no device given)."""
+        if device is None:
+            return None
+        device = torch.device(device) if not isinstance(device, torch.device) else device
+        return not (device == ACCEL)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if self.inside:                             # inside a model: outputs live on the device
+            return self._tag(func(*args, **kwargs), False)
+        self.ops += 1
+        if func == torch.Tensor.device.__get__:
+            return torch.device("cpu") if self.is_host(args[0]) else ACCEL
+        if "device" in kwargs and kwargs["device"] is not None:
+            host = self._target(kwargs["device"])
+            kwargs["device"] = "cpu"
+        else:
+            host = None
+        if name in FACTORIES and not isinstance(args[0] if args else None, torch.Tensor):
+            return self._tag(func(*args, **kwargs), True if host is None else host)
+        if name in SAME_AS_SOURCE:
+            return self._tag(func(*args, **kwargs), self.is_host(args[0]) if host is None else host)
+        if name == "cpu":
+            return self._tag(func(*args, **kwargs), True)
+        if name == "cuda":
+            return self._tag(func(*args, **kwargs), False)
+        if name == "to":
+            dev = next((a for a in args[1:] if isinstance(a, (str, torch.device))), None)
+            other = next((a for a in args[1:] if isinstance(a, torch.Tensor)), None)
+            if host is None and dev is not None:
+                host = self._target(dev)
+                args = tuple("cpu" if a is dev else a for a in args)
+            if host is None and other is not None:
+                host = self.is_host(other)
+            return self._tag(func(*args, **kwargs), self.is_host(args[0]) if host is None else host)
+        ts = list(_tensors(args)) + list(_tensors(kwargs))
+        hosts = [t for t in ts if self.is_host(t)]
+        devs = [t for t in ts if not self.is_host(t)]
+        if name in ("__getitem__", "__setitem__", "index_select", "gather", "take") and ts:
+            base, index = args[0], [t for t in _tensors(args[1:]) if t.dtype in (torch.long, torch.int, torch.bool)]
+            if self.is_host(base) and any(not self.is_host(i) and i.dim() > 0 for i in index):
+                raise DeviceMismatch(f"{name}: a host tensor indexed with a device tensor")
+            out = func(*args, **kwargs)
+            return self._tag(out, self.is_host(base)) if name != "__setitem__" else out
+        if hosts and devs and any(t.dim() > 0 for t in hosts):
+            raise DeviceMismatch(f"{name}: host tensors {[tuple(t.shape) for t in hosts]} mixed with device "
+                                 f"tensors {[tuple(t.shape) for t in devs]}")
+        out = func(*args, **kwargs)
+        return self._tag(out, bool(hosts) and not devs) if isinstance(out, (torch.Tensor, list, tuple)) else out
