@@ -61,7 +61,10 @@ def test_leviathan_formula():
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    return save_tiny_pair(tmp_path_factory.mktemp("pair"), positions=512)
+    folder = tmp_path_factory.mktemp("pair")
+    paths = save_tiny_pair(folder, positions=512)
+    paths["other_draft"] = save_tiny_pair(folder / "other", positions=512, other_draft_tokenizer=True)["draft"]
+    return paths
 
 
 def cli(module, argv, capsys):
@@ -82,6 +85,7 @@ def test_eval_dolly_table_and_consistency(pair, capsys, tmp_path):
     for mode in ("google", "bass", "hf"):
         assert f"consistency: {mode} equals ar on 5/5 outputs" in out
     assert {"raw.csv", "summary.csv"} <= set(os.listdir(tmp_path))
+    assert set(pd.read_csv(tmp_path / "raw.csv").query("mode == 'google'").gamma) == {4}   # DEFAULTS.gamma
     table = out[out.index("mode "):].splitlines()
     assert [line.split()[0] for line in table[1:5]] == ["ar", "google", "bass", "hf"]    # the order of --modes
     assert "ms/token per sequence" in table[0]
@@ -118,6 +122,9 @@ def test_eval_dolly_bad_input(pair, capsys):
     code, out, err = cli(eval_dolly, ["--dataset_path", "/no/file.jsonl", "--target_model_name",
                                       pair["target"]], capsys)
     assert code == 2 and err.strip() == "error: dataset file not found: /no/file.jsonl"
+    code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--modes", "hf,hf_assisted", "--target_model_name",
+                                      pair["target"], "--approx_model_name", pair["other_draft"]], capsys)
+    assert code == 2 and err.startswith("error: the draft's tokenizer (280 tokens) differs") and "hf " not in out
 
 
 def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
@@ -145,6 +152,9 @@ def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
     spec = summary[summary["mode"].isin(["google", "bass"])]
     assert spec.predicted_speedup.notna().all() and (spec.efficiency.notna() | (spec.flagged != "")).all()
     assert {"1x2", "2x2"} <= set(json.load(open(out_dir / "env.json"))["cost"])
+    assert "measured step costs (batch x gamma: " in out and "the median of 1 timed run(s)" in out
+    eval_raw = pd.read_csv(out_dir / "raw.csv")
+    assert set(eval_raw[eval_raw["mode"] == "bass"].gamma) == {2}
     # --resume: nothing left to run, the rows stay as they were
     code, out, err = cli(run_experiment, argv + ["--resume"], capsys)
     assert code == 0 and "12 configurations, 12 already in" in out
@@ -268,3 +278,13 @@ def test_hf_assisted_leaves_the_draft_config_alone():
     new, _ = hf_generate(target, ids, cfg, eos_token_id=None, pad_token_id=0, draft=draft)
     assert new == greedy_reference(target, ids, torch.ones_like(ids), 6)[0]
     assert draft.generation_config.to_dict() == before
+
+
+def test_memory_probe_runs(capsys):
+    from benchmark import memory_probe
+    code, out, err = cli(memory_probe, ["--vocab", "300", "--batch", "2", "--max_tokens", "6", "--draft_noise", "0"],
+                         capsys)
+    assert code == 0, err
+    assert out.startswith("vocab 300, batch 2, 6 new tokens: peak RSS ") and "12 tokens, 3 target calls" in out
+    code, out, err = cli(memory_probe, ["--batch", "0"], capsys)
+    assert code == 2 and err.strip() == "error: --batch must be >= 1, got 0"

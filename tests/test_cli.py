@@ -133,3 +133,34 @@ def test_help_shows_every_default(capsys):
     for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)", "decoding mode (default: google)",
                  "(default 4 for constant, 7 for bass/aimd)", "--repeats REPEATS", "(default: 3)"):
         assert text in out, text
+
+
+def test_defaults_live_in_one_place():
+    """main.py, eval_dolly, run_experiment and generate() all take their defaults from DEFAULTS."""
+    import inspect
+
+    import eval_dolly
+    from benchmark import run_experiment
+    from sampling import DEFAULTS, generate
+    sig = inspect.signature(generate).parameters
+    assert sig["mode"].default == DEFAULTS.mode == main_cli.parse(["--input", "x"]).mode
+    for name, flag in (("max_new_tokens", "max_tokens"), ("top_k", "top_k"), ("top_p", "top_p"),
+                       ("min_p", "min_p"), ("repetition_penalty", "repetition_penalty")):
+        assert sig[name].default == getattr(DEFAULTS, name)
+        for tool in (main_cli.parse(["--input", "x"]), eval_dolly.parse([]),
+                     run_experiment.parse(["--out", "/nonexistent/x"])):
+            assert getattr(tool, flag) == getattr(DEFAULTS, name), (tool, flag)
+    assert eval_dolly.parse([]).gamma == DEFAULTS.gamma                    # constant schedule: 4, not 7
+    assert eval_dolly.parse(["--gamma_schedule", "aimd"]).gamma == DEFAULTS.gamma_init
+
+
+def test_clock_waits_for_the_device(monkeypatch):
+    """Timings read the clock only after the device's queued work is done."""
+    import torch
+
+    from sampling.rows import now
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    now(torch.device("cuda", 0))
+    now(torch.device("cpu"))
+    assert calls == [torch.device("cuda", 0)]
