@@ -1,4 +1,5 @@
-"""Speculative sampling, one loop for every speculative mode.
+"""Speculative sampling, one loop for every speculative mode: ``speculative_decode`` drives a
+drafter and a verifier (``sampling.parts``) and never knows which ones.
 
 BASS-PAD (Qiu et al. 2024, arXiv 2404.15778) runs it on a whole batch; Leviathan et al. 2023
 ("google") and Chen et al. 2023 ("deepmind") are the same loop run on one sequence at a time
@@ -16,54 +17,43 @@ from __future__ import annotations
 
 import torch
 
-from .batched_kvcache_model import BatchedKVCacheModel
+from .parts import ChainVerifier, ModelDrafter
 from .rows import Rows
-from .utils import SamplingParams, accept_reject, sample
+from .utils import SamplingParams
 from .utils_bass import GammaSchedule
 
 
 @torch.inference_mode()
-def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
-                  max_new_tokens: int, schedule: GammaSchedule, eos_token_id: int | None,
-                  generator: torch.Generator | None, finished_rows: str = "drop", sequential: bool = False,
-                  vocab: int | None = None, streamer=None):
-    """Generate for a left-padded batch input_ids [B, T]; returns (tokens, stats).
+def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.Tensor, schedule: GammaSchedule,
+                       rows: Rows, finished_rows: str = "drop", generator: torch.Generator | None = None):
+    """Generate for a left-padded batch input_ids [B, T] with a drafter and a verifier (``parts``);
+    returns (tokens, stats).
 
     The budget is never overshot: a step drafts only as many tokens as the least advanced row can
     still use, and an EOS inside an accepted block ends the row there.
     """
-    rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
-    tgt, drf = BatchedKVCacheModel(target, params, vocab), BatchedKVCacheModel(draft, params, vocab)
-    tgt.prefill(input_ids, mask)
-    drf.prefill(input_ids, mask)
+    verifier.prefill(input_ids, mask)
+    drafter.prefill(input_ids, mask)
     seq = input_ids                                   # slot tokens [b, S]
     padding, rows_verified = [], 0
     while not rows.all_done:
         S = seq.shape[1]
         g = min(schedule.gamma, rows.room() - 1)      # drafts that can still be used by some row
-        # 1. draft: g tokens for every live row, each from its own q
-        qs = []
-        for _ in range(g):
-            qs.append(drf.catch_up(seq, mask))                                # [b, V]
-            x = sample(qs[-1], generator, params.greedy)                      # [b]
-            seq = torch.cat([seq, x.unsqueeze(1)], dim=1)
-            mask = torch.cat([mask, mask.new_ones(len(seq), 1)], dim=1)
-        # 2. verify: all rows in one target pass
-        tgt.catch_up(seq, mask)
-        p = tgt.probs[:, -(g + 1):]                                           # [b, g + 1, V]
-        q = torch.stack(qs, 1) if g else p[:, :0]                             # [b, g, V]
+        # 1. draft: g tokens for every live row, with the law they were drawn from
+        draft = drafter.propose(seq, mask, g, generator)                      # tokens [b, g], q [b, g, V]
+        seq = torch.cat([seq, draft.tokens], dim=1)                           # [b, S + g]
+        mask = torch.cat([mask, mask.new_ones(len(seq), g)], dim=1)
+        # 2. verify and 3. accept: all rows in one target pass, each its own prefix + one token
+        n, nxt = verifier.verify(seq, mask, draft, generator)                 # [b], [b]
         padding.append(1.0 - mask.float().mean().item())
         rows_verified += len(seq)
-        # 3. accept: each row its own prefix, then a correction or bonus token
-        n, nxt = accept_reject(p, q, seq[:, S:], generator, sequential=sequential,
-                               greedy=params.greedy)                          # [b], [b]
         done = rows.done_mask()                                               # [b]
         n = n.masked_fill(done, 0)                                            # a finished row keeps nothing
         schedule.update(n[~done], g)
         # 4. realign (BASS-PAD): crop both caches to the longest row, mask the others' holes
-        drafts = seq[:, S:].tolist()
-        mask = tgt.realign(S, n, mask)                                        # [b, S + n_max]
-        drf.rollback(mask.shape[1])
+        drafts = draft.tokens.tolist()
+        mask = verifier.commit(S, n, mask)                                    # [b, S + n_max]
+        drafter.commit(mask.shape[1])
         seq = torch.cat([seq[:, :mask.shape[1]], nxt.unsqueeze(1)], dim=1)
         mask = torch.cat([mask, (~done).to(mask.dtype).unsqueeze(1)], dim=1)
         # 5. hand out the new tokens; rows that met EOS or the budget are finished
@@ -73,9 +63,20 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
             keep = rows.drop_finished()
             if keep is not None and len(keep):
                 seq, mask = seq[keep], mask[keep]
-                tgt.select_rows(keep)
-                drf.select_rows(keep)
-    stats = rows.stats(tgt.calls, drf.calls, schedule.trace)
+                verifier.select_rows(keep)
+                drafter.select_rows(keep)
+    stats = rows.stats(verifier.calls, drafter.calls, schedule.trace)
     stats.update(padding_fraction=sum(padding) / max(1, len(padding)),
                  rows_verified=rows_verified)         # rows in the verify passes, finished ones included
     return rows.out, stats
+
+
+def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
+                  max_new_tokens: int, schedule: GammaSchedule, eos_token_id: int | None,
+                  generator: torch.Generator | None, finished_rows: str = "drop", sequential: bool = False,
+                  vocab: int | None = None, streamer=None):
+    """The speculative loop with a draft model and a chain verifier: BASS on a batch, google /
+    deepmind (``sequential``) on one row. Returns (tokens, stats)."""
+    rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
+    return speculative_decode(ModelDrafter(draft, params, vocab), ChainVerifier(target, params, vocab, sequential),
+                              input_ids, mask, schedule, rows, finished_rows, generator)

@@ -157,3 +157,45 @@ def test_whole_loop_joint_law(mode, case):
     print(f"{mode} ({finished_rows}) {case}: acceptance {res.stats['acceptance_rate']:.2f}, p-value {pval:.3g}")
     assert 0.05 < res.stats["acceptance_rate"] < 0.95       # both branches of the rule are used
     assert pval > ALPHA
+
+
+class CopyDrafter:
+    """A deterministic drafter (q = None, as an n-gram table would be): it proposes the last
+    token again, g times."""
+    calls = 0
+
+    def prefill(self, ids, mask):
+        pass
+
+    def propose(self, seq, mask, g, generator):
+        from sampling.parts import Draft
+        return Draft(tokens=seq[:, -1:].expand(-1, g).contiguous(), q=None)
+
+    def commit(self, length):
+        pass
+
+    def select_rows(self, keep):
+        pass
+
+
+@pytest.mark.parametrize("case", ("t1", "t0.7-topk3"))
+def test_deterministic_drafter_keeps_the_target_law(case):
+    """Drafts with no law of their own (q is one-hot on them) go through the same rule exactly."""
+    from sampling.parts import ChainVerifier
+    from sampling.rows import Rows
+    from sampling.speculative_bass import speculative_decode
+    from sampling.utils_bass import GammaSchedule, ScheduleParams
+    V, K, N = 5, 3, 3000
+    params = CASES[case]
+    target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(3)
+    prompt = [1, 3, 0, 4]
+    ids = torch.tensor([prompt] * N)
+    gen = torch.Generator().manual_seed(8)
+    rows = Rows(N, K, None, ids.device)
+    tokens, stats = speculative_decode(CopyDrafter(), ChainVerifier(target, params), ids, torch.ones_like(ids),
+                                       GammaSchedule(2, ScheduleParams()), rows, "drop", gen)
+    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in tokens])
+    pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), exact_joint(target, prompt, params, K, V))
+    assert 0.05 < stats["acceptance_rate"] < 0.95 and pval > ALPHA, (stats["acceptance_rate"], pval)
