@@ -18,6 +18,7 @@ from benchmark.utils_io import write_csv
 from sampling import check_args
 from sampling.cli import Parser, add_model_args, add_sampling_args, params_of, run, schedule_of
 from sampling.generate import default_gamma
+from sampling.tree import TreeShape
 
 COLUMNS = {"mode": "mode", "samples": "samples", "new_tokens": "new tokens", "wall_time_s": "wall s",
            "throughput": "tokens/s", "latency_ms": "ms/token per sequence", "ttft_s": "TTFT s",
@@ -46,6 +47,7 @@ def parse(argv=None):
     if args.gamma is None:
         args.gamma = default_gamma(args.gamma_schedule)
     check_args("bass", args.max_tokens, args.gamma, params_of(args), schedule_of(args), args.finished_rows)
+    args.tree = str(TreeShape.parse(args.tree))
     check_out(args.out, False, args.overwrite)
     if args.seed is None:
         args.seed = random.randrange(2 ** 31)
@@ -57,12 +59,13 @@ def main(argv=None) -> None:
     data = prepare(args, args.modes)
     rows = []
     cfgs = [RunConfig(mode=mode, batch=1 if mode in SEQUENTIAL_MODES else args.batch,
-                      gamma=0 if mode in ("ar", "hf") else args.gamma,
+                      gamma=0 if mode in ("ar", "hf", "tree") else args.gamma,
                       gamma_schedule=args.gamma_schedule, temperature=args.temperature,
                       sort_batch=args.sort_batch and mode not in SEQUENTIAL_MODES,
                       max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, seed=args.seed,
-                      finished_rows=args.finished_rows) for mode in args.modes]
+                      finished_rows=args.finished_rows, tree=args.tree if mode == "tree" else "")
+            for mode in args.modes]
     with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
         for group in run_grid(cfgs, data, args.repeats, progress=bar):
             rows += group

@@ -20,7 +20,7 @@ def _save(fig, path: str) -> None:
 def _label(r) -> str:
     sched = "" if r.gamma_schedule == "constant" or r["mode"] in ("ar", "hf") else f"/{r.gamma_schedule}"
     gamma = f" g{r.gamma}" if r.gamma else ""
-    masked = " masked" if r.get("finished_rows") == "mask" else ""
+    masked = (" masked" if r.get("finished_rows") == "mask" else "") + (f" {r.tree}" if r.get("tree") else "")
     return f"{r['mode']}{gamma}{sched}{masked}"
 
 
@@ -100,7 +100,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
         order = [k for k in ("mode", "batch", "gamma", "gamma_schedule", "sort_batch", "finished_rows") if k in part]
         for _, r in part.sort_values(order).iterrows():
             gamma = "" if r.gamma == 0 else f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
-            name = r["mode"] + (" sorted" if r.sort_batch else "") + (" masked" if r.get("finished_rows") == "mask" else "")
+            name = r["mode"] + (f" {r.tree}" if r.get("tree") else "") + (" sorted" if r.sort_batch else "") + \
+                (" masked" if r.get("finished_rows") == "mask" else "")
             lines.append(f"| {name} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {f(r.throughput / tput, '.2f', 'x')} | {r.latency_ms:.1f} | "
                          f"{f(r.latency_ms / lat, '.2f', 'x')} | {f(r.acceptance_rate, '.3f')} | {f(r.alpha, '.3f')} | "

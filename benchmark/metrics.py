@@ -6,18 +6,22 @@ import pandas as pd
 from sampling import DEFAULTS
 
 KEYS = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows", "max_tokens",
-        "top_k", "top_p", "min_p", "repetition_penalty", "seed"]     # every field of RunConfig
+        "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree"]     # every field of RunConfig
 NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.csv files lack, and
                  "rows_verified": float("nan"),             # what those runs did or what is unknown
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
-                 "peak_mem_mib": float("nan"), "output": ""}
+                 "peak_mem_mib": float("nan"), "output": "", "tree": ""}
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
 def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
-    """raw with every column of the current format (an older file resumes and summarises as is)."""
-    missing = {k: v for k, v in NEWER_COLUMNS.items() if k not in raw.columns}
-    return raw.assign(**missing) if missing and not raw.empty else raw
+    """raw with every column of the current format (an older file resumes and summarises as is);
+    the text columns read back from CSV as text ("" rather than NaN)."""
+    if raw.empty:
+        return raw
+    raw = raw.assign(**{k: v for k, v in NEWER_COLUMNS.items() if k not in raw.columns})
+    text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str) for c in ("tree", "output")}
+    return raw.assign(**text)
 
 
 def expected_tokens_per_call(alpha: float, gamma: float) -> float:

@@ -20,6 +20,8 @@ from sampling.cli import Parser, add_model_args, run
 from sampling.generate import FINISHED_ROWS
 from sampling.utils_bass import ScheduleParams
 
+from sampling.tree import TreeShape
+
 from .analyzer import markdown_table, plot_all
 from .metrics import KEYS, summarise, upgrade_raw
 from .runner import (ALL_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, normalise, parse_modes,
@@ -62,7 +64,9 @@ def parse(argv=None):
     ap.add_argument("--sort_batch", default="off", choices=("off", "on", "both"),
                     help="sorted batching for the batched modes")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows,
-                    help=f"comma list, bass only: what becomes of finished rows ({', '.join(FINISHED_ROWS)})")
+                    help=f"comma list, bass and tree: what becomes of finished rows ({', '.join(FINISHED_ROWS)})")
+    ap.add_argument("--trees", default=DEFAULTS.tree,
+                    help="mode tree: tree shapes separated by ';', each branching factors per depth (4,2,1,1;2,2,2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
     ap.add_argument("--out", default=None, help="output folder (default: results/<timestamp>/)")
     ap.add_argument("--resume", action="store_true",
@@ -74,6 +78,7 @@ def parse(argv=None):
     args.gammas = int_list(args.gammas, "gammas")
     args.schedules = [s.strip() for s in args.gamma_schedule.split(",") if s.strip()]
     args.finished = [f.strip() for f in args.finished_rows.split(",") if f.strip()]
+    args.tree_list = [str(TreeShape.parse(t)) for t in args.trees.split(";") if t.strip()]
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     except ValueError:
@@ -97,15 +102,16 @@ def configs(args) -> list[RunConfig]:
     out = []
     for temp, mode in itertools.product(args.temperatures, args.modes):
         batches = [1] if mode in SEQUENTIAL_MODES else args.batch_sizes
-        gammas = [0] if mode in ("ar", "hf") else args.gammas
-        schedules = ["constant"] if mode in ("ar", "hf", "hf_assisted") else args.schedules
-        finished = args.finished if mode == "bass" else [DEFAULTS.finished_rows]
-        for b, g, s, srt, f in itertools.product(batches, gammas, schedules, sorts, finished):
+        gammas = [0] if mode in ("ar", "hf", "tree") else args.gammas
+        schedules = ["constant"] if mode in ("ar", "hf", "hf_assisted", "tree") else args.schedules
+        finished = args.finished if mode in ("bass", "tree") else [DEFAULTS.finished_rows]
+        trees = args.tree_list if mode == "tree" else [""]
+        for b, g, s, srt, f, tree in itertools.product(batches, gammas, schedules, sorts, finished, trees):
             out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
                                  sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
                                  max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
                                  min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                 seed=args.seed, finished_rows=f))
+                                 seed=args.seed, finished_rows=f, tree=tree))
     return list(dict.fromkeys(out))
 
 

@@ -17,7 +17,7 @@ from .metrics import cost_key
 from .runner_support import HF_MODES, hf_generate, measure_cost
 
 SEQUENTIAL_MODES = ("google", "deepmind") + HF_MODES   # one prompt at a time: always batch 1
-ALL_MODES = ("ar", "google", "deepmind", "bass") + HF_MODES
+ALL_MODES = ("ar", "google", "deepmind", "bass", "tree") + HF_MODES
 REPEATS = 3          # timed runs of each batch under each configuration (the median is kept)
 SAMPLES = 32         # records from the top of the dataset
 
@@ -114,7 +114,8 @@ class RunConfig:
     min_p: float = DEFAULTS.min_p                # 0: off
     repetition_penalty: float = DEFAULTS.repetition_penalty   # 1.0: off
     seed: int = 0             # seed of batch i is seed + i, the same in every repeat
-    finished_rows: str = DEFAULTS.finished_rows  # bass: drop finished rows or keep them masked
+    finished_rows: str = DEFAULTS.finished_rows  # bass, tree: drop finished rows or keep them masked
+    tree: str = ""            # tree: branching factors per depth ("" for the other modes)
 
     def key(self) -> tuple:
         """Every field: a raw row is reused (--resume) only by the very same configuration."""
@@ -188,7 +189,7 @@ def _runner(cfg: RunConfig, data: Prepared):
                            gamma=cfg.gamma or None, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
                            eos_token_id=eos, seed=cfg.seed + bid, gamma_schedule=cfg.gamma_schedule,
-                           finished_rows=cfg.finished_rows, vocab_size=data.vocab)
+                           finished_rows=cfg.finished_rows, vocab_size=data.vocab, tree=cfg.tree or DEFAULTS.tree)
             tokens, st = res.tokens, res.stats
             st["prompt_padding"] = 1.0 - mask.float().mean().item()
         st["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .kvcache_model import KVCacheModel
+from .kvcache_model import KVCacheModel, position_ids
+from .utils import norm_logits
 
 
 class BatchedKVCacheModel(KVCacheModel):
@@ -33,3 +34,65 @@ class BatchedKVCacheModel(KVCacheModel):
         holes = torch.arange(n_max, device=mask.device) >= accepted.unsqueeze(1)  # [b, n_max]
         mask[:, start:][holes] = 0
         return mask
+
+    # --- trees: tree slots sit after the chain until keep_tree copies the accepted path into place ---
+
+    tree_len = 0                       # tree slots in the cache after the chain's self.length
+    tree_tokens: torch.Tensor | None = None   # [b, tree_len] their tokens
+
+    @torch.inference_mode()
+    def forward_tree(self, seq: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, allow: torch.Tensor,
+                     depth: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One forward pass over the chain tokens of seq [b, S] the cache lacks, then tree nodes
+        tokens [b, n]. allow [n, T + n]: which tree slots each new node sees (the T already cached
+        after the chain, then the n new ones, itself included); depth [n]: each node's depth below
+        the chain's last token. Returns the probs after the chain's last token [b, V] (None when
+        the cache held the whole chain) and after each node [b, n, V]."""
+        L, T, n, b = self.length, self.tree_len, tokens.shape[1], len(seq)
+        P = seq.shape[1] - L                                              # pending chain tokens
+        assert P == 0 or T == 0, "feed the chain before growing a tree"
+        dev = seq.device
+        allow4 = torch.zeros(b, P + n, L + P + T + n, dtype=torch.bool, device=dev)
+        allow4[:, :, :L + P] = mask.bool().unsqueeze(1)                   # the chain, holes and padding masked
+        allow4[:, :P, L:L + P] &= torch.ones(P, P, dtype=torch.bool, device=dev).tril()   # pending: causal
+        allow4[:, P:, L + P:] = allow.to(dev)                             # nodes: their ancestors and themselves
+        dtype = next(self.model.parameters()).dtype
+        mask4 = torch.zeros(allow4.shape, dtype=dtype, device=dev).masked_fill(~allow4, torch.finfo(dtype).min)
+        real = mask.long().sum(-1, keepdim=True)                          # [b, 1] real tokens in the chain
+        pos = torch.cat([position_ids(mask)[:, L:], real - 1 + depth.to(dev).unsqueeze(0)], dim=1)  # [b, P + n]
+        out = self.model(input_ids=torch.cat([seq[:, L:], tokens], dim=1), attention_mask=mask4.unsqueeze(1),
+                         position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=P + n)
+        self.calls += 1
+        logits = out.logits if self.vocab is None else out.logits[..., :self.vocab]   # [b, P + n, V]
+        p_chain = None
+        if P:
+            p_chain = norm_logits(logits[:, :P], self.params, seq, mask)[:, -1]      # [b, V]
+        self.mask = mask
+        self._hist = None
+        past = self.tree_tokens if T else tokens[:, :0]
+        all_tokens = torch.cat([past, tokens], dim=1)                     # [b, T + n]
+        if self.params.uses_prefix:                                       # each node: chain + its ancestors
+            nodes = []
+            for j in range(n):
+                anc = allow[j].to(dev).nonzero().squeeze(1)               # tree slots, in order
+                pre = torch.cat([seq, all_tokens[:, anc]], dim=1)
+                pm = torch.cat([mask, mask.new_ones(b, len(anc))], dim=1)
+                nodes.append(norm_logits(logits[:, P + j:P + j + 1], self.params, pre, pm))
+            p_nodes = torch.cat(nodes, 1) if nodes else logits[:, P:].float()
+        else:
+            p_nodes = norm_logits(logits[:, P:], self.params)             # [b, n, V]
+        self.tree_len, self.tree_tokens = T + n, all_tokens
+        return p_chain, p_nodes
+
+    def keep_tree(self, nodes: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Copy the KV entries of each row's accepted nodes [b, k] (tree slots) to the slots right
+        after the chain and drop the rest of the tree; slots past a row's ``accepted`` [b] are holes."""
+        L, k = self.length, nodes.shape[1]
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)                                  # [b, heads, L + tree_len, head_dim]
+                idx = nodes.view(len(nodes), 1, k, 1).expand(-1, t.shape[1], -1, t.shape[3])
+                setattr(layer, name, torch.cat([t[:, :, :L], t[:, :, L:].gather(2, idx)], dim=2))
+        holes = torch.arange(k, device=self.mask.device) >= accepted.unsqueeze(1)   # [b, k]
+        self.mask = torch.cat([self.mask, (~holes).to(self.mask.dtype)], dim=1)
+        self.tree_len, self.tree_tokens, self._hist = 0, None, None

@@ -67,6 +67,8 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: not reproducible)")
     ap.add_argument("--sort_batch", action="store_true",
                     help="group prompts of similar length into the same batch (output keeps input order)")
+    ap.add_argument("--tree", default=DEFAULTS.tree,
+                    help="mode tree: branching factors per depth, e.g. 4,2,1,1 (1,1,1,1 is the chain of gamma 4)")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows, choices=FINISHED_ROWS,
                     help="bass: drop a finished row from both caches, or keep it in the batch masked")
 
@@ -94,7 +96,7 @@ def generate_kwargs(args, tokenizer, vocab_size: int | None) -> dict:
                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                 eos_token_id=tokenizer.eos_token_id, schedule=schedule_of(args),
-                finished_rows=args.finished_rows, vocab_size=vocab_size)
+                finished_rows=args.finished_rows, vocab_size=vocab_size, tree=args.tree)
 
 
 def load_pair(args, need_draft: bool = True):

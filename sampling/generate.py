@@ -7,11 +7,12 @@ import torch
 
 from .autoregressive_sampling import autoregressive_sampling
 from .rows import now
-from .speculative_bass import bass_sampling
+from .speculative_bass import bass_sampling, tree_sampling
+from .tree import TreeShape
 from .utils import SamplingParams
 from .utils_bass import GammaSchedule, ScheduleParams
 
-MODES = ("ar", "google", "deepmind", "bass")
+MODES = ("ar", "google", "deepmind", "bass", "tree")
 FINISHED_ROWS = ("drop", "mask")   # bass: what becomes of a finished row (see speculative_bass)
 SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")
 
@@ -19,7 +20,8 @@ SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")
 @dataclass(frozen=True)
 class Defaults:
     """The one home of every generation default (the CLIs and the benchmarks read theirs from here)."""
-    mode: str = "google"          # ar | google | deepmind | bass
+    mode: str = "google"          # ar | google | deepmind | bass | tree
+    tree: str = "4,2,1,1"         # tree: branching factors per depth
     max_new_tokens: int = 20      # new tokens per row
     gamma: int = 4                # draft length of the constant schedule
     gamma_init: int = 7           # starting draft length of the adaptive schedules (BASS paper)
@@ -118,7 +120,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              eos_token_id: int | None = None, seed: int | None = None,
              gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
              finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
-             streamer=None) -> GenerationResult:
+             streamer=None, tree=DEFAULTS.tree) -> GenerationResult:
     """Generate new tokens for a left-padded batch input_ids [B, T] (mask [B, T]).
 
     mode: "ar" (target alone), "google" (Leviathan et al.), "deepmind" (Chen et al.) or
@@ -127,7 +129,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     each verified position with its own prefix. ``gamma`` is the draft length, the starting one
     for the adaptive schedules "bass" and "aimd"; None picks ``default_gamma``. The schedule is
     ``gamma_schedule`` (a kind) or ``schedule`` (a kind and its constants), not both unless they agree.
-    ``finished_rows`` (bass only): "drop" a finished row from both caches or keep it "mask"ed.
+    ``finished_rows`` (bass, tree): "drop" a finished row from both caches or keep it "mask"ed.
+    ``tree`` (mode "tree"): branching factors per depth, "4,2,1,1" or (4, 2, 1, 1) (``sampling.tree``).
     ``vocab_size``: restrict every distribution to the first ids, for a pair that shares a tokenizer
     but pads its embeddings to different sizes. ``streamer`` (batch 1): a transformers streamer
     (``TextStreamer``) that is given the tokens as they are accepted.
@@ -140,6 +143,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty)
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
+    shape = TreeShape.parse(tree) if mode == "tree" else None
     vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens, vocab_size)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")
@@ -155,6 +159,10 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     if mode == "ar":
         tokens, stats = autoregressive_sampling(target_model, input_ids, attention_mask, **common)
+        return GenerationResult(tokens, stats)
+    if mode == "tree":
+        tokens, stats = tree_sampling(target_model, draft_model, input_ids, attention_mask, tree=shape,
+                                      finished_rows=finished_rows, **common)
         return GenerationResult(tokens, stats)
     if mode == "bass":
         tokens, stats = bass_sampling(target_model, draft_model, input_ids, attention_mask,

@@ -20,8 +20,23 @@ from .utils import SamplingParams, accept_reject, sample
 
 @dataclass
 class Draft:
-    tokens: torch.Tensor             # [b, g] proposed tokens
+    tokens: torch.Tensor             # [b, g] proposed tokens (a chain; a tree: its nodes in level order)
     q: torch.Tensor | None           # [b, g, V] the law each was drawn from; None: deterministic drafts
+
+
+@dataclass
+class Accepted:
+    n: torch.Tensor                  # [b] drafts each row accepted
+    next: torch.Tensor               # [b] the correction or bonus token after them
+    tokens: torch.Tensor             # [b, n_max] the accepted drafts (a row's slots past its n are holes)
+    nodes: torch.Tensor              # [b, n_max] which draft position (chain) or node (tree) each came from
+    start: int                       # the slot the drafts begin at; the new length is start + n_max
+
+    def without(self, done: torch.Tensor) -> None:
+        """Finished rows (done [b]) keep nothing; tokens and nodes are trimmed to the longest row."""
+        self.n = self.n.masked_fill(done, 0)
+        n_max = int(self.n.max())
+        self.tokens, self.nodes = self.tokens[:, :n_max], self.nodes[:, :n_max]
 
 
 class ModelDrafter:
@@ -50,9 +65,9 @@ class ModelDrafter:
             return Draft(tokens=seq[:, :0], q=None)
         return Draft(tokens=torch.stack(xs, 1), q=torch.stack(qs, 1))          # [b, g], [b, g, V]
 
-    def commit(self, length: int) -> None:
-        """Keep the first ``length`` slots of the cache (the accepted ones)."""
-        self.kv.rollback(length)
+    def commit(self, acc: Accepted) -> None:
+        """Keep the accepted slots of the cache: the chain's prefix up to the longest row."""
+        self.kv.rollback(acc.start + acc.tokens.shape[1])
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.kv.select_rows(keep)
@@ -73,19 +88,23 @@ class ChainVerifier:
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.kv.prefill(input_ids, mask)
 
-    def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: Draft, generator):
-        """seq [b, S + g] ends with the drafts. Returns n [b], the drafts each row accepts, and
-        next [b], the correction or bonus token after them."""
-        g = draft.tokens.shape[1]
-        self.kv.catch_up(seq, mask)
+    def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: Draft, generator) -> Accepted:
+        """One target pass over the drafts after seq [b, S] (mask [b, S]); each row accepts a prefix
+        of its chain and one more token."""
+        g, S = draft.tokens.shape[1], seq.shape[1]
+        self.mask = torch.cat([mask, mask.new_ones(len(seq), g)], dim=1)      # [b, S + g]
+        self.kv.catch_up(torch.cat([seq, draft.tokens], dim=1), self.mask)
+        self.padding = 1.0 - self.mask.float().mean().item()
         p = self.kv.probs[:, -(g + 1):]                                      # [b, g + 1, V]
         q = draft.q if draft.q is not None else F.one_hot(draft.tokens, p.shape[-1]).to(p.dtype)  # [b, g, V]
-        return accept_reject(p, q, draft.tokens, generator, sequential=self.sequential, greedy=self.greedy)
+        n, nxt = accept_reject(p, q, draft.tokens, generator, sequential=self.sequential, greedy=self.greedy)
+        nodes = torch.arange(g, device=n.device).expand(len(n), -1)          # [b, g]
+        return Accepted(n, nxt, draft.tokens, nodes, S)
 
-    def commit(self, start: int, accepted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Keep what each row accepted of the drafts placed from slot ``start`` on (BASS-PAD:
-        crop to the longest row, mask the others' holes); returns the new mask."""
-        return self.kv.realign(start, accepted, mask)
+    def commit(self, acc: Accepted) -> torch.Tensor:
+        """Keep what each row accepted (BASS-PAD: crop to the longest row, mask the others' holes);
+        returns the new mask [b, start + n_max]."""
+        return self.kv.realign(acc.start, acc.n, self.mask)
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.kv.select_rows(keep)

@@ -41,24 +41,25 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
         g = min(schedule.gamma, rows.room() - 1)      # drafts that can still be used by some row
         # 1. draft: g tokens for every live row, with the law they were drawn from
         draft = drafter.propose(seq, mask, g, generator)                      # tokens [b, g], q [b, g, V]
-        seq = torch.cat([seq, draft.tokens], dim=1)                           # [b, S + g]
-        mask = torch.cat([mask, mask.new_ones(len(seq), g)], dim=1)
+                                                                              # (a tree: its n nodes)
         # 2. verify and 3. accept: all rows in one target pass, each its own prefix + one token
-        n, nxt = verifier.verify(seq, mask, draft, generator)                 # [b], [b]
-        padding.append(1.0 - mask.float().mean().item())
+        acc = verifier.verify(seq, mask, draft, generator)                    # n [b], next [b]
+        padding.append(verifier.padding)
         rows_verified += len(seq)
         done = rows.done_mask()                                               # [b]
-        n = n.masked_fill(done, 0)                                            # a finished row keeps nothing
+        acc.without(done)                                                     # a finished row keeps nothing
+        n = acc.n
         schedule.update(n[~done], g)
-        # 4. realign (BASS-PAD): crop both caches to the longest row, mask the others' holes
-        drafts = draft.tokens.tolist()
-        mask = verifier.commit(S, n, mask)                                    # [b, S + n_max]
-        drafter.commit(mask.shape[1])
-        seq = torch.cat([seq[:, :mask.shape[1]], nxt.unsqueeze(1)], dim=1)
+        # 4. realign (BASS-PAD): both caches keep the accepted slots, the others' holes are masked
+        mask = verifier.commit(acc)                                           # [b, S + n_max]
+        drafter.commit(acc)
+        seq = torch.cat([seq, acc.tokens, acc.next.unsqueeze(1)], dim=1)     # [b, S + n_max + 1]
         mask = torch.cat([mask, (~done).to(mask.dtype).unsqueeze(1)], dim=1)
+        drafts, nxt = acc.tokens.tolist(), acc.next
         # 5. hand out the new tokens; rows that met EOS or the budget are finished
         n_list = n.tolist()
-        rows.hand_out([d[:n_j] + [x] for d, n_j, x in zip(drafts, n_list, nxt.tolist())], n_list, g)
+        rows.hand_out([d[:n_j] + [x] for d, n_j, x in zip(drafts, n_list, nxt.tolist())], n_list,
+                      draft.tokens.shape[1])
         if finished_rows == "drop":                   # finished rows leave both caches
             keep = rows.drop_finished()
             if keep is not None and len(keep):
@@ -80,3 +81,15 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
     return speculative_decode(ModelDrafter(draft, params, vocab), ChainVerifier(target, params, vocab, sequential),
                               input_ids, mask, schedule, rows, finished_rows, generator)
+
+
+def tree_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
+                  max_new_tokens: int, tree, eos_token_id: int | None, generator: torch.Generator | None,
+                  finished_rows: str = "drop", vocab: int | None = None, streamer=None):
+    """The speculative loop with a draft tree (``sampling.tree``), batched like BASS."""
+    from .tree import TreeDrafter, TreeVerifier
+    from .utils_bass import ScheduleParams
+    rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
+    verifier = TreeVerifier(target, params, vocab)                  # checks the target's architecture first
+    return speculative_decode(TreeDrafter(draft, params, vocab, tree), verifier, input_ids, mask, GammaSchedule(tree.depth, ScheduleParams()), rows, finished_rows,
+                              generator)

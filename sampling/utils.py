@@ -146,3 +146,55 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
     p_n = p.gather(1, idx).squeeze(1)                               # [B, V]
     q_n = q_ext.gather(1, idx).squeeze(1)                           # [B, V]
     return n, sample(max_fn(p_n - q_n, fallback=p_n), generator, greedy)
+
+
+def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None, tokens: torch.Tensor,
+                children: dict[int, list[int]], generator: torch.Generator | None = None,
+                greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk a draft tree from the root, row by row (SpecInfer's multi-step speculative sampling).
+
+    p_root: [b, V] target probs after the prefix; p: [b, n, V] after each node; q: [b, n, V] the law
+    each node was drawn from (its parent's draft law; children drawn independently from it);
+    tokens: [b, n]; children: node -> its children (-1 is the root).
+    Sampling: at a node with target law r, each child x in turn is accepted with probability
+    min(1, r(x) / q(x)); a rejection replaces r by norm(max(0, r - q)); when every child is
+    rejected the next token is drawn from r; at a leaf it is drawn from the leaf's p (the bonus).
+    That keeps the target's law exactly (SpecInfer, Theorem 4.2). Greedy: the child equal to the
+    target's argmax, else the argmax itself.
+    Returns n [b] accepted nodes, next [b], and path [b, depth] the accepted nodes (padded with 0).
+    """
+    b = p_root.shape[0]
+    depth, u = 0, -1
+    while children[u]:
+        depth, u = depth + 1, children[u][0]
+    n = torch.zeros(b, dtype=torch.long, device=tokens.device)
+    nxt = torch.zeros(b, dtype=torch.long, device=tokens.device)
+    path = torch.zeros(b, depth, dtype=torch.long, device=tokens.device)
+    toks = tokens.tolist()
+    for i in range(b):
+        u, r, steps = -1, p_root[i], []
+        while True:
+            kids = children[u]
+            if greedy:
+                best = int(r.argmax())
+                match = next((c for c in kids if toks[i][c] == best), None)
+                if match is None:
+                    nxt[i] = best
+                    break
+                u, steps = match, steps + [match]
+                r = p[i, u]
+                continue
+            q_u = q[i, kids[0]] if kids else None
+            for c in kids:
+                x = toks[i][c]
+                if torch.rand((), generator=generator, device=r.device, dtype=r.dtype) * q_u[x] < r[x]:
+                    u, steps = c, steps + [c]
+                    break
+                r = max_fn(r - q_u, fallback=r)
+            else:                                   # every child rejected (or a leaf): draw from r
+                nxt[i] = sample(r.unsqueeze(0), generator).squeeze(0)
+                break
+            r = p[i, u]
+        n[i] = len(steps)
+        path[i, :len(steps)] = torch.tensor(steps, dtype=torch.long, device=tokens.device)
+    return n, nxt, path

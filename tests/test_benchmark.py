@@ -118,7 +118,7 @@ def test_offline_hub_id_fails_at_once(monkeypatch):
 def test_eval_dolly_bad_input(pair, capsys):
     code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--modes", "ar,turbo"], capsys)
     assert code == 2 and err.strip() == ("error: unknown mode(s) turbo; choose from ar, google, deepmind, "
-                                         "bass, hf, hf_assisted")
+                                         "bass, tree, hf, hf_assisted")
     code, out, err = cli(eval_dolly, ["--dataset_path", "/no/file.jsonl", "--target_model_name",
                                       pair["target"]], capsys)
     assert code == 2 and err.strip() == "error: dataset file not found: /no/file.jsonl"
@@ -288,3 +288,22 @@ def test_memory_probe_runs(capsys):
     assert out.startswith("vocab 300, batch 2, 6 new tokens: peak RSS ") and "12 tokens, 3 target calls" in out
     code, out, err = cli(memory_probe, ["--batch", "0"], capsys)
     assert code == 2 and err.strip() == "error: --batch must be >= 1, got 0"
+
+
+def test_tree_mode_in_eval_dolly_and_a_sweep(pair, capsys, tmp_path):
+    common = ["--dataset_path", FIXTURE, "--samples", "4", "--max_tokens", "5", "--repeats", "1",
+              "--target_model_name", pair["target"], "--approx_model_name", pair["draft"]]
+    code, out, err = cli(eval_dolly, common + ["--modes", "ar,tree", "--tree", "2,2", "--temperature", "0",
+                                               "--batch", "2"], capsys)
+    assert code == 0, err
+    assert "consistency: tree equals ar on 4/4 outputs" in out
+    code, out, err = cli(run_experiment, common + ["--modes", "ar,tree", "--trees", "2,2;1,1,1", "--batch_sizes", "2",
+                                                   "--out", str(tmp_path / "t")], capsys)
+    assert code == 0, err
+    raw = pd.read_csv(tmp_path / "t" / "raw.csv", keep_default_na=False)
+    assert set(raw[raw["mode"] == "tree"].tree) == {"2,2", "1,1,1"}
+    greedy = raw.groupby(["mode", "tree"]).tokens.apply(list)
+    assert greedy[("tree", "2,2")] == greedy[("ar", "")] == greedy[("tree", "1,1,1")]
+    code, out, err = cli(run_experiment, common + ["--modes", "tree", "--trees", "2,0", "--out", str(tmp_path / "u")],
+                         capsys)
+    assert code == 2 and "every branching factor >= 1" in err and len(err.splitlines()) == 1

@@ -59,7 +59,7 @@ def test_compare_table(pair, capsys):
     lines = lines[1:]
     assert lines[0].split()[:3] == ["mode", "tokens/s", "speedup"]
     texts = {line.split()[0]: line.split("  ")[-1] for line in lines[1:]}
-    assert set(texts) == {"ar", "google", "deepmind", "bass"}
+    assert set(texts) == {"ar", "google", "deepmind", "bass", "tree"}
     assert len(set(texts.values())) == 1               # greedy: every mode writes the same text
 
 

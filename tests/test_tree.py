@@ -1,0 +1,122 @@
+"""Draft trees: shapes, exactness on four architectures (BLOOM refused), batched rows finishing
+early, the cache after compaction, the joint law under sampling, bad values."""
+import pytest
+import torch
+from stats import chi_square_pvalue
+from test_distribution import ALPHA, CASES, exact_joint
+
+from sampling import generate
+from sampling.tree import TreeShape
+from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
+
+TREE_ARCHS = ("llama", "gpt_neox", "gpt2", "opt")
+LENGTHS = (5, 9, 3, 7, 1, 6)
+
+
+def test_shape_structure():
+    t = TreeShape.parse("2,3,1")
+    assert t.n == 2 + 6 + 6 and t.depth == 3 and [list(r) for r in t.levels] == [[0, 1], [2, 3, 4, 5, 6, 7],
+                                                                                  list(range(8, 14))]
+    assert t.parent[:8] == [-1, -1, 0, 0, 0, 1, 1, 1] and t.parent[8:] == [2, 3, 4, 5, 6, 7]
+    assert t.depths.tolist() == [1, 1, 2, 2, 2, 2, 2, 2] + [3] * 6
+    assert t.ancestors[9].nonzero().squeeze(1).tolist() == [0, 3, 9]        # node 9: 0 -> 3 -> 9
+    assert t.children[-1] == [0, 1] and t.children[1] == [5, 6, 7] and t.children[13] == []
+    assert TreeShape.parse((1, 1, 1, 1)).n == 4 and str(TreeShape.parse([4, 2])) == "4,2"
+
+
+@pytest.mark.parametrize("bad", ("", "4,0", "a,b", "3,-1", "8,8,8"))
+def test_bad_tree_is_a_one_line_error(bad):
+    target = tiny_model("llama", seed=1)
+    ids, mask = left_padded_batch(97, (3,), seed=1)
+    with pytest.raises(ValueError, match="tree"):
+        generate(target, ids, mask, draft_model=target, mode="tree", tree=bad, max_new_tokens=3, temperature=0)
+
+
+def test_bloom_is_refused_by_name():
+    target = tiny_model("bloom", seed=1)
+    ids, mask = left_padded_batch(97, (3,), seed=1)
+    with pytest.raises(ValueError, match="the target is bloom, which does not"):
+        generate(target, ids, mask, draft_model=target, mode="tree", max_new_tokens=3, temperature=0)
+
+
+@pytest.mark.parametrize("arch", TREE_ARCHS)
+@pytest.mark.parametrize("tree", ("4,2,1,1", "1,1,1", "3,3", "2"))
+def test_greedy_tree_equals_greedy(arch, tree):
+    target = tiny_model(arch, seed=3)
+    draft = noisy_copy(target, 0.3, seed=4)
+    ids, mask = left_padded_batch(97, LENGTHS, seed=5)
+    res = generate(target, ids, mask, draft_model=draft, mode="tree", tree=tree, max_new_tokens=12, temperature=0)
+    assert res.tokens == greedy_reference(target, ids, mask, 12)
+    s = res.stats
+    assert 0 < s["accepted"] < s["drafted"]                   # partial agreement: both branches used
+    assert s["drafted"] == sum(r["drafted"] for r in s["rows"]) and sum(s["accepted_hist"]) > 0
+
+
+@pytest.mark.parametrize("finished_rows", ("drop", "mask"))
+def test_rows_finishing_early(finished_rows):
+    target = tiny_model("llama", seed=6)
+    draft = noisy_copy(target, 0.2, seed=7)
+    ids, mask = left_padded_batch(97, LENGTHS, seed=8)
+    free = greedy_reference(target, ids, mask, 14)
+    eos = free[1][3]
+    ref = greedy_reference(target, ids, mask, 14, eos_token_id=eos)
+    assert len({len(r) for r in ref}) > 1                     # rows end at different steps
+    res = generate(target, ids, mask, draft_model=draft, mode="tree", tree="3,2,1", max_new_tokens=14,
+                   temperature=0, eos_token_id=eos, finished_rows=finished_rows)
+    assert res.tokens == ref
+
+
+def test_draft_equal_to_target_accepts_whole_paths():
+    target = tiny_model("gpt2", seed=9)
+    ids, mask = left_padded_batch(97, (4, 8), seed=10)
+    res = generate(target, ids, mask, draft_model=target, mode="tree", tree="2,2,2", max_new_tokens=12, temperature=0)
+    assert res.tokens == greedy_reference(target, ids, mask, 12)
+    assert res.stats["accepted_hist"] == [0, 0, 0, 6]         # 3 steps of 3 accepted + a bonus, 2 rows
+
+
+def test_cache_after_compaction_equals_a_fresh_pass():
+    """keep_tree leaves the KV entries a plain forward over the accepted sequence would make."""
+    from sampling.batched_kvcache_model import BatchedKVCacheModel
+    from sampling.kvcache_model import position_ids
+    from sampling.utils import SamplingParams
+    model = tiny_model("llama", seed=11)
+    ids, mask = left_padded_batch(97, (4, 7), seed=12)
+    kv = BatchedKVCacheModel(model, SamplingParams(temperature=1.0))
+    kv.prefill(ids, mask)
+    tree = TreeShape.parse("3,2")
+    tokens = torch.randint(3, 97, (2, tree.n), generator=torch.Generator().manual_seed(13))
+    kv.forward_tree(ids, mask, tokens, tree.ancestors, tree.depths)
+    path = torch.tensor([[1, 6], [2, 0]])                     # row 0: node 1 then its child 6; row 1: node 2 only
+    assert tree.parent[6] == 1
+    kv.keep_tree(path, torch.tensor([2, 1]))
+    kept = torch.cat([ids, tokens.gather(1, path)], 1)        # row 1's second slot is a hole
+    kept_mask = torch.cat([mask, torch.tensor([[1, 1], [1, 0]])], 1)
+    assert kv.mask.tolist() == kept_mask.tolist()
+    with torch.no_grad():
+        ref = model(input_ids=kept, attention_mask=kept_mask, position_ids=position_ids(kept_mask), use_cache=True)
+    for layer, ref_layer in zip(kv.cache.layers, ref.past_key_values.layers):
+        for name in ("keys", "values"):
+            got, want = getattr(layer, name), getattr(ref_layer, name)
+            live = kept_mask.bool()[:, None, :, None].expand_as(want)
+            torch.testing.assert_close(got[live], want[live])
+
+
+@pytest.mark.parametrize("tree", ("2,2", "3,1"))
+@pytest.mark.parametrize("case", ("t1", "t0.7-topk3", "t1.3-topp0.8"))
+def test_tree_joint_law(tree, case):
+    """Joint law of the first 3 new tokens against enumeration, children drawn independently."""
+    V, K = 5, 3
+    params = CASES[case]
+    target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
+    draft = tiny_model("llama", vocab=V, seed=12, layers=1, dim=16)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(3)
+        draft.lm_head.weight.mul_(3)
+    prompt = [1, 3, 0, 4]
+    N = 3000
+    res = generate(target, torch.tensor([prompt] * N), draft_model=draft, mode="tree", tree=tree, max_new_tokens=K,
+                   temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=7)
+    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in res.tokens])
+    pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), exact_joint(target, prompt, params, K, V))
+    assert 0.05 < res.stats["acceptance_rate"] < 0.95
+    assert pval > ALPHA, pval
