@@ -7,7 +7,7 @@ from virtual_device import DeviceMismatch, VirtualDevice
 from sampling import generate
 from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
-MODES = ("ar", "google", "deepmind", "bass", "bass-mask")
+MODES = ("ar", "google", "deepmind", "bass", "bass-mask", "tree")
 LENGTHS = (3, 9, 5, 7)
 
 
