@@ -98,8 +98,9 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     out["acceptance_rate"] = (out.accepted / out.drafted).where(out.drafted > 0)
     out["tokens_per_call"] = (out.new_tokens / out.target_calls).where(out.target_calls > 0)
     steps = out.target_calls - out.samples                 # verifications: calls less the prefills
-    out["alpha"] = [alpha_from_accepted(a / s_, g_) if d > 0 and s_ > 0 else float("nan")
-                    for a, s_, g_, d in zip(out.accepted, steps, out.mean_gamma, out.drafted)]
+    out["alpha"] = [alpha_from_accepted(a / s_, g_) if d > 0 and s_ > 0 and m != "tree" else float("nan")
+                    for a, s_, g_, d, m in zip(out.accepted, steps, out.mean_gamma, out.drafted, out["mode"])]
+    # (a chain's alpha; a tree's acceptance follows no geometric law in gamma)
     ar = out[out["mode"] == "ar"].set_index(["batch", "temperature", "sort_batch"])
     for col, name in (("throughput", "speedup_vs_ar"), ("decode_throughput", "decode_speedup_vs_ar")):
         out[name] = [t / ar[col].get((b, temp, srt), float("nan")) for t, b, temp, srt in

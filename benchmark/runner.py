@@ -153,7 +153,7 @@ def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, prog
         for cfg, once in zip(group, runners):
             once(batches[0], 0)                          # warm-up on its shapes, not timed
         if costs is not None and data.draft is not None:
-            for g in sorted({c.gamma for c in group if c.mode not in ("ar", "hf")}):
+            for g in sorted({c.gamma for c in group if c.mode not in ("ar", "hf", "tree")}):
                 if cost_key(batch, g) not in costs:
                     costs[cost_key(batch, g)] = measure_cost(data.target, data.draft, batch, g)
         rows = {cfg: [] for cfg in group}

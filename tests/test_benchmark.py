@@ -307,3 +307,16 @@ def test_tree_mode_in_eval_dolly_and_a_sweep(pair, capsys, tmp_path):
     code, out, err = cli(run_experiment, common + ["--modes", "tree", "--trees", "2,0", "--out", str(tmp_path / "u")],
                          capsys)
     assert code == 2 and "every branching factor >= 1" in err and len(err.splitlines()) == 1
+
+
+def test_tree_cost_writes_csv_and_plot(pair, capsys, tmp_path):
+    from benchmark import tree_cost
+    argv = ["--batch_sizes", "1,2", "--prefixes", "8", "--tokens", "2,3", "--reps", "1", "--target_model_name",
+            pair["target"], "--out", str(tmp_path)]
+    code, out, err = cli(tree_cost, argv, capsys)
+    assert code == 0, err
+    df = pd.read_csv(tmp_path / "tree_cost.csv")
+    assert len(df) == 4 and {"tree_ms", "chain_ms", "paths_ms"} <= set(df.columns) and (df.tree_ms > 0).all()
+    assert (tmp_path / "tree_cost.png").exists()
+    code, out, err = cli(tree_cost, argv, capsys)
+    assert code == 2 and "tree_cost.csv exists" in err
