@@ -118,10 +118,17 @@ class TreeDraft:
     tree: TreeShape                   # the shape this step drafted (cut to the budget)
 
 
+def gumbel_keys(q: torch.Tensor, generator) -> torch.Tensor:
+    """log q + Gumbel noise [N, V]: the top k of these keys, in order, are k draws from q without
+    replacement (each from q renormalised without the ones before); tokens with q = 0 come last."""
+    u = torch.rand(q.shape, generator=generator, device=q.device, dtype=q.dtype).clamp(min=torch.finfo(q.dtype).tiny)
+    return q.log() - (-u.log()).log()
+
+
 class TreeDrafter:
     """The draft model drafts a static tree, one forward pass per level. Sampling: the children of
-    a node are drawn independently from its q (SpecInfer); greedy: they are the k most likely
-    tokens of the draft at temperature 1 (other filters as given), so siblings differ."""
+    a node are drawn from its q without replacement (Sequoia); greedy: they are the k most likely
+    tokens of the draft at temperature 1 (other filters as given). Siblings differ either way."""
 
     def __init__(self, model, params: SamplingParams, vocab: int | None, shape: TreeShape):
         check_tree_model(model, "draft")
@@ -148,8 +155,7 @@ class TreeDrafter:
         for d, k in enumerate(tree.branching):
             b, m, V = dists.shape
             flat = dists.reshape(b * m, V)
-            kids = (flat.topk(k, dim=-1).indices if self.greedy
-                    else torch.multinomial(flat, k, replacement=True, generator=generator)).view(b, m * k)
+            kids = (flat if self.greedy else gumbel_keys(flat, generator)).topk(k, dim=-1).indices.view(b, m * k)
             tokens.append(kids)                                              # [b, m * k]
             qs.append(dists.repeat_interleave(k, dim=1))                     # [b, m * k, V]
             if d + 1 < tree.depth:                                           # the last level is not fed

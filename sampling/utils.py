@@ -151,16 +151,18 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
 def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None, tokens: torch.Tensor,
                 children: dict[int, list[int]], generator: torch.Generator | None = None,
                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Walk a draft tree from the root, row by row (SpecInfer's multi-step speculative sampling).
+    """Walk a draft tree from the root, row by row (Sequoia's verification of siblings drawn
+    without replacement).
 
     p_root: [b, V] target probs after the prefix; p: [b, n, V] after each node; q: [b, n, V] the law
-    each node was drawn from (its parent's draft law; children drawn independently from it);
+    of each node's parent, which its children were drawn from without replacement, in order;
     tokens: [b, n]; children: node -> its children (-1 is the root).
-    Sampling: at a node with target law r, each child x in turn is accepted with probability
-    min(1, r(x) / q(x)); a rejection replaces r by norm(max(0, r - q)); when every child is
-    rejected the next token is drawn from r; at a leaf it is drawn from the leaf's p (the bonus).
-    That keeps the target's law exactly (SpecInfer, Theorem 4.2). Greedy: the child equal to the
-    target's argmax, else the argmax itself.
+    Sampling: at a node with target law r and draft law q, each child x in turn is accepted with
+    probability min(1, r(x) / q(x)); a rejection replaces r by norm(max(0, r - q)) and then q by
+    q without x, renormalised; a child with q(x) = 0 (the draft had fewer tokens than children) is
+    skipped. When every child is rejected the next token is drawn from r; at a leaf it is drawn
+    from the leaf's p (the bonus). That keeps the target's law exactly (Sequoia, Chen et al. 2024,
+    Theorem 3.2). Greedy: the child equal to the target's argmax, else the argmax itself.
     Returns n [b] accepted nodes, next [b], and path [b, depth] the accepted nodes (padded with 0).
     """
     b = p_root.shape[0]
@@ -184,13 +186,17 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
                 u, steps = match, steps + [match]
                 r = p[i, u]
                 continue
-            q_u = q[i, kids[0]] if kids else None
+            q_u = q[i, kids[0]].clone() if kids else None
             for c in kids:
                 x = toks[i][c]
+                if q_u[x] <= 0:                     # drawn after the draft's support ran out
+                    continue
                 if torch.rand((), generator=generator, device=r.device, dtype=r.dtype) * q_u[x] < r[x]:
                     u, steps = c, steps + [c]
                     break
                 r = max_fn(r - q_u, fallback=r)
+                q_u[x] = 0
+                q_u = q_u / q_u.sum().clamp(min=torch.finfo(q_u.dtype).tiny)
             else:                                   # every child rejected (or a leaf): draw from r
                 nxt[i] = sample(r.unsqueeze(0), generator).squeeze(0)
                 break

@@ -101,10 +101,11 @@ def test_cache_after_compaction_equals_a_fresh_pass():
             torch.testing.assert_close(got[live], want[live])
 
 
-@pytest.mark.parametrize("tree", ("2,2", "3,1"))
+@pytest.mark.parametrize("tree", ("2,2", "3,1", "4,1"))
 @pytest.mark.parametrize("case", ("t1", "t0.7-topk3", "t1.3-topp0.8"))
 def test_tree_joint_law(tree, case):
-    """Joint law of the first 3 new tokens against enumeration, children drawn independently."""
+    """Joint law of the first 3 new tokens against enumeration; siblings drawn without replacement
+    (with top-k 3, a node of 4 children has one drawn after the draft's support ran out)."""
     V, K = 5, 3
     params = CASES[case]
     target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
