@@ -22,6 +22,7 @@ from .utils import SamplingParams, accept_reject, sample
 class Draft:
     tokens: torch.Tensor             # [b, g] proposed tokens (a chain; a tree: its nodes in level order)
     q: torch.Tensor | None           # [b, g, V] the law each was drawn from; None: deterministic drafts
+    tree: object = None              # a tree's TreeShape (sampling.tree); None: a chain
 
 
 @dataclass

@@ -19,6 +19,7 @@ from functools import cached_property
 import torch
 
 from .batched_kvcache_model import BatchedKVCacheModel
+from .parts import Accepted, Draft
 from .utils import SamplingParams, tree_accept
 
 NO_TREE_MASK = ("bloom",)    # model types whose attention cannot take a 4D mask (BLOOM: ALiBi from a 2D mask)
@@ -111,13 +112,6 @@ def check_tree_model(model, role: str) -> None:
                          f"does not (its ALiBi bias comes from a 2D mask)")
 
 
-@dataclass
-class TreeDraft:
-    tokens: torch.Tensor              # [b, n] the tree's tokens, level by level
-    q: torch.Tensor | None            # [b, n, V] the law each node was drawn from (its parent's); None: greedy
-    tree: TreeShape                   # the shape this step drafted (cut to the budget)
-
-
 def gumbel_keys(q: torch.Tensor, generator) -> torch.Tensor:
     """log q + Gumbel noise [N, V]: the top k of these keys, in order, are k draws from q without
     replacement (each from q renormalised without the ones before); tokens with q = 0 come last."""
@@ -145,11 +139,11 @@ class TreeDrafter:
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.kv.prefill(input_ids, mask)
 
-    def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> TreeDraft:
+    def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         tree = self.shape.truncated(g)
         self.cached = 0
         if not tree.n:
-            return TreeDraft(seq[:, :0], None, tree)
+            return Draft(seq[:, :0], None, tree)
         dists = self.kv.catch_up(seq, mask).unsqueeze(1)                     # [b, 1, V] the root's q
         tokens, qs = [], []
         for d, k in enumerate(tree.branching):
@@ -163,7 +157,7 @@ class TreeDrafter:
                 dists = self.kv.forward_tree(seq, mask, kids, tree.ancestors[lvl.start:lvl.stop, :lvl.stop],
                                              tree.depths[lvl.start:lvl.stop])[1]   # [b, m * k, V]
                 self.cached += 1
-        return TreeDraft(torch.cat(tokens, 1), None if self.greedy else torch.cat(qs, 1), tree)
+        return Draft(torch.cat(tokens, 1), None if self.greedy else torch.cat(qs, 1), tree)
 
     def commit(self, acc) -> None:
         """Keep the accepted path's nodes that went through the draft (all but the last level)."""
@@ -191,8 +185,7 @@ class TreeVerifier:
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.kv.prefill(input_ids, mask)
 
-    def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: TreeDraft, generator):
-        from .parts import Accepted
+    def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: Draft, generator):
         tree = draft.tree
         p_root = self.kv.probs[:, -1] if seq.shape[1] == self.kv.length else None    # [b, V]
         if seq.shape[1] > self.kv.length or tree.n:
