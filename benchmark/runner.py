@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 

@@ -40,8 +40,8 @@ class Accepted:
         self.tokens, self.nodes = self.tokens[:, :n_max], self.nodes[:, :n_max]
 
 
-class ModelDrafter:
-    """A draft model with its own KV cache: g tokens per row, one cached step each."""
+class CachedPart:
+    """What every drafter and verifier built on a model shares: the model's cache and its counts."""
 
     def __init__(self, model, params: SamplingParams, vocab: int | None = None):
         self.kv = BatchedKVCacheModel(model, params, vocab)
@@ -53,6 +53,13 @@ class ModelDrafter:
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.kv.prefill(input_ids, mask)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.kv.select_rows(keep)
+
+
+class ModelDrafter(CachedPart):
+    """A draft model with its own KV cache: g tokens per row, one cached step each."""
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         """g drafts after seq [b, S] (mask [b, S]) for every row."""
@@ -70,24 +77,14 @@ class ModelDrafter:
         """Keep the accepted slots of the cache: the chain's prefix up to the longest row."""
         self.kv.rollback(acc.start + acc.tokens.shape[1])
 
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.kv.select_rows(keep)
 
-
-class ChainVerifier:
+class ChainVerifier(CachedPart):
     """The target checks each row's chain of drafts in one pass. ``sequential``: the acceptance test
     draws one uniform per draft (Chen et al.) instead of all at once (Leviathan et al.)."""
 
     def __init__(self, model, params: SamplingParams, vocab: int | None = None, sequential: bool = False):
-        self.kv = BatchedKVCacheModel(model, params, vocab)
-        self.greedy, self.sequential = params.greedy, sequential
-
-    @property
-    def calls(self) -> int:
-        return self.kv.calls
-
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        self.kv.prefill(input_ids, mask)
+        super().__init__(model, params, vocab)
+        self.sequential = sequential
 
     def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: Draft, generator) -> Accepted:
         """One target pass over the drafts after seq [b, S] (mask [b, S]); each row accepts a prefix
@@ -106,6 +103,3 @@ class ChainVerifier:
         """Keep what each row accepted (BASS-PAD: crop to the longest row, mask the others' holes);
         returns the new mask [b, start + n_max]."""
         return self.kv.realign(acc.start, acc.n, self.mask)
-
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.kv.select_rows(keep)

@@ -37,7 +37,6 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
     seq = input_ids                                   # slot tokens [b, S]
     padding, rows_verified = [], 0
     while not rows.all_done:
-        S = seq.shape[1]
         g = min(schedule.gamma, rows.room() - 1)      # drafts that can still be used by some row
         # 1. draft: g tokens for every live row, with the law they were drawn from
         draft = drafter.propose(seq, mask, g, generator)                      # tokens [b, g], q [b, g, V]
@@ -51,7 +50,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
         n = acc.n
         schedule.update(n[~done], g)
         # 4. realign (BASS-PAD): both caches keep the accepted slots, the others' holes are masked
-        mask = verifier.commit(acc)                                           # [b, S + n_max]
+        mask = verifier.commit(acc)                                           # [b, S + n_max], S: the old length
         drafter.commit(acc)
         seq = torch.cat([seq, acc.tokens, acc.next.unsqueeze(1)], dim=1)     # [b, S + n_max + 1]
         mask = torch.cat([mask, (~done).to(mask.dtype).unsqueeze(1)], dim=1)

@@ -18,8 +18,7 @@ from functools import cached_property
 
 import torch
 
-from .batched_kvcache_model import BatchedKVCacheModel
-from .parts import Accepted, Draft
+from .parts import Accepted, CachedPart, Draft
 from .utils import SamplingParams, tree_accept
 
 NO_TREE_MASK = ("bloom",)    # model types whose attention cannot take a 4D mask (BLOOM: ALiBi from a 2D mask)
@@ -119,25 +118,18 @@ def gumbel_keys(q: torch.Tensor, generator) -> torch.Tensor:
     return q.log() - (-u.log()).log()
 
 
-class TreeDrafter:
+class TreeDrafter(CachedPart):
     """The draft model drafts a static tree, one forward pass per level. Sampling: the children of
     a node are drawn from its q without replacement (Sequoia); greedy: they are the k most likely
     tokens of the draft at temperature 1 (other filters as given). Siblings differ either way."""
 
     def __init__(self, model, params: SamplingParams, vocab: int | None, shape: TreeShape):
         check_tree_model(model, "draft")
-        self.greedy = params.greedy
         rank = SamplingParams(temperature=1.0, repetition_penalty=params.repetition_penalty) if params.greedy else params
-        self.kv = BatchedKVCacheModel(model, rank, vocab)
+        super().__init__(model, rank, vocab)
+        self.greedy = params.greedy
         self.shape = shape
         self.cached = 0                                  # levels of this step's tree in the draft cache
-
-    @property
-    def calls(self) -> int:
-        return self.kv.calls
-
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        self.kv.prefill(input_ids, mask)
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         tree = self.shape.truncated(g)
@@ -165,25 +157,14 @@ class TreeDrafter:
             keep = min(acc.nodes.shape[1], self.cached)
             self.kv.keep_tree(acc.nodes[:, :keep], acc.n.clamp(max=keep))
 
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.kv.select_rows(keep)
 
-
-class TreeVerifier:
+class TreeVerifier(CachedPart):
     """The target runs the pending token and the whole tree in one pass; ``tree_accept`` keeps the
     longest path it agrees with (greedy) or walks it by recursive rejection sampling."""
 
     def __init__(self, model, params: SamplingParams, vocab: int | None = None):
         check_tree_model(model, "target")
-        self.kv = BatchedKVCacheModel(model, params, vocab)
-        self.greedy = params.greedy
-
-    @property
-    def calls(self) -> int:
-        return self.kv.calls
-
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        self.kv.prefill(input_ids, mask)
+        super().__init__(model, params, vocab)
 
     def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: Draft, generator):
         tree = draft.tree
@@ -204,6 +185,3 @@ class TreeVerifier:
         if self.kv.tree_len:
             self.kv.keep_tree(acc.nodes, acc.n)
         return self.kv.mask
-
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.kv.select_rows(keep)

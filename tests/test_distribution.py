@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sampling import SamplingParams, accept_reject, generate, norm_logits
+from sampling import SamplingParams, accept_reject, generate
 from stats import chi_square_pvalue
 from tiny import tiny_model
 

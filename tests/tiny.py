@@ -121,7 +121,6 @@ def save_tiny_pair(folder, arch: str = "llama", draft_extra_rows: int = 0, posit
     real pairs do); ``other_draft_tokenizer``: the draft gets a tokenizer of its own.
     """
     fast = tiny_tokenizer()
-    vocab = len(fast)
     paths = {}
     for role, seed in (("target", 0), ("draft", 1)):
         tok = tiny_tokenizer("Pack my box with five dozen liquor jugs!", 280) \
