@@ -162,7 +162,8 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     q without x, renormalised; a child with q(x) = 0 (the draft had fewer tokens than children) is
     skipped. When every child is rejected the next token is drawn from r; at a leaf it is drawn
     from the leaf's p (the bonus). That keeps the target's law exactly (Sequoia, Chen et al. 2024,
-    Theorem 3.2). Greedy: the child equal to the target's argmax, else the argmax itself.
+    on sampling without replacement; tests/test_tree.py checks it by chi-square). Greedy: the child
+    equal to the target's argmax, else the argmax itself.
     Returns n [b] accepted nodes, next [b], and path [b, depth] the accepted nodes (padded with 0).
     """
     b = p_root.shape[0]
