@@ -74,7 +74,7 @@ class BatchedKVCacheModel(KVCacheModel):
         if self.params.uses_prefix:                                       # each node: chain + its ancestors
             nodes = []
             for j in range(n):
-                anc = allow[j].to(dev).nonzero().squeeze(1)               # tree slots, in order
+                anc = allow[j].cpu().nonzero().squeeze(1).to(dev)         # tree slots, in order (no device sync)
                 pre = torch.cat([seq, all_tokens[:, anc]], dim=1)
                 pm = torch.cat([mask, mask.new_ones(b, len(anc))], dim=1)
                 nodes.append(norm_logits(logits[:, P + j:P + j + 1], self.params, pre, pm))

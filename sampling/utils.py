@@ -170,38 +170,39 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     depth, u = 0, -1
     while children[u]:
         depth, u = depth + 1, children[u][0]
-    n = torch.zeros(b, dtype=torch.long, device=tokens.device)
-    nxt = torch.zeros(b, dtype=torch.long, device=tokens.device)
-    path = torch.zeros(b, depth, dtype=torch.long, device=tokens.device)
     toks = tokens.tolist()
+    if greedy:                      # every position's argmax at once: one transfer, then a walk on lists
+        best_root = p_root.argmax(-1).tolist()
+        best = p.argmax(-1).tolist() if p is not None else [[] for _ in range(b)]
+    ns, nexts, paths = [], [], []
     for i in range(b):
-        u, r, steps = -1, p_root[i], []
-        while True:
-            kids = children[u]
-            if greedy:
-                best = int(r.argmax())
-                match = next((c for c in kids if toks[i][c] == best), None)
-                if match is None:
-                    nxt[i] = best
+        u, steps = -1, []
+        if greedy:
+            a = best_root[i]
+            while (c := next((c for c in children[u] if toks[i][c] == a), None)) is not None:
+                u, a, steps = c, best[i][c], steps + [c]
+            nexts.append(a)
+        else:
+            r = p_root[i]
+            while True:
+                kids = children[u]
+                q_u = q[i, kids[0]].clone() if kids else None
+                for c in kids:
+                    x = toks[i][c]
+                    if q_u[x] <= 0:                 # drawn after the draft's support ran out
+                        continue
+                    if torch.rand((), generator=generator, device=r.device, dtype=r.dtype) * q_u[x] < r[x]:
+                        u, steps = c, steps + [c]
+                        break
+                    r = max_fn(r - q_u, fallback=r)
+                    q_u[x] = 0
+                    q_u = q_u / q_u.sum().clamp(min=torch.finfo(q_u.dtype).tiny)
+                else:                               # every child rejected (or a leaf): draw from r
+                    nexts.append(int(sample(r.unsqueeze(0), generator)))
                     break
-                u, steps = match, steps + [match]
                 r = p[i, u]
-                continue
-            q_u = q[i, kids[0]].clone() if kids else None
-            for c in kids:
-                x = toks[i][c]
-                if q_u[x] <= 0:                     # drawn after the draft's support ran out
-                    continue
-                if torch.rand((), generator=generator, device=r.device, dtype=r.dtype) * q_u[x] < r[x]:
-                    u, steps = c, steps + [c]
-                    break
-                r = max_fn(r - q_u, fallback=r)
-                q_u[x] = 0
-                q_u = q_u / q_u.sum().clamp(min=torch.finfo(q_u.dtype).tiny)
-            else:                                   # every child rejected (or a leaf): draw from r
-                nxt[i] = sample(r.unsqueeze(0), generator).squeeze(0)
-                break
-            r = p[i, u]
-        n[i] = len(steps)
-        path[i, :len(steps)] = torch.tensor(steps, dtype=torch.long, device=tokens.device)
-    return n, nxt, path
+        ns.append(len(steps))
+        paths.append(steps + [0] * (depth - len(steps)))
+    dev = tokens.device
+    return (torch.tensor(ns, dtype=torch.long, device=dev), torch.tensor(nexts, dtype=torch.long, device=dev),
+            torch.tensor(paths, dtype=torch.long, device=dev).view(b, depth))
