@@ -13,6 +13,7 @@ where rows accepted paths of different lengths.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -54,7 +55,9 @@ class TreeShape:
         return len(self.branching)
 
     def truncated(self, depth: int) -> "TreeShape":
-        return TreeShape(self.branching[:max(0, depth)])
+        """The first ``depth`` levels (a step the budget cuts short); the same object each time, so
+        its structure is built once, not every step."""
+        return self if depth >= self.depth else _shape(self.branching[:max(0, depth)])
 
     @cached_property
     def levels(self) -> list[range]:
@@ -102,6 +105,11 @@ class TreeShape:
             out.setdefault(p, []).append(i)
             out.setdefault(i, [])
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _shape(branching: tuple[int, ...]) -> TreeShape:
+    return TreeShape(branching)
 
 
 def check_tree_model(model, role: str) -> None:
@@ -160,7 +168,7 @@ class TreeDrafter(CachedPart):
 
 class TreeVerifier(CachedPart):
     """The target runs the pending token and the whole tree in one pass; ``tree_accept`` keeps the
-    longest path it agrees with (greedy) or walks it by recursive rejection sampling."""
+    longest path it agrees with (greedy) or walks it as Sequoia does (siblings without replacement)."""
 
     def __init__(self, model, params: SamplingParams, vocab: int | None = None):
         check_tree_model(model, "target")
