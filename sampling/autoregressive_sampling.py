@@ -33,4 +33,4 @@ def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor,
             seq, mask = seq[keep], mask[keep]
             model.select_rows(keep)
         p = model.catch_up(seq, mask)                                    # [b, V]
-    return rows.out, rows.stats(model.calls)
+    return rows.out, rows.finish(model.calls)

@@ -22,13 +22,13 @@ from .utils import norm_logits
 class BatchedKVCacheModel(KVCacheModel):
     """KVCacheModel whose rows may accept different numbers of drafts."""
 
-    def realign(self, start: int, accepted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Rows accepted ``accepted`` [b] of the drafts placed from slot ``start`` on.
+    def realign(self, start: int, accepted: torch.Tensor, mask: torch.Tensor, n_max: int) -> torch.Tensor:
+        """Rows accepted ``accepted`` [b] of the drafts placed from slot ``start`` on; n_max = max(accepted)
+        (the caller has it on the host already).
 
-        Crops the cache (and history) to ``start + max(accepted)`` slots and returns the mask of
-        those slots [b, start + n_max] with every row's rejected slots masked out.
+        Crops the cache (and history) to ``start + n_max`` slots and returns the mask of those slots
+        [b, start + n_max] with every row's rejected slots masked out.
         """
-        n_max = int(accepted.max())
         self.rollback(start + n_max)
         mask = mask[:, :start + n_max].clone()
         holes = torch.arange(n_max, device=mask.device) >= accepted.unsqueeze(1)  # [b, n_max]

@@ -102,4 +102,4 @@ class ChainVerifier(CachedPart):
     def commit(self, acc: Accepted) -> torch.Tensor:
         """Keep what each row accepted (BASS-PAD: crop to the longest row, mask the others' holes);
         returns the new mask [b, start + n_max]."""
-        return self.kv.realign(acc.start, acc.n, self.mask)
+        return self.kv.realign(acc.start, acc.n, self.mask, acc.tokens.shape[1])

@@ -76,8 +76,8 @@ class Rows:
         self.done = [False] * len(keep)
         return torch.tensor(keep, dtype=torch.long, device=self.device)
 
-    def stats(self, target_calls: int, draft_calls: int = 0, gamma_trace: list[int] | None = None) -> dict:
-        """The statistics every loop returns (README: Python API). ``gamma_trace`` None: AR, whose
+    def finish(self, target_calls: int, draft_calls: int = 0, gamma_trace: list[int] | None = None) -> dict:
+        """End the stream (if any) and return the statistics every loop returns (README: Python API). ``gamma_trace`` None: AR, whose
         prefill gives the first token (a row's passes = its tokens); speculative loops verify after
         the prefill (a row's passes = its steps + 1)."""
         if self.streamer is not None:

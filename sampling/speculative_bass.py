@@ -65,7 +65,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
                 seq, mask = seq[keep], mask[keep]
                 verifier.select_rows(keep)
                 drafter.select_rows(keep)
-    stats = rows.stats(verifier.calls, drafter.calls, schedule.trace)
+    stats = rows.finish(verifier.calls, drafter.calls, schedule.trace)
     stats.update(padding_fraction=sum(padding) / max(1, len(padding)),
                  rows_verified=rows_verified)         # rows in the verify passes, finished ones included
     return rows.out, stats
