@@ -18,7 +18,7 @@ from benchmark.utils_io import write_csv
 from sampling import check_args
 from sampling.cli import Parser, add_model_args, add_sampling_args, params_of, run, schedule_of
 from sampling.generate import default_gamma
-from sampling.tree import TreeShape
+from sampling.tree import parse_tree
 
 COLUMNS = {"mode": "mode", "samples": "samples", "new_tokens": "new tokens", "wall_time_s": "wall s",
            "throughput": "tokens/s", "latency_ms": "ms/token per sequence", "ttft_s": "TTFT s",
@@ -47,7 +47,7 @@ def parse(argv=None):
     if args.gamma is None:
         args.gamma = default_gamma(args.gamma_schedule)
     check_args("bass", args.max_tokens, args.gamma, params_of(args), schedule_of(args), args.finished_rows)
-    args.tree = str(TreeShape.parse(args.tree))
+    args.tree = str(parse_tree(args.tree))
     check_out(args.out, False, args.overwrite)
     if args.seed is None:
         args.seed = random.randrange(2 ** 31)

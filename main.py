@@ -13,7 +13,7 @@ from sampling import MODES, check_args, generate_many
 from sampling.cli import (Parser, add_model_args, add_sampling_args, generate_kwargs, load_pair, params_of, run,
                           schedule_of)
 from sampling.generate import DEFAULTS, default_gamma
-from sampling.tree import TreeShape
+from sampling.tree import parse_tree
 
 
 def parse(argv=None):
@@ -44,7 +44,7 @@ def parse(argv=None):
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     gamma = args.gamma if args.gamma is not None else default_gamma(args.gamma_schedule)
     check_args(args.mode, args.max_tokens, gamma, params_of(args), schedule_of(args), args.finished_rows)
-    TreeShape.parse(args.tree)
+    parse_tree(args.tree)
     return args
 
 

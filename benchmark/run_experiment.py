@@ -20,7 +20,7 @@ from sampling.cli import Parser, add_model_args, run
 from sampling.generate import FINISHED_ROWS
 from sampling.utils_bass import ScheduleParams
 
-from sampling.tree import TreeShape
+from sampling.tree import parse_tree
 
 from .analyzer import markdown_table, plot_all
 from .metrics import KEYS, summarise, upgrade_raw
@@ -66,7 +66,7 @@ def parse(argv=None):
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows,
                     help=f"comma list, bass and tree: what becomes of finished rows ({', '.join(FINISHED_ROWS)})")
     ap.add_argument("--trees", default=DEFAULTS.tree,
-                    help="mode tree: tree shapes separated by ';', each branching factors per depth (4,2,1,1;2,2,2)")
+                    help="mode tree: tree shapes separated by ';', each branching factors per depth or dynamic:N[:D[:K]] (4,2,1,1;2,2,2;dynamic:16)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
     ap.add_argument("--out", default=None, help="output folder (default: results/<timestamp>/)")
     ap.add_argument("--resume", action="store_true",
@@ -78,7 +78,7 @@ def parse(argv=None):
     args.gammas = int_list(args.gammas, "gammas")
     args.schedules = [s.strip() for s in args.gamma_schedule.split(",") if s.strip()]
     args.finished = [f.strip() for f in args.finished_rows.split(",") if f.strip()]
-    args.tree_list = [str(TreeShape.parse(t)) for t in args.trees.split(";") if t.strip()]
+    args.tree_list = [str(parse_tree(t)) for t in args.trees.split(";") if t.strip()]
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     except ValueError:

@@ -27,16 +27,16 @@ from .utils_io import atomic_write, env_info, write_csv, write_json  # noqa: E40
 
 
 @torch.inference_mode()
-def pass_times(target, batch: int, prefix: int, k: int, reps: int, gen) -> dict:
-    """Median ms of the three ways to verify k candidates after a prefix, interleaved per round."""
+def pass_times(target, batch: int, prefix: int, k: int, reps: int, gen, ways=("tree", "chain", "paths")) -> dict:
+    """Median ms of the ways (of three) to verify k candidates after a prefix, interleaved per round."""
     device = next(target.parameters()).device
     V = target.get_output_embeddings().weight.shape[0]
     ids = torch.randint(0, V, (batch, prefix), generator=gen).to(device)
     mask = torch.ones_like(ids)
     kv = BatchedKVCacheModel(target, SamplingParams(temperature=1.0))
     kv.prefill(ids, mask)
-    wide = TreeShape((k,))
-    times = {"tree": [], "chain": [], "paths": []}
+    wide = TreeShape.from_branching((k,))
+    times = {name: [] for name in ways}
 
     def tree():
         kv.forward_tree(ids, mask, new, wide.ancestors, wide.depths)
@@ -53,13 +53,13 @@ def pass_times(target, batch: int, prefix: int, k: int, reps: int, gen) -> dict:
             kv.catch_up(seq, torch.ones_like(seq))
             kv.rollback(prefix)
 
-    ways = {"tree": tree, "chain": chain, "paths": paths}
+    run_way = {"tree": tree, "chain": chain, "paths": paths}
     names = list(ways)
     for rep in range(reps + 1):                                  # round 0 is the warm-up
         for name in [names[(i + rep) % len(names)] for i in range(len(names))]:
             new = torch.randint(0, V, (batch, k), generator=gen).to(device)
             t0 = now(device)
-            ways[name]()
+            run_way[name]()
             if rep:
                 times[name].append(1000 * (now(device) - t0))
     return {f"{n}_ms": statistics.median(t) for n, t in times.items()}

@@ -44,9 +44,9 @@ class BatchedKVCacheModel(KVCacheModel):
     def forward_tree(self, seq: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, allow: torch.Tensor,
                      depth: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One forward pass over the chain tokens of seq [b, S] the cache lacks, then tree nodes
-        tokens [b, n]. allow [n, T + n]: which tree slots each new node sees (the T already cached
-        after the chain, then the n new ones, itself included); depth [n]: each node's depth below
-        the chain's last token. Returns the probs after the chain's last token [b, V] (None when
+        tokens [b, n]. allow [n, T + n] or, a tree per row, [b, n, T + n]: which tree slots each new
+        node sees (the T already cached after the chain, then the n new ones, itself included);
+        depth [n] or [b, n]: each node's depth below the chain's last token. Returns the probs after the chain's last token [b, V] (None when
         the cache held the whole chain) and after each node [b, n, V]."""
         L, T, n, b = self.length, self.tree_len, tokens.shape[1], len(seq)
         P = seq.shape[1] - L                                              # pending chain tokens
@@ -59,7 +59,8 @@ class BatchedKVCacheModel(KVCacheModel):
         dtype = next(self.model.parameters()).dtype
         mask4 = torch.zeros(allow4.shape, dtype=dtype, device=dev).masked_fill(~allow4, torch.finfo(dtype).min)
         real = mask.long().sum(-1, keepdim=True)                          # [b, 1] real tokens in the chain
-        pos = torch.cat([position_ids(mask)[:, L:], real - 1 + depth.to(dev).unsqueeze(0)], dim=1)  # [b, P + n]
+        depth = depth.to(dev) if depth.dim() == 2 else depth.to(dev).unsqueeze(0)     # [b or 1, n]
+        pos = torch.cat([position_ids(mask)[:, L:], (real - 1 + depth).expand(b, n)], dim=1)  # [b, P + n]
         out = self.model(input_ids=torch.cat([seq[:, L:], tokens], dim=1), attention_mask=mask4.unsqueeze(1),
                          position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=P + n)
         self.calls += 1
@@ -71,14 +72,19 @@ class BatchedKVCacheModel(KVCacheModel):
         self._hist = None
         past = self.tree_tokens if T else tokens[:, :0]
         all_tokens = torch.cat([past, tokens], dim=1)                     # [b, T + n]
-        if self.params.uses_prefix:                                       # each node: chain + its ancestors
-            nodes = []
-            for j in range(n):
-                anc = allow[j].cpu().nonzero().squeeze(1).to(dev)         # tree slots, in order (no device sync)
-                pre = torch.cat([seq, all_tokens[:, anc]], dim=1)
-                pm = torch.cat([mask, mask.new_ones(b, len(anc))], dim=1)
-                nodes.append(norm_logits(logits[:, P + j:P + j + 1], self.params, pre, pm))
-            p_nodes = torch.cat(nodes, 1) if nodes else logits[:, P:].float()
+        if self.params.uses_prefix and n:                                 # each node: chain + its ancestors
+            allow_host = allow.cpu()                                      # one transfer, then host indexing
+            groups = [slice(None)] if allow.dim() == 2 else [slice(i, i + 1) for i in range(b)]
+            rows = []
+            for r in groups:                                              # all rows at once, or a tree per row
+                al, nodes = allow_host if allow.dim() == 2 else allow_host[r][0], []
+                for j in range(n):
+                    anc = al[j].nonzero().squeeze(1).to(dev)              # tree slots, in order
+                    pre = torch.cat([seq[r], all_tokens[r][:, anc]], dim=1)
+                    pm = torch.cat([mask[r], mask[r].new_ones(len(pre), len(anc))], dim=1)
+                    nodes.append(norm_logits(logits[r, P + j:P + j + 1], self.params, pre, pm))
+                rows.append(torch.cat(nodes, 1))
+            p_nodes = torch.cat(rows, 0)
         else:
             p_nodes = norm_logits(logits[:, P:], self.params)             # [b, n, V]
         self.tree_len, self.tree_tokens = T + n, all_tokens

@@ -8,7 +8,7 @@ import torch
 from .autoregressive_sampling import autoregressive_sampling
 from .rows import now
 from .speculative_bass import bass_sampling, tree_sampling
-from .tree import TreeShape
+from .tree import parse_tree
 from .utils import SamplingParams
 from .utils_bass import GammaSchedule, ScheduleParams
 
@@ -130,7 +130,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     for the adaptive schedules "bass" and "aimd"; None picks ``default_gamma``. The schedule is
     ``gamma_schedule`` (a kind) or ``schedule`` (a kind and its constants), not both unless they agree.
     ``finished_rows`` (bass, tree): "drop" a finished row from both caches or keep it "mask"ed.
-    ``tree`` (mode "tree"): branching factors per depth, "4,2,1,1" or (4, 2, 1, 1) (``sampling.tree``).
+    ``tree`` (mode "tree"): branching factors per depth, "4,2,1,1" or (4, 2, 1, 1), or a dynamic tree
+    "dynamic:N[:D[:K]]" (EAGLE-2: N draft tokens, D levels, K children per expanded node; ``sampling.tree``).
     ``vocab_size``: restrict every distribution to the first ids, for a pair that shares a tokenizer
     but pads its embeddings to different sizes. ``streamer`` (batch 1): a transformers streamer
     (``TextStreamer``) that is given the tokens as they are accepted.
@@ -143,7 +144,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty)
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
-    shape = TreeShape.parse(tree) if mode == "tree" else None
+    shape = parse_tree(tree) if mode == "tree" else None
     vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens, vocab_size)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")

@@ -86,9 +86,10 @@ def tree_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
                   max_new_tokens: int, tree, eos_token_id: int | None, generator: torch.Generator | None,
                   finished_rows: str = "drop", vocab: int | None = None, streamer=None):
     """The speculative loop with a draft tree (``sampling.tree``), batched like BASS."""
-    from .tree import TreeDrafter, TreeVerifier
+    from .tree import DynamicTree, DynamicTreeDrafter, TreeDrafter, TreeVerifier
     from .utils_bass import ScheduleParams
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
     verifier = TreeVerifier(target, params, vocab)                  # checks the target's architecture first
-    return speculative_decode(TreeDrafter(draft, params, vocab, tree), verifier, input_ids, mask, GammaSchedule(tree.depth, ScheduleParams()), rows, finished_rows,
-                              generator)
+    drafter = (DynamicTreeDrafter if isinstance(tree, DynamicTree) else TreeDrafter)(draft, params, vocab, tree)
+    return speculative_decode(drafter, verifier, input_ids, mask, GammaSchedule(tree.depth, ScheduleParams()), rows,
+                              finished_rows, generator)

@@ -1,4 +1,4 @@
-"""Draft trees verified with tree attention in one target pass (SpecInfer, Medusa, Sequoia).
+"""Draft trees verified with tree attention in one target pass (SpecInfer, Medusa, Sequoia, EAGLE-2).
 
 A static tree is given by its branching factors per depth: ``(4, 2, 1)`` puts four candidates for
 the next token, two under each of those, then one under each: 4 + 8 + 8 = 20 nodes, depth 3.
@@ -10,10 +10,16 @@ seeing the prefix and its ancestors through a 4D mask); the target runs the pend
 whole tree in one pass; ``tree_accept`` walks it from the root. Afterwards both caches keep only
 the accepted path, copied into place (``BatchedKVCacheModel.keep_tree``), with BASS's hole masking
 where rows accepted paths of different lengths.
+
+A dynamic tree (EAGLE-2, Li et al. 2024, arXiv 2406.16858), ``"dynamic:N:D:K"``, is grown anew every
+step and for every row: D levels, one draft pass each over the K nodes of the level with the
+highest cumulative draft probability (the product of q along the path), K children each; then the
+N best nodes of all levels are kept. ``parse_tree`` reads either kind.
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -28,63 +34,118 @@ MAX_NODES = 256
 
 @dataclass(frozen=True)
 class TreeShape:
-    branching: tuple[int, ...]    # children per node at each depth
+    paths: tuple[tuple[int, ...], ...]   # each node as its sibling ranks from the root, in level order
+
+    @staticmethod
+    def from_branching(branching) -> "TreeShape":
+        """The tree with ``branching[d]`` children under every node of depth d."""
+        paths, level = [], [()]
+        for k in branching:
+            level = [p + (j,) for p in level for j in range(k)]
+            paths += level
+        return _shape(tuple(paths))
 
     @staticmethod
     def parse(tree) -> "TreeShape":
-        """A TreeShape from "4,2,1", (4, 2, 1) or a TreeShape; ValueError naming the bad value."""
+        """A TreeShape from branching factors ("4,2,1", (4, 2, 1)) or rank paths (Medusa's and
+        Sequoia's "choices": "paths:0,1,0.0" or [(0,), (1,), (0, 0)], a node's j-th child being the
+        j-th candidate drawn under it); ValueError naming the bad value."""
         if isinstance(tree, TreeShape):
-            shape = tree
-        else:
+            return tree
+        if isinstance(tree, str) and tree.strip().startswith("paths:"):
             try:
-                parts = tree.split(",") if isinstance(tree, str) else list(tree)
-                shape = TreeShape(tuple(int(str(p).strip()) for p in parts))
-            except (TypeError, ValueError):
-                raise ValueError(f"tree must be branching factors per depth such as 4,2,1,1, got {tree!r}") from None
-        if not shape.branching or min(shape.branching) < 1:
+                paths = [tuple(int(r) for r in p.split(".")) for p in tree.strip()[6:].split(",") if p.strip()]
+            except ValueError:
+                raise ValueError(f"tree paths are dot-separated sibling ranks such as paths:0,1,0.0, got {tree!r}") from None
+            return TreeShape.of_paths(paths, tree)
+        if isinstance(tree, (list, tuple)) and tree and all(isinstance(p, (list, tuple)) for p in tree):
+            return TreeShape.of_paths([tuple(p) for p in tree], tree)
+        try:
+            parts = tree.split(",") if isinstance(tree, str) else list(tree)
+            branching = tuple(int(str(p).strip()) for p in parts)
+        except (TypeError, ValueError):
+            raise ValueError(f"tree must be branching factors per depth such as 4,2,1,1, got {tree!r}") from None
+        if not branching or min(branching) < 1:
             raise ValueError(f"tree needs at least one depth and every branching factor >= 1, got {tree!r}")
-        if shape.n > MAX_NODES:
-            raise ValueError(f"tree {tree!r} has {shape.n} nodes; at most {MAX_NODES} are allowed")
-        return shape
+        n = sum(math.prod(branching[:d + 1]) for d in range(len(branching)))
+        if n > MAX_NODES:
+            raise ValueError(f"tree {tree!r} has {n} nodes; at most {MAX_NODES} are allowed")
+        return TreeShape.from_branching(branching)
+
+    @staticmethod
+    def of_paths(paths: list[tuple[int, ...]], given) -> "TreeShape":
+        have = set(paths)
+        if not paths or len(have) != len(paths) or len(paths) > MAX_NODES:
+            raise ValueError(f"tree paths must be 1 to {MAX_NODES} distinct nodes, got {given!r}")
+        for p in paths:
+            if not p or min(p) < 0 or (len(p) > 1 and p[:-1] not in have) or (p[-1] and p[:-1] + (p[-1] - 1,) not in have):
+                raise ValueError(f"tree paths: node {'.'.join(map(str, p))} needs its parent and its elder siblings "
+                                 f"(ranks >= 0), got {given!r}")
+        return _shape(tuple(sorted(paths, key=lambda p: (len(p), p))))
+
+    @cached_property
+    def branching(self) -> tuple[int, ...] | None:
+        """Children per node at each depth when every node of a depth has as many; else None."""
+        out, level = [], 1
+        for lvl in self.levels:
+            k, rem = divmod(len(lvl), level)
+            if rem or TreeShape.from_branching(tuple(out) + (k,)).paths != self.paths[:lvl.stop]:
+                return None
+            out.append(k)
+            level = len(lvl)
+        return tuple(out)
 
     def __str__(self) -> str:
-        return ",".join(map(str, self.branching))
+        if self.branching is not None:
+            return ",".join(map(str, self.branching))
+        return "paths:" + ",".join(".".join(map(str, p)) for p in self.paths)
 
     @property
     def depth(self) -> int:
-        return len(self.branching)
+        return len(self.paths[-1]) if self.paths else 0
 
     def truncated(self, depth: int) -> "TreeShape":
         """The first ``depth`` levels (a step the budget cuts short); the same object each time, so
         its structure is built once, not every step."""
-        return self if depth >= self.depth else _shape(self.branching[:max(0, depth)])
+        return self if depth >= self.depth else _shape(tuple(p for p in self.paths if len(p) <= max(0, depth)))
 
     @cached_property
     def levels(self) -> list[range]:
         """Node indices of each level."""
-        out, start, width = [], 0, 1
-        for k in self.branching:
-            width *= k
-            out.append(range(start, start + width))
-            start += width
+        out, start = [], 0
+        for d in range(1, self.depth + 1):
+            stop = start + sum(len(p) == d for p in self.paths[start:])
+            out.append(range(start, stop))
+            start = stop
         return out
 
     @property
     def n(self) -> int:
-        return self.levels[-1].stop if self.branching else 0
+        return len(self.paths)
 
     @cached_property
     def parent(self) -> list[int]:
         """Parent of each node (-1: the root, i.e. the last token of the prefix)."""
+        index = {p: i for i, p in enumerate(self.paths)}
+        return [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
+
+    @cached_property
+    def picks(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per level: the most children any node of the level above has (k), and for each node of
+        the level, the index of its parent within that level above and of itself in the parents'
+        top-k candidates laid out [parents x k]."""
         out = []
-        for d, (lvl, k) in enumerate(zip(self.levels, self.branching)):
-            out += [-1 if d == 0 else self.levels[d - 1][i // k] for i in range(len(lvl))]
+        for d, lvl in enumerate(self.levels):
+            above = self.levels[d - 1].start if d else -1
+            up = [self.parent[i] - above if d else 0 for i in lvl]
+            k = max(self.paths[i][-1] for i in lvl) + 1
+            out.append((k, torch.tensor(up), torch.tensor([u * k + self.paths[i][-1] for u, i in zip(up, lvl)])))
         return out
 
     @cached_property
     def depths(self) -> torch.Tensor:
         """[n] depth of each node below the root (1: a child of the prefix's last token)."""
-        return torch.tensor([d + 1 for d, lvl in enumerate(self.levels) for _ in lvl], dtype=torch.long)
+        return torch.tensor([len(p) for p in self.paths], dtype=torch.long)
 
     @cached_property
     def ancestors(self) -> torch.Tensor:
@@ -99,7 +160,7 @@ class TreeShape:
 
     @cached_property
     def children(self) -> dict[int, list[int]]:
-        """Children of each node, the root (-1) included; leaves have none."""
+        """Children of each node, the root (-1) included, in rank order; leaves have none."""
         out = {-1: []}
         for i, p in enumerate(self.parent):
             out.setdefault(p, []).append(i)
@@ -108,8 +169,90 @@ class TreeShape:
 
 
 @functools.lru_cache(maxsize=None)
-def _shape(branching: tuple[int, ...]) -> TreeShape:
-    return TreeShape(branching)
+def _shape(paths: tuple[tuple[int, ...], ...]) -> TreeShape:
+    return TreeShape(paths)
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    n: int        # draft tokens kept per step and row (N)
+    depth: int    # levels drafted, one draft pass each (D)
+    k: int        # nodes expanded per level, and children drawn under each (K)
+
+    DEFAULT_DEPTH, DEFAULT_K = 5, 4
+
+    @staticmethod
+    def parse(tree: str) -> "DynamicTree":
+        """"dynamic:N", "dynamic:N:D" or "dynamic:N:D:K"; ValueError naming the bad value."""
+        try:
+            nums = [int(x) for x in tree.split(":")[1:]]
+        except ValueError:
+            nums = []
+        if not 1 <= len(nums) <= 3:
+            raise ValueError(f"a dynamic tree is dynamic:N[:D[:K]] with integers N, D, K, got {tree!r}")
+        n = nums[0]
+        d = nums[1] if len(nums) > 1 else min(n, DynamicTree.DEFAULT_DEPTH)
+        k = nums[2] if len(nums) > 2 else min(n, DynamicTree.DEFAULT_K)
+        if not (1 <= n <= MAX_NODES and 1 <= d <= n and 1 <= k <= n):
+            raise ValueError(f"dynamic tree {tree!r}: need 1 <= N <= {MAX_NODES} draft tokens, 1 <= D <= N levels "
+                             f"and 1 <= K <= N children")
+        shape = DynamicTree(n, d, k)
+        if shape.pool(d) < n:
+            raise ValueError(f"dynamic tree {tree!r}: D={d} levels of K={k} hold {shape.pool(d)} candidates, "
+                             f"fewer than N={n}; raise D or K")
+        return shape
+
+    def __str__(self) -> str:
+        return f"dynamic:{self.n}:{self.depth}:{self.k}"
+
+    def pool(self, depth: int) -> int:
+        """Candidates drafted in ``depth`` levels: K at the first, K x K below it."""
+        return self.k + max(0, depth - 1) * self.k * self.k
+
+
+def parse_tree(tree):
+    """A static TreeShape ("4,2,1", (4, 2, 1)) or a DynamicTree ("dynamic:N[:D[:K]]")."""
+    if isinstance(tree, (TreeShape, DynamicTree)):
+        return tree
+    if isinstance(tree, str) and tree.strip().startswith("dynamic"):
+        return DynamicTree.parse(tree.strip())
+    return TreeShape.parse(tree)
+
+
+@dataclass
+class RowTrees:
+    """One step's dynamic trees, one per row, each of ``n`` nodes in level order (parents first,
+    siblings in the order they were drawn)."""
+    n: int                          # nodes per row
+    depth: int                      # levels
+    parent: torch.Tensor            # [b, n] each node's parent (-1: the root)
+    depths: torch.Tensor            # [b, n] depth below the root, 1 for the root's children
+    fed: torch.Tensor               # [b, n] the node's slot in the draft's tree cache, -1: not fed
+
+    @cached_property
+    def ancestors(self) -> torch.Tensor:
+        """[b, n, n] bool: node j is node i or one of its ancestors."""
+        b, n = self.parent.shape
+        hop = torch.zeros(b, n, n + 1, device=self.parent.device)
+        hop.scatter_(2, (self.parent % (n + 1)).unsqueeze(-1), 1.0)      # the root (-1) goes to column n
+        hop = hop[..., :n]                                               # [b, n, n] one step up
+        anc = reach = torch.eye(n, device=self.parent.device).expand(b, n, n)
+        for _ in range(self.depth - 1):
+            reach = reach @ hop
+            anc = anc + reach
+        return anc > 0
+
+    @cached_property
+    def children(self) -> list[dict[int, list[int]]]:
+        """Per row: node -> its children in the order they were drawn (-1 is the root)."""
+        out = []
+        for par in self.parent.tolist():
+            kids = {-1: []}
+            for i, p in enumerate(par):
+                kids.setdefault(p, []).append(i)
+                kids.setdefault(i, [])
+            out.append(kids)
+        return out
 
 
 def check_tree_model(model, role: str) -> None:
@@ -146,12 +289,13 @@ class TreeDrafter(CachedPart):
             return Draft(seq[:, :0], None, tree)
         dists = self.kv.catch_up(seq, mask).unsqueeze(1)                     # [b, 1, V] the root's q
         tokens, qs = [], []
-        for d, k in enumerate(tree.branching):
+        for d, (k, up, pick) in enumerate(tree.picks):
             b, m, V = dists.shape
             flat = dists.reshape(b * m, V)
-            kids = (flat if self.greedy else gumbel_keys(flat, generator)).topk(k, dim=-1).indices.view(b, m * k)
-            tokens.append(kids)                                              # [b, m * k]
-            qs.append(dists.repeat_interleave(k, dim=1))                     # [b, m * k, V]
+            top = (flat if self.greedy else gumbel_keys(flat, generator)).topk(k, dim=-1).indices.view(b, m * k)
+            kids = top[:, pick.to(top.device)]                               # [b, w] each node's rank under its parent
+            tokens.append(kids)                                              # [b, w], w nodes in the level
+            qs.append(dists[:, up.to(dists.device)])                         # [b, w, V] the parents' laws
             if d + 1 < tree.depth:                                           # the last level is not fed
                 lvl = tree.levels[d]
                 dists = self.kv.forward_tree(seq, mask, kids, tree.ancestors[lvl.start:lvl.stop, :lvl.stop],
@@ -164,6 +308,85 @@ class TreeDrafter(CachedPart):
         if self.kv.tree_len:
             keep = min(acc.nodes.shape[1], self.cached)
             self.kv.keep_tree(acc.nodes[:, :keep], acc.n.clamp(max=keep))
+
+
+class DynamicTreeDrafter(TreeDrafter):
+    """The draft model grows a dynamic tree per row (EAGLE-2), one forward pass per level.
+
+    Every candidate child has a score, the log of the cumulative draft probability along its path;
+    each level the K best candidates are expanded (fed to the draft, K children each), and at the
+    end the N best of all candidates are kept. A candidate's score is its parent's plus the log of
+    the j-th largest probability of the parent's q, j its rank among its siblings: under greedy the
+    children are the K most likely tokens, so that is their own probability; under sampling they
+    are K draws without replacement and the scores depend on no draw, so whether a node keeps its
+    j-th child is decided before that child is drawn (tree_accept's rule stays exact). Ties keep
+    the candidate made first, so a kept node's parent and elder siblings are kept too.
+    """
+
+    def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
+        spec = self.shape
+        depth = min(spec.depth, g)
+        self.cached = 0
+        if depth <= 0:
+            return Draft(seq[:, :0], None, _shape(()))
+        b, dev, K = len(seq), seq.device, spec.k
+        dists = self.kv.catch_up(seq, mask).unsqueeze(1)                     # [b, 1, V] the root's q
+        f_score = torch.zeros(b, 1, device=dev)                              # [b, m] frontier scores
+        f_pool = torch.full((b, 1), -1, device=dev)                          # [b, m] frontier in the pool
+        f_cache = f_pool                                                     # [b, m] frontier in the cache
+        cache_anc = torch.zeros(b, 0, 0, dtype=torch.bool, device=dev)       # [b, T, T] fed nodes' ancestry
+        toks, scores, parents, qs, fed, levels = [], [], [], [], [], []
+        for d in range(depth):
+            m, V = dists.shape[1], dists.shape[2]
+            flat = dists.reshape(b * m, V)
+            top = flat.topk(K, dim=-1)                                       # the K largest q, sorted
+            kids = top.indices if self.greedy else gumbel_keys(flat, generator).topk(K, dim=-1).indices
+            base = sum(t.shape[1] for t in toks)
+            toks.append(kids.view(b, m * K))                                 # [b, m * K]
+            score = f_score.unsqueeze(-1) + top.values.view(b, m, K).clamp(max=1).log()
+            scores.append(score.view(b, m * K))                              # [b, m * K]
+            parents.append(f_pool.repeat_interleave(K, dim=1))               # [b, m * K]
+            fed.append(torch.full((b, m * K), -1, device=dev))
+            levels.append(torch.full((m * K,), d + 1, device=dev))
+            if not self.greedy:
+                qs.append(dists.repeat_interleave(K, dim=1))                 # [b, m * K, V] the parents' q
+            if d + 1 == depth:                                               # the last level is not fed
+                break
+            # expand the K best candidates of this level: one draft pass with their ancestry
+            order = torch.sort(-scores[-1], dim=1, stable=True).indices[:, :K]   # [b, K]
+            T = cache_anc.shape[1]
+            up = f_cache.repeat_interleave(K, dim=1).gather(1, order)        # [b, K] parents' cache slots
+            rows = torch.cat([cache_anc, torch.zeros(b, 1, T, dtype=torch.bool, device=dev)], 1)  # [b, T + 1, T]
+            allow = torch.cat([rows.gather(1, (up % (T + 1)).unsqueeze(-1).expand(b, K, T)),
+                               torch.eye(K, dtype=torch.bool, device=dev).expand(b, K, K)], 2)   # [b, K, T + K]
+            f_tok, f_score, f_pool = toks[-1].gather(1, order), scores[-1].gather(1, order), base + order
+            f_cache = T + torch.arange(K, device=dev).expand(b, K)
+            fed[-1].scatter_(1, order, f_cache)
+            cache_anc = torch.cat([torch.cat([cache_anc, torch.zeros(b, T, K, dtype=torch.bool, device=dev)], 2),
+                                   allow], 1)                                # [b, T + K, T + K]
+            dists = self.kv.forward_tree(seq, mask, f_tok, allow, torch.full((K,), d + 1, device=dev))[1]
+            self.cached += 1
+        # keep the N best candidates, in the order they were made (parents before children)
+        score, P = torch.cat(scores, 1), sum(t.shape[1] for t in toks)       # [b, P]
+        n = min(spec.n, P)
+        keep = torch.sort(-score, dim=1, stable=True).indices[:, :n].sort(dim=1).values  # [b, n]
+        new_index = torch.full((b, P + 1), -1, device=dev)
+        new_index.scatter_(1, keep, torch.arange(n, device=dev).expand(b, n))
+        parent = new_index.gather(1, torch.cat(parents, 1).gather(1, keep) % (P + 1))   # [b, n], -1: root
+        tree = RowTrees(n, depth, parent, torch.cat(levels).expand(b, -1).gather(1, keep),
+                        torch.cat(fed, 1).gather(1, keep))
+        q = None if self.greedy else torch.cat(qs, 1).gather(1, keep.unsqueeze(-1).expand(b, n, qs[0].shape[-1]))
+        self._tree = tree
+        return Draft(torch.cat(toks, 1).gather(1, keep), q, tree)            # tokens [b, n], q [b, n, V]
+
+    def commit(self, acc) -> None:
+        """Keep the accepted path's nodes that went through the draft, as far as every row's path
+        has them (a row's last node may not have been fed; it is fed with the next step)."""
+        if self.kv.tree_len:
+            slots = self._tree.fed.gather(1, acc.nodes) if acc.nodes.shape[1] else acc.nodes   # [b, n_max]
+            ok = (slots >= 0) | (torch.arange(slots.shape[1], device=slots.device) >= acc.n.unsqueeze(1))
+            keep = int(ok.all(0).long().cumprod(0).sum()) if slots.shape[1] else 0
+            self.kv.keep_tree(slots[:, :keep].clamp(min=0), acc.n.clamp(max=keep))
 
 
 class TreeVerifier(CachedPart):

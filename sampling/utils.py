@@ -156,7 +156,8 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
 
     p_root: [b, V] target probs after the prefix; p: [b, n, V] after each node; q: [b, n, V] the law
     of each node's parent, which its children were drawn from without replacement, in order;
-    tokens: [b, n]; children: node -> its children (-1 is the root).
+    tokens: [b, n]; children: node -> its children (-1 is the root), one dict for every row or a
+    list of one per row.
     Sampling: at a node with target law r and draft law q, each child x in turn is accepted with
     probability min(1, r(x) / q(x)); a rejection replaces r by norm(max(0, r - q)) and then q by
     q without x, renormalised; a child with q(x) = 0 (the draft had fewer tokens than children) is
@@ -164,19 +165,17 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     from the leaf's p (the bonus). That keeps the target's law exactly (Sequoia, Chen et al. 2024,
     on sampling without replacement; tests/test_tree.py checks it by chi-square). Greedy: the child
     equal to the target's argmax, else the argmax itself.
-    Returns n [b] accepted nodes, next [b], and path [b, depth] the accepted nodes (padded with 0).
+    Returns n [b] accepted nodes, next [b], and path [b, max(n)] the accepted nodes (padded with 0).
     """
     b = p_root.shape[0]
-    depth, u = 0, -1
-    while children[u]:
-        depth, u = depth + 1, children[u][0]
+    kids_of = children if isinstance(children, list) else [children] * b
     toks = tokens.tolist()
     if greedy:                      # every position's argmax at once: one transfer, then a walk on lists
         best_root = p_root.argmax(-1).tolist()
         best = p.argmax(-1).tolist() if p is not None else [[] for _ in range(b)]
     ns, nexts, paths = [], [], []
     for i in range(b):
-        u, steps = -1, []
+        u, steps, children = -1, [], kids_of[i]
         if greedy:
             a = best_root[i]
             while (c := next((c for c in children[u] if toks[i][c] == a), None)) is not None:
@@ -202,7 +201,9 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
                     break
                 r = p[i, u]
         ns.append(len(steps))
-        paths.append(steps + [0] * (depth - len(steps)))
+        paths.append(steps)
+    depth = max(ns)
+    paths = [s + [0] * (depth - len(s)) for s in paths]
     dev = tokens.device
     return (torch.tensor(ns, dtype=torch.long, device=dev), torch.tensor(nexts, dtype=torch.long, device=dev),
             torch.tensor(paths, dtype=torch.long, device=dev).view(b, depth))

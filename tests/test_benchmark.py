@@ -320,3 +320,67 @@ def test_tree_cost_writes_csv_and_plot(pair, capsys, tmp_path):
     assert (tmp_path / "tree_cost.png").exists()
     code, out, err = cli(tree_cost, argv, capsys)
     assert code == 2 and "tree_cost.csv exists" in err
+
+
+def _ordered_trees(n: int, depth: int):
+    """Every ordered tree of n nodes at most depth deep, as its children's subtrees (brute force)."""
+    if n == 0:
+        yield ()
+        return
+    if depth == 0:
+        return
+    for s in range(1, n + 1):                   # the first child's subtree has s nodes
+        for first in _ordered_trees(s - 1, depth - 1):
+            for rest in _ordered_trees(n - s, depth):
+                yield (first,) + rest
+
+
+def test_best_trees_beat_every_tree_of_their_size():
+    from benchmark.tree_fit import best_trees, expected_accepted
+    from sampling.tree import TreeShape
+    r = [0.55, 0.2, 0.1, 0.05]
+
+    def paths(kids, prefix=()):
+        return [p for rank, sub in enumerate(kids) for p in [prefix + (rank,)] + paths(sub, prefix + (rank,))]
+
+    best = best_trees(r, range(1, 7), 3)
+    for n in range(1, 7):
+        brute = max(expected_accepted(TreeShape.of_paths(paths(t), t), r) for t in _ordered_trees(n, 3))
+        value, shape = best[n]
+        assert shape.n == n and shape.depth <= 3
+        assert value == pytest.approx(brute) == pytest.approx(expected_accepted(shape, r))
+    chain = TreeShape.parse("1,1,1")
+    assert expected_accepted(chain, r) == pytest.approx(0.55 + 0.55 ** 2 + 0.55 ** 3)
+    assert expected_accepted(TreeShape.parse("2,1"), r) == pytest.approx(0.55 + 0.2 + 0.55 * 0.55 + 0.2 * 0.55)
+
+
+def test_sampled_ranks_match_the_exact_first_acceptance():
+    """The simulated rule accepts the first draw with probability sum min(p, q) (exact), and the
+    greedy rank counts where the target's argmax sits in the draft's order."""
+    import torch
+    from benchmark.tree_fit import greedy_ranks, sampled_ranks
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(3, 12, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(3, 12, generator=g) * 2, -1)
+    counts = sampled_ranks(p, q, 4, 4000, torch.Generator().manual_seed(1))
+    assert counts[0].item() == pytest.approx(torch.minimum(p, q).sum().item(), abs=0.05)
+    assert counts.sum().item() <= 3 + 1e-6
+    q_rank = (q > q.gather(1, p.argmax(-1, keepdim=True))).sum(-1)
+    assert greedy_ranks(p, q, 12).tolist() == torch.bincount(q_rank, minlength=12).float().tolist()
+
+
+def test_tree_fit_writes_its_tables(pair, capsys, tmp_path):
+    from benchmark import tree_fit
+    argv = ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "4", "--repeats", "1", "--ranks", "4",
+            "--trials", "4", "--sizes", "2,3", "--max_depth", "3", "--shapes", "1,1;2,1;dynamic:4",
+            "--target_model_name", pair["target"], "--approx_model_name", pair["draft"], "--out", str(tmp_path)]
+    code, out, err = cli(tree_fit, argv, capsys)
+    assert code == 0, err
+    fit = pd.read_csv(tmp_path / "fit.csv")
+    assert sorted(set(fit.n)) == [2, 3] and set(fit.temperature) == {0.0, 1.0}
+    assert (fit.tokens_per_call >= 1).all() and (fit.predicted_speedup > 0).all()
+    assert set(pd.read_csv(tmp_path / "expected.csv").tree) == {"1,1", "2,1"}     # dynamic trees: no formula
+    assert pd.read_csv(tmp_path / "costs.csv").tokens.tolist() == [1, 2, 3, 4, 5]    # up to 2,1's 4 nodes + 1
+    assert "dynamic:4:4:4 changes every step" in out
+    code, out, err = cli(tree_fit, argv, capsys)
+    assert code == 2 and "fit.csv exists" in err

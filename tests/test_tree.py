@@ -6,7 +6,7 @@ from stats import chi_square_pvalue
 from test_distribution import ALPHA, CASES, exact_joint
 
 from sampling import generate
-from sampling.tree import TreeShape
+from sampling.tree import DynamicTree, TreeShape, parse_tree
 from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
 TREE_ARCHS = ("llama", "gpt_neox", "gpt2", "opt")
@@ -22,9 +22,42 @@ def test_shape_structure():
     assert t.ancestors[9].nonzero().squeeze(1).tolist() == [0, 3, 9]        # node 9: 0 -> 3 -> 9
     assert t.children[-1] == [0, 1] and t.children[1] == [5, 6, 7] and t.children[13] == []
     assert TreeShape.parse((1, 1, 1, 1)).n == 4 and str(TreeShape.parse([4, 2])) == "4,2"
+    u = parse_tree("paths:0,1,2,0.0,0.1,1.0,0.0.0")               # a Sequoia-style tree: children vary per node
+    assert u.branching is None and str(u) == "paths:0,1,2,0.0,0.1,1.0,0.0.0"
+    assert u.parent == [-1, -1, -1, 0, 0, 1, 3] and u.depths.tolist() == [1, 1, 1, 2, 2, 2, 3]
+    assert parse_tree([(1,), (0,), (0, 0), (1, 0)]) is parse_tree("2,1")       # same tree, same object
 
 
-@pytest.mark.parametrize("bad", ("", "4,0", "a,b", "3,-1", "8,8,8"))
+def test_dynamic_tree_spec():
+    assert parse_tree("dynamic:16") == DynamicTree(16, 5, 4) and str(parse_tree("dynamic:3")) == "dynamic:3:3:3"
+    assert str(parse_tree(" dynamic:20:6:3 ")) == "dynamic:20:6:3" and parse_tree("2,1").n == 4
+
+
+def test_dynamic_tree_keeps_the_best_paths():
+    """Row trees from a draft equal to the target: every kept node's parent is kept, the nodes are in
+    level order, and the ancestor matrix follows the parent pointers."""
+    from sampling.tree import DynamicTreeDrafter
+    from sampling.utils import SamplingParams
+    model = tiny_model("llama", seed=14)
+    ids, mask = left_padded_batch(97, (4, 7, 2), seed=15)
+    drafter = DynamicTreeDrafter(model, SamplingParams(temperature=0), None, parse_tree("dynamic:10:4:3"))
+    drafter.prefill(ids, mask)
+    draft = drafter.propose(ids, mask, 4, None)
+    tree = draft.tree
+    assert draft.tokens.shape == (3, 10) and tree.n == 10
+    par, dep = tree.parent.tolist(), tree.depths.tolist()
+    for i in range(3):
+        for j, p in enumerate(par[i]):
+            assert p < j and dep[i][j] == (1 if p < 0 else dep[i][p] + 1)
+            assert tree.ancestors[i, j].nonzero().squeeze(1).tolist() == sorted(
+                [j] + ([] if p < 0 else tree.ancestors[i, p].nonzero().squeeze(1).tolist()))
+        assert tree.children[i][-1] == [j for j, p in enumerate(par[i]) if p < 0]
+    assert (tree.depths.max(1).values > 1).all() and (tree.fed[:, :3] >= 0).all()
+
+
+@pytest.mark.parametrize("bad", ("", "4,0", "a,b", "3,-1", "8,8,8", "dynamic", "dynamic:0", "dynamic:4:9",
+                                 "dynamic:x", "dynamic:64:2:2", "dynamic:4:2:2:2", "paths:", "paths:0,0.1",
+                                 "paths:1", "paths:0,0", "paths:0,a"))
 def test_bad_tree_is_a_one_line_error(bad):
     target = tiny_model("llama", seed=1)
     ids, mask = left_padded_batch(97, (3,), seed=1)
@@ -40,7 +73,8 @@ def test_bloom_is_refused_by_name():
 
 
 @pytest.mark.parametrize("arch", TREE_ARCHS)
-@pytest.mark.parametrize("tree", ("4,2,1,1", "1,1,1", "3,3", "2"))
+@pytest.mark.parametrize("tree", ("4,2,1,1", "1,1,1", "3,3", "2", "paths:0,1,2,0.0,0.1,1.0,0.0.0", "dynamic:8",
+                                  "dynamic:3:3:1"))
 def test_greedy_tree_equals_greedy(arch, tree):
     target = tiny_model(arch, seed=3)
     draft = noisy_copy(target, 0.3, seed=4)
@@ -52,8 +86,9 @@ def test_greedy_tree_equals_greedy(arch, tree):
     assert s["drafted"] == sum(r["drafted"] for r in s["rows"]) and sum(s["accepted_hist"]) > 0
 
 
+@pytest.mark.parametrize("tree", ("3,2,1", "dynamic:10:4:3"))
 @pytest.mark.parametrize("finished_rows", ("drop", "mask"))
-def test_rows_finishing_early(finished_rows):
+def test_rows_finishing_early(finished_rows, tree):
     target = tiny_model("llama", seed=6)
     draft = noisy_copy(target, 0.2, seed=7)
     ids, mask = left_padded_batch(97, LENGTHS, seed=8)
@@ -61,15 +96,19 @@ def test_rows_finishing_early(finished_rows):
     eos = free[1][3]
     ref = greedy_reference(target, ids, mask, 14, eos_token_id=eos)
     assert len({len(r) for r in ref}) > 1                     # rows end at different steps
-    res = generate(target, ids, mask, draft_model=draft, mode="tree", tree="3,2,1", max_new_tokens=14,
+    res = generate(target, ids, mask, draft_model=draft, mode="tree", tree=tree, max_new_tokens=14,
                    temperature=0, eos_token_id=eos, finished_rows=finished_rows)
     assert res.tokens == ref
 
 
-def test_draft_equal_to_target_accepts_whole_paths():
+@pytest.mark.parametrize("tree", ("2,2,2", "dynamic:3:3:1"))
+def test_draft_equal_to_target_accepts_whole_paths(tree):
+    """Also checks the draft's cache after compaction: a wrong key or position would make the draft
+    disagree with the target somewhere in 3 steps. (dynamic:3:3:1 is the greedy chain grown by the
+    dynamic drafter; wider dynamic trees keep the best cumulative paths, not always the greedy one.)"""
     target = tiny_model("gpt2", seed=9)
     ids, mask = left_padded_batch(97, (4, 8), seed=10)
-    res = generate(target, ids, mask, draft_model=target, mode="tree", tree="2,2,2", max_new_tokens=12, temperature=0)
+    res = generate(target, ids, mask, draft_model=target, mode="tree", tree=tree, max_new_tokens=12, temperature=0)
     assert res.tokens == greedy_reference(target, ids, mask, 12)
     assert res.stats["accepted_hist"] == [0, 0, 0, 6]         # 3 steps of 3 accepted + a bonus, 2 rows
 
@@ -101,11 +140,43 @@ def test_cache_after_compaction_equals_a_fresh_pass():
             torch.testing.assert_close(got[live], want[live])
 
 
-@pytest.mark.parametrize("tree", ("2,2", "3,1", "4,1"))
+def test_dynamic_drafter_keeps_its_fed_path():
+    """After a step the draft's cache holds the accepted nodes it fed, copied into place, as a
+    plain forward over the accepted sequence would make them (rows of different path lengths)."""
+    from sampling.kvcache_model import position_ids
+    from sampling.parts import Accepted
+    from sampling.tree import DynamicTreeDrafter
+    from sampling.utils import SamplingParams
+    model = tiny_model("llama", seed=16)
+    ids, mask = left_padded_batch(97, (4, 7), seed=17)
+    drafter = DynamicTreeDrafter(model, SamplingParams(temperature=0), None, parse_tree("dynamic:30:4:3"))
+    drafter.prefill(ids, mask)
+    draft = drafter.propose(ids, mask, 4, None)
+    tree = draft.tree
+    paths = []                                                # all 30 candidates kept
+    for i, want in enumerate((3, 2)):                         # row 0 a fed node at depth 3, row 1 at depth 2
+        j = next(j for j in range(tree.n) if tree.fed[i, j] >= 0 and tree.depths[i, j] == want)
+        paths.append(tree.ancestors[i, j].nonzero().squeeze(1).tolist())
+    nodes = torch.tensor([paths[0], paths[1] + [0]])
+    n = torch.tensor([3, 2])
+    drafter.commit(Accepted(n, torch.zeros(2, dtype=torch.long), draft.tokens.gather(1, nodes), nodes, ids.shape[1]))
+    kept = torch.cat([ids, draft.tokens.gather(1, nodes)], 1)
+    kept_mask = torch.cat([mask, torch.tensor([[1, 1, 1], [1, 1, 0]])], 1)
+    assert drafter.kv.mask.tolist() == kept_mask.tolist() and drafter.kv.tree_len == 0
+    with torch.no_grad():
+        ref = model(input_ids=kept, attention_mask=kept_mask, position_ids=position_ids(kept_mask), use_cache=True)
+    for layer, ref_layer in zip(drafter.kv.cache.layers, ref.past_key_values.layers):
+        live = kept_mask.bool()[:, None, :, None].expand_as(ref_layer.keys)
+        torch.testing.assert_close(layer.keys[live], ref_layer.keys[live])
+        torch.testing.assert_close(layer.values[live], ref_layer.values[live])
+
+
+@pytest.mark.parametrize("tree", ("2,2", "3,1", "4,1", "paths:0,1,2,3,0.0,0.1,1.0", "dynamic:4:2:2", "dynamic:6:3:3"))
 @pytest.mark.parametrize("case", ("t1", "t0.7-topk3", "t1.3-topp0.8"))
 def test_tree_joint_law(tree, case):
     """Joint law of the first 3 new tokens against enumeration; siblings drawn without replacement
-    (with top-k 3, a node of 4 children has one drawn after the draft's support ran out)."""
+    (with top-k 3, a node of 4 children has one drawn after the draft's support ran out). The
+    dynamic trees keep a different number of children under each node, chosen before they are drawn."""
     V, K = 5, 3
     params = CASES[case]
     target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)

@@ -68,6 +68,9 @@ class TrainConfig:
     gen_tokens: int = 192              # length of each continuation
     warmup: int = 60                   # linear warm-up steps, then cosine decay to 10%
     threads: int = 0                   # torch threads (0: torch's default)
+    stage: str = "pair"                # "pair": tokenizer, target and draft; "draft": distil one more
+                                       # draft from the target and tokenizer already in <out>/target
+    draft_name: str = "draft"          # folder under <out> the draft is written to
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -165,6 +168,11 @@ def llama(cfg: TrainConfig, layers: int, dim: int, ffn: int, heads: int, eos_id:
                          tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id,
                          pad_token_id=eos_id, rope_theta=10000.0)
     return LlamaForCausalLM(config)
+
+
+def load_target(path: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -307,6 +315,13 @@ def main(argv=None):
         ap.add_argument(f"--{field}", type=type(default), default=default,
                         help=f"TrainConfig.{field} (default {default})")
     cfg = TrainConfig(**vars(ap.parse_args(argv)))
+    if cfg.stage not in ("pair", "draft"):
+        ap.error(f"--stage {cfg.stage!r}: choose 'pair' or 'draft'")
+    if cfg.stage == "draft" and not os.path.isdir(os.path.join(cfg.out, "target")):
+        ap.error(f"--stage draft needs a trained target in {os.path.join(cfg.out, 'target')!r}")
+    if cfg.stage == "draft" and os.path.exists(os.path.join(cfg.out, cfg.draft_name)):
+        ap.error(f"--draft_name {cfg.draft_name!r}: {os.path.join(cfg.out, cfg.draft_name)} exists; "
+                 "pick a new name")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -316,7 +331,11 @@ def main(argv=None):
 
     docs = load_corpus()
     val_docs, train_docs = docs[::50], [d for i, d in enumerate(docs) if i % 50]
-    tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
+    if cfg.stage == "pair":
+        tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
+    else:                                                       # the target's own tokenizer
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(cfg.out, "target"))
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
 
     def stream(ds):
@@ -329,20 +348,27 @@ def main(argv=None):
     print(f"corpus: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M characters, "
           f"{len(train) / 1e6:.2f}M train tokens, {len(val) / 1e3:.0f}k validation tokens", flush=True)
 
-    log = Log(os.path.join(cfg.out, "training_log.csv"))
-    target = train_target(cfg, train, val, eos_id, log, t0)
-    save(target, tokenizer, os.path.join(cfg.out, "target"), eos_id)
+    if cfg.stage == "pair":
+        log = Log(os.path.join(cfg.out, "training_log.csv"))
+        target = train_target(cfg, train, val, eos_id, log, t0)
+        save(target, tokenizer, os.path.join(cfg.out, "target"), eos_id)
+        suffix = ""
+    else:                                                       # one more draft for the same target
+        log = Log(os.path.join(cfg.out, f"training_log_{cfg.draft_name}.csv"))
+        target = load_target(os.path.join(cfg.out, "target"))
+        suffix = f"_{cfg.draft_name}"
     samples = target_continuations(cfg, target, train, eos_id)
     draft = distill_draft(cfg, target, train, samples, eos_id, log, t0)
-    save(draft, tokenizer, os.path.join(cfg.out, "draft"), eos_id)
+    save(draft, tokenizer, os.path.join(cfg.out, cfg.draft_name), eos_id)
     summary = {"config": asdict(cfg), "documents": len(docs), "train_tokens": len(train),
-               "target_tokens_seen": cfg.target_steps * cfg.target_batch * cfg.seq_len,
+               "target_tokens_seen": cfg.target_steps * cfg.target_batch * cfg.seq_len
+               if cfg.stage == "pair" else None,
                "target_val_loss": val_loss(target, val, cfg.seq_len),
                "draft_val_loss": val_loss(draft, val, cfg.seq_len),
                "params_target": sum(p.numel() for p in target.parameters()),
                "params_draft": sum(p.numel() for p in draft.parameters()),
                "wall_time_s": round(time.time() - t0)}
-    with open(os.path.join(cfg.out, "training_summary.json"), "w") as f:
+    with open(os.path.join(cfg.out, f"training_summary{suffix}.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
 
