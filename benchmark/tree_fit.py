@@ -11,8 +11,8 @@
 3. Cost: one target pass over k tokens and one draft pass over w tokens, measured on this machine;
    predicted speedup over AR = tokens per step x (one target pass) / (the step's passes).
 
-Writes ranks.csv, costs.csv, fit.csv (the best tree for each n and temperature) and expected.csv
-(the given ``--shapes``) under --out:
+Writes ranks.csv, costs.csv, fit.csv (the best tree for each n and temperature), expected.csv
+(the given ``--shapes``) and fit.png under --out:
 
     python -m benchmark.tree_fit --dataset_path ../shared/dolly/dolly-sample.jsonl --samples 24 \\
         --shapes "1,1,1,1;3,2,1" --out results/trees/fit
@@ -23,17 +23,21 @@ import functools
 import math
 import os
 
-import pandas as pd
-import torch
+import matplotlib
 
-from sampling import generate
-from sampling.cli import Parser, add_model_args, run
-from sampling.tree import MAX_NODES, TreeShape, gumbel_keys, parse_tree
-from sampling.utils import SamplingParams, max_fn, norm_logits
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
-from .runner import add_bench_args, prepare
-from .tree_cost import pass_times
-from .utils_io import env_info, write_csv, write_json
+from sampling import generate  # noqa: E402
+from sampling.cli import Parser, add_model_args, run  # noqa: E402
+from sampling.tree import MAX_NODES, TreeShape, gumbel_keys, parse_tree  # noqa: E402
+from sampling.utils import SamplingParams, max_fn, norm_logits  # noqa: E402
+
+from .runner import add_bench_args, prepare  # noqa: E402
+from .tree_cost import pass_times  # noqa: E402
+from .utils_io import atomic_write, env_info, write_csv, write_json  # noqa: E402
 
 
 @torch.inference_mode()
@@ -133,6 +137,27 @@ def step_ms(shape: TreeShape, target_ms: dict, draft_ms: dict) -> float:
     return draft_ms[1] + sum(draft_ms[w] for w in widths) + target_ms[shape.n + 1]
 
 
+def plot(path: str, ks, target_ms: dict, draft_ms: dict, fit: pd.DataFrame, temps) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(ks, [target_ms[k] for k in ks], marker=".", label="target")
+    axes[0].plot(ks, [draft_ms[k] for k in ks], marker=".", label="draft")
+    axes[0].set_xlabel("tokens in the pass (batch 1)")
+    axes[0].set_ylabel("ms per forward pass")
+    for t in temps:
+        part = fit[fit.temperature == t]
+        axes[1].plot(part.n, part.tokens_per_call, marker=".", label=f"best tree, temperature {t:g}")
+        axes[2].plot(part.n, part.predicted_speedup, marker=".", label=f"best tree, temperature {t:g}")
+    axes[1].set_ylabel("expected tokens per target call")
+    axes[2].set_ylabel("predicted speedup over AR")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1:]:
+        ax.set_xlabel("draft tokens per step (tree nodes)")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(ap)
@@ -202,6 +227,7 @@ def main(argv=None) -> None:
     write_csv(os.path.join(args.out, "fit.csv"), fit[fit.n.isin(sizes)])
     write_csv(os.path.join(args.out, "expected.csv"), expected)
     write_json(os.path.join(args.out, "env.json"), dict(env_info(), prefix=prefix, prompts=len(data.prompts)))
+    plot(os.path.join(args.out, "fit.png"), ks, target_ms, draft_ms, fit, temps)
     for t in temps:
         part = fit[fit.temperature == t]
         top = part.loc[part.predicted_speedup.idxmax()]
@@ -210,7 +236,7 @@ def main(argv=None) -> None:
         for n in sizes:
             row = part[part.n == n].iloc[0]
             print(f"  n={n}: tokens/call {row.tokens_per_call:.2f}, predicted {row.predicted_speedup:.2f}x, {row.tree}")
-    print(f"wrote {args.out}/ranks.csv, costs.csv, fit.csv, expected.csv")
+    print(f"wrote {args.out}/ranks.csv, costs.csv, fit.csv, expected.csv, fit.png")
 
 
 if __name__ == "__main__":

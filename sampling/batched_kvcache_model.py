@@ -90,6 +90,7 @@ class BatchedKVCacheModel(KVCacheModel):
         self.tree_len, self.tree_tokens = T + n, all_tokens
         return p_chain, p_nodes
 
+    @torch.inference_mode()
     def keep_tree(self, nodes: torch.Tensor, accepted: torch.Tensor) -> None:
         """Copy the KV entries of each row's accepted nodes [b, k] (tree slots) to the slots right
         after the chain and drop the rest of the tree; slots past a row's ``accepted`` [b] are holes."""
@@ -98,7 +99,8 @@ class BatchedKVCacheModel(KVCacheModel):
             for name in ("keys", "values"):
                 t = getattr(layer, name)                                  # [b, heads, L + tree_len, head_dim]
                 idx = nodes.view(len(nodes), 1, k, 1).expand(-1, t.shape[1], -1, t.shape[3])
-                setattr(layer, name, torch.cat([t[:, :, :L], t[:, :, L:].gather(2, idx)], dim=2))
+                t[:, :, L:L + k] = t[:, :, L:].gather(2, idx)             # gather copies first: safe in place
+                setattr(layer, name, t[:, :, :L + k])                     # a view: the chain is not copied
         holes = torch.arange(k, device=self.mask.device) >= accepted.unsqueeze(1)   # [b, k]
         self.mask = torch.cat([self.mask, (~holes).to(self.mask.dtype)], dim=1)
         self.tree_len, self.tree_tokens, self._hist = 0, None, None
