@@ -11,8 +11,11 @@
 3. Cost: one target pass over k tokens and one draft pass over w tokens, measured on this machine;
    predicted speedup over AR = tokens per step x (one target pass) / (the step's passes).
 
+4. Calibration for dynamic trees: the sharpening S (``dynamic:N:D:K:S``) for which the draft's
+   top-1 probability, q ** S renormalised, averages the measured r[0].
+
 Writes ranks.csv, costs.csv, fit.csv (the best tree for each n and temperature), expected.csv
-(the given ``--shapes``) and fit.png under --out:
+(the given ``--shapes``), calibration.csv and fit.png under --out:
 
     python -m benchmark.tree_fit --dataset_path ../shared/dolly/dolly-sample.jsonl --samples 24 \\
         --shapes "1,1,1,1;3,2,1" --out results/trees/fit
@@ -84,6 +87,18 @@ def sampled_ranks(p: torch.Tensor, q: torch.Tensor, K: int, trials: int, gen) ->
             q_next = qq.scatter(1, x, 0.0)
             qq = torch.where(upd, q_next / q_next.sum(-1, keepdim=True).clamp(min=1e-30), qq)
     return counts / trials
+
+
+def calibrate(q: torch.Tensor, r0: float) -> float:
+    """The S for which the draft's top-1 probability after sharpening (q ** S, renormalised) is on
+    average the measured first-candidate acceptance r0 (bisection on log S; q [T, V])."""
+    logq = q.clamp(min=1e-30).log()
+    lo, hi = math.log(0.05), math.log(50.0)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        top1 = (logq * math.exp(mid)).softmax(-1).max(-1).values.mean().item()
+        lo, hi = (mid, hi) if top1 < r0 else (lo, mid)
+    return math.exp((lo + hi) / 2)
 
 
 def expected_accepted(shape: TreeShape, r: list[float]) -> float:
@@ -188,15 +203,20 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
 
     # 1. positional acceptance per temperature
-    ranks = {}
+    ranks, calib = {}, []
     for t in temps:
-        counts, positions = torch.zeros(args.ranks), 0
+        counts, qs = torch.zeros(args.ranks), []
         for i, prompt in enumerate(data.prompts):
             p, q, _ = position_laws(data.target, data.draft, prompt, args.max_tokens, t, data.vocab, args.seed + i)
             counts += greedy_ranks(p, q, args.ranks) if t == 0 else sampled_ranks(p, q, args.ranks, args.trials, gen)
-            positions += len(p)
-        ranks[t] = (counts / positions).tolist()
-        print(f"temperature {t:g}: r = " + " ".join(f"{x:.3f}" for x in ranks[t][:8]), flush=True)
+            qs.append(q)
+        q = torch.cat(qs)                                                           # [positions, V]
+        ranks[t] = (counts / len(q)).tolist()
+        calib.append(dict(temperature=t, mean_top1_q=q.max(-1).values.mean().item(), r0=ranks[t][0],
+                          sharpen=calibrate(q, ranks[t][0])))
+        print(f"temperature {t:g}: r = " + " ".join(f"{x:.3f}" for x in ranks[t][:8]) +
+              f"; the draft's top-1 q averages {calib[-1]['mean_top1_q']:.3f}: dynamic trees rank best with "
+              f"sharpen S = {calib[-1]['sharpen']:.2f} (dynamic:N:D:K:S)", flush=True)
 
     # 2. measured pass costs, batch 1, at the prompts' median length plus half a continuation
     prefix = sorted(map(len, data.prompts))[len(data.prompts) // 2] + args.max_tokens // 2
@@ -226,6 +246,7 @@ def main(argv=None) -> None:
                             "draft_ms": [draft_ms[k] for k in ks]}))
     write_csv(os.path.join(args.out, "fit.csv"), fit[fit.n.isin(sizes)])
     write_csv(os.path.join(args.out, "expected.csv"), expected)
+    write_csv(os.path.join(args.out, "calibration.csv"), pd.DataFrame(calib))
     write_json(os.path.join(args.out, "env.json"), dict(env_info(), prefix=prefix, prompts=len(data.prompts)))
     plot(os.path.join(args.out, "fit.png"), ks, target_ms, draft_ms, fit, temps)
     for t in temps:
@@ -236,7 +257,7 @@ def main(argv=None) -> None:
         for n in sizes:
             row = part[part.n == n].iloc[0]
             print(f"  n={n}: tokens/call {row.tokens_per_call:.2f}, predicted {row.predicted_speedup:.2f}x, {row.tree}")
-    print(f"wrote {args.out}/ranks.csv, costs.csv, fit.csv, expected.csv, fit.png")
+    print(f"wrote {args.out}/ranks.csv, costs.csv, fit.csv, expected.csv, calibration.csv, fit.png")
 
 
 if __name__ == "__main__":

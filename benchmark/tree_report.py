@@ -27,14 +27,15 @@ from sampling.tree import TreeShape, parse_tree  # noqa: E402
 from .tree_fit import expected_accepted  # noqa: E402
 from .utils_io import atomic_write, write_text  # noqa: E402
 
-FAMILIES = ("chain", "wide-shallow", "narrow-deep", "binary", "sequoia (fitted)", "dynamic", "other")
+FAMILIES = ("chain", "wide-shallow", "narrow-deep", "binary", "sequoia (fitted)", "dynamic", "dynamic, sharpened",
+            "other")
 
 
 def family(tree: str) -> str:
     """The family of the study a tree belongs to, from its shape."""
     shape = parse_tree(tree)
     if not isinstance(shape, TreeShape):
-        return "dynamic"
+        return "dynamic" if shape.sharpen == 1 else "dynamic, sharpened"
     b = shape.branching
     if b is None:
         return "sequoia (fitted)"

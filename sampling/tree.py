@@ -175,35 +175,39 @@ def _shape(paths: tuple[tuple[int, ...], ...]) -> TreeShape:
 
 @dataclass(frozen=True)
 class DynamicTree:
-    n: int        # draft tokens kept per step and row (N)
-    depth: int    # levels drafted, one draft pass each (D)
-    k: int        # nodes expanded per level, and children drawn under each (K)
+    n: int             # draft tokens kept per step and row (N)
+    depth: int         # levels drafted, one draft pass each (D)
+    k: int             # nodes expanded per level, and children drawn under each (K)
+    sharpen: float = 1.0   # candidates are ranked by q ** sharpen, renormalised (1: q itself, as EAGLE-2)
 
     DEFAULT_DEPTH, DEFAULT_K = 5, 4
 
     @staticmethod
     def parse(tree: str) -> "DynamicTree":
-        """"dynamic:N", "dynamic:N:D" or "dynamic:N:D:K"; ValueError naming the bad value."""
+        """"dynamic:N[:D[:K[:S]]]"; ValueError naming the bad value."""
+        parts = tree.split(":")[1:]
         try:
-            nums = [int(x) for x in tree.split(":")[1:]]
+            nums = [int(x) for x in parts[:3]] + [float(x) for x in parts[3:]]
         except ValueError:
             nums = []
-        if not 1 <= len(nums) <= 3:
-            raise ValueError(f"a dynamic tree is dynamic:N[:D[:K]] with integers N, D, K, got {tree!r}")
+        if not 1 <= len(nums) <= 4:
+            raise ValueError(f"a dynamic tree is dynamic:N[:D[:K[:S]]] with integers N, D, K and a number S, "
+                             f"got {tree!r}")
         n = nums[0]
         d = nums[1] if len(nums) > 1 else min(n, DynamicTree.DEFAULT_DEPTH)
         k = nums[2] if len(nums) > 2 else min(n, DynamicTree.DEFAULT_K)
-        if not (1 <= n <= MAX_NODES and 1 <= d <= n and 1 <= k <= n):
-            raise ValueError(f"dynamic tree {tree!r}: need 1 <= N <= {MAX_NODES} draft tokens, 1 <= D <= N levels "
-                             f"and 1 <= K <= N children")
-        shape = DynamicTree(n, d, k)
+        sharpen = nums[3] if len(nums) > 3 else 1.0
+        if not (1 <= n <= MAX_NODES and 1 <= d <= n and 1 <= k <= n and 0 < sharpen <= 100):
+            raise ValueError(f"dynamic tree {tree!r}: need 1 <= N <= {MAX_NODES} draft tokens, 1 <= D <= N levels, "
+                             f"1 <= K <= N children and 0 < S <= 100")
+        shape = DynamicTree(n, d, k, sharpen)
         if shape.pool(d) < n:
             raise ValueError(f"dynamic tree {tree!r}: D={d} levels of K={k} hold {shape.pool(d)} candidates, "
                              f"fewer than N={n}; raise D or K")
         return shape
 
     def __str__(self) -> str:
-        return f"dynamic:{self.n}:{self.depth}:{self.k}"
+        return f"dynamic:{self.n}:{self.depth}:{self.k}" + (f":{self.sharpen:g}" if self.sharpen != 1 else "")
 
     def pool(self, depth: int) -> int:
         """Candidates drafted in ``depth`` levels: K at the first, K x K below it."""
@@ -211,7 +215,7 @@ class DynamicTree:
 
 
 def parse_tree(tree):
-    """A static TreeShape ("4,2,1", (4, 2, 1)) or a DynamicTree ("dynamic:N[:D[:K]]")."""
+    """A static TreeShape ("4,2,1", (4, 2, 1), "paths:0,1,0.0") or a DynamicTree ("dynamic:N[:D[:K[:S]]]")."""
     if isinstance(tree, (TreeShape, DynamicTree)):
         return tree
     if isinstance(tree, str) and tree.strip().startswith("dynamic"):
@@ -321,6 +325,9 @@ class DynamicTreeDrafter(TreeDrafter):
     are K draws without replacement and the scores depend on no draw, so whether a node keeps its
     j-th child is decided before that child is drawn (tree_accept's rule stays exact). Ties keep
     the candidate made first, so a kept node's parent and elder siblings are kept too.
+    ``sharpen`` S ranks by q ** S renormalised instead (the draws still come from q): a draft whose
+    q is flatter than its agreement with the target (``benchmark.tree_fit`` measures both and
+    prints the S that matches them) otherwise makes trees too wide and too shallow.
     """
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
@@ -339,7 +346,8 @@ class DynamicTreeDrafter(TreeDrafter):
         for d in range(depth):
             m, V = dists.shape[1], dists.shape[2]
             flat = dists.reshape(b * m, V)
-            top = flat.topk(K, dim=-1)                                       # the K largest q, sorted
+            rank = flat if spec.sharpen == 1 else (flat.log() * spec.sharpen).softmax(-1)
+            top = rank.topk(K, dim=-1)                                       # the K largest, sorted
             kids = top.indices if self.greedy else gumbel_keys(flat, generator).topk(K, dim=-1).indices
             base = sum(t.shape[1] for t in toks)
             toks.append(kids.view(b, m * K))                                 # [b, m * K]

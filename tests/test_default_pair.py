@@ -52,3 +52,26 @@ def test_main_runs_offline_on_the_default_pair(pair):
     ar = generate(target, ids, mask, mode="ar", max_new_tokens=12, temperature=0, eos_token_id=tok.eos_token_id)
     assert proc.stdout.rstrip("\n") == prompt + tok.decode(ar.tokens[0])
     assert "[google] " in proc.stderr
+
+
+@pytest.mark.parametrize("tree", ("3,2,1", "dynamic:12"))
+def test_second_draft_and_trees_on_the_embedded_target(pair, tree):
+    """models/draft_small shares the target's tokenizer; trees with it write greedy AR's tokens."""
+    target, _, tok = pair
+    small = load_model(os.path.join(ROOT, "models", "draft_small"), "draft", "cpu")
+    assert small.config.vocab_size == target.config.vocab_size and small.config.num_hidden_layers == 1
+    assert load_tokenizer(os.path.join(ROOT, "models", "draft_small"), "draft").get_vocab() == tok.get_vocab()
+    ids, mask = pad_left([tok(p)["input_ids"] for p in PROMPTS], tok.pad_token_id)
+    kw = dict(max_new_tokens=16, temperature=0, eos_token_id=tok.eos_token_id)
+    ar = generate(target, ids, mask, mode="ar", **kw)
+    spec = generate(target, ids, mask, draft_model=small, mode="tree", tree=tree, **kw)
+    assert spec.tokens == ar.tokens and spec.stats["accepted"] > 0
+
+
+@pytest.mark.parametrize("argv,msg", ((["--stage", "x"], "choose 'pair' or 'draft'"),
+                                      (["--stage", "draft"], "needs a trained target")))
+def test_training_stage_is_checked_first(tmp_path, capsys, argv, msg):
+    from training.train_default_pair import main
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--out", str(tmp_path)])
+    assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -31,6 +31,7 @@ def test_shape_structure():
 def test_dynamic_tree_spec():
     assert parse_tree("dynamic:16") == DynamicTree(16, 5, 4) and str(parse_tree("dynamic:3")) == "dynamic:3:3:3"
     assert str(parse_tree(" dynamic:20:6:3 ")) == "dynamic:20:6:3" and parse_tree("2,1").n == 4
+    assert parse_tree("dynamic:8:4:3:2.5").sharpen == 2.5 and str(parse_tree("dynamic:8:4:3:2.5")) == "dynamic:8:4:3:2.5"
 
 
 def test_dynamic_tree_keeps_the_best_paths():
@@ -56,7 +57,8 @@ def test_dynamic_tree_keeps_the_best_paths():
 
 
 @pytest.mark.parametrize("bad", ("", "4,0", "a,b", "3,-1", "8,8,8", "dynamic", "dynamic:0", "dynamic:4:9",
-                                 "dynamic:x", "dynamic:64:2:2", "dynamic:4:2:2:2", "paths:", "paths:0,0.1",
+                                 "dynamic:x", "dynamic:64:2:2", "dynamic:4:2:2:0", "dynamic:4:2:2:2:2", "paths:",
+                                 "paths:0,0.1",
                                  "paths:1", "paths:0,0", "paths:0,a"))
 def test_bad_tree_is_a_one_line_error(bad):
     target = tiny_model("llama", seed=1)
@@ -74,7 +76,7 @@ def test_bloom_is_refused_by_name():
 
 @pytest.mark.parametrize("arch", TREE_ARCHS)
 @pytest.mark.parametrize("tree", ("4,2,1,1", "1,1,1", "3,3", "2", "paths:0,1,2,0.0,0.1,1.0,0.0.0", "dynamic:8",
-                                  "dynamic:3:3:1"))
+                                  "dynamic:3:3:1", "dynamic:8:4:3:3"))
 def test_greedy_tree_equals_greedy(arch, tree):
     target = tiny_model(arch, seed=3)
     draft = noisy_copy(target, 0.3, seed=4)
@@ -171,7 +173,8 @@ def test_dynamic_drafter_keeps_its_fed_path():
         torch.testing.assert_close(layer.values[live], ref_layer.values[live])
 
 
-@pytest.mark.parametrize("tree", ("2,2", "3,1", "4,1", "paths:0,1,2,3,0.0,0.1,1.0", "dynamic:4:2:2", "dynamic:6:3:3"))
+@pytest.mark.parametrize("tree", ("2,2", "3,1", "4,1", "paths:0,1,2,3,0.0,0.1,1.0", "dynamic:4:2:2", "dynamic:6:3:3",
+                                  "dynamic:6:3:3:2.5"))
 @pytest.mark.parametrize("case", ("t1", "t0.7-topk3", "t1.3-topp0.8"))
 def test_tree_joint_law(tree, case):
     """Joint law of the first 3 new tokens against enumeration; siblings drawn without replacement

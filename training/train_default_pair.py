@@ -14,6 +14,9 @@ Stages, all seeded:
   4. draft: a much smaller Llama distilled from the target: forward KL to the target's
      next-token distribution, on corpus windows and on continuations the target wrote itself
      (greedy and sampled), so that it agrees with the target as much as its size allows.
+``--stage draft`` runs stage 4 alone for one more draft of the target already in ``<out>/target``
+(its tokenizer too), written to ``<out>/<draft_name>`` with its own log and summary; models/README.md
+gives the command that made ``models/draft_small``.
 Weights are stored in float16 (config ``dtype`` says float32, so they load as float32).
 Loss logs go to ``<out>/training_log.csv`` (target: cross-entropy, nats/token; draft: KL(p || q)
 to the target, nats/token, and top-1 agreement with the target on the training batch).
