@@ -68,9 +68,10 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
     ap.add_argument("--sort_batch", action="store_true",
                     help="group prompts of similar length into the same batch (output keeps input order)")
     ap.add_argument("--tree", default=DEFAULTS.tree,
-                    help="mode tree: branching factors per depth, e.g. 4,2,1,1 (1,1,1,1 is the chain of gamma 4), "
-                         "or dynamic:N[:D[:K]], EAGLE-2's tree of N draft tokens over D levels, K children per "
-                         "expanded node (D, K default 5, 4)")
+                    help="mode tree: branching factors per depth, e.g. 4,2,1,1 (1,1,1,1 is the chain of gamma 4); "
+                         "rank paths, e.g. paths:0,1,0.0 (any static tree, as benchmark.tree_fit writes them); or "
+                         "dynamic:N[:D[:K[:S]]], EAGLE-2's tree of N draft tokens over D levels, K children per "
+                         "expanded node, ranked by q**S (D, K, S default 5, 4, 1)")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows, choices=FINISHED_ROWS,
                     help="bass: drop a finished row from both caches, or keep it in the batch masked")
 
