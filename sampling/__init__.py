@@ -1,8 +1,9 @@
 """BASS++ sampling: autoregressive, speculative (Google, DeepMind) and batched (BASS) decoding."""
 from .batching import generate_many, pad_left
 from .generate import DEFAULTS, MODES, GenerationResult, check_args, generate
+from .ngram import NgramDrafter
 from .utils import SamplingParams, accept_reject, norm_logits
 from .utils_bass import SCHEDULES, ScheduleParams
 
-__all__ = ["DEFAULTS", "MODES", "SCHEDULES", "GenerationResult", "SamplingParams", "ScheduleParams",
+__all__ = ["DEFAULTS", "MODES", "SCHEDULES", "GenerationResult", "NgramDrafter", "SamplingParams", "ScheduleParams",
            "accept_reject", "check_args", "generate", "generate_many", "norm_logits", "pad_left"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .autoregressive_sampling import autoregressive_sampling
+from .parts import is_drafter
 from .rows import now
 from .speculative_bass import bass_sampling, tree_sampling
 from .tree import parse_tree
@@ -93,13 +94,19 @@ def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens,
     if (lengths == 0).any():
         raise ValueError("empty prompt: every row needs at least one token")
     longest = int(lengths.max()) + max_new_tokens     # drafts never pass this position
+    needs_model = mode != "ar"
+    if mode != "ar" and is_drafter(draft):            # a ready drafter: no positions or embeddings to check
+        if mode == "tree":
+            raise ValueError(f"mode 'tree' needs a draft model; {type(draft).__name__} drafts chains "
+                             f"(use google, deepmind or bass)")
+        draft, needs_model = None, False
     for name, model in (("target", target), ("draft", draft if mode != "ar" else None)):
         limit = max_positions(model) if model is not None else None
         if limit is not None and longest > limit:
             raise ValueError(f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens exceeds"
                              f" the {name} model's maximum of {limit} positions")
     sizes = [vocab_size(target)] + ([vocab_size(draft)] if mode != "ar" and draft is not None else [])
-    if mode != "ar" and draft is None:
+    if needs_model and draft is None:
         raise ValueError(f"mode {mode!r} needs a draft model")
     if vocab is not None:
         if not 1 <= vocab <= min(sizes):
@@ -131,7 +138,9 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ``gamma_schedule`` (a kind) or ``schedule`` (a kind and its constants), not both unless they agree.
     ``finished_rows`` (bass, tree): "drop" a finished row from both caches or keep it "mask"ed.
     ``tree`` (mode "tree"): branching factors per depth, "4,2,1,1" or (4, 2, 1, 1), or a dynamic tree
-    "dynamic:N[:D[:K]]" (EAGLE-2: N draft tokens, D levels, K children per expanded node; ``sampling.tree``).
+    "dynamic:N[:D[:K[:S]]]" (EAGLE-2: N draft tokens, D levels, K children per expanded node, ranked
+    by q ** S; ``sampling.tree``). ``draft_model``: a model, or for google, deepmind and bass a ready
+    drafter such as ``sampling.NgramDrafter()`` (prompt lookup, no model).
     ``vocab_size``: restrict every distribution to the first ids, for a pair that shares a tokenizer
     but pads its embeddings to different sizes. ``streamer`` (batch 1): a transformers streamer
     (``TextStreamer``) that is given the tokens as they are accepted.

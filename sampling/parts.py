@@ -40,6 +40,11 @@ class Accepted:
         self.tokens, self.nodes = self.tokens[:, :n_max], self.nodes[:, :n_max]
 
 
+def is_drafter(obj) -> bool:
+    """A ready drafter (it proposes) rather than a model to wrap in a ModelDrafter."""
+    return callable(getattr(obj, "propose", None))
+
+
 class CachedPart:
     """What every drafter and verifier built on a model shares: the model's cache and its counts."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .parts import ChainVerifier, ModelDrafter
+from .parts import ChainVerifier, ModelDrafter, is_drafter
 from .rows import Rows
 from .utils import SamplingParams
 from .utils_bass import GammaSchedule
@@ -75,10 +75,11 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
                   max_new_tokens: int, schedule: GammaSchedule, eos_token_id: int | None,
                   generator: torch.Generator | None, finished_rows: str = "drop", sequential: bool = False,
                   vocab: int | None = None, streamer=None):
-    """The speculative loop with a draft model and a chain verifier: BASS on a batch, google /
-    deepmind (``sequential``) on one row. Returns (tokens, stats)."""
+    """The speculative loop with a draft model (or a ready drafter, ``parts.is_drafter``) and a chain
+    verifier: BASS on a batch, google / deepmind (``sequential``) on one row. Returns (tokens, stats)."""
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
-    return speculative_decode(ModelDrafter(draft, params, vocab), ChainVerifier(target, params, vocab, sequential),
+    drafter = draft if is_drafter(draft) else ModelDrafter(draft, params, vocab)
+    return speculative_decode(drafter, ChainVerifier(target, params, vocab, sequential),
                               input_ids, mask, schedule, rows, finished_rows, generator)
 
 

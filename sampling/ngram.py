@@ -1,0 +1,52 @@
+"""A drafter with no model: prompt lookup (Saxena 2023; transformers' ``prompt_lookup_num_tokens``).
+
+Each row's last n tokens (n from ``max_ngram`` down to ``min_ngram``) are looked up in the row's
+own prompt and text so far; the tokens that followed the latest earlier match are the drafts. A
+row with no match, or a continuation shorter than ``g``, repeats its last token to fill the step
+(every row of a step drafts ``g`` tokens). The drafts are deterministic, so their law is one-hot:
+the verifier's rule (accept x with probability p(x), else draw from norm(max(0, p - onehot(x))))
+keeps the target's law at every temperature, and greedy output equals greedy AR.
+"""
+from __future__ import annotations
+
+import torch
+
+from .parts import Draft
+
+
+class NgramDrafter:
+    """The drafter contract of ``sampling.parts`` (propose, commit, prefill, select_rows, calls)
+    without a model: ``generate(..., draft_model=NgramDrafter())`` in google, deepmind and bass."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"n-gram drafter: need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.calls = 0                                   # no model passes, ever
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        pass
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        pass
+
+    def commit(self, acc) -> None:
+        pass
+
+    def lookup(self, row: list[int], g: int) -> list[int]:
+        """g drafts for one row's real tokens (the latest match of the longest n-gram that has one)."""
+        for n in range(min(self.max_ngram, len(row) - 1), self.min_ngram - 1, -1):
+            tail = row[-n:]
+            for start in range(len(row) - n - 1, -1, -1):          # latest earlier occurrence first
+                if row[start:start + n] == tail:
+                    follow = row[start + n:start + n + g]
+                    return follow + [follow[-1]] * (g - len(follow))
+        return [row[-1]] * g
+
+    def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
+        """g drafts after seq [b, S] (mask [b, S]: padding and holes are not text) for every row."""
+        if not g:
+            return Draft(tokens=seq[:, :0], q=None)
+        rows = [[t for t, m in zip(r, k) if m] for r, k in zip(seq.tolist(), mask.tolist())]
+        drafts = [self.lookup(r, g) for r in rows]
+        return Draft(tokens=torch.tensor(drafts, dtype=seq.dtype, device=seq.device), q=None)   # [b, g]
