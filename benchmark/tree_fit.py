@@ -233,11 +233,13 @@ def main(argv=None) -> None:
                             tree=str(shape)))
             fit[-1]["predicted_speedup"] = fit[-1]["tokens_per_call"] * target_ms[1] / fit[-1]["step_ms"]
     fit = pd.DataFrame(fit)
-    expected = pd.DataFrame([dict(tree=str(s), n=s.n, temperature=t, expected_accepted=expected_accepted(s, ranks[t]),
-                                  tokens_per_call=1 + expected_accepted(s, ranks[t]),
-                                  predicted_speedup=(1 + expected_accepted(s, ranks[t])) * target_ms[1]
-                                  / step_ms(s, target_ms, draft_ms))
-                             for s in shapes if isinstance(s, TreeShape) for t in temps])
+    expected = []
+    for s in shapes:
+        for t in temps if isinstance(s, TreeShape) else ():
+            e = expected_accepted(s, ranks[t])
+            expected.append(dict(tree=str(s), n=s.n, temperature=t, expected_accepted=e, tokens_per_call=1 + e,
+                                 predicted_speedup=(1 + e) * target_ms[1] / step_ms(s, target_ms, draft_ms)))
+    expected = pd.DataFrame(expected)
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "ranks.csv"),
               pd.DataFrame({"rank": range(args.ranks), **{f"r_t{t:g}": ranks[t] for t in temps}}))

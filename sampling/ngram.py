@@ -23,12 +23,14 @@ class NgramDrafter:
             raise ValueError(f"n-gram drafter: need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.calls = 0                                   # no model passes, ever
+        self.rows: list[list[int]] = []                  # each row's real tokens so far (host lists)
+        self.seen = 0                                    # slots of seq already in self.rows
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        pass
+        self.rows, self.seen = [[] for _ in range(len(input_ids))], 0
 
     def select_rows(self, keep: torch.Tensor) -> None:
-        pass
+        self.rows = [self.rows[i] for i in keep.tolist()]
 
     def commit(self, acc) -> None:
         pass
@@ -44,9 +46,14 @@ class NgramDrafter:
         return [row[-1]] * g
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
-        """g drafts after seq [b, S] (mask [b, S]: padding and holes are not text) for every row."""
+        """g drafts after seq [b, S] (mask [b, S]: padding and holes are not text) for every row.
+        Only the slots added since the last call cross to the host (a slot's mask never changes
+        once it is in seq)."""
+        new, keep = seq[:, self.seen:].tolist(), mask[:, self.seen:].tolist()
+        for row, r, k in zip(self.rows, new, keep):
+            row.extend(t for t, m in zip(r, k) if m)
+        self.seen = seq.shape[1]
         if not g:
             return Draft(tokens=seq[:, :0], q=None)
-        rows = [[t for t, m in zip(r, k) if m] for r, k in zip(seq.tolist(), mask.tolist())]
-        drafts = [self.lookup(r, g) for r in rows]
+        drafts = [self.lookup(r, g) for r in self.rows]
         return Draft(tokens=torch.tensor(drafts, dtype=seq.dtype, device=seq.device), q=None)   # [b, g]

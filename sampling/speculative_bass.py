@@ -19,8 +19,9 @@ import torch
 
 from .parts import ChainVerifier, ModelDrafter, is_drafter
 from .rows import Rows
+from .tree import DynamicTree, DynamicTreeDrafter, TreeDrafter, TreeVerifier
 from .utils import SamplingParams
-from .utils_bass import GammaSchedule
+from .utils_bass import GammaSchedule, ScheduleParams
 
 
 @torch.inference_mode()
@@ -87,8 +88,6 @@ def tree_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
                   max_new_tokens: int, tree, eos_token_id: int | None, generator: torch.Generator | None,
                   finished_rows: str = "drop", vocab: int | None = None, streamer=None):
     """The speculative loop with a draft tree (``sampling.tree``), batched like BASS."""
-    from .tree import DynamicTree, DynamicTreeDrafter, TreeDrafter, TreeVerifier
-    from .utils_bass import ScheduleParams
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
     verifier = TreeVerifier(target, params, vocab)                  # checks the target's architecture first
     drafter = (DynamicTreeDrafter if isinstance(tree, DynamicTree) else TreeDrafter)(draft, params, vocab, tree)
