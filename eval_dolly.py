@@ -12,11 +12,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from benchmark.metrics import summarise
-from benchmark.runner import (ALL_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
+from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
                               prepare, run_grid)
 from benchmark.utils_io import write_csv
 from sampling import check_args
-from sampling.cli import Parser, add_model_args, add_sampling_args, params_of, run, schedule_of
+from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, params_of, parse_drafts,
+                          run, schedule_of)
 from sampling.generate import default_gamma
 from sampling.tree import parse_tree
 
@@ -39,6 +40,10 @@ def parse(argv=None):
     ap.add_argument("--out", default=None, help="folder for raw.csv and summary.csv (default: write nothing)")
     args = ap.parse_args(argv)
     args.modes = parse_modes(args.modes)
+    args.drafts = parse_drafts(args.draft)
+    check_speculator_flag(args.speculator, args.drafts)
+    if args.drafts == ["ngram"] and "tree" in args.modes:
+        raise ValueError("--draft ngram drafts chains; mode tree needs a draft model or speculator heads")
     for name in ("samples", "batch", "repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -47,7 +52,7 @@ def parse(argv=None):
     if args.gamma is None:
         args.gamma = default_gamma(args.gamma_schedule)
     check_args("bass", args.max_tokens, args.gamma, params_of(args), schedule_of(args), args.finished_rows)
-    args.tree = str(parse_tree(args.tree))
+    args.tree = str(parse_tree(args.tree)) if args.tree is not None else ""    # "": the drafter's default
     check_out(args.out, False, args.overwrite)
     if args.seed is None:
         args.seed = random.randrange(2 ** 31)
@@ -56,7 +61,7 @@ def parse(argv=None):
 
 def main(argv=None) -> None:
     args = parse(argv)
-    data = prepare(args, args.modes)
+    data = prepare(args, args.modes, args.drafts)
     rows = []
     cfgs = [RunConfig(mode=mode, batch=1 if mode in SEQUENTIAL_MODES else args.batch,
                       gamma=0 if mode in ("ar", "hf", "tree") else args.gamma,
@@ -64,7 +69,8 @@ def main(argv=None) -> None:
                       sort_batch=args.sort_batch and mode not in SEQUENTIAL_MODES,
                       max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, seed=args.seed,
-                      finished_rows=args.finished_rows, tree=args.tree if mode == "tree" else "")
+                      finished_rows=args.finished_rows, tree=args.tree if mode == "tree" else "",
+                      draft="" if mode in DRAFTLESS_MODES else "model" if mode == "hf_assisted" else args.drafts[0])
             for mode in args.modes]
     with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
         for group in run_grid(cfgs, data, args.repeats, progress=bar):

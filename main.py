@@ -10,8 +10,8 @@ import json
 import sys
 
 from sampling import MODES, check_args, generate_many
-from sampling.cli import (Parser, add_model_args, add_sampling_args, generate_kwargs, load_pair, params_of, run,
-                          schedule_of)
+from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, generate_kwargs, load_pair,
+                          params_of, parse_drafts, run, schedule_of)
 from sampling.generate import DEFAULTS, default_gamma
 from sampling.tree import parse_tree
 
@@ -44,13 +44,17 @@ def parse(argv=None):
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     gamma = args.gamma if args.gamma is not None else default_gamma(args.gamma_schedule)
     check_args(args.mode, args.max_tokens, gamma, params_of(args), schedule_of(args), args.finished_rows)
-    parse_tree(args.tree)
+    if args.tree is not None:
+        parse_tree(args.tree)
+    check_speculator_flag(args.speculator, parse_drafts(args.draft))
+    if args.draft == "ngram" and args.mode == "tree" and not args.compare:
+        raise ValueError("--draft ngram drafts chains; mode tree needs a draft model or speculator heads")
     return args
 
 
 def main(argv=None) -> None:
     args = parse(argv)
-    modes = MODES if args.compare else (args.mode,)
+    modes = tuple(m for m in MODES if not (m == "tree" and args.draft == "ngram")) if args.compare else (args.mode,)
     target, draft, tok, vocab = load_pair(args, need_draft=any(m != "ar" for m in modes))
     prompts = list(args.input)
     while len(prompts) < args.batch:                       # fill one batch with copies

@@ -21,7 +21,8 @@ def _label(r) -> str:
     sched = "" if r.gamma_schedule == "constant" or r["mode"] in ("ar", "hf") else f"/{r.gamma_schedule}"
     gamma = f" g{r.gamma}" if r.gamma else ""
     masked = (" masked" if r.get("finished_rows") == "mask" else "") + (f" {r.tree}" if r.get("tree") else "")
-    return f"{r['mode']}{gamma}{sched}{masked}"
+    draft = f" {r.draft}" if r.get("draft") not in (None, "", "model") else ""
+    return f"{r['mode']}{draft}{gamma}{sched}{masked}"
 
 
 def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]:
@@ -97,10 +98,11 @@ def markdown_table(summary: pd.DataFrame) -> str:
                   " | decode speedup vs ar | predicted (Leviathan)"
                   " | efficiency | predicted with verify cost | efficiency (verify-aware) |",
                   "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        order = [k for k in ("mode", "batch", "gamma", "gamma_schedule", "sort_batch", "finished_rows") if k in part]
+        order = [k for k in ("mode", "draft", "batch", "gamma", "gamma_schedule", "sort_batch", "finished_rows") if k in part]
         for _, r in part.sort_values(order).iterrows():
             gamma = "" if r.gamma == 0 else f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
-            name = r["mode"] + (f" {r.tree}" if r.get("tree") else "") + (" sorted" if r.sort_batch else "") + \
+            name = r["mode"] + (f" {r.draft}" if r.get("draft") not in (None, "", "model") else "") + \
+                (f" {r.tree}" if r.get("tree") else "") + (" sorted" if r.sort_batch else "") + \
                 (" masked" if r.get("finished_rows") == "mask" else "")
             lines.append(f"| {name} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {f(r.throughput / tput, '.2f', 'x')} | {r.latency_ms:.1f} | "

@@ -5,12 +5,12 @@ import pandas as pd
 
 from sampling import DEFAULTS
 
-KEYS = ["mode", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows", "max_tokens",
-        "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree"]     # every field of RunConfig
+KEYS = ["mode", "draft", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows",
+        "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree"]   # every field of RunConfig
 NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.csv files lack, and
                  "rows_verified": float("nan"),             # what those runs did or what is unknown
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
-                 "peak_mem_mib": float("nan"), "output": "", "tree": ""}
+                 "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": ""}
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
@@ -20,7 +20,9 @@ def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
     if raw.empty:
         return raw
     raw = raw.assign(**{k: v for k, v in NEWER_COLUMNS.items() if k not in raw.columns})
-    text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str) for c in ("tree", "output")}
+    if "draft" not in raw.columns:                # before drafters: the draft model, or none
+        raw = raw.assign(draft=["" if m in ("ar", "hf") else "model" for m in raw["mode"]])
+    text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str) for c in ("tree", "output", "draft", "accepted_hist")}
     return raw.assign(**text)
 
 
@@ -107,7 +109,8 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
                      zip(out[col], out.batch, out.temperature, out.sort_batch)]
     if cost:
         nan = float("nan")
-        costs = [cost.get(cost_key(b, g_), {}) for b, g_ in zip(out.batch, out.gamma)]
+        costs = [cost.get(cost_key(b, g_), {}) if d == "model" else {}      # c is the draft model's
+                 for b, g_, d in zip(out.batch, out.gamma, out["draft"])]
         out["cost_ratio_c"] = [c.get("c", nan) for c in costs]
         out["verify_cost_v"] = [c.get("verify_over_step", nan) for c in costs]
         out["predicted_speedup"] = [leviathan_speedup(a, g_, c) if a == a and c == c else nan

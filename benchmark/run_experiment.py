@@ -16,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from sampling import DEFAULTS, SCHEDULES, SamplingParams, check_args
-from sampling.cli import Parser, add_model_args, run
+from sampling.cli import Parser, add_model_args, check_speculator_flag, parse_drafts, run
 from sampling.generate import FINISHED_ROWS
 from sampling.utils_bass import ScheduleParams
 
@@ -24,7 +24,7 @@ from sampling.tree import parse_tree
 
 from .analyzer import markdown_table, plot_all
 from .metrics import KEYS, summarise, upgrade_raw
-from .runner import (ALL_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, normalise, parse_modes,
+from .runner import (ALL_MODES, DRAFTLESS_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, normalise, parse_modes,
                      prepare, run_grid)
 from .utils_io import env_info, peak_memory, write_csv, write_json, write_text
 
@@ -40,12 +40,12 @@ def int_list(text: str, name: str) -> list[int]:
 
 
 IDENTITY = ("fingerprint", "dataset_path", "samples", "skip_bad_lines", "target_model_name", "approx_model_name",
-            "device", "dtype", "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "repeats")
+            "device", "dtype", "speculator", "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "repeats")
 
 
 def parse(argv=None):
     ap = Parser(description=__doc__.split("\n\n")[0])
-    add_model_args(ap)
+    add_model_args(ap, many_drafts=True)
     add_bench_args(ap)
     ap.add_argument("--batch_sizes", default="1,4", help="comma list of batch sizes for ar and bass")
     ap.add_argument("--modes", default="ar,google,bass",
@@ -65,8 +65,10 @@ def parse(argv=None):
                     help="sorted batching for the batched modes")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows,
                     help=f"comma list, bass and tree: what becomes of finished rows ({', '.join(FINISHED_ROWS)})")
-    ap.add_argument("--trees", default=DEFAULTS.tree,
-                    help="mode tree: tree shapes separated by ';', each branching factors per depth or dynamic:N[:D[:K]] (4,2,1,1;2,2,2;dynamic:16)")
+    ap.add_argument("--trees", default=None,
+                    help=f"mode tree: tree shapes separated by ';', each branching factors per depth or dynamic:N[:D[:K]] "
+                         f"(4,2,1,1;2,2,2;dynamic:16); default {DEFAULTS.tree} for the draft model, {DEFAULTS.heads_tree} "
+                         f"for heads")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
     ap.add_argument("--out", default=None, help="output folder (default: results/<timestamp>/)")
     ap.add_argument("--resume", action="store_true",
@@ -74,11 +76,13 @@ def parse(argv=None):
                          "setting that changes a row must match)")
     args = ap.parse_args(argv)
     args.modes = parse_modes(args.modes)
+    args.drafts = parse_drafts(args.draft, many=True)
+    check_speculator_flag(args.speculator, args.drafts)
     args.batch_sizes = int_list(args.batch_sizes, "batch_sizes")
     args.gammas = int_list(args.gammas, "gammas")
     args.schedules = [s.strip() for s in args.gamma_schedule.split(",") if s.strip()]
     args.finished = [f.strip() for f in args.finished_rows.split(",") if f.strip()]
-    args.tree_list = [str(parse_tree(t)) for t in args.trees.split(";") if t.strip()]
+    args.tree_list = [str(parse_tree(t)) for t in (args.trees or "").split(";") if t.strip()]
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     except ValueError:
@@ -96,6 +100,14 @@ def parse(argv=None):
     return args
 
 
+def trees_of(args, mode: str, draft: str) -> list[str]:
+    """The trees a configuration runs: --trees, or the default tree of its drafter (heads: "", which
+    ``generate`` cuts to their depth); "" off mode tree."""
+    if mode != "tree":
+        return [""]
+    return args.tree_list or [DEFAULTS.tree if draft == "model" else ""]
+
+
 def configs(args) -> list[RunConfig]:
     """The grid; one-at-a-time modes run at batch 1 only, ar and hf need no gamma."""
     sorts = {"off": [False], "on": [True], "both": [False, True]}[args.sort_batch]
@@ -103,15 +115,17 @@ def configs(args) -> list[RunConfig]:
     for temp, mode in itertools.product(args.temperatures, args.modes):
         batches = [1] if mode in SEQUENTIAL_MODES else args.batch_sizes
         gammas = [0] if mode in ("ar", "hf", "tree") else args.gammas
-        schedules = ["constant"] if mode in ("ar", "hf", "hf_assisted", "tree") else args.schedules
+        schedules = ["constant"] if mode in ("ar", "hf", "tree") or mode.startswith("hf_") else args.schedules
         finished = args.finished if mode in ("bass", "tree") else [DEFAULTS.finished_rows]
-        trees = args.tree_list if mode == "tree" else [""]
-        for b, g, s, srt, f, tree in itertools.product(batches, gammas, schedules, sorts, finished, trees):
-            out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
-                                 sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
-                                 max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
-                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                 seed=args.seed, finished_rows=f, tree=tree))
+        drafts = [""] if mode in DRAFTLESS_MODES else ["model"] if mode == "hf_assisted" else \
+            [d for d in args.drafts if not (mode == "tree" and d == "ngram")]      # ngram drafts chains only
+        for b, g, s, srt, f, d in itertools.product(batches, gammas, schedules, sorts, finished, drafts):
+            for tree in trees_of(args, mode, d):
+                out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
+                                     sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
+                                     max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
+                                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                     seed=args.seed, finished_rows=f, tree=tree, draft=d))
     return list(dict.fromkeys(out))
 
 
@@ -129,7 +143,7 @@ def check_resume(config_path: str, identity: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    data = prepare(args, args.modes)
+    data = prepare(args, args.modes, args.drafts)
     grid = configs(args)
     raw_path, config_path = os.path.join(args.out, "raw.csv"), os.path.join(args.out, "config.json")
     identity = {k: getattr(args, k, None) for k in IDENTITY if k != "fingerprint"}

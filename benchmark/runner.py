@@ -17,6 +17,7 @@ from .metrics import cost_key
 from .runner_support import HF_MODES, hf_generate, measure_cost
 
 SEQUENTIAL_MODES = ("google", "deepmind") + HF_MODES   # one prompt at a time: always batch 1
+DRAFTLESS_MODES = ("ar", "hf", "hf_prompt_lookup")       # no drafter of the toolkit's (RunConfig.draft "")
 ALL_MODES = ("ar", "google", "deepmind", "bass", "tree") + HF_MODES
 REPEATS = 3          # timed runs of each batch under each configuration (the median is kept)
 SAMPLES = 32         # records from the top of the dataset
@@ -58,15 +59,20 @@ class Prepared:
     prompts: list[list[int]]    # token ids of each kept record's prompt
     meta: list[dict]            # sample (the record's index in the dataset) and category of each
     target: object
-    draft: object               # None when no mode needs one
+    drafts: dict                # drafter name (sampling.cli.DRAFTS) -> drafter; empty when no mode needs one
     tokenizer: object
     vocab: int | None           # the shared vocabulary (generate's vocab_size)
     fingerprint: str            # sha256 of the prompts' token ids: the same data, tokenizer and template
 
+    @property
+    def draft(self):
+        """The draft model (None when not loaded): hf_assisted's assistant and the step costs."""
+        return self.drafts.get("model")
 
-def prepare(args, modes) -> Prepared:
-    """Dataset, models and encoded prompts for eval_dolly and run_experiment (their shared flags).
-    The draft's tokenizer is checked before any mode runs, hf_assisted included."""
+
+def prepare(args, modes, drafts: list[str]) -> Prepared:
+    """Dataset, models, drafters and encoded prompts for eval_dolly and run_experiment (their shared
+    flags). The draft model's tokenizer is checked before any mode runs, hf_assisted included."""
     from sampling.cli import load_pair
     from sampling.generate import max_positions
 
@@ -75,12 +81,15 @@ def prepare(args, modes) -> Prepared:
     if args.samples > len(records):
         print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
     records = records[:args.samples]
-    target, draft, tok, vocab = load_pair(args, need_draft=any(m not in ("ar", "hf") for m in modes))
+    drafts = [d for d in drafts if any(m not in DRAFTLESS_MODES + ("hf_assisted",) for m in modes)]
+    if "hf_assisted" in modes and "model" not in drafts:
+        drafts.append("model")                                  # the assistant
+    target, loaded, tok, vocab = load_pair(args, need_draft=bool(drafts), drafts=drafts or None)
     prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens)
     if not prompts:
         raise ValueError("no record fits the model's positions")
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
-    return Prepared(prompts, meta, target, draft, tok, vocab, fingerprint)
+    return Prepared(prompts, meta, target, loaded or {}, tok, vocab, fingerprint)
 
 
 def encode_records(records: list[dict], tokenizer, limit: int | None, reserve: int, warn=print):
@@ -102,7 +111,7 @@ def encode_records(records: list[dict], tokenizer, limit: int | None, reserve: i
 
 @dataclass(frozen=True)
 class RunConfig:
-    mode: str                 # ar | google | deepmind | bass | hf | hf_assisted
+    mode: str                 # ar | google | deepmind | bass | tree | hf | hf_assisted | hf_prompt_lookup
     batch: int                # prompts per batch (1 for the one-at-a-time modes)
     gamma: int                # draft length (the start of adaptive schedules); 0 for ar / hf
     gamma_schedule: str       # constant | bass | aimd
@@ -116,6 +125,7 @@ class RunConfig:
     seed: int = 0             # seed of batch i is seed + i, the same in every repeat
     finished_rows: str = DEFAULTS.finished_rows  # bass, tree: drop finished rows or keep them masked
     tree: str = ""            # tree: branching factors per depth ("" for the other modes)
+    draft: str = "model"      # the drafter (sampling.cli.DRAFTS); "" for the modes without one
 
     def key(self) -> tuple:
         """Every field: a raw row is reused (--resume) only by the very same configuration."""
@@ -153,7 +163,7 @@ def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, prog
         for cfg, once in zip(group, runners):
             once(batches[0], 0)                          # warm-up on its shapes, not timed
         if costs is not None and data.draft is not None:
-            for g in sorted({c.gamma for c in group if c.mode not in ("ar", "hf", "tree")}):
+            for g in sorted({c.gamma for c in group if c.draft == "model" and c.mode != "tree"}):
                 if cost_key(batch, g) not in costs:
                     costs[cost_key(batch, g)] = measure_cost(data.target, data.draft, batch, g)
         rows = {cfg: [] for cfg in group}
@@ -172,7 +182,7 @@ def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, prog
 
 def _runner(cfg: RunConfig, data: Prepared):
     """once(idx, bid) -> (tokens, stats): one timed generation of prompts[idx]."""
-    tok, target, draft = data.tokenizer, data.target, data.draft
+    tok, target, draft = data.tokenizer, data.target, data.drafts.get(cfg.draft)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     device = next(target.parameters()).device
 
@@ -189,7 +199,7 @@ def _runner(cfg: RunConfig, data: Prepared):
                            gamma=cfg.gamma or None, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
                            eos_token_id=eos, seed=cfg.seed + bid, gamma_schedule=cfg.gamma_schedule,
-                           finished_rows=cfg.finished_rows, vocab_size=data.vocab, tree=cfg.tree or DEFAULTS.tree)
+                           finished_rows=cfg.finished_rows, vocab_size=data.vocab, tree=cfg.tree or None)
             tokens, st = res.tokens, res.stats
             st["prompt_padding"] = 1.0 - mask.float().mean().item()
         st["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
@@ -211,8 +221,9 @@ def _rows(cfg: RunConfig, idx, bid, tokens, st, data: Prepared) -> list[dict]:
                         padding_fraction=st.get("padding_fraction", st.get("prompt_padding", 0.0)),
                         prompt_padding=st.get("prompt_padding", 0.0),
                         rows_verified=st.get("rows_verified", float("nan")),
-                        mean_gamma=statistics.mean(trace) if cfg.mode not in ("ar", "hf") else 0.0,
+                        mean_gamma=statistics.mean(trace) if cfg.mode not in DRAFTLESS_MODES else 0.0,
                         peak_mem_mib=st["peak_mem_mib"],
+                        accepted_hist=" ".join(map(str, st.get("accepted_hist", []))),   # the batch's, per step
                         tokens=" ".join(map(str, tokens[j])),
                         output=data.tokenizer.decode(tokens[j]).replace("\x00", "\ufffd")))  # CSV holds no NUL
     return out

@@ -10,14 +10,14 @@ from sampling.kvcache_model import KVCacheModel
 from sampling.rows import now
 from sampling.utils import SamplingParams
 
-HF_MODES = ("hf", "hf_assisted")
+HF_MODES = ("hf", "hf_assisted", "hf_prompt_lookup")
 
 
 @torch.inference_mode()
 def hf_generate(target, ids: torch.Tensor, cfg, eos_token_id: int, pad_token_id: int, draft=None):
     """``model.generate`` on one prompt ids [1, T] (with ``assistant_model=draft`` for hf_assisted,
-    drafting exactly cfg.gamma tokens per step: constant schedule, no confidence early stop).
-    Returns (new tokens, stats)."""
+    drafting exactly cfg.gamma tokens per step: constant schedule, no confidence early stop; with
+    ``prompt_lookup_num_tokens=cfg.gamma`` for hf_prompt_lookup). Returns (new tokens, stats)."""
     kwargs = dict(max_new_tokens=cfg.max_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                   do_sample=cfg.temperature > 0)
     if cfg.temperature > 0:
@@ -25,6 +25,8 @@ def hf_generate(target, ids: torch.Tensor, cfg, eos_token_id: int, pad_token_id:
                       min_p=cfg.min_p or None)
     if cfg.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = cfg.repetition_penalty
+    if cfg.mode == "hf_prompt_lookup":
+        kwargs["prompt_lookup_num_tokens"] = cfg.gamma
     saved = None
     if draft is not None:                   # assisted generation reads gamma from the draft's config
         saved, gc = draft.generation_config, copy.deepcopy(draft.generation_config)

@@ -67,7 +67,7 @@ def pass_times(target, batch: int, prefix: int, k: int, reps: int, gen, ways=("t
 
 def main(argv=None) -> None:
     ap = Parser(description=__doc__.split("\n\n")[0])
-    add_model_args(ap)
+    add_model_args(ap, drafters=False)
     ap.add_argument("--batch_sizes", default="1,4,16", help="comma list of batch sizes")
     ap.add_argument("--prefixes", default="64,512,900", help="comma list of prefix lengths")
     ap.add_argument("--tokens", default="4,16,64", help="comma list of draft tokens k")

@@ -175,7 +175,7 @@ def plot(path: str, ks, target_ms: dict, draft_ms: dict, fit: pd.DataFrame, temp
 
 def main(argv=None) -> None:
     ap = Parser(description=__doc__.split("\n\n")[0])
-    add_model_args(ap)
+    add_model_args(ap, drafters=False)
     add_bench_args(ap)
     ap.add_argument("--max_tokens", type=int, default=32, help="length of each continuation the target writes")
     ap.add_argument("--temperatures", default="0,1", help="comma list; 0 is greedy")
@@ -199,7 +199,7 @@ def main(argv=None) -> None:
             print(f"note: {s} changes every step; it has no expected length of its own (left out of expected.csv)")
     if os.path.exists(os.path.join(args.out, "fit.csv")) and not args.overwrite:
         raise ValueError(f"{args.out}/fit.csv exists; pass --overwrite to replace it, or another --out")
-    data = prepare(args, ["tree"])
+    data = prepare(args, ["tree"], ["model"])
     gen = torch.Generator().manual_seed(args.seed)
 
     # 1. positional acceptance per temperature

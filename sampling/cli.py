@@ -30,7 +30,12 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_model_args(ap: argparse.ArgumentParser) -> None:
+DRAFTS = ("model", "ngram", "mlp", "medusa")   # the draft model, prompt lookup, speculator heads of two kinds
+
+
+def add_model_args(ap: argparse.ArgumentParser, many_drafts: bool = False, drafters: bool = True) -> None:
+    """The model flags; ``drafters``: also --draft and --speculator (tools that study the draft
+    model alone leave them out), ``many_drafts``: --draft takes a comma list."""
     ap.add_argument("--target_model_name", default=None,
                     help="target model: local folder or hub id (default: the embedded models/target)")
     ap.add_argument("--approx_model_name", default=None,
@@ -39,6 +44,14 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="where to run (auto: cuda if available)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                     help="model dtype (auto: float32 on CPU, float16 on CUDA)")
+    if not drafters:
+        return
+    ap.add_argument("--draft", default=DEFAULTS.draft,
+                    help=("comma list of drafters, each " if many_drafts else "what drafts: ") +
+                    "model (the draft model), ngram (prompt lookup, no model), mlp (IBM's MLP speculator "
+                    "heads on the target) or medusa (Medusa heads)")
+    ap.add_argument("--speculator", default=None,
+                    help="folder of the mlp or medusa heads (default: the embedded models/speculator/<kind>)")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
@@ -67,8 +80,8 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: not reproducible)")
     ap.add_argument("--sort_batch", action="store_true",
                     help="group prompts of similar length into the same batch (output keeps input order)")
-    ap.add_argument("--tree", default=DEFAULTS.tree,
-                    help="mode tree: branching factors per depth, e.g. 4,2,1,1 (1,1,1,1 is the chain of gamma 4); "
+    ap.add_argument("--tree", default=None,
+                    help=f"(default {DEFAULTS.tree} with a draft model, {DEFAULTS.heads_tree} with heads) mode tree: branching factors per depth, e.g. 4,2,1,1 (1,1,1,1 is the chain of gamma 4); "
                          "rank paths, e.g. paths:0,1,0.0 (any static tree, as benchmark.tree_fit writes them); or "
                          "dynamic:N[:D[:K[:S]]], EAGLE-2's tree of N draft tokens over D levels, K children per "
                          "expanded node, ranked by q**S (D, K, S default 5, 4, 1)")
@@ -102,17 +115,50 @@ def generate_kwargs(args, tokenizer, vocab_size: int | None) -> dict:
                 finished_rows=args.finished_rows, vocab_size=vocab_size, tree=args.tree)
 
 
-def load_pair(args, need_draft: bool = True):
-    """(target, draft or None, tokenizer, vocab_size) from the model flags. The draft's tokenizer
-    is checked against the target's before anything runs (``shared_vocab``)."""
+def parse_drafts(text: str, many: bool = False) -> list[str]:
+    """The --draft value(s), checked: one of DRAFTS, or (``many``) a comma list of them."""
+    drafts = list(dict.fromkeys(d.strip().lower() for d in text.split(",") if d.strip()))
+    bad = [d for d in drafts if d not in DRAFTS]
+    if bad or not drafts or (len(drafts) > 1 and not many):
+        raise ValueError(f"--draft {text!r}: choose {'a comma list of ' if many else 'one of '}{', '.join(DRAFTS)}")
+    return drafts
+
+
+def check_speculator_flag(path: str | None, drafts: list[str]) -> None:
+    """--speculator names the heads of --draft mlp or medusa; with neither it would do nothing."""
+    if path is not None and not {"mlp", "medusa"} & set(drafts):
+        raise ValueError(f"--speculator {path} is given but --draft is {','.join(drafts)}; it needs mlp or medusa")
+    if path is not None and {"mlp", "medusa"} <= set(drafts):
+        raise ValueError("--speculator names one folder of heads; give --draft mlp or medusa, not both")
+
+
+def load_pair(args, need_draft: bool = True, drafts: list[str] | None = None):
+    """(target, drafter or None, tokenizer, vocab_size) from the model flags: the draft model
+    (``--draft model``, its tokenizer checked against the target's before anything runs,
+    ``shared_vocab``), an n-gram drafter or speculator heads bound to the target. ``drafts``: load
+    several (run_experiment); the second item is then a dict name -> drafter."""
     from .models import load_model, load_tokenizer, shared_vocab
     tokenizer = load_tokenizer(args.target_model_name)
     target = load_model(args.target_model_name, "target", args.device, args.dtype)
     if not need_draft:
         return target, None, tokenizer, None
-    draft = load_model(args.approx_model_name, "draft", args.device, args.dtype)
-    vocab = shared_vocab(tokenizer, load_tokenizer(args.approx_model_name, "draft"), target, draft)
-    return target, draft, tokenizer, vocab
+    names = drafts or parse_drafts(args.draft)
+    out, vocab = {}, None
+    for name in names:
+        if name == "model":
+            out[name] = load_model(args.approx_model_name, "draft", args.device, args.dtype)
+            vocab = shared_vocab(tokenizer, load_tokenizer(args.approx_model_name, "draft"), target, out[name])
+        elif name == "ngram":
+            from .ngram import NgramDrafter
+            out[name] = NgramDrafter()
+        else:
+            from .models import speculator_path
+            from .speculator import load_speculator
+            spec = load_speculator(speculator_path(args.speculator, name), target)
+            if spec.heads.cfg.kind != name:
+                raise ValueError(f"--speculator {args.speculator} holds {spec.heads.cfg.kind} heads, not {name}")
+            out[name] = spec
+    return target, (out if drafts else out[names[0]]), tokenizer, vocab
 
 
 def _sigterm(signum, frame):

@@ -9,7 +9,7 @@ from .autoregressive_sampling import autoregressive_sampling
 from .parts import is_drafter
 from .rows import now
 from .speculative_bass import bass_sampling, tree_sampling
-from .tree import parse_tree
+from .tree import MAX_NODES, parse_tree
 from .utils import SamplingParams
 from .utils_bass import GammaSchedule, ScheduleParams
 
@@ -22,7 +22,9 @@ SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")
 class Defaults:
     """The one home of every generation default (the CLIs and the benchmarks read theirs from here)."""
     mode: str = "google"          # ar | google | deepmind | bass | tree
-    tree: str = "dynamic:16:5:4:3"   # tree: the fastest at batch 1 on Dolly with the embedded pair (results/trees)
+    draft: str = "model"          # what drafts (the CLIs): model | ngram | mlp | medusa (sampling.cli.DRAFTS)
+    tree: str = "dynamic:16:5:4:3"   # tree, draft model: the fastest at batch 1 on Dolly with the embedded pair (results/trees)
+    heads_tree: str = "4,2,2,1"   # tree, speculator heads (static trees only): top-k per head (results/heads)
     max_new_tokens: int = 20      # new tokens per row
     gamma: int = 4                # draft length of the constant schedule
     gamma_init: int = 7           # starting draft length of the adaptive schedules (BASS paper)
@@ -36,6 +38,14 @@ class Defaults:
 
 
 DEFAULTS = Defaults()
+
+
+def default_tree(draft) -> str:
+    """The tree of mode "tree" when none is given: heads draft static trees (cut to as many levels
+    as they have heads), a draft model dynamic ones."""
+    if is_drafter(draft):
+        return str(parse_tree(DEFAULTS.heads_tree).truncated(getattr(draft, "n_heads", MAX_NODES)))
+    return DEFAULTS.tree
 
 
 def default_gamma(gamma_schedule: str) -> int:
@@ -96,9 +106,11 @@ def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens,
     longest = int(lengths.max()) + max_new_tokens     # drafts never pass this position
     needs_model = mode != "ar"
     if mode != "ar" and is_drafter(draft):            # a ready drafter: no positions or embeddings to check
-        if mode == "tree":
-            raise ValueError(f"mode 'tree' needs a draft model; {type(draft).__name__} drafts chains "
-                             f"(use google, deepmind or bass)")
+        if mode == "tree" and not draft.supports_tree:
+            raise ValueError(f"mode 'tree' needs a draft model or speculator heads; {type(draft).__name__} "
+                             f"drafts chains (use google, deepmind or bass)")
+        if hasattr(draft, "check_target"):
+            draft.check_target(target)
         draft, needs_model = None, False
     for name, model in (("target", target), ("draft", draft if mode != "ar" else None)):
         limit = max_positions(model) if model is not None else None
@@ -127,7 +139,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              eos_token_id: int | None = None, seed: int | None = None,
              gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
              finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
-             streamer=None, tree=DEFAULTS.tree) -> GenerationResult:
+             streamer=None, tree=None) -> GenerationResult:
     """Generate new tokens for a left-padded batch input_ids [B, T] (mask [B, T]).
 
     mode: "ar" (target alone), "google" (Leviathan et al.), "deepmind" (Chen et al.) or
@@ -139,7 +151,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ``finished_rows`` (bass, tree): "drop" a finished row from both caches or keep it "mask"ed.
     ``tree`` (mode "tree"): branching factors per depth, "4,2,1,1" or (4, 2, 1, 1), or a dynamic tree
     "dynamic:N[:D[:K[:S]]]" (EAGLE-2: N draft tokens, D levels, K children per expanded node, ranked
-    by q ** S; ``sampling.tree``). ``draft_model``: a model, or for google, deepmind and bass a ready
+    by q ** S; ``sampling.tree``); None: ``default_tree``. ``draft_model``: a model, or for google, deepmind and bass a ready
     drafter such as ``sampling.NgramDrafter()`` (prompt lookup, no model).
     ``vocab_size``: restrict every distribution to the first ids, for a pair that shares a tokenizer
     but pads its embeddings to different sizes. ``streamer`` (batch 1): a transformers streamer
@@ -153,7 +165,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty)
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
-    shape = parse_tree(tree) if mode == "tree" else None
+    shape = parse_tree(tree if tree is not None else default_tree(draft_model)) if mode == "tree" else None
     vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens, vocab_size)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")

@@ -12,6 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = REPO / "models" / "target"
 DEFAULT_DRAFT = REPO / "models" / "draft"
+DEFAULT_SPECULATOR = REPO / "models" / "speculator"     # <kind>/ under it: mlp, medusa
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -114,3 +115,8 @@ def shared_vocab(target_tok, draft_tok, target, draft) -> int | None:
     if len(t) > min(sizes):
         raise ValueError(f"the tokenizer has {len(t)} tokens but an output embedding only {min(sizes)} rows")
     return len(t)
+
+
+def speculator_path(path: str | None, kind: str) -> str:
+    """The heads' folder: ``path`` as given, or the embedded default of that kind."""
+    return str(DEFAULT_SPECULATOR / kind) if path is None else path

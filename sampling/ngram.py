@@ -18,6 +18,8 @@ class NgramDrafter:
     """The drafter contract of ``sampling.parts`` (propose, commit, prefill, select_rows, calls)
     without a model: ``generate(..., draft_model=NgramDrafter())`` in google, deepmind and bass."""
 
+    supports_tree = False                                # drafts chains only
+
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"n-gram drafter: need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
@@ -25,6 +27,10 @@ class NgramDrafter:
         self.calls = 0                                   # no model passes, ever
         self.rows: list[list[int]] = []                  # each row's real tokens so far (host lists)
         self.seen = 0                                    # slots of seq already in self.rows
+
+    def drafter(self, params=None, vocab=None, tree=None) -> "NgramDrafter":
+        """A fresh drafter for one generation (the parts contract: the loop's own copy)."""
+        return NgramDrafter(self.max_ngram, self.min_ngram)
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.rows, self.seen = [[] for _ in range(len(input_ids))], 0

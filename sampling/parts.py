@@ -41,8 +41,9 @@ class Accepted:
 
 
 def is_drafter(obj) -> bool:
-    """A ready drafter (it proposes) rather than a model to wrap in a ModelDrafter."""
-    return callable(getattr(obj, "propose", None))
+    """A ready drafter source (``NgramDrafter``, ``Speculator``: ``obj.drafter(params, vocab, tree)``
+    makes the drafter of one generation) rather than a model to wrap in a ModelDrafter."""
+    return callable(getattr(obj, "drafter", None))
 
 
 class CachedPart:

@@ -38,7 +38,8 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
     seq = input_ids                                   # slot tokens [b, S]
     padding, rows_verified = [], 0
     while not rows.all_done:
-        g = min(schedule.gamma, rows.room() - 1)      # drafts that can still be used by some row
+        g = min(schedule.gamma, rows.room() - 1,      # drafts that can still be used by some row,
+                getattr(drafter, "max_draft", schedule.gamma))   # and that the drafter can make
         # 1. draft: g tokens for every live row, with the law they were drawn from
         draft = drafter.propose(seq, mask, g, generator)                      # tokens [b, g], q [b, g, V]
                                                                               # (a tree: its n nodes)
@@ -79,7 +80,7 @@ def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
     """The speculative loop with a draft model (or a ready drafter, ``parts.is_drafter``) and a chain
     verifier: BASS on a batch, google / deepmind (``sequential``) on one row. Returns (tokens, stats)."""
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
-    drafter = draft if is_drafter(draft) else ModelDrafter(draft, params, vocab)
+    drafter = draft.drafter(params, vocab) if is_drafter(draft) else ModelDrafter(draft, params, vocab)
     return speculative_decode(drafter, ChainVerifier(target, params, vocab, sequential),
                               input_ids, mask, schedule, rows, finished_rows, generator)
 
@@ -90,6 +91,9 @@ def tree_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, pa
     """The speculative loop with a draft tree (``sampling.tree``), batched like BASS."""
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
     verifier = TreeVerifier(target, params, vocab)                  # checks the target's architecture first
-    drafter = (DynamicTreeDrafter if isinstance(tree, DynamicTree) else TreeDrafter)(draft, params, vocab, tree)
+    if is_drafter(draft):                                           # speculator heads: top-k per head
+        drafter = draft.drafter(params, vocab, tree)
+    else:
+        drafter = (DynamicTreeDrafter if isinstance(tree, DynamicTree) else TreeDrafter)(draft, params, vocab, tree)
     return speculative_decode(drafter, verifier, input_ids, mask, GammaSchedule(tree.depth, ScheduleParams()), rows,
                               finished_rows, generator)

@@ -53,5 +53,5 @@ def test_ngram_joint_law(mode, case):
 def test_tree_mode_refuses_the_ngram_drafter():
     target = tiny_model("llama", seed=1)
     ids, mask = left_padded_batch(97, (3,), seed=1)
-    with pytest.raises(ValueError, match="mode 'tree' needs a draft model; NgramDrafter drafts chains"):
+    with pytest.raises(ValueError, match="mode 'tree' needs a draft model or speculator heads; NgramDrafter drafts chains"):
         generate(target, ids, mask, draft_model=NgramDrafter(), mode="tree", max_new_tokens=3, temperature=0)

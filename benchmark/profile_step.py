@@ -1,0 +1,106 @@
+"""Profile speculative steps with cProfile: where a step's time goes, model work against the rest.
+
+    python -m benchmark.profile_step --dataset_path ../shared/dolly/dolly-sample.jsonl --draft mlp \\
+        --mode google --samples 8 --out results/heads/profile_mlp.txt
+
+Each prompt runs once untimed (warm-up), then once under cProfile. The summary splits the
+profiled time into the target's forward passes (verify and prefill), the drafter's propose (its
+own model passes or heads inside it), the accept/reject rule, the caches' bookkeeping (commit),
+and the rest of the loop; then cProfile's top functions by cumulative time.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+
+import torch
+
+from sampling import generate
+from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, generate_kwargs, parse_drafts,
+                          run)
+from sampling.generate import MODES
+
+from .runner import prepare
+from .utils_io import write_text
+
+# phase -> the functions whose cumulative time it is (file suffix, function name)
+PHASES = {
+    "target forward (verify + prefill)": [("kvcache_model.py", "_forward"), ("batched_kvcache_model.py", "forward_tree")],
+    "drafter propose": [("parts.py", "propose"), ("speculator.py", "propose"), ("ngram.py", "propose"),
+                        ("tree.py", "propose")],
+    "accept / reject rule": [("utils.py", "accept_reject"), ("utils.py", "tree_accept")],
+    "commit (caches keep what was accepted)": [("parts.py", "commit"), ("speculator.py", "commit"),
+                                              ("tree.py", "commit"), ("ngram.py", "commit")],
+    "rows: hand out tokens, finished rows": [("rows.py", "hand_out"), ("rows.py", "drop_finished"),
+                                             ("rows.py", "done_mask")],
+}
+
+
+def phase_times(stats: pstats.Stats) -> dict[str, float]:
+    """Cumulative seconds of each phase's functions (a phase's functions never call each other)."""
+    out = {k: 0.0 for k in PHASES}
+    for (path, _, name), (_, _, _, cum, _) in stats.stats.items():
+        for phase, funcs in PHASES.items():
+            if any(path.endswith(f) and name == n for f, n in funcs):
+                out[phase] += cum
+    return out
+
+
+def main(argv=None) -> None:
+    ap = Parser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
+    ap.add_argument("--dataset_path", default=None, help="local Dolly-format jsonl (default: the hub dataset)")
+    ap.add_argument("--skip_bad_lines", action="store_true", help="skip malformed lines instead of stopping")
+    ap.add_argument("--samples", type=int, default=8, help="prompts profiled, from the top of the file")
+    ap.add_argument("--mode", default="google", choices=[m for m in MODES if m != "ar"], help="speculative mode")
+    add_sampling_args(ap)
+    ap.add_argument("--top", type=int, default=25, help="cProfile functions listed")
+    ap.add_argument("--out", default=None, help="text file for the summary (refused if it exists)")
+    args = ap.parse_args(argv)
+    if args.samples <= 0:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.out and os.path.exists(args.out):
+        raise ValueError(f"{args.out} exists; remove it or pick another --out")
+    drafts = parse_drafts(args.draft)
+    check_speculator_flag(args.speculator, drafts)
+    data = prepare(args, [args.mode], drafts)
+    draft = data.drafts[drafts[0]]
+    kw = generate_kwargs(args, data.tokenizer, data.vocab)
+    kw["seed"] = 0 if kw["seed"] is None else kw["seed"]
+    prompts = [torch.tensor([p], device=next(data.target.parameters()).device) for p in data.prompts]
+    for ids in prompts:                                                  # warm-up, not profiled
+        generate(data.target, ids, draft_model=draft, mode=args.mode, **kw)
+    prof, stats_all = cProfile.Profile(), []
+    prof.enable()
+    for ids in prompts:
+        stats_all.append(generate(data.target, ids, draft_model=draft, mode=args.mode, **kw).stats)
+    prof.disable()
+    stream = io.StringIO()
+    st = pstats.Stats(prof, stream=stream)
+    total = sum(s["wall_time_s"] for s in stats_all)
+    tokens = sum(s["new_tokens"] for s in stats_all)
+    calls = sum(s["target_calls"] for s in stats_all)
+    lines = [f"# profile: --draft {drafts[0]} --mode {args.mode}, temperature {args.temperature}, "
+             f"{len(prompts)} Dolly prompts, {args.max_tokens} new tokens each",
+             f"generate wall time (under cProfile, which slows Python-heavy code): {total:.3f} s, {tokens} tokens, "
+             f"{calls} target passes, {tokens / max(1, calls):.2f} tokens per pass",
+             "", "| phase | seconds | share of generate |", "|---|---:|---:|"]
+    times = phase_times(st)
+    for phase, sec in times.items():
+        lines.append(f"| {phase} | {sec:.3f} | {sec / total:.1%} |")
+    rest = total - sum(times.values())
+    lines += [f"| the loop's own work (the rest) | {rest:.3f} | {rest / total:.1%} |", "",
+              f"cProfile, top {args.top} by cumulative time:", "```"]
+    st.sort_stats("cumulative").print_stats(args.top)
+    body = [ln for ln in stream.getvalue().splitlines() if ln.strip()]
+    lines += body[body.index(next(ln for ln in body if "ncalls" in ln)):] + ["```"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,284 @@
+"""Speculator heads: drafting from the target's own last hidden state, no draft model.
+
+Two kinds of heads read the hidden state h_t that the target's output embedding (lm_head) turns
+into the law of token t + 1, and draft the tokens after it:
+
+* ``mlp``: IBM's multi-stage MLP speculator (Wertheimer et al. 2024, arXiv 2404.19124; seed 004).
+  Stage j takes the previous stage's state and the embedding of the token drafted before it:
+  ``s_j = gelu(LN_j(a W_j s_{j-1} + b U_j E(x_j)))`` with ``s_0 = h_t``, so each draft is
+  conditioned on the ones before it. E is the target's input embedding and the logits of stage j
+  are the target's lm_head applied to LN_j's output: only W_j, U_j and LN_j are the speculator's.
+* ``medusa``: Medusa heads (Cai et al. 2024, arXiv 2401.10774): head j is
+  ``lm_head(h_t + silu(W_j h_t + c_j))``, independent of the tokens drafted before it.
+
+Stage 0 of both is the target's lm_head itself on h_t (the law of the token right after the
+prompt, used once, after the prefill). The heads give q; the verifier's one accept/reject rule
+keeps the target's law. ``load_speculator(path, target)`` returns a ``Speculator``, which
+``generate(..., draft_model=speculator)`` accepts in google, deepmind, bass and tree modes (a
+static tree: the children of a node are the top-k, or k draws without replacement, of its law).
+
+The hidden states are read with a forward pre-hook on the target's output embedding (public
+module hooks, any Hugging Face causal LM): the verify pass's kept positions pass through it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import weakref
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .parts import Draft
+from .tree import DynamicTree, TreeShape, gumbel_keys, parse_tree
+from .utils import SamplingParams, norm_logits
+
+KINDS = ("mlp", "medusa")
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+@dataclass
+class SpeculatorConfig:
+    kind: str                  # "mlp" (multi-stage, each stage sees the token before) | "medusa" (independent heads)
+    n_heads: int               # stages or heads: tokens drafted per step after the one the target gives
+    hidden: int                # the target's hidden size at its lm_head's input
+    embed: int                 # the target's input-embedding size
+    vocab: int                 # rows of the target's lm_head
+    target_type: str           # the target's model_type
+    fingerprint: list          # statistics of the target's lm_head weight: which target the heads read
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"speculator kind {self.kind!r} unknown; choose one of {', '.join(KINDS)}")
+        if not 1 <= self.n_heads <= 16:
+            raise ValueError(f"speculator n_heads must be in [1, 16], got {self.n_heads}")
+
+
+def target_dims(target) -> dict:
+    """What a speculator must match in its target: sizes, type and a fingerprint of the lm_head."""
+    w = target.get_output_embeddings().weight.detach()
+    V, D = w.shape
+    w = w.double()
+    fp = [w.abs().mean(), w[:V // 2].abs().mean(), w[:, :D // 2].abs().mean(), w[0].abs().mean()]
+    return dict(hidden=D, embed=target.get_input_embeddings().embedding_dim, vocab=V,
+                target_type=target.config.model_type, fingerprint=[round(float(x), 6) for x in fp])
+
+
+class SpeculatorHeads(nn.Module):
+    """The trainable part: W_j, U_j, LN_j per stage (mlp) or W_j, c_j per head (medusa). The
+    target's embedding and lm_head are passed in, never owned (nor saved)."""
+
+    def __init__(self, cfg: SpeculatorConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D, E, K = cfg.hidden, cfg.embed, cfg.n_heads
+        if cfg.kind == "mlp":
+            self.state_proj = nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(K))
+            self.emb_proj = nn.ModuleList(nn.Linear(E, D, bias=False) for _ in range(K))
+            self.ln = nn.ModuleList(nn.LayerNorm(D) for _ in range(K))
+            self.a = 0.5 ** (0.5 / K)                    # state weight (IBM's), b: the embedding's
+            self.b = math.sqrt(1 - self.a ** 2)
+        else:
+            self.res = nn.ModuleList(nn.Linear(D, D) for _ in range(K))
+            for lin in self.res:                         # each head starts as the target's own lm_head
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def stage(self, j: int, state: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """(state after stage j, its pre-activation for the logits) from the state of stage j - 1
+        [..., D] and the embedding of the token drafted by it [..., E]; j in 1..n_heads."""
+        if self.cfg.kind == "medusa":
+            return state, state + F.silu(self.res[j - 1](state))
+        z = self.ln[j - 1](self.a * self.state_proj[j - 1](state) + self.b * self.emb_proj[j - 1](emb))
+        return F.gelu(z), z
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, lm_head) -> list[torch.Tensor]:
+        """Training (teacher forcing): h [B, T, D] the target's hidden states, emb [B, T, E] the
+        embeddings of the tokens. Stage j's logits at position t predict token t + 1 + j from h_t
+        and tokens t + 1 .. t + j; returns n_heads tensors [B, T - 1 - n_heads, V] (every position
+        whose last target token is in the sequence)."""
+        K, T = self.cfg.n_heads, h.shape[1]
+        state, out = h[:, :T - 1 - K], []
+        for j in range(1, K + 1):
+            state, z = self.stage(j, state, emb[:, j:T - 1 - K + j])
+            out.append(lm_head(z))
+        return out
+
+
+class Speculator:
+    """Trained heads bound to their target: a ready drafter source for ``generate``.
+
+    ``drafter(params, vocab, tree)`` makes the per-call drafter; ``close()`` removes the hook."""
+
+    supports_tree = True
+
+    def __init__(self, heads: SpeculatorHeads, target):
+        self.heads, self.target = heads, target
+        self.embedding, self.lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+        self.last: torch.Tensor | None = None           # lm_head's input in the target's last pass
+        self.passes = 0                                 # target passes seen
+        ref = weakref.ref(self)
+
+        def capture(module, args):
+            me = ref()
+            if me is not None:
+                me.last, me.passes = args[0], me.passes + 1
+        self._hook = self.lm_head.register_forward_pre_hook(capture)
+        weakref.finalize(self, self._hook.remove)
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads.cfg.n_heads
+
+    def close(self) -> None:
+        self._hook.remove()
+
+    def check_target(self, target) -> None:
+        """ValueError unless ``target`` is the model these heads were trained on and bound to."""
+        if target is not self.target:
+            raise ValueError("this speculator is bound to another target model; load it with "
+                             "sampling.load_speculator(path, target) for the target you generate with")
+
+    def drafter(self, params: SamplingParams, vocab: int | None, tree=None) -> "SpeculatorDrafter":
+        return SpeculatorDrafter(self, params, vocab, tree)
+
+
+class SpeculatorDrafter:
+    """The drafter contract of ``sampling.parts`` on speculator heads: a chain of g tokens or a
+    static tree per step, from the target hidden state of each row's last accepted position."""
+
+    def __init__(self, spec: Speculator, params: SamplingParams, vocab: int | None, tree=None):
+        self.spec, self.heads, self.vocab = spec, spec.heads, vocab
+        self.greedy = params.greedy
+        # greedy trees rank children by the law at temperature 1 (as TreeDrafter); chains sample q
+        self.params = SamplingParams(temperature=1.0, repetition_penalty=params.repetition_penalty) \
+            if params.greedy and tree is not None else params
+        self.tree = None if tree is None else parse_tree(tree)
+        if isinstance(self.tree, DynamicTree):
+            raise ValueError(f"speculator heads draft static trees (branching factors such as 4,2,1 or "
+                             f"paths:...); got the dynamic tree {tree}")
+        if self.tree is not None and self.tree.depth > spec.n_heads:
+            raise ValueError(f"tree {tree} is {self.tree.depth} levels deep; this speculator has "
+                             f"{spec.n_heads} heads, so at most {spec.n_heads} levels")
+        self.max_draft = spec.n_heads                     # the loop drafts no more per step
+        self.calls = 0                                    # model passes: none (the heads are counted in time)
+        self.h: torch.Tensor | None = None                # [b, D] target hidden state of each row's last slot
+        self.pending = 0                                  # tokens of seq after that slot (0 after prefill, else 1)
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """After the verifier's prefill: the hidden state of the prompt's last slot."""
+        self.h, self.pending, self.seen = self.spec.last[:, -1], 0, self.spec.passes
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.h = self.h[keep]
+
+    def law(self, j: int, z: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Filtered law [b, m, V] of stage j's pre-activation z [b, m, D] (j = 0: the target's lm_head)."""
+        logits = self.spec.lm_head(z)
+        if self.vocab is not None:
+            logits = logits[..., :self.vocab]
+        if not self.params.uses_prefix:
+            return norm_logits(logits, self.params)
+        return torch.cat([norm_logits(logits[:, i:i + 1], self.params, seq, mask)   # the prefix: seq only
+                          for i in range(logits.shape[1])], 1)
+
+    @torch.inference_mode()
+    def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
+        """g drafts after seq [b, S] (a chain), or the tree cut to g levels."""
+        shape = self.tree.truncated(g) if self.tree is not None else TreeShape.from_branching((1,) * g)
+        self.n_drafted = shape.n
+        if not shape.n:
+            return Draft(seq[:, :0], None, shape if self.tree is not None else None)
+        b = len(seq)
+        state = self.h.unsqueeze(1)                                          # [b, 1, D]
+        j, z = 0, state
+        if self.pending:                                                     # the bonus token is not fed yet
+            j, (state, z) = 1, self.heads.stage(1, state, self.spec.embedding(seq[:, -1:]))
+        dists = self.law(j, z, seq, mask)                                    # [b, 1, V] the root's law
+        tokens, qs = [], []
+        for d, (k, up, pick) in enumerate(shape.picks):
+            m, V = dists.shape[1], dists.shape[2]
+            flat = dists.reshape(b * m, V)
+            top = (flat if self.greedy else gumbel_keys(flat, generator)).topk(k, dim=-1).indices.view(b, m * k)
+            kids = top[:, pick.to(top.device)]                               # [b, w] the level's nodes
+            up = up.to(dists.device)
+            tokens.append(kids)
+            qs.append(dists[:, up])                                          # [b, w, V] the parents' laws
+            if d + 1 < shape.depth:
+                j += 1
+                state, z = self.heads.stage(j, state[:, up], self.spec.embedding(kids))   # [b, w, D]
+                dists = self.law(j, z, seq, mask)                            # [b, w, V]
+        tokens = torch.cat(tokens, 1)                                        # [b, n]
+        q = None if self.greedy else torch.cat(qs, 1)                        # [b, n, V]
+        return Draft(tokens, q, shape if self.tree is not None else None)
+
+    def commit(self, acc) -> None:
+        """The hidden state of each row's last accepted position, from the verify pass's kept
+        positions (P pending chain tokens, then the drafts or nodes)."""
+        if self.spec.passes != self.seen:                                    # the verifier ran the target
+            last = self.spec.last                                            # [b, P + n, D]
+            P = last.shape[1] - self.n_drafted                               # pending tokens it fed
+            hist = torch.cat([self.h.unsqueeze(1), last], 1)                 # [b, 1 + P + n, D]
+            k = acc.n
+            lastnode = acc.nodes.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1) \
+                if acc.nodes.shape[1] else torch.zeros_like(k)               # [b]
+            idx = P + torch.where(k > 0, 1 + lastnode, torch.zeros_like(k))  # [b]
+            self.h = hist[torch.arange(len(k), device=k.device), idx]        # [b, D]
+            self.seen = self.spec.passes
+        self.pending = 1
+
+
+def save_speculator(heads: SpeculatorHeads, path: str, dtype=torch.float16, extra: dict | None = None) -> None:
+    """config.json (the SpeculatorConfig, plus ``extra`` such as the training summary) and the
+    weights in ``dtype`` (float16: half the bytes; loaded back in the target's dtype)."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in heads.state_dict().items()},
+              os.path.join(path, WEIGHTS))
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(dict(asdict(heads.cfg), **(extra or {})), f, indent=2)
+
+
+def load_speculator(path: str, target) -> Speculator:
+    """The heads in folder ``path`` bound to ``target``; ValueError (one line) when the folder is
+    not a speculator or the heads were trained on another target."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(str(path), CONFIG)
+    if not os.path.isfile(cfg_path) or not os.path.isfile(os.path.join(str(path), WEIGHTS)):
+        raise ValueError(f"speculator path {path} has no {CONFIG} and {WEIGHTS} (train heads with "
+                         f"`python -m training.train_speculator`)")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        cfg = SpeculatorConfig(**{k: raw[k] for k in SpeculatorConfig.__dataclass_fields__})
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"speculator config {cfg_path} is not a speculator's ({type(e).__name__}: {e})") from None
+    have = target_dims(target)
+    for key in ("hidden", "embed", "vocab", "target_type"):
+        if getattr(cfg, key) != have[key]:
+            raise ValueError(f"speculator {path} was trained for another target: its {key} is "
+                             f"{getattr(cfg, key)!r}, this target's is {have[key]!r}")
+    if not all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(cfg.fingerprint, have["fingerprint"])):
+        raise ValueError(f"speculator {path} was trained for another target: the target's lm_head weights differ "
+                         f"(fingerprint {cfg.fingerprint} vs {have['fingerprint']})")
+    heads = SpeculatorHeads(cfg)
+    heads.load_state_dict(load_file(os.path.join(str(path), WEIGHTS)))
+    w = target.get_output_embeddings().weight
+    return Speculator(heads.to(device=w.device, dtype=w.dtype).eval(), target)
+
+
+def new_speculator(target, kind: str, n_heads: int, seed: int = 0, noise: float = 0.0) -> Speculator:
+    """Freshly initialised heads for ``target`` (training starts from these); ``noise`` > 0 adds
+    Gaussian noise of that scale to every weight (tests: heads that disagree with the target)."""
+    torch.manual_seed(seed)
+    heads = SpeculatorHeads(SpeculatorConfig(kind=kind, n_heads=n_heads, **target_dims(target)))
+    if noise:
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(torch.randn_like(p) * noise)
+    w = target.get_output_embeddings().weight
+    return Speculator(heads.to(device=w.device, dtype=w.dtype).eval(), target)

@@ -1,0 +1,124 @@
+"""Speculator heads (MLP speculator, Medusa): greedy exactness on five architectures in the chain
+modes and tree mode, the hidden state each row drafts from, the joint law under sampling against
+enumeration, saving and loading, and the refusals."""
+import pytest
+import torch
+from stats import chi_square_pvalue
+from test_distribution import ALPHA, CASES, exact_joint
+
+from sampling import generate, load_speculator, new_speculator
+from sampling.speculator import SpeculatorDrafter, save_speculator
+from tiny import ARCHS, greedy_reference, left_padded_batch, tiny_model
+
+KINDS = ("mlp", "medusa")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_speculator_equals_greedy(arch, kind):
+    target = tiny_model(arch, seed=21)
+    ids, mask = left_padded_batch(97, (5, 9, 3, 7), seed=22)
+    ref = greedy_reference(target, ids, mask, 14)
+    spec = new_speculator(target, kind, n_heads=3, seed=1, noise=0.05)
+    for mode in ("google", "deepmind", "bass") + (("tree",) if arch != "bloom" else ()):
+        res = generate(target, ids, mask, draft_model=spec, mode=mode, gamma=3, max_new_tokens=14,
+                       temperature=0, tree="3,2,1")
+        assert res.tokens == ref, mode
+        assert res.stats["draft_calls"] == 0
+
+
+@pytest.mark.parametrize("arch", ("llama", "gpt2"))
+@pytest.mark.parametrize("mode", ("bass", "tree"))
+def test_drafts_start_from_the_last_accepted_hidden_state(arch, mode, monkeypatch):
+    """Every step, each row's hidden state equals the target's own lm_head input at the row's last
+    token before the pending one, recomputed from scratch on the real tokens (a wrong index after a
+    partial accept, a tree path or a hole would show here, though the output stays exact)."""
+    V = 6                                                         # a small vocabulary: many accepts
+    target = tiny_model(arch, vocab=V, seed=3)
+    spec = new_speculator(target, "mlp", n_heads=3, seed=2, noise=0.05)
+    seen, propose = [], SpeculatorDrafter.propose
+
+    def recording(self, seq, mask, g, generator):
+        seen.append((seq.clone(), mask.clone(), self.h.clone(), self.pending))
+        return propose(self, seq, mask, g, generator)
+    monkeypatch.setattr(SpeculatorDrafter, "propose", recording)
+    ids, mask = left_padded_batch(V, (4, 7, 2), seed=5, pad=0)
+    res = generate(target, ids, mask, draft_model=spec, mode=mode, gamma=3, max_new_tokens=12, temperature=0,
+                   tree="2,2,1", finished_rows="mask")
+    hist = res.stats["accepted_hist"]                             # rows x steps that accepted 0, 1, 2, ...
+    assert hist[0] > 0 and sum(hist[1:]) >= 5 and (mode == "bass" or sum(hist[2:]) > 0)
+    captured, checked = [], 0
+    hook = target.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    try:
+        for seq, m, h, pending in seen:
+            for i in range(len(seq)):
+                if pending and not m[i, -1]:                      # a finished row (kept masked): no drafts used
+                    continue
+                real = seq[i, :seq.shape[1] - pending][m[i, :seq.shape[1] - pending].bool()]
+                with torch.no_grad():
+                    target(input_ids=real.unsqueeze(0))
+                torch.testing.assert_close(h[i], captured[-1][0, -1])
+                checked += 1
+    finally:
+        hook.remove()
+    assert len(seen) > 3 and checked > 3 * len(ids)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ("google", "bass", "tree"))
+@pytest.mark.parametrize("case", ("t1", "t0.7-topk3"))
+def test_speculator_joint_law(kind, mode, case):
+    """Joint law of the first 3 new tokens against enumeration (independent of the code under test)."""
+    V, K = 5, 3
+    params = CASES[case]
+    target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(3)
+    spec = new_speculator(target, kind, n_heads=2, seed=4, noise=0.3)
+    prompt = [1, 3, 0, 4, 1, 3]
+    N = 3000 if mode != "google" else 1500
+    res = generate(target, torch.tensor([prompt] * N), draft_model=spec, mode=mode, gamma=2, tree="2,2",
+                   max_new_tokens=K, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=7)
+    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in res.tokens])
+    pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), exact_joint(target, prompt, params, K, V))
+    assert pval > ALPHA, pval
+    assert 0.01 < res.stats["acceptance_rate"] < 0.95            # both accepts and rejections were drawn
+
+
+def test_save_load_round_trip(tmp_path):
+    target = tiny_model("gpt2", seed=4, dtype=torch.float32)
+    spec = new_speculator(target, "mlp", n_heads=2, seed=3, noise=0.05)
+    save_speculator(spec.heads, str(tmp_path / "heads"), dtype=torch.float32)
+    again = load_speculator(str(tmp_path / "heads"), target)
+    for a, b in zip(spec.heads.state_dict().values(), again.heads.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    ids, mask = left_padded_batch(97, (5, 3), seed=1)
+    kw = dict(mode="bass", gamma=2, max_new_tokens=8, temperature=1.0, seed=3)
+    assert generate(target, ids, mask, draft_model=spec, **kw).tokens == \
+        generate(target, ids, mask, draft_model=again, **kw).tokens
+
+
+def test_refusals(tmp_path):
+    target = tiny_model("llama", seed=1)
+    ids, mask = left_padded_batch(97, (3,), seed=1)
+    with pytest.raises(ValueError, match="has no config.json and model.safetensors"):
+        load_speculator(str(tmp_path / "nowhere"), target)
+    spec = new_speculator(target, "medusa", n_heads=2)
+    save_speculator(spec.heads, str(tmp_path / "heads"))
+    wider = tiny_model("llama", seed=1, dim=64)
+    with pytest.raises(ValueError, match="trained for another target: its hidden is 32, this target's is 64"):
+        load_speculator(str(tmp_path / "heads"), wider)
+    other = tiny_model("llama", seed=2)                         # same shapes, other weights
+    with pytest.raises(ValueError, match="trained for another target: the target's lm_head weights differ"):
+        load_speculator(str(tmp_path / "heads"), other)
+    with pytest.raises(ValueError, match="bound to another target model"):
+        generate(other, ids, mask, draft_model=spec, mode="bass", max_new_tokens=3)
+    with pytest.raises(ValueError, match="speculator heads draft static trees"):
+        generate(target, ids, mask, draft_model=spec, mode="tree", tree="dynamic:8", max_new_tokens=3)
+    with pytest.raises(ValueError, match="this speculator has 2 heads, so at most 2 levels"):
+        generate(target, ids, mask, draft_model=spec, mode="tree", tree="2,1,1", max_new_tokens=3)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    (tmp_path / "bad" / "model.safetensors").write_text("")
+    with pytest.raises(ValueError, match="is not a speculator's"):
+        load_speculator(str(tmp_path / "bad"), target)
