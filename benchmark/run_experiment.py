@@ -101,11 +101,14 @@ def parse(argv=None):
 
 
 def trees_of(args, mode: str, draft: str) -> list[str]:
-    """The trees a configuration runs: --trees, or the default tree of its drafter (heads: "", which
-    ``generate`` cuts to their depth); "" off mode tree."""
+    """The trees a configuration runs: --trees (dynamic ones with the draft model only: heads draft
+    static trees), or the default tree of its drafter (heads: "", which ``generate`` cuts to their
+    depth); "" off mode tree."""
     if mode != "tree":
         return [""]
-    return args.tree_list or [DEFAULTS.tree if draft == "model" else ""]
+    if not args.tree_list:
+        return [DEFAULTS.tree if draft == "model" else ""]
+    return [t for t in args.tree_list if draft == "model" or not t.startswith("dynamic")]
 
 
 def configs(args) -> list[RunConfig]:

@@ -122,3 +122,45 @@ def test_refusals(tmp_path):
     (tmp_path / "bad" / "model.safetensors").write_text("")
     with pytest.raises(ValueError, match="is not a speculator's"):
         load_speculator(str(tmp_path / "bad"), target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_forward_matches_the_drafter(kind):
+    """The teacher-forced forward the training script optimises gives, at position t, the very laws
+    the drafter draws from when its drafts are the sequence's next tokens: training and drafting
+    read the same hidden state and align stage j with token t + 1 + j."""
+    from sampling.speculator import SpeculatorDrafter
+    from sampling.utils import SamplingParams
+    target = tiny_model("gpt2", seed=5)
+    spec = new_speculator(target, kind, n_heads=3, seed=6, noise=0.1)
+    prefix = torch.tensor([[5, 9, 14, 3, 7, 22]])                    # t = 4: h_t, pending token x_5 = 22
+    with torch.no_grad():
+        target(input_ids=prefix[:, :-1])                            # the hidden state of slot 4 (the hook)
+    d = SpeculatorDrafter(spec, SamplingParams(temperature=1.0), None)
+    d.prefill(prefix[:, :-1], torch.ones_like(prefix[:, :-1]))
+    d.pending = 1
+    draft = d.propose(prefix, torch.ones_like(prefix), 3, torch.Generator().manual_seed(0))   # tokens [1, 3]
+    x = torch.cat([prefix, draft.tokens, torch.tensor([[1]])], 1)   # the drafts are the next tokens
+    captured = []
+    hook = target.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        target(input_ids=x)
+        outs = spec.heads(captured[-1], target.get_input_embeddings()(x), target.get_output_embeddings())
+    hook.remove()
+    t = prefix.shape[1] - 2
+    for j, logits in enumerate(outs, start=1):                      # stage j at t: token t + 1 + j
+        torch.testing.assert_close(torch.softmax(logits[0, t], -1), draft.q[0, j - 1])
+
+
+def test_int8_storage_round_trip(tmp_path):
+    """int8 storage: a quarter of the bytes, each weight within half a step of its row's scale."""
+    target = tiny_model("llama", seed=4, dtype=torch.float32, dim=64)
+    spec = new_speculator(target, "mlp", n_heads=2, seed=3, noise=0.05)
+    save_speculator(spec.heads, str(tmp_path / "f32"), dtype=torch.float32)
+    save_speculator(spec.heads, str(tmp_path / "i8"), dtype=torch.int8)
+    size = {k: (tmp_path / k / "model.safetensors").stat().st_size for k in ("f32", "i8")}
+    assert size["i8"] < 0.3 * size["f32"]
+    again = load_speculator(str(tmp_path / "i8"), target)
+    for (name, a), b in zip(spec.heads.state_dict().items(), again.heads.state_dict().values()):
+        step = a.abs().amax(-1, keepdim=True) / 127 if a.dim() == 2 else a.abs().max() * 1e-3 + 1e-6
+        assert ((a - b).abs() <= step * 0.5 + 1e-3 * step + 1e-4).all(), name

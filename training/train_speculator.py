@@ -14,8 +14,9 @@ both. The target is frozen; its input embedding and lm_head are shared, never tr
            same pass computes: the heads learn what the target will say, not what the corpus said.
 Then the heads are evaluated on Dolly prompts (never trained on): the target's greedy answers,
 per head top-1 and top-5 accuracy against the target's token (teacher forced), and written to
-``<out>/<kind>/`` (float16 safetensors + config.json) with ``<out>/training_log.csv`` (loss and
-per-head top-1 every 10 steps) and ``<out>/training_summary.json``.
+``<out>/<kind>/`` (safetensors + config.json) with ``<out>/training_log.csv`` (loss and
+per-head top-1 every 10 steps) and ``<out>/training_summary.json``; ``--storage int8`` (the default)
+stores each matrix as int8 with per-row scales (``save_speculator``), dequantized at load.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from tqdm import tqdm
 from sampling.speculator import KINDS, SpeculatorConfig, SpeculatorHeads, save_speculator, target_dims
 
 from .train_default_pair import EOS, load_corpus, load_target, lr_at, target_continuations, windows
+
+STORAGE = {"int8": torch.int8, "float16": torch.float16}
 
 
 @dataclass
@@ -55,6 +58,9 @@ class SpecTrainConfig:
     eval_prompts: int = 60             # Dolly prompts evaluated
     eval_tokens: int = 32              # greedy tokens the target writes per prompt
     threads: int = 0                   # torch threads (0: torch's default)
+    init: str = ""                     # continue from the heads in <init>/<kind> (e.g. more phase 2: --phase1_steps 0)
+    eval_only: bool = False            # evaluate the heads in --init on Dolly and print it; no training, nothing written
+    storage: str = "int8"              # int8 (per-row scales, a quarter of float32's bytes) or float16
 
 
 class Tap:
@@ -132,21 +138,29 @@ def evaluate(heads_by_kind, target, tap, tokenizer, cfg) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for field, default in asdict(SpecTrainConfig()).items():
-        ap.add_argument(f"--{field}", type=type(default), default=default, help=f"SpecTrainConfig.{field}")
+        if isinstance(default, bool):
+            ap.add_argument(f"--{field}", action="store_true", help=f"SpecTrainConfig.{field}")
+        else:
+            ap.add_argument(f"--{field}", type=type(default), default=default, help=f"SpecTrainConfig.{field}")
     cfg = SpecTrainConfig(**vars(ap.parse_args(argv)))
     kinds = [k.strip() for k in cfg.kinds.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--kinds {cfg.kinds!r}: a comma list of {', '.join(KINDS)}")
-    for k in kinds:
+    if cfg.eval_only and not cfg.init:
+        ap.error("--eval_only evaluates the heads in --init; give --init")
+    for k in kinds if not cfg.eval_only else []:
         if os.path.exists(os.path.join(cfg.out, k)):
             ap.error(f"{os.path.join(cfg.out, k)} exists; remove it or pick another --out")
+    if cfg.storage not in STORAGE:
+        ap.error(f"--storage {cfg.storage!r}: choose {' or '.join(STORAGE)}")
+    if cfg.init and not all(os.path.isdir(os.path.join(cfg.init, k)) for k in kinds):
+        ap.error(f"--init {cfg.init!r}: needs a folder per kind ({', '.join(kinds)}) with saved heads")
     if not os.path.isfile(cfg.dolly):
         ap.error(f"--dolly {cfg.dolly!r} does not exist (the held-out evaluation prompts)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
 
     from transformers import AutoTokenizer
@@ -154,12 +168,20 @@ def main(argv=None):
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     target = load_target(cfg.target).requires_grad_(False)
     tap, lm_head = Tap(target), target.get_output_embeddings()
+    dims = target_dims(target)
+    heads = {k: SpeculatorHeads(SpeculatorConfig(kind=k, n_heads=cfg.n_heads, **dims)).train() for k in kinds}
+    if cfg.init:                                                         # continue training saved heads
+        from sampling.speculator import load_speculator
+        for k in kinds:
+            heads[k].load_state_dict(load_speculator(os.path.join(cfg.init, k), target).heads.float().state_dict())
+    if cfg.eval_only:
+        print(json.dumps(evaluate({k: h.eval() for k, h in heads.items()}, target, tap, tokenizer, cfg), indent=2))
+        return
     docs = load_corpus()
     train_docs = [d for i, d in enumerate(docs) if i % 50]               # the target's own split
     train = torch.tensor([t for enc in tokenizer(train_docs, add_special_tokens=False)["input_ids"]
                           for t in enc + [eos_id]], dtype=torch.long)
-    dims = target_dims(target)
-    heads = {k: SpeculatorHeads(SpeculatorConfig(kind=k, n_heads=cfg.n_heads, **dims)).train() for k in kinds}
+    os.makedirs(cfg.out, exist_ok=True)
     opts = {k: torch.optim.AdamW(h.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
             for k, h in heads.items()}
     samples = None
@@ -169,7 +191,9 @@ def main(argv=None):
         log.writerow(["kind", "phase", "step", "lr", "loss"] + [f"top1_head{j}" for j in range(1, cfg.n_heads + 1)]
                      + ["elapsed_s"])
         for phase, steps in ((1, cfg.phase1_steps), (2, cfg.phase2_steps)):
-            if phase == 2 and steps:
+            if not steps:
+                continue
+            if phase == 2:
                 samples = target_continuations(cfg, target, train, eos_id)   # [gen_prompts, 64 + gen_tokens]
             bar = tqdm(range(steps), desc=f"phase {phase}", dynamic_ncols=True)
             for step in bar:
@@ -204,9 +228,13 @@ def main(argv=None):
                    train_tokens=len(train), params={k: sum(p.numel() for p in h.parameters()) for k, h in heads.items()},
                    dolly_accuracy=acc)
     for k, hd in heads.items():
-        save_speculator(hd, os.path.join(cfg.out, k), extra=dict(training=dict(
+        before = None
+        if cfg.init:                                                     # the training the heads started from
+            with open(os.path.join(cfg.init, k, "config.json")) as f:
+                before = json.load(f).get("training")
+        save_speculator(hd, os.path.join(cfg.out, k), dtype=STORAGE[cfg.storage], extra=dict(training=dict(
             steps=[cfg.phase1_steps, cfg.phase2_steps], seq_len=cfg.seq_len, batch=cfg.batch, seed=cfg.seed,
-            dolly_top1=acc[k]["top1"], dolly_top5=acc[k]["top5"])))
+            gen_prompts=cfg.gen_prompts, dolly_top1=acc[k]["top1"], dolly_top5=acc[k]["top5"], before=before)))
     with open(os.path.join(cfg.out, "training_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
