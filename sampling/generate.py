@@ -21,7 +21,9 @@ SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")
 @dataclass(frozen=True)
 class Defaults:
     """The one home of every generation default (the CLIs and the benchmarks read theirs from here)."""
-    mode: str = "google"          # ar | google | deepmind | bass | tree
+    mode: str = "google"          # generate(): ar | google | deepmind | bass | tree
+    main_mode: str = "tree"       # main.py: the fastest lossless configuration at batch 1 on the embedded
+                                  # pair, tree mode with the draft model (results/heads: 1.27x AR greedy)
     draft: str = "model"          # what drafts (the CLIs): model | ngram | mlp | medusa (sampling.cli.DRAFTS)
     tree: str = "dynamic:16:5:4:3"   # tree, draft model: the fastest at batch 1 on Dolly with the embedded pair (results/trees)
     heads_tree: str = "4,2,2,1"   # tree, speculator heads (static trees only): top-k per head (results/heads)

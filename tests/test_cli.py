@@ -143,7 +143,7 @@ def test_defaults_live_in_one_place():
     from benchmark import run_experiment
     from sampling import DEFAULTS, generate
     sig = inspect.signature(generate).parameters
-    assert sig["mode"].default == DEFAULTS.mode == main_cli.parse(["--input", "x"]).mode
+    assert sig["mode"].default == DEFAULTS.mode and main_cli.parse(["--input", "x"]).mode == DEFAULTS.main_mode
     for name, flag in (("max_new_tokens", "max_tokens"), ("top_k", "top_k"), ("top_p", "top_p"),
                        ("min_p", "min_p"), ("repetition_penalty", "repetition_penalty")):
         assert sig[name].default == getattr(DEFAULTS, name)
