@@ -130,7 +130,7 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main_cli.parse(["-h"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)", "decoding mode (default: google)",
+    for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)", "decoding mode (default tree, the fastest lossless one measured",
                  "(default 4 for constant, 7 for bass/aimd)", "--repeats REPEATS", "(default: 3)"):
         assert text in out, text
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from sampling import generate, pad_left
+from sampling import DEFAULTS, generate, load_speculator, pad_left
 from sampling.models import DEFAULT_TARGET, load_model, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,19 @@ def test_main_runs_offline_on_the_default_pair(pair):
     ids, mask = pad_left([tok(prompt)["input_ids"]], tok.pad_token_id)
     ar = generate(target, ids, mask, mode="ar", max_new_tokens=12, temperature=0, eos_token_id=tok.eos_token_id)
     assert proc.stdout.rstrip("\n") == prompt + tok.decode(ar.tokens[0])
-    assert "[google] " in proc.stderr
+    assert f"[{DEFAULTS.main_mode}] " in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ("mlp", "medusa"))
+def test_embedded_speculator_heads(pair, kind):
+    """models/speculator loads for the embedded target, writes greedy AR's tokens, and accepts drafts."""
+    target, _, tok = pair
+    spec = load_speculator(os.path.join(ROOT, "models", "speculator", kind), target)
+    ids, mask = pad_left([tok(p)["input_ids"] for p in PROMPTS], tok.pad_token_id)
+    kw = dict(max_new_tokens=16, temperature=0, eos_token_id=tok.eos_token_id)
+    ar = generate(target, ids, mask, mode="ar", **kw)
+    res = generate(target, ids, mask, draft_model=spec, mode="bass", **kw)
+    assert res.tokens == ar.tokens and res.stats["accepted"] > 0
 
 
 @pytest.mark.parametrize("tree", ("3,2,1", "dynamic:12"))
