@@ -16,8 +16,8 @@ from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, SEQUENTIAL_MODES, RunC
                               prepare, run_grid)
 from benchmark.utils_io import write_csv
 from sampling import check_args
-from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, params_of, parse_drafts,
-                          run, schedule_of)
+from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, params_of, parse_caches,
+                          parse_drafts, run, schedule_of)
 from sampling.generate import default_gamma
 from sampling.tree import parse_tree
 
@@ -53,6 +53,7 @@ def parse(argv=None):
         args.gamma = default_gamma(args.gamma_schedule)
     check_args("bass", args.max_tokens, args.gamma, params_of(args), schedule_of(args), args.finished_rows)
     args.tree = str(parse_tree(args.tree)) if args.tree is not None else ""    # "": the drafter's default
+    parse_caches(args.kv_cache, args.compile)
     check_out(args.out, False, args.overwrite)
     if args.seed is None:
         args.seed = random.randrange(2 ** 31)
@@ -70,7 +71,8 @@ def main(argv=None) -> None:
                       max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, seed=args.seed,
                       finished_rows=args.finished_rows, tree=args.tree if mode == "tree" else "",
-                      draft="" if mode in DRAFTLESS_MODES else "model" if mode == "hf_assisted" else args.drafts[0])
+                      draft="" if mode in DRAFTLESS_MODES else "model" if mode == "hf_assisted" else args.drafts[0],
+                      kv_cache=args.kv_cache, compile=args.compile)
             for mode in args.modes]
     with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
         for group in run_grid(cfgs, data, args.repeats, progress=bar):

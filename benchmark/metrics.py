@@ -6,11 +6,12 @@ import pandas as pd
 from sampling import DEFAULTS
 
 KEYS = ["mode", "draft", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows",
-        "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree"]   # every field of RunConfig
+        "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree", "kv_cache", "compile"]   # every field of RunConfig
 NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.csv files lack, and
                  "rows_verified": float("nan"),             # what those runs did or what is unknown
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
-                 "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": ""}
+                 "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": "",
+                 "kv_cache": "dynamic", "compile": False}
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
@@ -103,10 +104,10 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     out["alpha"] = [alpha_from_accepted(a / s_, g_) if d > 0 and s_ > 0 and m != "tree" else float("nan")
                     for a, s_, g_, d, m in zip(out.accepted, steps, out.mean_gamma, out.drafted, out["mode"])]
     # (a chain's alpha; a tree's acceptance follows no geometric law in gamma)
-    ar = out[out["mode"] == "ar"].set_index(["batch", "temperature", "sort_batch"])
+    same = ["batch", "temperature", "sort_batch", "kv_cache", "compile"]    # ar with the same batching and cache
+    ar = out[out["mode"] == "ar"].set_index(same)
     for col, name in (("throughput", "speedup_vs_ar"), ("decode_throughput", "decode_speedup_vs_ar")):
-        out[name] = [t / ar[col].get((b, temp, srt), float("nan")) for t, b, temp, srt in
-                     zip(out[col], out.batch, out.temperature, out.sort_batch)]
+        out[name] = [t / ar[col].get(k, float("nan")) for t, k in zip(out[col], zip(*(out[c] for c in same)))]
     if cost:
         nan = float("nan")
         costs = [cost.get(cost_key(b, g_), {}) if d == "model" else {}      # c is the draft model's

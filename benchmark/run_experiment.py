@@ -16,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from sampling import DEFAULTS, SCHEDULES, SamplingParams, check_args
-from sampling.cli import Parser, add_model_args, check_speculator_flag, parse_drafts, run
+from sampling.cli import Parser, add_cache_args, add_model_args, check_speculator_flag, parse_caches, parse_drafts, run
 from sampling.generate import FINISHED_ROWS
 from sampling.utils_bass import ScheduleParams
 
@@ -24,7 +24,7 @@ from sampling.tree import parse_tree
 
 from .analyzer import markdown_table, plot_all
 from .metrics import KEYS, summarise, upgrade_raw
-from .runner import (ALL_MODES, DRAFTLESS_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, normalise, parse_modes,
+from .runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, normalise, parse_modes,
                      prepare, run_grid)
 from .utils_io import env_info, peak_memory, write_csv, write_json, write_text
 
@@ -69,6 +69,7 @@ def parse(argv=None):
                     help=f"mode tree: tree shapes separated by ';', each branching factors per depth or dynamic:N[:D[:K]] "
                          f"(4,2,1,1;2,2,2;dynamic:16); default {DEFAULTS.tree} for the draft model, {DEFAULTS.heads_tree} "
                          f"for heads")
+    add_cache_args(ap, many=True)
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
     ap.add_argument("--out", default=None, help="output folder (default: results/<timestamp>/)")
     ap.add_argument("--resume", action="store_true",
@@ -82,6 +83,7 @@ def parse(argv=None):
     args.gammas = int_list(args.gammas, "gammas")
     args.schedules = [s.strip() for s in args.gamma_schedule.split(",") if s.strip()]
     args.finished = [f.strip() for f in args.finished_rows.split(",") if f.strip()]
+    args.kv_caches = parse_caches(args.kv_cache, args.compile)
     args.tree_list = [str(parse_tree(t)) for t in (args.trees or "").split(";") if t.strip()]
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
@@ -122,13 +124,15 @@ def configs(args) -> list[RunConfig]:
         finished = args.finished if mode in ("bass", "tree") else [DEFAULTS.finished_rows]
         drafts = [""] if mode in DRAFTLESS_MODES else ["model"] if mode == "hf_assisted" else \
             [d for d in args.drafts if not (mode == "tree" and d == "ngram")]      # ngram drafts chains only
-        for b, g, s, srt, f, d in itertools.product(batches, gammas, schedules, sorts, finished, drafts):
+        caches = [DEFAULTS.kv_cache] if mode in HF_MODES else args.kv_caches     # hf: its own cache
+        for b, g, s, srt, f, d, kv in itertools.product(batches, gammas, schedules, sorts, finished, drafts, caches):
             for tree in trees_of(args, mode, d):
                 out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
                                      sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
                                      max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                     seed=args.seed, finished_rows=f, tree=tree, draft=d))
+                                     seed=args.seed, finished_rows=f, tree=tree, draft=d, kv_cache=kv,
+                                     compile=args.compile and kv == "static"))
     return list(dict.fromkeys(out))
 
 

@@ -126,6 +126,8 @@ class RunConfig:
     finished_rows: str = DEFAULTS.finished_rows  # bass, tree: drop finished rows or keep them masked
     tree: str = ""            # tree: branching factors per depth ("" for the other modes)
     draft: str = "model"      # the drafter (sampling.cli.DRAFTS); "" for the modes without one
+    kv_cache: str = DEFAULTS.kv_cache   # dynamic | static (the hf modes: their own cache)
+    compile: bool = DEFAULTS.compile    # static cache: decode passes compiled
 
     def key(self) -> tuple:
         """Every field: a raw row is reused (--resume) only by the very same configuration."""
@@ -199,7 +201,8 @@ def _runner(cfg: RunConfig, data: Prepared):
                            gamma=cfg.gamma or None, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
                            eos_token_id=eos, seed=cfg.seed + bid, gamma_schedule=cfg.gamma_schedule,
-                           finished_rows=cfg.finished_rows, vocab_size=data.vocab, tree=cfg.tree or None)
+                           finished_rows=cfg.finished_rows, vocab_size=data.vocab, tree=cfg.tree or None,
+                           kv_cache=cfg.kv_cache, compile=cfg.compile)
             tokens, st = res.tokens, res.stats
             st["prompt_padding"] = 1.0 - mask.float().mean().item()
         st["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .kvcache_model import KVCacheModel
+from .kvcache_model import CacheSpec, KVCacheModel
 from .rows import Rows
 from .utils import SamplingParams, sample
 
@@ -11,14 +11,14 @@ from .utils import SamplingParams, sample
 @torch.inference_mode()
 def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
                             max_new_tokens: int, eos_token_id: int | None, generator: torch.Generator | None,
-                            vocab: int | None = None, streamer=None):
+                            vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec()):
     """Sample up to ``max_new_tokens`` for each row of a left-padded batch [B, T].
 
     A row stops after its EOS and is dropped from the cache, so finished rows cost nothing.
     Returns (tokens: list[list[int]], stats: dict).
     """
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
-    model = KVCacheModel(target, params, vocab)
+    model = KVCacheModel(target, params, vocab, cache)
     p = model.prefill(input_ids, mask)                                   # [B, V]
     seq = input_ids
     while True:

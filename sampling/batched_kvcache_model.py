@@ -61,10 +61,7 @@ class BatchedKVCacheModel(KVCacheModel):
         real = mask.long().sum(-1, keepdim=True)                          # [b, 1] real tokens in the chain
         depth = depth.to(dev) if depth.dim() == 2 else depth.to(dev).unsqueeze(0)     # [b or 1, n]
         pos = torch.cat([position_ids(mask)[:, L:], (real - 1 + depth).expand(b, n)], dim=1)  # [b, P + n]
-        out = self.model(input_ids=torch.cat([seq[:, L:], tokens], dim=1), attention_mask=mask4.unsqueeze(1),
-                         position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=P + n)
-        self.calls += 1
-        logits = out.logits if self.vocab is None else out.logits[..., :self.vocab]   # [b, P + n, V]
+        logits = self._run(torch.cat([seq[:, L:], tokens], dim=1), mask4.unsqueeze(1), pos, P + n)  # [b, P + n, V]
         p_chain = None
         if P:
             p_chain = norm_logits(logits[:, :P], self.params, seq, mask)[:, -1]      # [b, V]
@@ -97,10 +94,10 @@ class BatchedKVCacheModel(KVCacheModel):
         L, k = self.length, nodes.shape[1]
         for layer in self.cache.layers:
             for name in ("keys", "values"):
-                t = getattr(layer, name)                                  # [b, heads, L + tree_len, head_dim]
+                t = getattr(layer, name)                                  # [b, heads, >= L + tree_len, head_dim]
                 idx = nodes.view(len(nodes), 1, k, 1).expand(-1, t.shape[1], -1, t.shape[3])
-                t[:, :, L:L + k] = t[:, :, L:].gather(2, idx)             # gather copies first: safe in place
-                setattr(layer, name, t[:, :, :L + k])                     # a view: the chain is not copied
+                t[:, :, L:L + k] = t[:, :, L:self.filled].gather(2, idx)  # gather copies first: safe in place
+        self.truncate(L + k)                                              # the rest of the tree is dropped
         holes = torch.arange(k, device=self.mask.device) >= accepted.unsqueeze(1)   # [b, k]
         self.mask = torch.cat([self.mask, (~holes).to(self.mask.dtype)], dim=1)
         self.tree_len, self.tree_tokens, self._hist = 0, None, None

@@ -6,6 +6,7 @@ import signal
 import sys
 
 from .generate import DEFAULTS, FINISHED_ROWS
+from .kvcache_model import CACHES, CacheSpec
 from .utils import SamplingParams
 from .utils_bass import SCHEDULES, ScheduleParams
 
@@ -87,6 +88,18 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
                          "expanded node, ranked by q**S (D, K, S default 5, 4, 1)")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows, choices=FINISHED_ROWS,
                     help="bass: drop a finished row from both caches, or keep it in the batch masked")
+    add_cache_args(ap)
+
+
+def add_cache_args(ap: argparse.ArgumentParser, many: bool = False) -> None:
+    """--kv_cache (a comma list when ``many``: a sweep compares them side by side) and --compile."""
+    ap.add_argument("--kv_cache", default=DEFAULTS.kv_cache,
+                    **({} if many else dict(choices=CACHES)),
+                    help=("comma list of " if many else "") + "KV caches: dynamic (grows by concatenation) or "
+                         "static (preallocated, rollback by position; needed by --compile)")
+    ap.add_argument("--compile", action="store_true", default=DEFAULTS.compile,
+                    help="with the static cache: decode passes through torch.compile(mode='reduce-overhead'), "
+                         "CUDA graphs on a GPU (each new shape compiles once: for many generations, not one)")
 
 
 def add_schedule_args(ap: argparse.ArgumentParser, sp: ScheduleParams) -> None:
@@ -112,7 +125,18 @@ def generate_kwargs(args, tokenizer, vocab_size: int | None) -> dict:
                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                 eos_token_id=tokenizer.eos_token_id, schedule=schedule_of(args),
-                finished_rows=args.finished_rows, vocab_size=vocab_size, tree=args.tree)
+                finished_rows=args.finished_rows, vocab_size=vocab_size, tree=args.tree,
+                kv_cache=args.kv_cache, compile=args.compile)
+
+
+def parse_caches(text: str, compile: bool) -> list[str]:
+    """--kv_cache as a comma list; one-line errors for an unknown cache or --compile without static."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    for k in kinds or [text]:
+        CacheSpec(k).validate()
+    if compile and "static" not in kinds:
+        CacheSpec(kinds[0], compile=True).validate()     # the one-line error of compile without static
+    return kinds
 
 
 def parse_drafts(text: str, many: bool = False) -> list[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .autoregressive_sampling import autoregressive_sampling
+from .kvcache_model import CacheSpec
 from .parts import is_drafter
 from .rows import now
 from .speculative_bass import bass_sampling, tree_sampling
@@ -37,6 +38,8 @@ class Defaults:
     repetition_penalty: float = 1.0   # 1.0: off
     gamma_schedule: str = "constant"  # constant | bass | aimd
     finished_rows: str = "drop"       # bass: drop finished rows from both caches, or keep them masked
+    kv_cache: str = "dynamic"     # dynamic | static (sampling.kvcache_model; results/static: measured on this CPU)
+    compile: bool = False         # static cache: decode passes through torch.compile (CUDA graphs on a GPU)
 
 
 DEFAULTS = Defaults()
@@ -141,7 +144,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              eos_token_id: int | None = None, seed: int | None = None,
              gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
              finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
-             streamer=None, tree=None) -> GenerationResult:
+             streamer=None, tree=None, kv_cache: str = DEFAULTS.kv_cache,
+             compile: bool = DEFAULTS.compile) -> GenerationResult:
     """Generate new tokens for a left-padded batch input_ids [B, T] (mask [B, T]).
 
     mode: "ar" (target alone), "google" (Leviathan et al.), "deepmind" (Chen et al.) or
@@ -157,7 +161,10 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     drafter such as ``sampling.NgramDrafter()`` (prompt lookup, no model).
     ``vocab_size``: restrict every distribution to the first ids, for a pair that shares a tokenizer
     but pads its embeddings to different sizes. ``streamer`` (batch 1): a transformers streamer
-    (``TextStreamer``) that is given the tokens as they are accepted.
+    (``TextStreamer``) that is given the tokens as they are accepted. ``kv_cache``: "dynamic" or
+    "static" (preallocated, rollback by position; ``sampling.kvcache_model``), ``compile`` (static
+    only): decode passes through ``torch.compile(mode="reduce-overhead")``, CUDA graphs on a GPU;
+    each new shape compiles once, so it pays over many generations, not one.
     """
     schedule = resolve_schedule(gamma_schedule, schedule)
     if gamma is None:
@@ -168,6 +175,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                             repetition_penalty=repetition_penalty)
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
     shape = parse_tree(tree if tree is not None else default_tree(draft_model)) if mode == "tree" else None
+    cache = CacheSpec(kv_cache, compile, room=max_new_tokens + 1 + (shape.cache_slots if shape else 0))
+    cache.validate()
     vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens, vocab_size)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")
@@ -179,7 +188,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         generator.manual_seed(seed)
     attention_mask = attention_mask.to(device)
     common = dict(params=params, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                  generator=generator, vocab=vocab, streamer=streamer)
+                  generator=generator, vocab=vocab, streamer=streamer, cache=cache)
 
     if mode == "ar":
         tokens, stats = autoregressive_sampling(target_model, input_ids, attention_mask, **common)

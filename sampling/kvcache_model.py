@@ -1,18 +1,86 @@
 """One KV-cache wrapper for every sampler: prefill, catch-up, rollback.
 
-The wrapper owns a transformers ``DynamicCache``, the attention mask of the cached positions and
-the filtered next-token probabilities of the positions fed by the last forward pass, plus the one
-before them (its *history*). That is all a speculative step reads (the target's ``gamma + 1``
-verified positions), so the history stays ``[B, <= gamma + 2, V]`` however long the sequence
-grows; a draft's loop keeps the ``q`` of its own drafts. ``rollback`` trims the cache, the mask
-and the history together, so they never disagree.
+The wrapper owns a transformers cache, the attention mask of the cached positions and the filtered
+next-token probabilities of the positions fed by the last forward pass, plus the one before them
+(its *history*). That is all a speculative step reads (the target's ``gamma + 1`` verified
+positions), so the history stays ``[B, <= gamma + 2, V]`` however long the sequence grows; a
+draft's loop keeps the ``q`` of its own drafts. ``rollback`` trims the cache, the mask and the
+history together, so they never disagree.
+
+Two caches (``CacheSpec.kind``), the same tokens from both:
+
+* ``dynamic``: transformers' ``DynamicCache``. Every pass concatenates the new keys to the old
+  ones (a copy of the whole cache per layer and step); rollback slices.
+* ``static``: preallocated for the prompt plus the generation's room and addressed by position:
+  a pass writes its keys in place and rollback is a change of the write position (nothing is
+  copied). Eager, the model attends over the filled slots only (``SlotLayer`` hands it a view);
+  compiled (``CacheSpec.compile``: ``torch.compile(mode="reduce-overhead")``, CUDA graphs on a
+  GPU) it is transformers' ``StaticCache``: every decode pass has the same shapes, the whole
+  buffer with the unused slots masked, and the write position lives on the device.
 """
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache, StaticLayer
 
 from .utils import SamplingParams, norm_logits
+
+CACHES = ("dynamic", "static")
+SLOT_BLOCK = 64          # a static cache's length is rounded up to this, so prompts of similar lengths share shapes
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How a wrapper keeps its keys and values (see the module's docstring)."""
+    kind: str = "dynamic"     # dynamic | static
+    compile: bool = False     # static only: decode passes through torch.compile(mode="reduce-overhead")
+    room: int = 0             # static: slots after the prompt (new tokens + drafts); more grow the buffer (a copy)
+
+    def validate(self) -> None:
+        if self.kind not in CACHES:
+            raise ValueError(f"unknown kv cache {self.kind!r}; choose one of {', '.join(CACHES)}")
+        if self.compile and self.kind != "static":
+            raise ValueError("compile needs the static kv cache (kv_cache='static'): a dynamic cache changes "
+                             "shape every step")
+
+
+class SlotLayer(StaticLayer):
+    """A preallocated layer for eager passes: new keys are copied into the slots after the filled
+    ones and the model gets a view of the filled slots (no attention over empty ones). ``filled``
+    is a host count, so neither the write nor the mask needs the device."""
+
+    filled = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        f, n = self.filled, key_states.shape[-2]
+        self.keys[:, :, f:f + n].copy_(key_states)
+        self.values[:, :, f:f + n].copy_(value_states)
+        self.filled = f + n
+        return self.keys[:, :, :f + n], self.values[:, :, :f + n]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.filled + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> its compiled forward
+
+
+def compiled_forward(model):
+    """``model.forward`` under ``torch.compile(mode="reduce-overhead")``, one per model (each new
+    shape compiles once; on CUDA each is then replayed as a CUDA graph)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+    return _COMPILED[model]
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -24,14 +92,17 @@ class KVCacheModel:
     """A causal LM with its cache. All rows share one cache length (left padding).
 
     ``vocab`` restricts every distribution to the first ``vocab`` token ids: a draft and a target
-    that share a tokenizer may pad their embedding matrices to different sizes.
+    that share a tokenizer may pad their embedding matrices to different sizes. ``cache`` picks
+    the cache (``CacheSpec``).
     """
 
-    def __init__(self, model, params: SamplingParams, vocab: int | None = None):
+    def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec()):
         self.model = model
         self.params = params
         self.vocab = vocab
-        self.cache: DynamicCache | None = None
+        self.spec = cache
+        self.cache: Cache | None = None
+        self.filled = 0                          # slots the cache holds (the chain's, then any tree's)
         self.mask: torch.Tensor | None = None    # [B, L] mask of the L cached positions
         self._hist: torch.Tensor | None = None   # [B, H, V]: next-token probs of the last H positions
         self.calls = 0                           # forward passes run
@@ -49,15 +120,53 @@ class KVCacheModel:
         """How many positions the cache holds."""
         return 0 if self.mask is None else self.mask.shape[1]
 
+    @property
+    def static(self) -> bool:
+        return self.spec.kind == "static"
+
+    def _run(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
+        """The one model call: input_ids, pos [B, n] after the cache's slots; mask [B, filled + n] or
+        additive [B, 1, n, filled + n]. Returns the logits of the last ``keep`` tokens [B, keep, V]."""
+        n, forward = input_ids.shape[1], self.model
+        if self.static:
+            self._reserve(self.filled + n)
+        if self.spec.compile:                                             # the whole buffer, unused slots masked
+            width = self.cache.layers[0].max_cache_len
+            fill = 0 if mask.dim() == 2 else torch.finfo(mask.dtype).min
+            mask = F.pad(mask, (0, width - mask.shape[-1]), value=fill)
+            if self.filled:                                               # decode passes; prefill stays eager
+                forward = compiled_forward(self.model)
+        out = forward(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                      use_cache=True, logits_to_keep=keep)
+        self.calls += 1
+        self.filled += n
+        return out.logits if self.vocab is None else out.logits[..., :self.vocab]   # [B, keep, V]
+
+    def _reserve(self, slots: int) -> None:
+        """Grow a static cache that would overflow (a copy; its length is set by ``CacheSpec.room``)."""
+        layer = self.cache.layers[0]
+        if slots <= layer.max_cache_len or not layer.is_initialized:
+            return
+        width = -(-max(slots, 2 * layer.max_cache_len) // SLOT_BLOCK) * SLOT_BLOCK
+        for layer in self.cache.layers:
+            layer.max_cache_len = width
+            for name in ("keys", "values"):
+                t = getattr(layer, name)                                  # [B, heads, old width, head_dim]
+                setattr(layer, name, F.pad(t, (0, 0, 0, width - t.shape[2])))
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        # new static buffers (grown, rows selected): tell the compiler their addresses are fixed
+        if self.spec.compile:
+            for layer in self.cache.layers:
+                for t in (layer.keys, layer.values, layer.cumulative_length):
+                    torch._dynamo.mark_static_address(t)
+
     def _forward(self, seq: torch.Tensor, mask: torch.Tensor, n: int, keep: int) -> None:
         # seq, mask: [B, L + n] cached and new positions; feeds the last n, keeps the last keep probs
         assert mask.shape[1] == self.length + n == seq.shape[1], "mask must cover cached + new tokens"
-        pos = position_ids(mask)[:, -n:]                                  # [B, n]
-        out = self.model(input_ids=seq[:, -n:], attention_mask=mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
-        self.calls += 1
+        logits = self._run(seq[:, -n:], mask, position_ids(mask)[:, -n:], keep)   # [B, keep, V]
         self.mask = mask
-        logits = out.logits if self.vocab is None else out.logits[..., :self.vocab]   # [B, keep, V]
         new = norm_logits(logits, self.params, seq, mask)                 # [B, keep, V]
         prev = self._hist[:, -1:] if self._hist is not None else new[:, :0]
         self._hist = torch.cat([prev, new], dim=1)                        # [B, <= keep + 1, V]
@@ -65,7 +174,16 @@ class KVCacheModel:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T]; returns the next-token probs [B, V]."""
-        self.cache = DynamicCache(config=self.model.config)
+        if self.static:
+            width = -(-(input_ids.shape[1] + self.spec.room) // SLOT_BLOCK) * SLOT_BLOCK
+            if self.spec.compile:
+                self.cache = StaticCache(config=self.model.config, max_cache_len=width)
+            else:
+                layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
+                self.cache = Cache(layers=[SlotLayer(max_cache_len=width) for _ in range(layers)])
+        else:
+            self.cache = DynamicCache(config=self.model.config)
+        self.filled = 0
         self.mask = mask[:, :0]
         self._hist = None
         self._forward(input_ids, mask, input_ids.shape[1], keep=1)
@@ -82,18 +200,41 @@ class KVCacheModel:
             self._forward(seq, mask, n, keep=n)
         return self.probs[:, -1]
 
+    @torch.inference_mode()
+    def truncate(self, slots: int) -> None:
+        """Keep the cache's first ``slots`` slots: a slice of a dynamic cache, a new write position
+        in a static one (nothing copied)."""
+        if slots < self.filled:
+            if self.static:
+                for layer in self.cache.layers:
+                    if isinstance(layer, SlotLayer):
+                        layer.filled = slots
+                    else:
+                        layer.cumulative_length.fill_(slots)
+            else:
+                self.cache.crop(slots - self.filled)
+            self.filled = slots
+
+    @torch.inference_mode()
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` cached positions (no-op if it holds fewer); trim mask and history."""
         k = self.length - length
         if k > 0:
-            self.cache.crop(-k)
+            self.truncate(length)
             self.mask = self.mask[:, :length]
             if self._hist is not None:
                 self._hist = self._hist[:, :max(0, self._hist.shape[1] - k)]
 
+    @torch.inference_mode()
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing compute)."""
-        self.cache.batch_select_indices(rows)
+        if self.static:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+                layer.batch_size = len(rows)
+            self._mark_static()
+        else:
+            self.cache.batch_select_indices(rows)
         self.mask = self.mask[rows]
         if self._hist is not None:
             self._hist = self._hist[rows]

@@ -14,6 +14,73 @@ DEFAULT_TARGET = REPO / "models" / "target"
 DEFAULT_DRAFT = REPO / "models" / "draft"
 DEFAULT_SPECULATOR = REPO / "models" / "speculator"     # <kind>/ under it: mlp, medusa
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INT8_SCALE = ".int8_scale"        # suffix of the per-row scales of a matrix stored in int8
+WEIGHTS = "model.safetensors"
+
+
+def quantize_int8(state: dict) -> dict:
+    """Tensors to store: each matrix as int8 with one float16 scale per output row (max |w| / 127,
+    a quarter of float32's bytes), every other tensor in float16. ``dequantize_int8`` inverts it."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach().float()
+        if v.dim() == 2:
+            scale = (v.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)                  # [rows, 1]
+            out[k] = (v / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
+            out[k + INT8_SCALE] = scale.to(torch.float16).contiguous()
+        else:
+            out[k] = v.to(torch.float16).contiguous()
+    return out
+
+
+def dequantize_int8(stored: dict, dtype=torch.float32) -> dict:
+    """The state dict of ``quantize_int8``'s tensors (or of plain ones), in ``dtype``."""
+    return {k: (v.float() * stored[k + INT8_SCALE].float() if k + INT8_SCALE in stored else v).to(dtype)
+            for k, v in stored.items() if not k.endswith(INT8_SCALE)}
+
+
+def is_int8_folder(src) -> bool:
+    """A model folder whose weights ``save_int8`` wrote (from_pretrained cannot read them)."""
+    path = os.path.join(str(src), WEIGHTS)
+    if not os.path.isfile(path):
+        return False
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return any(k.endswith(INT8_SCALE) for k in f.keys())
+
+
+def save_int8(model, path: str) -> None:
+    """The model's config and its weights through ``quantize_int8`` (tied weights stored once);
+    ``load_model`` dequantizes them. The file is written whole or not at all."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(path)
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:                      # a tied copy (lm_head = embeddings)
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v
+    tmp = os.path.join(path, WEIGHTS + ".tmp")
+    save_file(quantize_int8(state), tmp, metadata={"format": "pt", "storage": "int8 per-row scales"})
+    os.replace(tmp, os.path.join(path, WEIGHTS))
+
+
+def _load_int8(src: str, config, dtype, role: str):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(dequantize_int8(load_file(os.path.join(src, WEIGHTS)), dtype),
+                                                strict=False)
+    model.tie_weights()
+    tied = {k for k, v in model.state_dict().items()
+            if any(v.data_ptr() == w.data_ptr() for j, w in model.state_dict().items() if j != k)}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"cannot load {role} {src!r}: its int8 weights do not fit its config "
+                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,14 +144,19 @@ def _pretrained(cls, src: str, role: str, **kwargs):
 
 
 def load_model(name: str | None, role: str = "target", device: str = "auto", dtype: str = "auto"):
-    """A causal LM in eval mode. BLOOM gets eager attention (its SDPA path mishandles padding)."""
+    """A causal LM in eval mode. BLOOM gets eager attention (its SDPA path mishandles padding).
+    A folder written by ``save_int8`` is dequantized to the dtype asked for."""
     from transformers import AutoConfig, AutoModelForCausalLM
     src = _source(name, DEFAULT_TARGET if role == "target" else DEFAULT_DRAFT, role)
     dev = resolve_device(device)
     config = _pretrained(AutoConfig, src, f"{role} model")
     extra = {"attn_implementation": "eager"} if config.model_type == "bloom" else {}
-    model = _pretrained(AutoModelForCausalLM, src, f"{role} model", config=config,
-                        dtype=resolve_dtype(dtype, dev), **extra)
+    if is_int8_folder(src):
+        config._attn_implementation = extra.get("attn_implementation", config._attn_implementation)
+        model = _load_int8(src, config, resolve_dtype(dtype, dev), f"{role} model")
+    else:
+        model = _pretrained(AutoModelForCausalLM, src, f"{role} model", config=config,
+                            dtype=resolve_dtype(dtype, dev), **extra)
     return model.to(dev).eval()
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .batched_kvcache_model import BatchedKVCacheModel
+from .kvcache_model import CacheSpec
 from .utils import SamplingParams, accept_reject, sample
 
 
@@ -49,8 +50,8 @@ def is_drafter(obj) -> bool:
 class CachedPart:
     """What every drafter and verifier built on a model shares: the model's cache and its counts."""
 
-    def __init__(self, model, params: SamplingParams, vocab: int | None = None):
-        self.kv = BatchedKVCacheModel(model, params, vocab)
+    def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec()):
+        self.kv = BatchedKVCacheModel(model, params, vocab, cache)
         self.greedy = params.greedy
 
     @property
@@ -88,8 +89,9 @@ class ChainVerifier(CachedPart):
     """The target checks each row's chain of drafts in one pass. ``sequential``: the acceptance test
     draws one uniform per draft (Chen et al.) instead of all at once (Leviathan et al.)."""
 
-    def __init__(self, model, params: SamplingParams, vocab: int | None = None, sequential: bool = False):
-        super().__init__(model, params, vocab)
+    def __init__(self, model, params: SamplingParams, vocab: int | None = None, sequential: bool = False,
+                 cache: CacheSpec = CacheSpec()):
+        super().__init__(model, params, vocab, cache)
         self.sequential = sequential
 
     def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: Draft, generator) -> Accepted:

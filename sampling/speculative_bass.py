@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .kvcache_model import CacheSpec
 from .parts import ChainVerifier, ModelDrafter, is_drafter
 from .rows import Rows
 from .tree import DynamicTree, DynamicTreeDrafter, TreeDrafter, TreeVerifier
@@ -76,24 +77,26 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
 def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
                   max_new_tokens: int, schedule: GammaSchedule, eos_token_id: int | None,
                   generator: torch.Generator | None, finished_rows: str = "drop", sequential: bool = False,
-                  vocab: int | None = None, streamer=None):
+                  vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec()):
     """The speculative loop with a draft model (or a ready drafter, ``parts.is_drafter``) and a chain
     verifier: BASS on a batch, google / deepmind (``sequential``) on one row. Returns (tokens, stats)."""
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
-    drafter = draft.drafter(params, vocab) if is_drafter(draft) else ModelDrafter(draft, params, vocab)
-    return speculative_decode(drafter, ChainVerifier(target, params, vocab, sequential),
+    drafter = draft.drafter(params, vocab) if is_drafter(draft) else ModelDrafter(draft, params, vocab, cache)
+    return speculative_decode(drafter, ChainVerifier(target, params, vocab, sequential, cache),
                               input_ids, mask, schedule, rows, finished_rows, generator)
 
 
 def tree_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
                   max_new_tokens: int, tree, eos_token_id: int | None, generator: torch.Generator | None,
-                  finished_rows: str = "drop", vocab: int | None = None, streamer=None):
+                  finished_rows: str = "drop", vocab: int | None = None, streamer=None,
+                  cache: CacheSpec = CacheSpec()):
     """The speculative loop with a draft tree (``sampling.tree``), batched like BASS."""
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
-    verifier = TreeVerifier(target, params, vocab)                  # checks the target's architecture first
+    verifier = TreeVerifier(target, params, vocab, cache)           # checks the target's architecture first
     if is_drafter(draft):                                           # speculator heads: top-k per head
         drafter = draft.drafter(params, vocab, tree)
     else:
-        drafter = (DynamicTreeDrafter if isinstance(tree, DynamicTree) else TreeDrafter)(draft, params, vocab, tree)
+        drafter = (DynamicTreeDrafter if isinstance(tree, DynamicTree) else TreeDrafter)(draft, params, vocab, tree,
+                                                                                          cache)
     return speculative_decode(drafter, verifier, input_ids, mask, GammaSchedule(tree.depth, ScheduleParams()), rows,
                               finished_rows, generator)

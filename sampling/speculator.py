@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models import dequantize_int8, quantize_int8
 from .parts import Draft
 from .tree import DynamicTree, TreeShape, gumbel_keys, parse_tree
 from .utils import SamplingParams, norm_logits
@@ -232,9 +233,6 @@ class SpeculatorDrafter:
         self.pending = 1
 
 
-SCALE = ".int8_scale"        # suffix of the per-row scales of a matrix stored in int8
-
-
 def save_speculator(heads: SpeculatorHeads, path: str, dtype=torch.float16, extra: dict | None = None) -> None:
     """config.json (the SpeculatorConfig, plus ``extra`` such as the training summary) and the
     weights in ``dtype``: float16 (half of float32's bytes) or torch.int8 (a quarter: each matrix
@@ -242,15 +240,9 @@ def save_speculator(heads: SpeculatorHeads, path: str, dtype=torch.float16, extr
     ``load_speculator`` dequantizes to the target's dtype."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    tensors = {}
-    for k, v in heads.state_dict().items():
-        v = v.detach().float()
-        if dtype == torch.int8 and v.dim() == 2:
-            scale = (v.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)                  # [rows, 1]
-            tensors[k] = (v / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
-            tensors[k + SCALE] = scale.to(torch.float16).contiguous()
-        else:
-            tensors[k] = v.to(torch.float16 if dtype == torch.int8 else dtype).contiguous()
+    state = heads.state_dict()
+    tensors = quantize_int8(state) if dtype == torch.int8 else \
+        {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     save_file(tensors, os.path.join(path, WEIGHTS))
     with open(os.path.join(path, CONFIG), "w") as f:
         json.dump(dict(asdict(heads.cfg), **(extra or {})), f, indent=2)
@@ -280,8 +272,7 @@ def load_speculator(path: str, target) -> Speculator:
                          f"(fingerprint {cfg.fingerprint} vs {have['fingerprint']})")
     heads = SpeculatorHeads(cfg)
     stored = load_file(os.path.join(str(path), WEIGHTS))
-    heads.load_state_dict({k: v.float() * stored[k + SCALE].float() if k + SCALE in stored else v
-                           for k, v in stored.items() if not k.endswith(SCALE)})
+    heads.load_state_dict(dequantize_int8(stored))
     w = target.get_output_embeddings().weight
     return Speculator(heads.to(device=w.device, dtype=w.dtype).eval(), target)
 

@@ -25,6 +25,7 @@ from functools import cached_property
 
 import torch
 
+from .kvcache_model import CacheSpec
 from .parts import Accepted, CachedPart, Draft
 from .utils import SamplingParams, tree_accept
 
@@ -123,6 +124,11 @@ class TreeShape:
     def n(self) -> int:
         return len(self.paths)
 
+    @property
+    def cache_slots(self) -> int:
+        """Slots a step may add to a cache beyond the chain: its nodes."""
+        return self.n
+
     @cached_property
     def parent(self) -> list[int]:
         """Parent of each node (-1: the root, i.e. the last token of the prefix)."""
@@ -181,6 +187,11 @@ class DynamicTree:
     sharpen: float = 1.0   # candidates are ranked by q ** sharpen, renormalised (1: q itself, as EAGLE-2)
 
     DEFAULT_DEPTH, DEFAULT_K = 5, 4
+
+    @property
+    def cache_slots(self) -> int:
+        """Slots a step may add to a cache beyond the chain: the kept nodes, and the draft's levels of K."""
+        return self.n + self.depth * self.k
 
     @staticmethod
     def parse(tree: str) -> "DynamicTree":
@@ -278,10 +289,11 @@ class TreeDrafter(CachedPart):
     a node are drawn from its q without replacement (Sequoia); greedy: they are the k most likely
     tokens of the draft at temperature 1 (other filters as given). Siblings differ either way."""
 
-    def __init__(self, model, params: SamplingParams, vocab: int | None, shape: TreeShape):
+    def __init__(self, model, params: SamplingParams, vocab: int | None, shape: TreeShape,
+                 cache: CacheSpec = CacheSpec()):
         check_tree_model(model, "draft")
         rank = SamplingParams(temperature=1.0, repetition_penalty=params.repetition_penalty) if params.greedy else params
-        super().__init__(model, rank, vocab)
+        super().__init__(model, rank, vocab, cache)
         self.greedy = params.greedy
         self.shape = shape
         self.cached = 0                                  # levels of this step's tree in the draft cache
@@ -401,9 +413,9 @@ class TreeVerifier(CachedPart):
     """The target runs the pending token and the whole tree in one pass; ``tree_accept`` keeps the
     longest path it agrees with (greedy) or walks it as Sequoia does (siblings without replacement)."""
 
-    def __init__(self, model, params: SamplingParams, vocab: int | None = None):
+    def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec()):
         check_tree_model(model, "target")
-        super().__init__(model, params, vocab)
+        super().__init__(model, params, vocab, cache)
 
     def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: Draft, generator):
         tree = draft.tree

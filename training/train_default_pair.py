@@ -174,8 +174,8 @@ def llama(cfg: TrainConfig, layers: int, dim: int, ffn: int, heads: int, eos_id:
 
 
 def load_target(path: str):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from sampling.models import load_model          # reads the int8 folder training.store_int8 writes
+    return load_model(path, device="cpu", dtype="float32")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:

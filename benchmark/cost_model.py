@@ -1,0 +1,343 @@
+"""A cost model for speculative decoding at scales this machine cannot run: pass costs measured
+against (batch, new tokens, cache length), acceptance measured on a real pair, tokens/s predicted.
+
+    # check it where it can be checked: the embedded pair's costs replayed over a measured sweep
+    python -m benchmark.cost_model --raw results/static/raw.csv --out results/cost_model/embedded
+    # predict for a Llama-7B-sized target with a 160M draft (random weights: timing only)
+    python -m benchmark.cost_model --raw results/static/raw.csv --target_config llama-7b \\
+        --draft_config llama-160m --out results/cost_model/llama-7b
+
+A pass's cost is measured through the toolkit's own KV wrapper (the model call and the filtered
+softmax), warmed up, the grid points interleaved, the device synchronised, the median kept; then
+fitted per batch size as ``ms = a + b*new + c*new*cache`` (weights once, then work per token and
+attention per token and cached position). A model too big for memory is measured with 1 and 2
+of its layers and extrapolated linearly in the layer count (embeddings and head are paid once).
+
+The prediction replays the call structure a sweep recorded (raw.csv of ``run_experiment``): for
+each batch, the prefill of target and draft, then step by step the rows still live (each row's
+target passes), one verify pass of gamma + 1 tokens (a tree: its nodes + 1) and the draft's
+passes (gamma single-token passes; a tree: one per level, as wide as the level it expands), at the
+cache length reached. With the embedded pair's costs this predicts the sweep's own wall time (the
+check); with another pair's costs it predicts that pair's tokens/s *if it accepted as often as
+the measured pair*, which is the assumption to question.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sampling.cli import Parser, add_model_args, run
+from sampling.kvcache_model import CacheSpec, KVCacheModel
+from sampling.rows import now
+from sampling.tree import DynamicTree, parse_tree
+from sampling.utils import SamplingParams
+
+from .utils_io import write_csv, write_text
+
+# Llama-shaped configs by name (sizes of the published models; weights random, for timing)
+PRESETS = {
+    "llama-160m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=32000),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, vocab_size=32000),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=32000),
+}
+MODELED_DRAFTS = ("", "model")       # drafts whose passes the model knows (ar: none; the draft model)
+
+
+@dataclass
+class CostSettings:
+    batches: tuple = (1, 8)           # batch sizes measured (others: interpolated between the nearest two)
+    news: tuple = (1, 2, 5, 17)       # new tokens per pass: a step, a catch-up, gamma + 1, a tree's nodes + 1
+    caches: tuple = (64, 256)         # cached positions before the pass
+    prefills: tuple = (32, 128)       # prompt lengths of the prefill passes
+    reps: int = 5                     # timed rounds after one warm-up round; the median is kept
+    kv_cache: str = "dynamic"         # the wrapper's cache (sampling.kvcache_model.CACHES)
+
+
+def build_model(name_or_path: str, layers: int | None, device, dtype):
+    """A random-init model from a preset or a config.json folder, with ``layers`` of its layers
+    (None: all): timing does not depend on the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(**PRESETS[name_or_path]) if name_or_path in PRESETS else AutoConfig.from_pretrained(name_or_path)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def full_layers(name_or_path: str, model=None) -> int:
+    if model is not None:
+        return model.config.num_hidden_layers
+    from transformers import AutoConfig
+    return PRESETS[name_or_path]["num_hidden_layers"] if name_or_path in PRESETS else \
+        AutoConfig.from_pretrained(name_or_path).num_hidden_layers
+
+
+@torch.inference_mode()
+def measure_passes(model, s: CostSettings) -> pd.DataFrame:
+    """Median ms of cached passes over the grid (batch, new, cache) and of prefills (batch, prompt):
+    one warm-up round, then ``reps`` rounds with the points in rotating order."""
+    device = next(model.parameters()).device
+    V = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    kv = KVCacheModel(model, SamplingParams(temperature=1.0), cache=CacheSpec(s.kv_cache, room=max(s.news)))
+    points = [("step", b, n, L) for b in s.batches for L in s.caches for n in s.news] + \
+             [("prefill", b, T, 0) for b in s.batches for T in s.prefills]
+    times = {p: [] for p in points}
+    for rep in range(s.reps + 1):
+        for i in range(len(points)):
+            kind, b, n, L = p = points[(i + rep) % len(points)]
+            prompt = torch.randint(0, V, (b, L or n), generator=gen).to(device)
+            if kind == "step":
+                kv.prefill(prompt, torch.ones_like(prompt))
+                seq = torch.cat([prompt, torch.randint(0, V, (b, n), generator=gen).to(device)], 1)
+                t0 = now(device)
+                kv.catch_up(seq, torch.ones_like(seq))
+            else:
+                t0 = now(device)
+                kv.prefill(prompt, torch.ones_like(prompt))
+            if rep:
+                times[p].append(1000 * (now(device) - t0))
+    return pd.DataFrame([dict(kind=k, batch=b, new=n, cache=L, ms=statistics.median(times[(k, b, n, L)]))
+                         for k, b, n, L in points])
+
+
+def extrapolate(one: pd.DataFrame, two: pd.DataFrame, layers: int) -> pd.DataFrame:
+    """Costs of the full model from its 1- and 2-layer versions: fixed + layers x (two - one)."""
+    keys = ["kind", "batch", "new", "cache"]
+    m = one.merge(two, on=keys, suffixes=("_1", "_2"))
+    return m.assign(ms=m.ms_1 + (layers - 1) * (m.ms_2 - m.ms_1))[keys + ["ms"]]
+
+
+class PassCost:
+    """ms of a pass, fitted per batch size (steps: a + b*new + c*new*cache; prefill: a + b*T),
+    linear in the batch between the measured ones (beyond them, the nearest)."""
+
+    def __init__(self, passes: pd.DataFrame):
+        self.passes = passes
+        self.step, self.pre = {}, {}
+        for b, g in passes[passes.kind == "step"].groupby("batch"):
+            X = np.stack([np.ones(len(g)), g.new, g.new * g.cache], 1)
+            self.step[int(b)] = np.linalg.lstsq(X, g.ms.to_numpy(), rcond=None)[0]
+        for b, g in passes[passes.kind == "prefill"].groupby("batch"):
+            X = np.stack([np.ones(len(g)), g.new], 1)
+            self.pre[int(b)] = np.linalg.lstsq(X, g.ms.to_numpy(), rcond=None)[0]
+
+    @staticmethod
+    def _between(table: dict, batch: float, f) -> float:
+        bs = sorted(table)
+        lo = max([b for b in bs if b <= batch], default=bs[0])
+        hi = min([b for b in bs if b >= batch], default=bs[-1])
+        if lo == hi:
+            return f(table[lo])
+        w = (batch - lo) / (hi - lo)
+        return (1 - w) * f(table[lo]) + w * f(table[hi])
+
+    def ms(self, batch: float, new: float, cache: float) -> float:
+        return self._between(self.step, batch, lambda c: c[0] + c[1] * new + c[2] * new * cache)
+
+    def prefill_ms(self, batch: float, tokens: float) -> float:
+        return self._between(self.pre, batch, lambda c: c[0] + c[1] * tokens)
+
+    def fit_table(self) -> pd.DataFrame:
+        return pd.DataFrame([dict(batch=b, a_ms=c[0], per_token_ms=c[1], per_token_per_cached_us=1000 * c[2])
+                             for b, c in sorted(self.step.items())])
+
+
+def draft_passes(cfg: pd.Series) -> list[int]:
+    """Widths (tokens) of the draft's passes in one step: gamma passes of 1 token for a chain; one
+    per level for a tree, as wide as the nodes it expands (a dynamic tree: K, the first level 1)."""
+    if cfg["mode"] == "tree":
+        shape = parse_tree(cfg["tree"])
+        if isinstance(shape, DynamicTree):
+            return [1] + [shape.k] * (shape.depth - 1)
+        return [1] + [int((shape.depths == d).sum()) for d in range(1, int(shape.depths.max()))]
+    return [1] * int(round(cfg["mean_gamma"])) if cfg["mode"] != "ar" else []
+
+
+def verify_width(cfg: pd.Series) -> int:
+    if cfg["mode"] == "tree":
+        return parse_tree(cfg["tree"]).n + 1
+    return 1 if cfg["mode"] == "ar" else int(round(cfg["mean_gamma"])) + 1
+
+
+def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) -> float:
+    """Predicted seconds of one measured batch (its rows of raw.csv) under the given pass costs."""
+    cfg = rows.iloc[0]
+    B, T = len(rows), int(rows.prompt_tokens.max())
+    steps = (rows.target_calls - 1).clip(lower=0).astype(int).tolist()    # passes after the prefill
+    tokens_per_step = float(rows.new_tokens.sum()) / max(1, sum(steps) + B)
+    q, widths = verify_width(cfg), draft_passes(cfg)
+    use_draft = draft is not None and cfg["draft"] == "model"
+    ms = target.prefill_ms(B, T) + (draft.prefill_ms(B, T) if use_draft else 0.0)
+    for s in range(1, max(steps, default=0) + 1):
+        live = B if cfg["finished_rows"] == "mask" and cfg["mode"] != "ar" else sum(n >= s for n in steps)
+        cache = T + s * tokens_per_step
+        ms += target.ms(live, q, cache)
+        if use_draft:
+            ms += sum(draft.ms(live, w, cache) for w in widths)
+    return ms / 1000
+
+
+def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None) -> pd.DataFrame:
+    """Measured and predicted tokens/s of every configuration of a sweep (draft model or none)."""
+    from .metrics import KEYS, upgrade_raw
+    raw = upgrade_raw(raw)
+    raw = raw[raw["draft"].isin(MODELED_DRAFTS) & ~raw["mode"].str.startswith("hf")]
+    keys = [k for k in KEYS if k in raw.columns]
+    out = []
+    for key, g in raw.groupby(keys, dropna=False):
+        walls = g.groupby("batch_id").wall_time_s.first()
+        pred = [predict_batch(b, target, draft) for _, b in g.groupby("batch_id")]
+        tokens = g.new_tokens.sum()
+        out.append(dict(zip(keys, key), new_tokens=tokens, tokens_per_call=tokens / g.target_calls.sum(),
+                        measured_tps=tokens / walls.sum(), predicted_tps=tokens / sum(pred)))
+    df = pd.DataFrame(out)
+    return df.assign(error=df.predicted_tps / df.measured_tps - 1)
+
+
+def versus_ar(df: pd.DataFrame, col: str) -> pd.Series:
+    """col relative to ar at the same batch size and temperature."""
+    ar = df[df["mode"] == "ar"].set_index(["batch", "temperature"])[col]
+    return pd.Series([v / ar.get((b, t), np.nan) for v, b, t in zip(df[col], df.batch, df.temperature)], index=df.index)
+
+
+def costs_of(name: str, model, layers: int | None, s: CostSettings, device, dtype, log) -> pd.DataFrame:
+    """Pass costs of a loaded model, or of a preset / config measured whole or on 1 and 2 layers."""
+    if model is not None:
+        log(f"measuring {name} ...")
+        return measure_passes(model, s)
+    if layers is None:
+        log(f"measuring {name} (random weights) ...")
+        return measure_passes(build_model(name, None, device, dtype), s)
+    parts = []
+    for k in (1, 2):
+        log(f"measuring {name} with {k} of its {layers} layers (random weights) ...")
+        m = build_model(name, k, device, dtype)
+        parts.append(measure_passes(m, s))
+        del m
+    return extrapolate(*parts, layers)
+
+
+def parse(argv=None):
+    ap = Parser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap, drafters=False)
+    ap.add_argument("--raw", required=True, help="raw.csv of a run_experiment sweep: the acceptance to replay")
+    ap.add_argument("--target_config", default=None,
+                    help=f"a target to predict for: a preset ({', '.join(PRESETS)}) or a config.json folder "
+                         "(default: the loaded target, which checks the model against the sweep)")
+    ap.add_argument("--draft_config", default=None, help="its draft (preset or folder; default: the loaded draft)")
+    ap.add_argument("--split_layers", action="store_true",
+                    help="measure --target_config / --draft_config on 1 and 2 layers and extrapolate "
+                         "(for models that do not fit in memory)")
+    s = CostSettings()
+    ap.add_argument("--batches", default=",".join(map(str, s.batches)), help="batch sizes to measure")
+    ap.add_argument("--news", default=",".join(map(str, s.news)), help="new tokens per pass to measure")
+    ap.add_argument("--caches", default=",".join(map(str, s.caches)), help="cache lengths to measure")
+    ap.add_argument("--prefills", default=",".join(map(str, s.prefills)), help="prompt lengths of the prefills")
+    ap.add_argument("--reps", type=int, default=s.reps, help="timed rounds after one warm-up round")
+    ap.add_argument("--kv_cache", default=s.kv_cache, choices=("dynamic", "static"), help="the wrapper's cache")
+    ap.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    args = ap.parse_args(argv)
+    if not os.path.isfile(args.raw):
+        raise ValueError(f"--raw {args.raw}: no such file")
+    for name in ("batches", "news", "caches", "prefills"):
+        try:
+            vals = tuple(int(x) for x in getattr(args, name).split(",") if x.strip())
+        except ValueError:
+            vals = ()
+        if not vals or min(vals) < 1:
+            raise ValueError(f"--{name} takes a comma list of integers >= 1, got {getattr(args, name)!r}")
+        setattr(args, name, vals)
+    if args.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    for flag in ("target_config", "draft_config"):
+        v = getattr(args, flag)
+        if v is not None and v not in PRESETS and not os.path.isfile(os.path.join(v, "config.json")):
+            raise ValueError(f"--{flag} {v!r}: not a preset ({', '.join(PRESETS)}) nor a folder with config.json")
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not empty: choose a new folder")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    s = CostSettings(args.batches, args.news, args.caches, args.prefills, args.reps, args.kv_cache)
+    raw = pd.read_csv(args.raw, keep_default_na=False, na_values=[""])
+    from sampling.cli import load_pair
+    need = args.target_config is None or args.draft_config is None
+    target_m, draft_m, _, _ = load_pair(args, need_draft=args.draft_config is None, drafts=["model"]) if need \
+        else (None,) * 4
+    draft_m = draft_m["model"] if draft_m else None
+    device = next(target_m.parameters()).device if target_m is not None else torch.device(
+        "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.float32 if device.type == "cpu" else torch.bfloat16, "float32": torch.float32,
+             "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    costs = {}
+    for role, cfg, model in (("target", args.target_config, target_m if args.target_config is None else None),
+                             ("draft", args.draft_config, draft_m if args.draft_config is None else None)):
+        layers = full_layers(cfg) if cfg is not None and args.split_layers else None
+        costs[role] = costs_of(cfg or role, model, layers, s, device, dtype, print).assign(model=role)
+    passes = pd.concat(costs.values(), ignore_index=True)
+    target, draft = PassCost(costs["target"]), PassCost(costs["draft"])
+    table = replay(raw, target, draft)
+    table = table.assign(measured_vs_ar=versus_ar(table, "measured_tps"),
+                         predicted_vs_ar=versus_ar(table, "predicted_tps"))
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "passes.csv"), passes)
+    fits = pd.concat([target.fit_table().assign(model="target"), draft.fit_table().assign(model="draft")])
+    write_csv(os.path.join(args.out, "fit.csv"), fits)
+    write_csv(os.path.join(args.out, "prediction.csv"), table)
+    cols = ["mode", "draft", "batch", "finished_rows", "tree", "kv_cache", "tokens_per_call", "measured_tps",
+            "predicted_tps", "error", "measured_vs_ar", "predicted_vs_ar"]
+    md = markdown(table[[c for c in cols if c in table.columns]])
+    where = (f"target {args.target_config or args.target_model_name or 'embedded'}, draft "
+             f"{args.draft_config or args.approx_model_name or 'embedded'}, {device.type}, {dtype}")
+    write_text(os.path.join(args.out, "table.md"),
+               f"# Cost model: {where}\n\nAcceptance replayed from `{args.raw}`; measured_* are that sweep's "
+               f"figures (the embedded pair), predicted_* these pass costs.\n\n{md}\n")
+    plot_costs(passes, os.path.join(args.out, "costs.png"), where)
+    print(md)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A plain markdown table, numbers to 3 significant digits."""
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def plot_costs(passes: pd.DataFrame, path: str, title: str) -> None:
+    """ms of a pass against new tokens, per model, batch and cache length: the cost curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = passes[passes.kind == "step"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (model, g) in zip(axes, steps.groupby("model")):
+        for (b, L), h in g.groupby(["batch", "cache"]):
+            ax.plot(h.new, h.ms, marker="o", label=f"batch {b}, cache {L}")
+        ax.set(xlabel="new tokens in the pass", ylabel="ms", title=model)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,112 @@
+"""The cost model: its fit, its replay of a sweep's call structure, layer extrapolation, the CLI;
+and the GPU check script's steps, run on the CPU."""
+import json
+import os
+
+import pandas as pd
+import pytest
+from test_benchmark import FIXTURE, cli
+from tiny import save_tiny_pair
+
+from benchmark import cost_model, gpu_check, run_experiment
+from benchmark.cost_model import PassCost, draft_passes, extrapolate, predict_batch
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"), positions=512)
+
+
+def synthetic(a=2.0, b=0.5, c=0.01, batches=(1, 8)):
+    """Pass costs that follow the model's form exactly (the batch scales them)."""
+    rows = [dict(kind="step", batch=B, new=n, cache=L, ms=B ** 0.5 * (a + b * n + c * n * L))
+            for B in batches for n in (1, 2, 5) for L in (16, 64)]
+    rows += [dict(kind="prefill", batch=B, new=T, cache=0, ms=B * (1 + 0.1 * T)) for B in batches for T in (8, 32)]
+    return pd.DataFrame(rows)
+
+
+def test_fit_recovers_the_costs_and_interpolates_batches():
+    cost = PassCost(synthetic())
+    assert cost.ms(1, 3, 40) == pytest.approx(2 + 1.5 + 0.01 * 120)
+    assert cost.ms(8, 3, 40) == pytest.approx(8 ** 0.5 * (2 + 1.5 + 1.2))
+    mid = cost.ms(4.5, 3, 40)                               # halfway between batch 1 and 8
+    assert mid == pytest.approx((cost.ms(1, 3, 40) + cost.ms(8, 3, 40)) / 2)
+    assert cost.ms(32, 1, 16) == pytest.approx(cost.ms(8, 1, 16))   # beyond the grid: the nearest
+    assert cost.prefill_ms(1, 20) == pytest.approx(3.0)
+
+
+def test_layers_extrapolate_linearly():
+    one, two = synthetic(a=3.0), synthetic(a=5.0)               # a layer adds 2 ms to a
+    full = extrapolate(one, two, layers=10)
+    assert PassCost(full).ms(1, 1, 16) == pytest.approx(3 + 9 * 2 + 0.5 + 0.16)
+
+
+def test_draft_passes_per_step():
+    row = dict(mode="tree", tree="4,2,1,1", mean_gamma=0.0)
+    assert draft_passes(pd.Series(row)) == [1, 4, 8, 8]          # the root, then each level it expands
+    assert draft_passes(pd.Series(dict(row, tree="dynamic:16:5:4"))) == [1, 4, 4, 4, 4]
+    assert draft_passes(pd.Series(dict(mode="bass", tree="", mean_gamma=3.9))) == [1, 1, 1, 1]
+    assert draft_passes(pd.Series(dict(mode="ar", tree="", mean_gamma=0.0))) == []
+
+
+def test_replay_adds_up_the_recorded_passes():
+    """Two rows of a bass batch (drop): 3 and 1 steps after the prefill; gamma 2."""
+    target, draft = PassCost(synthetic()), PassCost(synthetic(a=0.5))
+    rows = pd.DataFrame([dict(mode="bass", draft="model", tree="", mean_gamma=2.0, finished_rows="drop",
+                              prompt_tokens=t, target_calls=c, new_tokens=n) for t, c, n in ((10, 4, 8), (6, 2, 3))])
+    per_step = 11 / 6                                            # new tokens per row-pass, prefill included
+    want = target.prefill_ms(2, 10) + draft.prefill_ms(2, 10)
+    for s, live in ((1, 2), (2, 1), (3, 1)):
+        L = 10 + s * per_step
+        want += target.ms(live, 3, L) + 2 * draft.ms(live, 1, L)
+    assert predict_batch(rows, target, draft) == pytest.approx(want / 1000)
+    mask = rows.assign(finished_rows="mask")                     # masked rows keep costing
+    assert predict_batch(mask, target, draft) > predict_batch(rows, target, draft)
+
+
+def test_cost_model_cli_checks_itself_on_a_sweep(pair, capsys, tmp_path):
+    models = ["--target_model_name", pair["target"], "--approx_model_name", pair["draft"]]
+    sweep = tmp_path / "sweep"
+    code, out, err = cli(run_experiment, ["--dataset_path", FIXTURE, "--samples", "4", "--max_tokens", "6",
+                                          "--modes", "ar,google,bass,tree", "--batch_sizes", "1,2", "--gammas", "2",
+                                          "--repeats", "1", "--trees", "2,1", "--out", str(sweep)] + models, capsys)
+    assert code == 0, err
+    argv = ["--raw", str(sweep / "raw.csv"), "--batches", "1,2", "--news", "1,3", "--caches", "8,32",
+            "--prefills", "8,32", "--reps", "1"] + models
+    code, out, err = cli(cost_model, argv + ["--out", str(tmp_path / "cm")], capsys)
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "cm" / "prediction.csv")
+    assert set(table["mode"]) == {"ar", "google", "bass", "tree"}
+    assert table.predicted_tps.gt(0).all() and table.measured_tps.gt(0).all()
+    assert {"passes.csv", "fit.csv", "table.md", "costs.png"} <= set(os.listdir(tmp_path / "cm"))
+    # a config folder measured on 1 and 2 of its layers and extrapolated
+    code, out, err = cli(cost_model, argv + ["--target_config", pair["target"], "--draft_config", pair["draft"],
+                                             "--split_layers", "--out", str(tmp_path / "cm2")], capsys)
+    assert code == 0, err
+    assert len(pd.read_csv(tmp_path / "cm2" / "prediction.csv")) == len(table)
+
+
+@pytest.mark.parametrize("flag, value, msg", [("--batches", "0,2", "--batches takes a comma list of integers >= 1"),
+                                              ("--target_config", "llama-3t", "not a preset"),
+                                              ("--raw", "/nonexistent.csv", "no such file")])
+def test_cost_model_bad_flags(flag, value, msg, capsys, tmp_path):
+    argv = ["--raw", FIXTURE, "--out", str(tmp_path / "x")]
+    code, out, err = cli(cost_model, argv + [flag, value], capsys)
+    assert code == 2 and msg in err and "Traceback" not in err
+
+
+def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
+    out = tmp_path / "check"
+    code, stdout, err = cli(gpu_check, ["--device", "cpu", "--quick", "--no_compile", "--dataset_path", FIXTURE,
+                                        "--max_tokens", "4", "--exact_prompts", "3", "--target_model_name",
+                                        pair["target"], "--approx_model_name", pair["draft"], "--out", str(out)],
+                            capsys)
+    assert code == 0, err
+    steps = pd.read_csv(out / "steps.csv")
+    assert steps.status.tolist() == ["done"] * 5 + ["skipped (--no_compile)"], steps
+    exact = pd.read_csv(out / "exactness.csv")
+    assert (exact.equal_to_ar == exact.prompts).all() and set(exact.kv_cache) == {"dynamic", "static"}
+    assert len(exact) == 2 * len(gpu_check.MODES)
+    agree = pd.read_csv(out / "agreement.csv")
+    assert set(agree.tool) == {"main.py --compare", "eval_dolly.py"}
+    assert json.loads((out / "env.json").read_text())["cores"] >= 1

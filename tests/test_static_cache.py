@@ -1,0 +1,135 @@
+"""The static KV cache (preallocated, addressed by position) gives the dynamic cache's tokens in
+every mode, rolls back without copying, grows when a generation outruns it, and keeps the target's
+law; ``compile`` (torch.compile over the static cache's fixed shapes) gives the same tokens."""
+import pytest
+import torch
+from stats import chi_square_pvalue
+from test_distribution import ALPHA, CASES, exact_joint
+
+from sampling import generate
+from sampling.kvcache_model import CacheSpec, KVCacheModel
+from sampling.utils import SamplingParams
+from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
+
+LENGTHS = (5, 9, 3, 7)
+RUNS = {                      # name: (mode, tree, finished_rows)
+    "ar": ("ar", None, "drop"), "google": ("google", None, "drop"), "deepmind": ("deepmind", None, "drop"),
+    "bass": ("bass", None, "drop"), "bass-mask": ("bass", None, "mask"), "tree": ("tree", "3,2,1", "drop"),
+    "tree-dynamic": ("tree", "dynamic:6:3:2", "mask"),
+}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_case(request):
+    """Rows that meet the EOS at different steps, so rows finish early (dropped or masked)."""
+    target = tiny_model(request.param, seed=31)
+    ids, mask = left_padded_batch(97, LENGTHS, seed=32)
+    eos = greedy_reference(target, ids, mask, 12)[1][3]
+    return request.param, target, noisy_copy(target, 0.1, seed=33), ids, mask, eos, \
+        greedy_reference(target, ids, mask, 12, eos_token_id=eos)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_static_cache_greedy_equals_greedy(arch_case, run):
+    arch, target, draft, ids, mask, eos, ref = arch_case
+    mode, tree, finished = RUNS[run]
+    if mode == "tree" and arch == "bloom":
+        pytest.skip("trees need a 4D attention mask, which BLOOM does not take")
+    res = generate(target, ids, mask, draft_model=draft, mode=mode, tree=tree, finished_rows=finished,
+                   max_new_tokens=12, gamma=4, temperature=0, eos_token_id=eos, kv_cache="static")
+    assert res.tokens == ref, f"{arch}/{run}"
+    assert any(len(r) < 12 for r in ref) and any(len(r) == 12 for r in ref)   # rows ended apart
+    if mode != "ar":
+        assert 0 < res.stats["accepted"] < res.stats["drafted"]
+
+
+@pytest.mark.parametrize("run", ("google", "bass-mask", "tree-dynamic"))
+def test_static_cache_samples_the_dynamic_caches_tokens(run):
+    """Same seed, same draws: the two caches feed the rule the same laws."""
+    mode, tree, finished = RUNS[run]
+    target = tiny_model("llama", seed=41)
+    ids, mask = left_padded_batch(97, LENGTHS, seed=42)
+    kw = dict(draft_model=noisy_copy(target, 0.3, seed=43), mode=mode, tree=tree, finished_rows=finished,
+              max_new_tokens=16, gamma=3, temperature=0.9, top_p=0.95, seed=5)
+    dyn = generate(target, ids, mask, kv_cache="dynamic", **kw)
+    sta = generate(target, ids, mask, kv_cache="static", **kw)
+    assert sta.tokens == dyn.tokens
+    assert sta.stats["accepted"] == dyn.stats["accepted"] < dyn.stats["drafted"]
+
+
+def test_rollback_moves_the_write_position_and_copies_nothing():
+    target = tiny_model("llama", seed=51)
+    ids, mask = left_padded_batch(97, (4, 6), seed=52)
+    kv, ref = (KVCacheModel(target, SamplingParams(temperature=1.0), cache=CacheSpec(k, room=8))
+               for k in ("static", "dynamic"))
+    kv.prefill(ids, mask)
+    ref.prefill(ids, mask)
+    buffer = kv.cache.layers[0].keys.data_ptr()
+    new = torch.randint(3, 97, (2, 3), generator=torch.Generator().manual_seed(53))
+    seq, m = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+    kv.catch_up(seq, m)
+    kv.rollback(ids.shape[1] + 1)                              # two of the three rejected
+    assert kv.filled == ids.shape[1] + 1 == int(kv.cache.layers[0].get_seq_length())
+    other = torch.randint(3, 97, (2, 2), generator=torch.Generator().manual_seed(54))
+    seq2 = torch.cat([seq[:, :ids.shape[1] + 1], other], 1)
+    m2 = torch.ones_like(seq2)
+    m2[:, :ids.shape[1]] = mask
+    got = kv.catch_up(seq2, m2)
+    ref.catch_up(seq2[:, :ids.shape[1] + 1], m2[:, :ids.shape[1] + 1])
+    torch.testing.assert_close(got, ref.catch_up(seq2, m2))     # as if the rejected ones never were
+    assert kv.cache.layers[0].keys.data_ptr() == buffer        # written in place
+
+
+def test_static_cache_grows_past_its_room():
+    """A cache given no room grows (one copy) and gives the same laws as the dynamic one."""
+    target = tiny_model("gpt2", seed=61)
+    ids = torch.randint(3, 97, (1, 60), generator=torch.Generator().manual_seed(62))
+    kv, ref = (KVCacheModel(target, SamplingParams(temperature=1.0), cache=CacheSpec(k, room=0))
+               for k in ("static", "dynamic"))
+    kv.prefill(ids, torch.ones_like(ids))
+    ref.prefill(ids, torch.ones_like(ids))
+    width = kv.cache.layers[0].max_cache_len
+    seq = torch.cat([ids, torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(63))], 1)
+    for t in range(61, 71):
+        torch.testing.assert_close(kv.catch_up(seq[:, :t], torch.ones(1, t)), ref.catch_up(seq[:, :t], torch.ones(1, t)))
+    assert width == 64 < kv.cache.layers[0].max_cache_len
+
+
+@pytest.mark.parametrize("mode", ("google", "bass-mask", "tree"))
+def test_static_cache_keeps_the_target_law(mode):
+    mode, tree, finished = RUNS[mode]
+    V, K = 5, 3
+    params = CASES["t0.7-topk3"]
+    target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
+    draft = tiny_model("llama", vocab=V, seed=12, layers=1, dim=16)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(3)
+        draft.lm_head.weight.mul_(3)
+    prompt = [1, 3, 0, 4]
+    N = 2500
+    res = generate(target, torch.tensor([prompt] * N), draft_model=draft, mode=mode, tree=tree and "2,1",
+                   finished_rows=finished, max_new_tokens=K, gamma=2, temperature=params.temperature,
+                   top_k=params.top_k, seed=9, kv_cache="static")
+    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in res.tokens])
+    pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), exact_joint(target, prompt, params, K, V))
+    assert 0.05 < res.stats["acceptance_rate"] < 0.95 and pval > ALPHA, (res.stats["acceptance_rate"], pval)
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(kv_cache="paged"), "unknown kv cache 'paged'"),
+                                     (dict(compile=True), "compile needs the static kv cache")])
+def test_bad_cache_settings_are_one_line_errors(kw, msg):
+    target = tiny_model("llama")
+    with pytest.raises(ValueError, match=msg):
+        generate(target, torch.tensor([[3, 4]]), max_new_tokens=2, mode="ar", **kw)
+
+
+def test_compiled_static_cache_equals_greedy():
+    """torch.compile over the static cache's decode passes (inductor on the CPU, CUDA graphs on a
+    GPU): the same tokens. Compiling takes a while, so one small case."""
+    target = tiny_model("llama", seed=71, layers=1, dim=16)
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(72))
+    ref = greedy_reference(target, ids, torch.ones_like(ids), 6)
+    for mode in ("ar", "google"):
+        res = generate(target, ids, draft_model=noisy_copy(target, 0.1, seed=73), mode=mode, max_new_tokens=6,
+                       gamma=2, temperature=0, kv_cache="static", compile=True)
+        assert res.tokens == ref, mode
