@@ -189,11 +189,19 @@ def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) 
     return ms / 1000
 
 
-def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None) -> pd.DataFrame:
-    """Measured and predicted tokens/s of every configuration of a sweep (draft model or none)."""
-    from .metrics import KEYS, upgrade_raw
+def modeled(raw: pd.DataFrame, kv_cache: str) -> pd.DataFrame:
+    """The rows of a sweep the model can replay: ar or the draft model, eager, with this cache."""
+    from .metrics import upgrade_raw
     raw = upgrade_raw(raw)
-    raw = raw[raw["draft"].isin(MODELED_DRAFTS) & ~raw["mode"].str.startswith("hf")]
+    return raw[raw["draft"].isin(MODELED_DRAFTS) & ~raw["mode"].str.startswith("hf") & (raw.kv_cache == kv_cache)
+               & ~raw["compile"].astype(str).isin(["True", "true", "1"])]
+
+
+def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache: str) -> pd.DataFrame:
+    """Measured and predicted tokens/s of every configuration of a sweep (draft model or none) that
+    ran with the cache the costs were measured with."""
+    from .metrics import KEYS
+    raw = modeled(raw, kv_cache)
     keys = [k for k in KEYS if k in raw.columns]
     out = []
     for key, g in raw.groupby(keys, dropna=False):
@@ -274,6 +282,8 @@ def main(argv=None) -> None:
     args = parse(argv)
     s = CostSettings(args.batches, args.news, args.caches, args.prefills, args.reps, args.kv_cache)
     raw = pd.read_csv(args.raw, keep_default_na=False, na_values=[""])
+    if modeled(raw, s.kv_cache).empty:
+        raise ValueError(f"--raw {args.raw} has no configuration of ar or the draft model with kv_cache {s.kv_cache}")
     from sampling.cli import load_pair
     need = args.target_config is None or args.draft_config is None
     target_m, draft_m, _, _ = load_pair(args, need_draft=args.draft_config is None, drafts=["model"]) if need \
@@ -290,7 +300,7 @@ def main(argv=None) -> None:
         costs[role] = costs_of(cfg or role, model, layers, s, device, dtype, print).assign(model=role)
     passes = pd.concat(costs.values(), ignore_index=True)
     target, draft = PassCost(costs["target"]), PassCost(costs["draft"])
-    table = replay(raw, target, draft)
+    table = replay(raw, target, draft, s.kv_cache)
     table = table.assign(measured_vs_ar=versus_ar(table, "measured_tps"),
                          predicted_vs_ar=versus_ar(table, "predicted_tps"))
     os.makedirs(args.out, exist_ok=True)

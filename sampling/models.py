@@ -16,6 +16,7 @@ DEFAULT_SPECULATOR = REPO / "models" / "speculator"     # <kind>/ under it: mlp,
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INT8_SCALE = ".int8_scale"        # suffix of the per-row scales of a matrix stored in int8
 WEIGHTS = "model.safetensors"
+INT8_WEIGHTS = "model.int8.safetensors"   # a name from_pretrained does not read (it would cast int8 to float)
 
 
 def quantize_int8(state: dict) -> dict:
@@ -41,17 +42,13 @@ def dequantize_int8(stored: dict, dtype=torch.float32) -> dict:
 
 def is_int8_folder(src) -> bool:
     """A model folder whose weights ``save_int8`` wrote (from_pretrained cannot read them)."""
-    path = os.path.join(str(src), WEIGHTS)
-    if not os.path.isfile(path):
-        return False
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        return any(k.endswith(INT8_SCALE) for k in f.keys())
+    return os.path.isfile(os.path.join(str(src), INT8_WEIGHTS))
 
 
 def save_int8(model, path: str) -> None:
-    """The model's config and its weights through ``quantize_int8`` (tied weights stored once);
-    ``load_model`` dequantizes them. The file is written whole or not at all."""
+    """The model's config and its weights through ``quantize_int8`` (tied weights stored once) in
+    ``INT8_WEIGHTS``, replacing any float weights of the folder; ``load_model`` dequantizes them.
+    The file is written whole or not at all."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     model.config.save_pretrained(path)
@@ -63,16 +60,18 @@ def save_int8(model, path: str) -> None:
             continue
         seen.add(v.data_ptr())
         state[k] = v
-    tmp = os.path.join(path, WEIGHTS + ".tmp")
+    tmp = os.path.join(path, INT8_WEIGHTS + ".tmp")
     save_file(quantize_int8(state), tmp, metadata={"format": "pt", "storage": "int8 per-row scales"})
-    os.replace(tmp, os.path.join(path, WEIGHTS))
+    os.replace(tmp, os.path.join(path, INT8_WEIGHTS))
+    if os.path.exists(os.path.join(path, WEIGHTS)):
+        os.remove(os.path.join(path, WEIGHTS))       # two weight files would disagree
 
 
 def _load_int8(src: str, config, dtype, role: str):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(dequantize_int8(load_file(os.path.join(src, WEIGHTS)), dtype),
+    missing, unexpected = model.load_state_dict(dequantize_int8(load_file(os.path.join(src, INT8_WEIGHTS)), dtype),
                                                 strict=False)
     model.tie_weights()
     tied = {k for k, v in model.state_dict().items()

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from sampling import DEFAULTS, generate, load_speculator, pad_left
-from sampling.models import DEFAULT_TARGET, load_model, load_tokenizer
+from sampling.models import DEFAULT_TARGET, is_int8_folder, load_model, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The quick brown fox",
@@ -17,7 +17,7 @@ PROMPTS = ["The quick brown fox",
 
 @pytest.fixture(scope="module")
 def pair():
-    assert (DEFAULT_TARGET / "model.safetensors").exists(), "the embedded pair is missing from models/"
+    assert is_int8_folder(DEFAULT_TARGET), "the embedded target (int8) is missing from models/"
     tok = load_tokenizer(None)
     return load_model(None, "target", "cpu"), load_model(None, "draft", "cpu"), tok
 

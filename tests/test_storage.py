@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sampling import generate
-from sampling.models import WEIGHTS, dequantize_int8, is_int8_folder, load_model, quantize_int8, save_int8
+from sampling.models import INT8_WEIGHTS, dequantize_int8, is_int8_folder, load_model, quantize_int8, save_int8
 from tiny import greedy_reference, left_padded_batch, tiny_model
 
 
@@ -35,9 +35,10 @@ def test_quantize_round_trip_within_half_a_step_and_the_scale_rounding():
                          ids=["llama-tied", "gpt2"])
 def test_int8_folder_loads_as_the_dequantized_model(model, tmp_path):
     m = model()
+    m.save_pretrained(str(tmp_path))                     # float weights, replaced by the int8 file
     save_int8(m, str(tmp_path))
-    assert is_int8_folder(tmp_path) and not os.path.exists(tmp_path / (WEIGHTS + ".tmp"))
-    stored = load_file(str(tmp_path / WEIGHTS))
+    assert is_int8_folder(tmp_path) and sorted(p for p in os.listdir(tmp_path) if "safetensors" in p) == [INT8_WEIGHTS]
+    stored = load_file(str(tmp_path / INT8_WEIGHTS))
     assert sum(v.dtype == torch.int8 for v in stored.values()) >= 4
     if m.config.tie_word_embeddings:                     # tied weights stored once
         assert not any(k.startswith("lm_head") for k in stored)

@@ -17,7 +17,7 @@ import torch
 
 from benchmark.utils_io import load_dolly, render_prompt
 from sampling.cli import Parser, run
-from sampling.models import WEIGHTS, load_model, load_tokenizer, save_int8
+from sampling.models import INT8_WEIGHTS, WEIGHTS, load_model, load_tokenizer, save_int8
 
 
 @torch.inference_mode()
@@ -55,12 +55,12 @@ def main(argv=None) -> None:
     texts = [tok(render_prompt(r) + r["response"])["input_ids"][:limit]
              for r in load_dolly(args.dataset_path)[:args.samples]]
     size_before = os.path.getsize(os.path.join(args.model, WEIGHTS))
-    save_int8(before, args.out)
+    save_int8(before, args.out)              # in place: the float weights file is removed
     if os.path.abspath(args.out) != os.path.abspath(args.model):
         tok.save_pretrained(args.out)
     after = load_model(args.out, device="cpu", dtype="float32")
     report = dict(compare(before, after, texts), records=len(texts), bytes_before=size_before,
-                  bytes_after=os.path.getsize(os.path.join(args.out, WEIGHTS)))
+                  bytes_after=os.path.getsize(os.path.join(args.out, INT8_WEIGHTS)))
     print(json.dumps(report, indent=2))
     if args.report:
         with open(args.report, "w") as f:
