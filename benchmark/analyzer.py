@@ -17,12 +17,19 @@ def _save(fig, path: str) -> None:
     plt.close(fig)
 
 
+def cache_label(r) -> str:
+    """" static" / " static compiled" for a configuration off the default cache, else ""."""
+    kv = r.get("kv_cache")
+    compiled = str(r.get("compile")) in ("True", "true", "1")
+    return (f" {kv}" if kv not in (None, "", "dynamic") else "") + (" compiled" if compiled else "")
+
+
 def _label(r) -> str:
     sched = "" if r.gamma_schedule == "constant" or r["mode"] in ("ar", "hf") else f"/{r.gamma_schedule}"
     gamma = f" g{r.gamma}" if r.gamma else ""
     masked = (" masked" if r.get("finished_rows") == "mask" else "") + (f" {r.tree}" if r.get("tree") else "")
     draft = f" {r.draft}" if r.get("draft") not in (None, "", "model") else ""
-    return f"{r['mode']}{draft}{gamma}{sched}{masked}"
+    return f"{r['mode']}{draft}{gamma}{sched}{masked}{cache_label(r)}"
 
 
 def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]:
@@ -103,7 +110,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
             gamma = "" if r.gamma == 0 else f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
             name = r["mode"] + (f" {r.draft}" if r.get("draft") not in (None, "", "model") else "") + \
                 (f" {r.tree}" if r.get("tree") else "") + (" sorted" if r.sort_batch else "") + \
-                (" masked" if r.get("finished_rows") == "mask" else "")
+                (" masked" if r.get("finished_rows") == "mask" else "") + cache_label(r)
             lines.append(f"| {name} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {f(r.throughput / tput, '.2f', 'x')} | {r.latency_ms:.1f} | "
                          f"{f(r.latency_ms / lat, '.2f', 'x')} | {f(r.acceptance_rate, '.3f')} | {f(r.alpha, '.3f')} | "

@@ -2,16 +2,19 @@
 against (batch, new tokens, cache length), acceptance measured on a real pair, tokens/s predicted.
 
     # check it where it can be checked: the embedded pair's costs replayed over a measured sweep
-    python -m benchmark.cost_model --raw results/static/raw.csv --out results/cost_model/embedded
+    python -m benchmark.cost_model --raw results/static/sweep/raw.csv --out results/cost_model/embedded
     # predict for a Llama-7B-sized target with a 160M draft (random weights: timing only)
-    python -m benchmark.cost_model --raw results/static/raw.csv --target_config llama-7b \\
-        --draft_config llama-160m --out results/cost_model/llama-7b
+    python -m benchmark.cost_model --raw results/static/sweep/raw.csv --target_config llama-7b \\
+        --draft_config llama-160m --layers 8 --out results/cost_model/llama-7b
 
 A pass's cost is measured through the toolkit's own KV wrapper (the model call and the filtered
 softmax), warmed up, the grid points interleaved, the device synchronised, the median kept; then
-fitted per batch size as ``ms = a + b*new + c*new*cache`` (weights once, then work per token and
-attention per token and cached position). A model too big for memory is measured with 1 and 2
-of its layers and extrapolated linearly in the layer count (embeddings and head are paid once).
+interpolated linearly between the measured points in new tokens and in cache length (beyond
+them, extended from the last two): a pass's cost is not linear in its tokens on every device (on
+this CPU a 5-token pass of a 7B model costs about 3x a 1-token one, and 17 tokens hardly more than
+5), so no straight line is fitted through them. A model too big for memory is measured with none and
+with N of its layers (``--layers N``) and extrapolated linearly in the layer count: embeddings and
+head are paid once, each layer alike.
 
 The prediction replays the call structure a sweep recorded (raw.csv of ``run_experiment``): for
 each batch, the prefill of target and draft, then step by step the rows still live (each row's
@@ -57,8 +60,8 @@ MODELED_DRAFTS = ("", "model")       # drafts whose passes the model knows (ar: 
 class CostSettings:
     batches: tuple = (1, 8)           # batch sizes measured (others: interpolated between the nearest two)
     news: tuple = (1, 2, 5, 17)       # new tokens per pass: a step, a catch-up, gamma + 1, a tree's nodes + 1
-    caches: tuple = (64, 256)         # cached positions before the pass
-    prefills: tuple = (32, 128)       # prompt lengths of the prefill passes
+    caches: tuple = (64, 256, 768)    # cached positions before the pass
+    prefills: tuple = (32, 128, 512)  # prompt lengths of the prefill passes (3 or more: a quadratic fit)
     reps: int = 5                     # timed rounds after one warm-up round; the median is kept
     kv_cache: str = "dynamic"         # the wrapper's cache (sampling.kvcache_model.CACHES)
 
@@ -75,9 +78,7 @@ def build_model(name_or_path: str, layers: int | None, device, dtype):
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
-def full_layers(name_or_path: str, model=None) -> int:
-    if model is not None:
-        return model.config.num_hidden_layers
+def full_layers(name_or_path: str) -> int:
     from transformers import AutoConfig
     return PRESETS[name_or_path]["num_hidden_layers"] if name_or_path in PRESETS else \
         AutoConfig.from_pretrained(name_or_path).num_hidden_layers
@@ -86,52 +87,74 @@ def full_layers(name_or_path: str, model=None) -> int:
 @torch.inference_mode()
 def measure_passes(model, s: CostSettings) -> pd.DataFrame:
     """Median ms of cached passes over the grid (batch, new, cache) and of prefills (batch, prompt):
-    one warm-up round, then ``reps`` rounds with the points in rotating order."""
+    one warm-up round, then ``reps`` rounds with the points in rotating order. The caches are
+    filled with random keys once (``KVCacheModel.fill_random``); each pass is rolled back."""
     device = next(model.parameters()).device
     V = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    kv = KVCacheModel(model, SamplingParams(temperature=1.0), cache=CacheSpec(s.kv_cache, room=max(s.news)))
+    spec = CacheSpec(s.kv_cache, room=max(s.news))
+    caches = {}
+    for b in s.batches:
+        for L in s.caches:
+            caches[b, L] = KVCacheModel(model, SamplingParams(temperature=1.0), cache=spec)
+            caches[b, L].fill_random(b, L, gen)
+    fresh = KVCacheModel(model, SamplingParams(temperature=1.0), cache=spec)
     points = [("step", b, n, L) for b in s.batches for L in s.caches for n in s.news] + \
              [("prefill", b, T, 0) for b in s.batches for T in s.prefills]
     times = {p: [] for p in points}
     for rep in range(s.reps + 1):
         for i in range(len(points)):
             kind, b, n, L = p = points[(i + rep) % len(points)]
-            prompt = torch.randint(0, V, (b, L or n), generator=gen).to(device)
+            seq = torch.randint(0, V, (b, L + n), generator=gen).to(device)
             if kind == "step":
-                kv.prefill(prompt, torch.ones_like(prompt))
-                seq = torch.cat([prompt, torch.randint(0, V, (b, n), generator=gen).to(device)], 1)
                 t0 = now(device)
-                kv.catch_up(seq, torch.ones_like(seq))
+                caches[b, L].catch_up(seq, torch.ones_like(seq))
+                t1 = now(device)
+                caches[b, L].rollback(L)
             else:
                 t0 = now(device)
-                kv.prefill(prompt, torch.ones_like(prompt))
+                fresh.prefill(seq, torch.ones_like(seq))
+                t1 = now(device)
             if rep:
-                times[p].append(1000 * (now(device) - t0))
+                times[p].append(1000 * (t1 - t0))
     return pd.DataFrame([dict(kind=k, batch=b, new=n, cache=L, ms=statistics.median(times[(k, b, n, L)]))
                          for k, b, n, L in points])
 
 
-def extrapolate(one: pd.DataFrame, two: pd.DataFrame, layers: int) -> pd.DataFrame:
-    """Costs of the full model from its 1- and 2-layer versions: fixed + layers x (two - one)."""
+def extrapolate(none: pd.DataFrame, some: pd.DataFrame, measured: int, layers: int) -> pd.DataFrame:
+    """Costs of the full model of ``layers`` layers from its versions with none and ``measured`` of
+    them: none + layers / measured x (some - none)."""
     keys = ["kind", "batch", "new", "cache"]
-    m = one.merge(two, on=keys, suffixes=("_1", "_2"))
-    return m.assign(ms=m.ms_1 + (layers - 1) * (m.ms_2 - m.ms_1))[keys + ["ms"]]
+    m = none.merge(some, on=keys, suffixes=("_0", "_n"))
+    return m.assign(ms=m.ms_0 + layers / measured * (m.ms_n - m.ms_0))[keys + ["ms"]]
+
+
+def interp(x: float, xs, ys) -> float:
+    """Piecewise-linear through (xs, ys) (xs sorted), extended linearly beyond the ends."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    if len(xs) == 1:
+        return float(ys[0])
+    k = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+    return float(ys[k] + (ys[k + 1] - ys[k]) * (x - xs[k]) / (xs[k + 1] - xs[k]))
 
 
 class PassCost:
-    """ms of a pass, fitted per batch size (steps: a + b*new + c*new*cache; prefill: a + b*T),
-    linear in the batch between the measured ones (beyond them, the nearest)."""
+    """ms of a pass: per measured batch size, steps interpolated in (new, cache) over the measured
+    grid, prefills fitted as a + b*T + c*T^2 (linear when two lengths were measured or the square's
+    coefficient comes out negative: prompts run longer than the measured ones); linear in the batch
+    between the measured ones (beyond them, the nearest)."""
 
     def __init__(self, passes: pd.DataFrame):
         self.passes = passes
         self.step, self.pre = {}, {}
         for b, g in passes[passes.kind == "step"].groupby("batch"):
-            X = np.stack([np.ones(len(g)), g.new, g.new * g.cache], 1)
-            self.step[int(b)] = np.linalg.lstsq(X, g.ms.to_numpy(), rcond=None)[0]
+            self.step[int(b)] = g.pivot_table(index="new", columns="cache", values="ms").sort_index()
         for b, g in passes[passes.kind == "prefill"].groupby("batch"):
-            X = np.stack([np.ones(len(g)), g.new], 1)
-            self.pre[int(b)] = np.linalg.lstsq(X, g.ms.to_numpy(), rcond=None)[0]
+            cols = [np.ones(len(g)), g.new] + ([g.new ** 2] if g.new.nunique() >= 3 else [])
+            c = np.linalg.lstsq(np.stack(cols, 1), g.ms.to_numpy(), rcond=None)[0]
+            if len(c) == 3 and c[2] < 0:            # attention makes a prefill convex in T: noise, fit a line
+                c = np.linalg.lstsq(np.stack(cols[:2], 1), g.ms.to_numpy(), rcond=None)[0]
+            self.pre[int(b)] = np.append(c, [0.0, 0.0])[:3]
 
     @staticmethod
     def _between(table: dict, batch: float, f) -> float:
@@ -143,15 +166,21 @@ class PassCost:
         w = (batch - lo) / (hi - lo)
         return (1 - w) * f(table[lo]) + w * f(table[hi])
 
+    @staticmethod
+    def _grid(t: pd.DataFrame, new: float, cache: float) -> float:
+        per_new = [interp(cache, t.columns, row) for _, row in t.iterrows()]     # [len(news)] at this cache
+        return interp(new, t.index, per_new)
+
     def ms(self, batch: float, new: float, cache: float) -> float:
-        return self._between(self.step, batch, lambda c: c[0] + c[1] * new + c[2] * new * cache)
+        return self._between(self.step, batch, lambda t: self._grid(t, new, cache))
 
     def prefill_ms(self, batch: float, tokens: float) -> float:
-        return self._between(self.pre, batch, lambda c: c[0] + c[1] * tokens)
+        return self._between(self.pre, batch, lambda c: c[0] + c[1] * tokens + c[2] * tokens ** 2)
 
     def fit_table(self) -> pd.DataFrame:
-        return pd.DataFrame([dict(batch=b, a_ms=c[0], per_token_ms=c[1], per_token_per_cached_us=1000 * c[2])
-                             for b, c in sorted(self.step.items())])
+        """The prefill fits (the steps are the measured grid itself, in passes.csv)."""
+        return pd.DataFrame([dict(batch=b, a_ms=c[0], per_token_ms=c[1], per_token_squared_us=1000 * c[2])
+                             for b, c in sorted(self.pre.items())])
 
 
 def draft_passes(cfg: pd.Series) -> list[int]:
@@ -171,22 +200,23 @@ def verify_width(cfg: pd.Series) -> int:
     return 1 if cfg["mode"] == "ar" else int(round(cfg["mean_gamma"])) + 1
 
 
-def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) -> float:
-    """Predicted seconds of one measured batch (its rows of raw.csv) under the given pass costs."""
+def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) -> tuple[float, float, int]:
+    """Seconds of the model passes of one measured batch (its rows of raw.csv) under the given pass
+    costs, the prefills' share of them, and the loop's iterations (steps after the prefill)."""
     cfg = rows.iloc[0]
     B, T = len(rows), int(rows.prompt_tokens.max())
     steps = (rows.target_calls - 1).clip(lower=0).astype(int).tolist()    # passes after the prefill
     tokens_per_step = float(rows.new_tokens.sum()) / max(1, sum(steps) + B)
     q, widths = verify_width(cfg), draft_passes(cfg)
     use_draft = draft is not None and cfg["draft"] == "model"
-    ms = target.prefill_ms(B, T) + (draft.prefill_ms(B, T) if use_draft else 0.0)
+    ms = pre = target.prefill_ms(B, T) + (draft.prefill_ms(B, T) if use_draft else 0.0)
     for s in range(1, max(steps, default=0) + 1):
         live = B if cfg["finished_rows"] == "mask" and cfg["mode"] != "ar" else sum(n >= s for n in steps)
         cache = T + s * tokens_per_step
         ms += target.ms(live, q, cache)
         if use_draft:
             ms += sum(draft.ms(live, w, cache) for w in widths)
-    return ms / 1000
+    return ms / 1000, pre / 1000, max(steps, default=0)
 
 
 def modeled(raw: pd.DataFrame, kv_cache: str) -> pd.DataFrame:
@@ -197,21 +227,64 @@ def modeled(raw: pd.DataFrame, kv_cache: str) -> pd.DataFrame:
                & ~raw["compile"].astype(str).isin(["True", "true", "1"])]
 
 
-def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache: str) -> pd.DataFrame:
+CALIBRATION_KEY = ["mode", "batch", "tree"]     # the host work per loop iteration is calibrated per these
+
+
+def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache: str,
+           overhead: dict | None = None) -> pd.DataFrame:
     """Measured and predicted tokens/s of every configuration of a sweep (draft model or none) that
-    ran with the cache the costs were measured with."""
+    ran with the cache the costs were measured with.
+
+    A step is its model passes plus the loop's host work (sampling, the rule, bookkeeping), which
+    the pass costs do not hold. ``overhead`` None: each configuration's host work per iteration,
+    measured decode time (wall - TTFT) less the predicted decode passes, per iteration, is
+    calibrated leave-one-out: each batch is predicted with the host work of the configuration's
+    other batches (its own when it has one), so no batch checks its own calibration;
+    ``overhead_ms`` reports the mean over all batches. A dict {(mode, batch, tree): ms}: used as
+    given, on every batch (another model's costs, the embedded pair's host work).
+    """
     from .metrics import KEYS
     raw = modeled(raw, kv_cache)
     keys = [k for k in KEYS if k in raw.columns]
     out = []
     for key, g in raw.groupby(keys, dropna=False):
+        cfg = dict(zip(keys, key))
         walls = g.groupby("batch_id").wall_time_s.first()
-        pred = [predict_batch(b, target, draft) for _, b in g.groupby("batch_id")]
-        tokens = g.new_tokens.sum()
-        out.append(dict(zip(keys, key), new_tokens=tokens, tokens_per_call=tokens / g.target_calls.sum(),
-                        measured_tps=tokens / walls.sum(), predicted_tps=tokens / sum(pred)))
+        ttfts = g.groupby("batch_id").ttft_s.first()
+        passes = {bid: predict_batch(b, target, draft) for bid, b in g.groupby("batch_id")}
+        ids = sorted(passes)
+
+        def host_work(cal):                   # seconds per iteration not spent in the predicted passes
+            return sum(walls[i] - ttfts[i] - passes[i][0] + passes[i][1] for i in cal) / \
+                max(1, sum(passes[i][2] for i in cal))
+
+        if overhead is None:
+            ov = {i: host_work([j for j in ids if j != i] or ids) for i in ids}
+            mean_ov = host_work(ids)
+        else:
+            mean_ov = overhead.get(tuple(str(cfg[k]) for k in CALIBRATION_KEY), 0.0) / 1000
+            ov = {i: mean_ov for i in ids}
+        tokens, later = g.new_tokens.sum(), g.new_tokens.sum() - len(g)   # the prefill gives each row's first
+        out.append(dict(cfg, new_tokens=tokens, tokens_per_call=tokens / g.target_calls.sum(),
+                        batches=len(ids), overhead_ms=1000 * mean_ov,
+                        measured_tps=tokens / walls.sum(),
+                        predicted_tps=tokens / sum(passes[i][0] + ov[i] * passes[i][2] for i in ids),
+                        passes_only_tps=tokens / sum(passes[i][0] for i in ids),
+                        measured_decode_tps=later / (walls - ttfts).sum(),
+                        predicted_decode_tps=later / sum(passes[i][0] - passes[i][1] + ov[i] * passes[i][2]
+                                                         for i in ids)))
     df = pd.DataFrame(out)
-    return df.assign(error=df.predicted_tps / df.measured_tps - 1)
+    return df.assign(error=df.predicted_tps / df.measured_tps - 1,
+                     error_decode=df.predicted_decode_tps / df.measured_decode_tps - 1,
+                     error_passes_only=df.passes_only_tps / df.measured_tps - 1)
+
+
+def read_calibration(path: str) -> dict:
+    """{(mode, batch, tree): host ms per iteration} from the prediction.csv of a checked run."""
+    cal = pd.read_csv(path, keep_default_na=False)
+    if "overhead_ms" not in cal.columns:
+        raise ValueError(f"--calibration {path} is not a cost model's prediction.csv (no overhead_ms column)")
+    return {tuple(str(r[k]) for k in CALIBRATION_KEY): float(r.overhead_ms) for _, r in cal.iterrows()}
 
 
 def versus_ar(df: pd.DataFrame, col: str) -> pd.Series:
@@ -220,21 +293,23 @@ def versus_ar(df: pd.DataFrame, col: str) -> pd.Series:
     return pd.Series([v / ar.get((b, t), np.nan) for v, b, t in zip(df[col], df.batch, df.temperature)], index=df.index)
 
 
-def costs_of(name: str, model, layers: int | None, s: CostSettings, device, dtype, log) -> pd.DataFrame:
-    """Pass costs of a loaded model, or of a preset / config measured whole or on 1 and 2 layers."""
+def costs_of(name: str, model, measured: int | None, s: CostSettings, device, dtype, log) -> pd.DataFrame:
+    """Pass costs of a loaded model, or of a preset / config measured whole or with none and
+    ``measured`` of its layers."""
     if model is not None:
         log(f"measuring {name} ...")
         return measure_passes(model, s)
-    if layers is None:
+    layers = full_layers(name)
+    if measured is None or measured >= layers:
         log(f"measuring {name} (random weights) ...")
         return measure_passes(build_model(name, None, device, dtype), s)
     parts = []
-    for k in (1, 2):
+    for k in (0, measured):
         log(f"measuring {name} with {k} of its {layers} layers (random weights) ...")
         m = build_model(name, k, device, dtype)
         parts.append(measure_passes(m, s))
         del m
-    return extrapolate(*parts, layers)
+    return extrapolate(*parts, measured, layers)
 
 
 def parse(argv=None):
@@ -245,9 +320,15 @@ def parse(argv=None):
                     help=f"a target to predict for: a preset ({', '.join(PRESETS)}) or a config.json folder "
                          "(default: the loaded target, which checks the model against the sweep)")
     ap.add_argument("--draft_config", default=None, help="its draft (preset or folder; default: the loaded draft)")
-    ap.add_argument("--split_layers", action="store_true",
-                    help="measure --target_config / --draft_config on 1 and 2 layers and extrapolate "
-                         "(for models that do not fit in memory)")
+    ap.add_argument("--calibration", default=None,
+                    help="prediction.csv of a run on the measured pair: its host work per loop iteration is "
+                         "added to these passes (default: calibrated on half of --raw's batches, checked on the rest)")
+    ap.add_argument("--passes", default=None,
+                    help="passes.csv of an earlier run: predict from its pass costs instead of measuring again "
+                         "(the model flags are then not used)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="measure --target_config / --draft_config with none and this many of their layers and "
+                         "extrapolate to all of them (for models that do not fit in memory; default: whole)")
     s = CostSettings()
     ap.add_argument("--batches", default=",".join(map(str, s.batches)), help="batch sizes to measure")
     ap.add_argument("--news", default=",".join(map(str, s.news)), help="new tokens per pass to measure")
@@ -257,8 +338,9 @@ def parse(argv=None):
     ap.add_argument("--kv_cache", default=s.kv_cache, choices=("dynamic", "static"), help="the wrapper's cache")
     ap.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     args = ap.parse_args(argv)
-    if not os.path.isfile(args.raw):
-        raise ValueError(f"--raw {args.raw}: no such file")
+    for flag in ("raw", "calibration", "passes"):
+        if getattr(args, flag) is not None and not os.path.isfile(getattr(args, flag)):
+            raise ValueError(f"--{flag} {getattr(args, flag)}: no such file")
     for name in ("batches", "news", "caches", "prefills"):
         try:
             vals = tuple(int(x) for x in getattr(args, name).split(",") if x.strip())
@@ -269,6 +351,8 @@ def parse(argv=None):
         setattr(args, name, vals)
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    if args.layers is not None and args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
     for flag in ("target_config", "draft_config"):
         v = getattr(args, flag)
         if v is not None and v not in PRESETS and not os.path.isfile(os.path.join(v, "config.json")):
@@ -285,6 +369,12 @@ def main(argv=None) -> None:
     if modeled(raw, s.kv_cache).empty:
         raise ValueError(f"--raw {args.raw} has no configuration of ar or the draft model with kv_cache {s.kv_cache}")
     from sampling.cli import load_pair
+    if args.passes:
+        costs = {role: g.drop(columns="model") for role, g in pd.read_csv(args.passes).groupby("model")}
+        if set(costs) != {"target", "draft"}:
+            raise ValueError(f"--passes {args.passes} is not a cost model's passes.csv (no target and draft rows)")
+        report(args, s, raw, costs, where=f"pass costs from {args.passes}")
+        return
     need = args.target_config is None or args.draft_config is None
     target_m, draft_m, _, _ = load_pair(args, need_draft=args.draft_config is None, drafts=["model"]) if need \
         else (None,) * 4
@@ -296,11 +386,18 @@ def main(argv=None) -> None:
     costs = {}
     for role, cfg, model in (("target", args.target_config, target_m if args.target_config is None else None),
                              ("draft", args.draft_config, draft_m if args.draft_config is None else None)):
-        layers = full_layers(cfg) if cfg is not None and args.split_layers else None
-        costs[role] = costs_of(cfg or role, model, layers, s, device, dtype, print).assign(model=role)
-    passes = pd.concat(costs.values(), ignore_index=True)
+        costs[role] = costs_of(cfg or role, model, args.layers, s, device, dtype, print)
+    report(args, s, raw, costs, where=(f"target {args.target_config or args.target_model_name or 'embedded'}, draft "
+                                       f"{args.draft_config or args.approx_model_name or 'embedded'}, {device.type}, "
+                                       f"{dtype}"))
+
+
+def report(args, s: CostSettings, raw: pd.DataFrame, costs: dict, where: str) -> None:
+    """Replay the sweep under the pass costs {role: passes} and write the folder."""
+    passes = pd.concat([c.assign(model=role) for role, c in costs.items()], ignore_index=True)
     target, draft = PassCost(costs["target"]), PassCost(costs["draft"])
-    table = replay(raw, target, draft, s.kv_cache)
+    overhead = read_calibration(args.calibration) if args.calibration else None
+    table = replay(raw, target, draft, s.kv_cache, overhead)
     table = table.assign(measured_vs_ar=versus_ar(table, "measured_tps"),
                          predicted_vs_ar=versus_ar(table, "predicted_tps"))
     os.makedirs(args.out, exist_ok=True)
@@ -308,14 +405,19 @@ def main(argv=None) -> None:
     fits = pd.concat([target.fit_table().assign(model="target"), draft.fit_table().assign(model="draft")])
     write_csv(os.path.join(args.out, "fit.csv"), fits)
     write_csv(os.path.join(args.out, "prediction.csv"), table)
-    cols = ["mode", "draft", "batch", "finished_rows", "tree", "kv_cache", "tokens_per_call", "measured_tps",
-            "predicted_tps", "error", "measured_vs_ar", "predicted_vs_ar"]
+    table = table.assign(passes_only_vs_ar=versus_ar(table, "passes_only_tps"),
+                         predicted_decode_vs_ar=versus_ar(table, "predicted_decode_tps"))
+    cols = ["mode", "draft", "batch", "tree", "kv_cache", "tokens_per_call", "overhead_ms", "measured_tps",
+            "predicted_tps", "error", "passes_only_tps", "error_passes_only", "measured_decode_tps",
+            "predicted_decode_tps", "measured_vs_ar", "predicted_vs_ar", "passes_only_vs_ar", "predicted_decode_vs_ar"]
     md = markdown(table[[c for c in cols if c in table.columns]])
-    where = (f"target {args.target_config or args.target_model_name or 'embedded'}, draft "
-             f"{args.draft_config or args.approx_model_name or 'embedded'}, {device.type}, {dtype}")
+    how = (f"host work per loop iteration (overhead_ms) from `{args.calibration}`" if args.calibration else
+           "host work per loop iteration (overhead_ms) of each configuration, calibrated leave-one-out (each "
+           "batch predicted with the host work of the others)")
     write_text(os.path.join(args.out, "table.md"),
                f"# Cost model: {where}\n\nAcceptance replayed from `{args.raw}`; measured_* are that sweep's "
-               f"figures (the embedded pair), predicted_* these pass costs.\n\n{md}\n")
+               f"figures (the embedded pair), predicted_* these pass costs plus the {how}; passes_only_* leave "
+               f"the host work out.\n\n{md}\n")
     plot_costs(passes, os.path.join(args.out, "costs.png"), where)
     print(md)
 

@@ -4,9 +4,12 @@
         --mode google --samples 8 --out results/heads/profile_mlp.txt
 
 Each prompt runs once untimed (warm-up), then once under cProfile. The summary splits the
-profiled time into the target's forward passes (verify and prefill), the drafter's propose (its
-own model passes or heads inside it), the accept/reject rule, the caches' bookkeeping (commit),
-and the rest of the loop; then cProfile's top functions by cumulative time.
+profiled time into the prefills, the target's verify passes, the drafter's propose (its own model
+passes or heads inside it), the accept/reject rule, the caches' bookkeeping (commit), and the rest
+of the loop; then cProfile's top functions by cumulative time. ``--both_caches`` profiles the
+dynamic and the static KV cache, prompt by prompt in alternating order with a profiler each, so
+that a machine that drifts slows both alike (absolute times of separate runs differ by tens of
+percent on a noisy machine).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from .utils_io import write_text
 
 # phase -> the functions whose cumulative time it is (file suffix, function name)
 PHASES = {
-    "target forward (verify + prefill)": [("kvcache_model.py", "_forward"), ("batched_kvcache_model.py", "forward_tree")],
+    "prefill (target and drafter)": [("parts.py", "prefill"), ("speculator.py", "prefill"), ("ngram.py", "prefill")],
+    "target verify pass": [("parts.py", "verify"), ("tree.py", "verify")],     # less the rule, below
     "drafter propose": [("parts.py", "propose"), ("speculator.py", "propose"), ("ngram.py", "propose"),
                         ("tree.py", "propose")],
     "accept / reject rule": [("utils.py", "accept_reject"), ("utils.py", "tree_accept")],
@@ -45,6 +49,7 @@ def phase_times(stats: pstats.Stats) -> dict[str, float]:
         for phase, funcs in PHASES.items():
             if any(path.endswith(f) and name == n for f, n in funcs):
                 out[phase] += cum
+    out["target verify pass"] -= out["accept / reject rule"]        # verify calls the rule
     return out
 
 
@@ -57,6 +62,9 @@ def main(argv=None) -> None:
     ap.add_argument("--mode", default="google", choices=[m for m in MODES if m != "ar"], help="speculative mode")
     add_sampling_args(ap)
     ap.add_argument("--top", type=int, default=25, help="cProfile functions listed")
+    ap.add_argument("--both_caches", action="store_true",
+                    help="profile the dynamic and the static KV cache side by side, interleaved prompt by prompt "
+                         "(--kv_cache is then ignored)")
     ap.add_argument("--out", default=None, help="text file for the summary (refused if it exists)")
     args = ap.parse_args(argv)
     if args.samples <= 0:
@@ -70,20 +78,35 @@ def main(argv=None) -> None:
     kw = generate_kwargs(args, data.tokenizer, data.vocab)
     kw["seed"] = 0 if kw["seed"] is None else kw["seed"]
     prompts = [torch.tensor([p], device=next(data.target.parameters()).device) for p in data.prompts]
+    caches = ["dynamic", "static"] if args.both_caches else [args.kv_cache]
     for ids in prompts:                                                  # warm-up, not profiled
-        generate(data.target, ids, draft_model=draft, mode=args.mode, **kw)
-    prof, stats_all = cProfile.Profile(), []
-    prof.enable()
-    for ids in prompts:
-        stats_all.append(generate(data.target, ids, draft_model=draft, mode=args.mode, **kw).stats)
-    prof.disable()
+        for kv in caches:
+            generate(data.target, ids, draft_model=draft, mode=args.mode, **dict(kw, kv_cache=kv))
+    profs, stats_all = {kv: cProfile.Profile() for kv in caches}, {kv: [] for kv in caches}
+    for i, ids in enumerate(prompts):
+        for kv in caches[i % len(caches):] + caches[:i % len(caches)]:   # the order alternates
+            profs[kv].enable()
+            stats_all[kv].append(generate(data.target, ids, draft_model=draft, mode=args.mode,
+                                          **dict(kw, kv_cache=kv)).stats)
+            profs[kv].disable()
+    lines = []
+    for kv in caches:
+        lines += summary(profs[kv], stats_all[kv], args, drafts[0], kv, len(prompts)) + [""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        write_text(args.out, text)
+
+
+def summary(prof, stats_all: list[dict], args, draft: str, kv: str, n: int) -> list[str]:
+    """The phase table and the top functions of one configuration's profile."""
     stream = io.StringIO()
     st = pstats.Stats(prof, stream=stream)
     total = sum(s["wall_time_s"] for s in stats_all)
     tokens = sum(s["new_tokens"] for s in stats_all)
     calls = sum(s["target_calls"] for s in stats_all)
-    lines = [f"# profile: --draft {drafts[0]} --mode {args.mode}, temperature {args.temperature}, "
-             f"{len(prompts)} Dolly prompts, {args.max_tokens} new tokens each",
+    lines = [f"# profile: --draft {draft} --mode {args.mode} --kv_cache {kv}, temperature {args.temperature}, "
+             f"{n} Dolly prompts, {args.max_tokens} new tokens each",
              f"generate wall time (under cProfile, which slows Python-heavy code): {total:.3f} s, {tokens} tokens, "
              f"{calls} target passes, {tokens / max(1, calls):.2f} tokens per pass",
              "", "| phase | seconds | share of generate |", "|---|---:|---:|"]
@@ -95,11 +118,7 @@ def main(argv=None) -> None:
               f"cProfile, top {args.top} by cumulative time:", "```"]
     st.sort_stats("cumulative").print_stats(args.top)
     body = [ln for ln in stream.getvalue().splitlines() if ln.strip()]
-    lines += body[body.index(next(ln for ln in body if "ncalls" in ln)):] + ["```"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_text(args.out, text)
+    return lines + body[body.index(next(ln for ln in body if "ncalls" in ln)):] + ["```"]
 
 
 if __name__ == "__main__":

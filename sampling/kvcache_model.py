@@ -190,6 +190,23 @@ class KVCacheModel:
         return self._hist[:, -1]
 
     @torch.inference_mode()
+    def fill_random(self, batch: int, length: int, generator: torch.Generator | None = None) -> None:
+        """A cache of ``length`` random keys and values per row, as if a prompt had been run (for
+        timing passes against a cache length without paying the prefill: benchmark.cost_model)."""
+        cfg = self.model.config.get_text_config(decoder=True)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(self.model.parameters())
+        self.spec = CacheSpec(self.spec.kind, self.spec.compile, room=self.spec.room + length)
+        self.prefill(torch.zeros(batch, 1, dtype=torch.long, device=p.device),
+                     torch.ones(batch, 1, dtype=torch.long, device=p.device))   # builds the cache
+        self.truncate(0)
+        kv = torch.randn(batch, heads, length, dim, generator=generator, dtype=p.dtype).to(p.device)
+        for i in range(len(self.cache.layers)):
+            self.cache.update(kv, kv, i)
+        self.filled, self.mask, self._hist = length, torch.ones(batch, length, dtype=torch.long, device=p.device), None
+
+    @torch.inference_mode()
     def catch_up(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Feed the tokens of seq [B, T] the cache has not seen yet (mask [B, T] covers all of seq).
 

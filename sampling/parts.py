@@ -34,11 +34,15 @@ class Accepted:
     nodes: torch.Tensor              # [b, n_max] which draft position (chain) or node (tree) each came from
     start: int                       # the slot the drafts begin at; the new length is start + n_max
 
-    def without(self, done: torch.Tensor) -> None:
-        """Finished rows (done [b]) keep nothing; tokens and nodes are trimmed to the longest row."""
+    def to_host(self, done: torch.Tensor) -> tuple[list[int], list[int], list[list[int]]]:
+        """Finished rows (done [b]) keep nothing; tokens and nodes are trimmed to the longest row.
+        Returns n, next and the drafts as lists: the step's one device-to-host transfer."""
         self.n = self.n.masked_fill(done, 0)
-        n_max = int(self.n.max())
+        host = torch.cat([self.n.unsqueeze(1), self.next.unsqueeze(1), self.tokens], 1).tolist()   # [b, 2 + g]
+        n, nxt, drafts = [h[0] for h in host], [h[1] for h in host], [h[2:] for h in host]
+        n_max = max(n)
         self.tokens, self.nodes = self.tokens[:, :n_max], self.nodes[:, :n_max]
+        return n, nxt, drafts
 
 
 def is_drafter(obj) -> bool:
@@ -100,7 +104,7 @@ class ChainVerifier(CachedPart):
         g, S = draft.tokens.shape[1], seq.shape[1]
         self.mask = torch.cat([mask, mask.new_ones(len(seq), g)], dim=1)      # [b, S + g]
         self.kv.catch_up(torch.cat([seq, draft.tokens], dim=1), self.mask)
-        self.padding = 1.0 - self.mask.float().mean().item()
+        self.padding = 1.0 - self.mask.float().mean()                        # a device scalar: no sync
         p = self.kv.probs[:, -(g + 1):]                                      # [b, g + 1, V]
         q = draft.q if draft.q is not None else F.one_hot(draft.tokens, p.shape[-1]).to(p.dtype)  # [b, g, V]
         n, nxt = accept_reject(p, q, draft.tokens, generator, sequential=self.sequential, greedy=self.greedy)

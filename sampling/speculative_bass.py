@@ -46,21 +46,18 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
                                                                               # (a tree: its n nodes)
         # 2. verify and 3. accept: all rows in one target pass, each its own prefix + one token
         acc = verifier.verify(seq, mask, draft, generator)                    # n [b], next [b]
-        padding.append(verifier.padding)
+        padding.append(verifier.padding)                                      # device scalars, read at the end
         rows_verified += len(seq)
         done = rows.done_mask()                                               # [b]
-        acc.without(done)                                                     # a finished row keeps nothing
-        n = acc.n
-        schedule.update(n[~done], g)
+        n_list, nxt_list, drafts = acc.to_host(done)                          # the step's one sync
+        schedule.update([a for a, d in zip(n_list, rows.done) if not d], g)
         # 4. realign (BASS-PAD): both caches keep the accepted slots, the others' holes are masked
         mask = verifier.commit(acc)                                           # [b, S + n_max], S: the old length
         drafter.commit(acc)
         seq = torch.cat([seq, acc.tokens, acc.next.unsqueeze(1)], dim=1)     # [b, S + n_max + 1]
         mask = torch.cat([mask, (~done).to(mask.dtype).unsqueeze(1)], dim=1)
-        drafts, nxt = acc.tokens.tolist(), acc.next
         # 5. hand out the new tokens; rows that met EOS or the budget are finished
-        n_list = n.tolist()
-        rows.hand_out([d[:n_j] + [x] for d, n_j, x in zip(drafts, n_list, nxt.tolist())], n_list,
+        rows.hand_out([d[:n_j] + [x] for d, n_j, x in zip(drafts, n_list, nxt_list)], n_list,
                       draft.tokens.shape[1])
         if finished_rows == "drop":                   # finished rows leave both caches
             keep = rows.drop_finished()
@@ -69,7 +66,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
                 verifier.select_rows(keep)
                 drafter.select_rows(keep)
     stats = rows.finish(verifier.calls, drafter.calls, schedule.trace)
-    stats.update(padding_fraction=sum(padding) / max(1, len(padding)),
+    stats.update(padding_fraction=float(torch.stack(padding).mean()) if padding else 0.0,
                  rows_verified=rows_verified)         # rows in the verify passes, finished ones included
     return rows.out, stats
 

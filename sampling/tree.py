@@ -426,7 +426,7 @@ class TreeVerifier(CachedPart):
         else:
             p_nodes = None
         b = len(seq)
-        self.padding = 1.0 - (mask.sum().item() + b * tree.n) / (b * (seq.shape[1] + tree.n))
+        self.padding = 1.0 - (mask.sum() + b * tree.n) / (b * (seq.shape[1] + tree.n))   # a device scalar
         n, nxt, nodes = tree_accept(p_root, p_nodes, draft.q, draft.tokens, tree.children, generator, self.greedy)
         tokens = draft.tokens.gather(1, nodes) if tree.n else draft.tokens  # [b, depth]
         return Accepted(n, nxt, tokens, nodes, seq.shape[1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+
 
 SCHEDULES = ("constant", "bass", "aimd")
 
@@ -34,18 +34,18 @@ class GammaSchedule:
         self.s = 0               # bass: 0 after a fully accepted step, 1 after a rejection
         self.trace: list[int] = []
 
-    def update(self, accepted: torch.Tensor, drafted: int) -> None:
-        """accepted [b]: drafts each live row accepted out of ``drafted``."""
+    def update(self, accepted: list[int], drafted: int) -> None:
+        """accepted: drafts each live row accepted out of ``drafted`` (host integers)."""
         self.trace.append(drafted)
         k, g = self.params, self.gamma
         if k.kind == "constant" or drafted < g:      # a step shortened by the budget says nothing
             return
-        full = bool((accepted == drafted).all())
+        full = all(a == drafted for a in accepted)
         if k.kind == "bass":
             if full:
                 self.gamma, self.s = min(g + k.delta, k.gamma_max), 0
             else:
-                self.gamma = max(1, int(accepted.max()), g - math.ceil(g / k.mod) - self.s)
+                self.gamma = max(1, max(accepted, default=0), g - math.ceil(g / k.mod) - self.s)
                 self.s = 1
         else:                                         # aimd
             self.gamma = min(g + 1, k.gamma_max) if full else max(k.gamma_min, g // 2)

@@ -98,16 +98,16 @@ def test_finished_rows_kept_masked_equal_greedy(arch):
 
 def test_bass_schedule_rule():
     sched = GammaSchedule(7, ScheduleParams(kind="bass"))
-    sched.update(torch.tensor([7, 7]), 7)             # all accepted: +delta
+    sched.update([7, 7], 7)             # all accepted: +delta
     assert sched.gamma == 9 and sched.s == 0
-    sched.update(torch.tensor([2, 5]), 9)             # a rejection: max(1, max x_i, g - ceil(g/m) - s)
+    sched.update([2, 5], 9)             # a rejection: max(1, max x_i, g - ceil(g/m) - s)
     assert sched.gamma == 8 and sched.s == 1          # 9 - 1 - 0 beats max x_i = 5
-    sched.update(torch.tensor([0, 7]), 8)             # max x_i = 7 beats 8 - 1 - 1 = 6
+    sched.update([0, 7], 8)             # max x_i = 7 beats 8 - 1 - 1 = 6
     assert sched.gamma == 7
-    sched.update(torch.tensor([0, 3]), 7)             # 7 - 1 - 1 = 5
+    sched.update([0, 3], 7)             # 7 - 1 - 1 = 5
     assert sched.gamma == 5
-    sched.update(torch.tensor([5]), 5)                # all accepted: +delta, s back to 0
-    sched.update(torch.tensor([0]), 7)                # 7 - 1 - 0
+    sched.update([5], 5)                # all accepted: +delta, s back to 0
+    sched.update([0], 7)                # 7 - 1 - 0
     assert sched.gamma == 6
     for _ in range(20):
         sched.update(torch.tensor([sched.gamma]), sched.gamma)
@@ -116,11 +116,11 @@ def test_bass_schedule_rule():
 
 def test_aimd_schedule_rule():
     sched = GammaSchedule(6, ScheduleParams(kind="aimd", gamma_min=2))
-    sched.update(torch.tensor([6]), 6)
+    sched.update([6], 6)
     assert sched.gamma == 7
-    sched.update(torch.tensor([6, 7]), 7)
+    sched.update([6, 7], 7)
     assert sched.gamma == 3
-    sched.update(torch.tensor([0]), 3)
+    sched.update([0], 3)
     assert sched.gamma == 2                           # floor(3 / 2) = 1, raised to gamma_min
     const = GammaSchedule(5, ScheduleParams())
     const.update(torch.tensor([0]), 5)

@@ -3,6 +3,7 @@ and the GPU check script's steps, run on the CPU."""
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_benchmark import FIXTURE, cli
@@ -32,13 +33,13 @@ def test_fit_recovers_the_costs_and_interpolates_batches():
     mid = cost.ms(4.5, 3, 40)                               # halfway between batch 1 and 8
     assert mid == pytest.approx((cost.ms(1, 3, 40) + cost.ms(8, 3, 40)) / 2)
     assert cost.ms(32, 1, 16) == pytest.approx(cost.ms(8, 1, 16))   # beyond the grid: the nearest
-    assert cost.prefill_ms(1, 20) == pytest.approx(3.0)
+    assert cost.prefill_ms(1, 20) == pytest.approx(3.0)         # two lengths measured: linear in T
 
 
 def test_layers_extrapolate_linearly():
-    one, two = synthetic(a=3.0), synthetic(a=5.0)               # a layer adds 2 ms to a
-    full = extrapolate(one, two, layers=10)
-    assert PassCost(full).ms(1, 1, 16) == pytest.approx(3 + 9 * 2 + 0.5 + 0.16)
+    none, four = synthetic(a=3.0), synthetic(a=11.0)            # four layers add 8 ms to a
+    full = extrapolate(none, four, measured=4, layers=10)
+    assert PassCost(full).ms(1, 1, 16) == pytest.approx(3 + 10 * 2 + 0.5 + 0.16)
 
 
 def test_draft_passes_per_step():
@@ -55,13 +56,13 @@ def test_replay_adds_up_the_recorded_passes():
     rows = pd.DataFrame([dict(mode="bass", draft="model", tree="", mean_gamma=2.0, finished_rows="drop",
                               prompt_tokens=t, target_calls=c, new_tokens=n) for t, c, n in ((10, 4, 8), (6, 2, 3))])
     per_step = 11 / 6                                            # new tokens per row-pass, prefill included
-    want = target.prefill_ms(2, 10) + draft.prefill_ms(2, 10)
+    pre = want = target.prefill_ms(2, 10) + draft.prefill_ms(2, 10)
     for s, live in ((1, 2), (2, 1), (3, 1)):
         L = 10 + s * per_step
         want += target.ms(live, 3, L) + 2 * draft.ms(live, 1, L)
-    assert predict_batch(rows, target, draft) == pytest.approx(want / 1000)
+    assert predict_batch(rows, target, draft) == pytest.approx((want / 1000, pre / 1000, 3))
     mask = rows.assign(finished_rows="mask")                     # masked rows keep costing
-    assert predict_batch(mask, target, draft) > predict_batch(rows, target, draft)
+    assert predict_batch(mask, target, draft)[0] > predict_batch(rows, target, draft)[0]
 
 
 def test_cost_model_cli_checks_itself_on_a_sweep(pair, capsys, tmp_path):
@@ -72,16 +73,25 @@ def test_cost_model_cli_checks_itself_on_a_sweep(pair, capsys, tmp_path):
                                           "--repeats", "1", "--trees", "2,1", "--out", str(sweep)] + models, capsys)
     assert code == 0, err
     argv = ["--raw", str(sweep / "raw.csv"), "--batches", "1,2", "--news", "1,3", "--caches", "8,32",
-            "--prefills", "8,32", "--reps", "1"] + models
+            "--prefills", "8,16,32", "--reps", "1"] + models
     code, out, err = cli(cost_model, argv + ["--out", str(tmp_path / "cm")], capsys)
     assert code == 0, err
     table = pd.read_csv(tmp_path / "cm" / "prediction.csv")
     assert set(table["mode"]) == {"ar", "google", "bass", "tree"}
-    assert table.predicted_tps.gt(0).all() and table.measured_tps.gt(0).all()
+    assert table.passes_only_tps.gt(0).all() and table.measured_tps.gt(0).all()
+    assert np.isfinite(table.predicted_tps).all()       # (a tiny pair's passes are noise: no sign to check)
     assert {"passes.csv", "fit.csv", "table.md", "costs.png"} <= set(os.listdir(tmp_path / "cm"))
-    # a config folder measured on 1 and 2 of its layers and extrapolated
+    assert table.overhead_ms.notna().all() and np.isfinite(table.predicted_decode_tps).all()
+    # the same passes again, with the host work of that run given: no measuring
+    code, out, err = cli(cost_model, ["--raw", str(sweep / "raw.csv"), "--passes", str(tmp_path / "cm" / "passes.csv"),
+                                      "--calibration", str(tmp_path / "cm" / "prediction.csv"),
+                                      "--out", str(tmp_path / "cm3")], capsys)
+    assert code == 0, err
+    again = pd.read_csv(tmp_path / "cm3" / "prediction.csv")
+    assert (again.overhead_ms.round(6) == table.overhead_ms.round(6)).all()
+    # a config folder measured with none and one of its two layers, and extrapolated
     code, out, err = cli(cost_model, argv + ["--target_config", pair["target"], "--draft_config", pair["draft"],
-                                             "--split_layers", "--out", str(tmp_path / "cm2")], capsys)
+                                             "--layers", "1", "--out", str(tmp_path / "cm2")], capsys)
     assert code == 0, err
     assert len(pd.read_csv(tmp_path / "cm2" / "prediction.csv")) == len(table)
 

@@ -71,6 +71,9 @@ def test_sweep_with_drafters_and_the_prompt_lookup_peer(pair, capsys, tmp_path):
     assert os.path.exists(tmp_path / "h" / "speedup_t0.png")
     code, out, err = cli(profile_step, ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "4", "--draft",
                                         "ngram", "--target_model_name", pair["target"], "--temperature", "0",
-                                        "--out", str(tmp_path / "p.txt")], capsys)
+                                        "--both_caches", "--out", str(tmp_path / "p.txt")], capsys)
     assert code == 0, err
-    assert "| target forward (verify + prefill) |" in open(tmp_path / "p.txt").read()
+    text = open(tmp_path / "p.txt").read()
+    assert text.count("| target verify pass |") == 2 and "--kv_cache dynamic" in text and "--kv_cache static" in text
+    rest = [float(ln.split("|")[2]) for ln in text.splitlines() if ln.startswith("| the loop's own work")]
+    assert len(rest) == 2 and min(rest) >= 0                   # the phases do not overlap
