@@ -28,7 +28,8 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=1,
                     help="batch size; fewer prompts than this are repeated to fill one batch")
     ap.add_argument("--compare", action="store_true",
-                    help="run every mode on the same input and print a side-by-side table of timed runs")
+                    help="run every mode on the same input and print a side-by-side table of timed runs (cascade "
+                         "with --cascade, or with the embedded target, whose cascade drafts are embedded too)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="--compare: timed runs per mode after one warm-up run, modes interleaved; "
                          "the table shows the median")
@@ -52,6 +53,8 @@ def parse(argv=None):
         parse_tree(args.tree)
     check_speculator_flag(args.speculator, parse_drafts(args.draft))
     parse_caches(args.kv_cache, args.compile)
+    if args.cascade_gamma is not None and args.cascade_gamma <= 0:
+        raise ValueError(f"--cascade_gamma must be >= 1, got {args.cascade_gamma}")
     if args.draft == "ngram" and args.mode == "tree" and not args.compare:
         raise ValueError("--draft ngram drafts chains; mode tree needs a draft model or speculator heads")
     return args
@@ -59,18 +62,25 @@ def parse(argv=None):
 
 def main(argv=None) -> None:
     args = parse(argv)
-    modes = tuple(m for m in MODES if not (m == "tree" and args.draft == "ngram")) if args.compare else (args.mode,)
-    target, draft, tok, vocab = load_pair(args, need_draft=any(m != "ar" for m in modes))
+    cascade = args.cascade is not None or args.target_model_name is None   # its drafts fit this target
+    modes = tuple(m for m in MODES if not (m == "tree" and args.draft == "ngram") and (m != "cascade" or cascade)) \
+        if args.compare else (args.mode,)
+    target, draft, tok, vocab = load_pair(args, need_draft=any(m not in ("ar", "cascade") for m in modes))
     prompts = list(args.input)
     while len(prompts) < args.batch:                       # fill one batch with copies
         prompts.append(args.input[len(prompts) % len(args.input)])
     ids = [tok(p)["input_ids"] for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise ValueError("empty prompt: a prompt encodes to no tokens")
+    drafts = {m: draft for m in modes}
+    if "cascade" in modes:                                 # mode cascade drafts with its own models
+        from sampling.models import load_cascade
+        drafts["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype)
+        vocab = vocab or cascade_vocab
     kwargs = dict(batch_size=args.batch, pad_id=tok.pad_token_id, sort_batch=args.sort_batch,
-                  draft_model=draft, **generate_kwargs(args, tok, vocab))
+                  **generate_kwargs(args, tok, vocab))
     if args.compare:
-        runs = timed_runs(target, modes, ids, kwargs, args.repeats)
+        runs = timed_runs(target, modes, ids, kwargs, drafts, args.repeats)
         if args.json:
             print(json.dumps({m: dict(outputs=[tok.decode(t) for t in r.tokens], tokens=r.tokens, stats=r.stats)
                               for m, r in runs.items()}))
@@ -82,7 +92,7 @@ def main(argv=None) -> None:
         from transformers import TextStreamer
         print(prompts[0], end="", flush=True)
         kwargs["streamer"] = TextStreamer(tok)
-    res, _ = generate_many(target, ids, mode=args.mode, **kwargs)
+    res, _ = generate_many(target, ids, mode=args.mode, draft_model=drafts[args.mode], **kwargs)
     if args.json:
         print(json.dumps(dict(outputs=[tok.decode(t) for t in res.tokens], tokens=res.tokens, stats=res.stats)))
         return
@@ -99,7 +109,7 @@ def main(argv=None) -> None:
             print(f"  {k}: {v}", file=sys.stderr)
 
 
-def timed_runs(target, modes, ids, kwargs, repeats: int) -> dict:
+def timed_runs(target, modes, ids, kwargs, drafts: dict, repeats: int) -> dict:
     """Each mode once untimed on the same shapes (warm-up), then ``repeats`` timed rounds with the
     modes interleaved (the order rotating); each mode keeps its median run by wall time (generate
     synchronises the device before reading the clock)."""
@@ -107,7 +117,7 @@ def timed_runs(target, modes, ids, kwargs, repeats: int) -> dict:
     for rep in range(repeats + 1):
         order = [modes[(k + rep) % len(modes)] for k in range(len(modes))]
         for mode in order:
-            res, _ = generate_many(target, ids, mode=mode, **kwargs)
+            res, _ = generate_many(target, ids, mode=mode, draft_model=drafts[mode], **kwargs)
             if rep:                                        # round 0 is the warm-up
                 runs[mode].append(res)
     return {m: sorted(r, key=lambda x: x.stats["wall_time_s"])[len(r) // 2] for m, r in runs.items()}

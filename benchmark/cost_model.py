@@ -130,12 +130,17 @@ def extrapolate(none: pd.DataFrame, some: pd.DataFrame, measured: int, layers: i
 
 
 def interp(x: float, xs, ys) -> float:
-    """Piecewise-linear through (xs, ys) (xs sorted), extended linearly beyond the ends."""
+    """Piecewise-linear through (xs, ys) (xs sorted), extended beyond the ends along the nearest
+    segment, never downwards (a pass costs no less for more tokens or a longer cache)."""
     xs, ys = np.asarray(xs, float), np.asarray(ys, float)
     if len(xs) == 1:
         return float(ys[0])
     k = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
-    return float(ys[k] + (ys[k + 1] - ys[k]) * (x - xs[k]) / (xs[k + 1] - xs[k]))
+    slope = (ys[k + 1] - ys[k]) / (xs[k + 1] - xs[k])
+    if x < xs[0] or x > xs[-1]:
+        slope = max(slope, 0.0)
+        return float(ys[0] + slope * (x - xs[0])) if x < xs[0] else float(ys[-1] + slope * (x - xs[-1]))
+    return float(ys[k] + slope * (x - xs[k]))
 
 
 class PassCost:
@@ -175,7 +180,7 @@ class PassCost:
         return self._between(self.step, batch, lambda t: self._grid(t, new, cache))
 
     def prefill_ms(self, batch: float, tokens: float) -> float:
-        return self._between(self.pre, batch, lambda c: c[0] + c[1] * tokens + c[2] * tokens ** 2)
+        return self._between(self.pre, batch, lambda c: max(0.0, c[0] + c[1] * tokens + c[2] * tokens ** 2))
 
     def fit_table(self) -> pd.DataFrame:
         """The prefill fits (the steps are the measured grid itself, in passes.csv)."""

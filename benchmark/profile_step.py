@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dataset_path", default=None, help="local Dolly-format jsonl (default: the hub dataset)")
     ap.add_argument("--skip_bad_lines", action="store_true", help="skip malformed lines instead of stopping")
     ap.add_argument("--samples", type=int, default=8, help="prompts profiled, from the top of the file")
-    ap.add_argument("--mode", default="google", choices=[m for m in MODES if m != "ar"], help="speculative mode")
+    ap.add_argument("--mode", default="google", choices=[m for m in MODES if m not in ("ar", "cascade")],
+                    help="speculative mode")
     add_sampling_args(ap)
     ap.add_argument("--top", type=int, default=25, help="cProfile functions listed")
     ap.add_argument("--both_caches", action="store_true",

@@ -53,6 +53,9 @@ def add_model_args(ap: argparse.ArgumentParser, many_drafts: bool = False, draft
                     "heads on the target) or medusa (Medusa heads)")
     ap.add_argument("--speculator", default=None,
                     help="folder of the mlp or medusa heads (default: the embedded models/speculator/<kind>)")
+    ap.add_argument("--cascade", default=None,
+                    help="mode cascade: comma list of draft models, smallest first, each verifying the one before "
+                         "(default: the embedded models/draft_small,models/draft)")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
@@ -88,6 +91,8 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
                          "expanded node, ranked by q**S (D, K, S default 5, 4, 1)")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows, choices=FINISHED_ROWS,
                     help="bass: drop a finished row from both caches, or keep it in the batch masked")
+    ap.add_argument("--cascade_gamma", type=int, default=None,
+                    help="mode cascade: draft length of every level below the target (default: --gamma)")
     add_cache_args(ap)
 
 
@@ -126,7 +131,7 @@ def generate_kwargs(args, tokenizer, vocab_size: int | None) -> dict:
                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                 eos_token_id=tokenizer.eos_token_id, schedule=schedule_of(args),
                 finished_rows=args.finished_rows, vocab_size=vocab_size, tree=args.tree,
-                kv_cache=args.kv_cache, compile=args.compile)
+                kv_cache=args.kv_cache, compile=args.compile, cascade_gamma=args.cascade_gamma)
 
 
 def parse_caches(text: str, compile: bool) -> list[str]:

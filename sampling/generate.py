@@ -14,7 +14,7 @@ from .tree import MAX_NODES, parse_tree
 from .utils import SamplingParams
 from .utils_bass import GammaSchedule, ScheduleParams
 
-MODES = ("ar", "google", "deepmind", "bass", "tree")
+MODES = ("ar", "google", "deepmind", "bass", "tree", "cascade")
 FINISHED_ROWS = ("drop", "mask")   # bass: what becomes of a finished row (see speculative_bass)
 SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")
 
@@ -109,6 +109,15 @@ def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens,
     if (lengths == 0).any():
         raise ValueError("empty prompt: every row needs at least one token")
     longest = int(lengths.max()) + max_new_tokens     # drafts never pass this position
+    if (mode == "cascade") != isinstance(draft, (list, tuple)):
+        raise ValueError("mode 'cascade' takes draft_model=[smallest, ..., largest draft] (2 models or more); "
+                         "the other modes one draft" if mode == "cascade" else
+                         f"a list of drafts is a cascade: use mode 'cascade', not {mode!r}")
+    drafts = list(draft) if mode == "cascade" else [draft]
+    if mode == "cascade" and (len(drafts) < 2 or any(is_drafter(d) or d is None for d in drafts)):
+        raise ValueError(f"mode 'cascade' takes 2 or more draft models, smallest first; got {len(drafts)} "
+                         f"item(s) of types {', '.join(type(d).__name__ for d in drafts)}")
+    draft = drafts[-1]
     needs_model = mode != "ar"
     if mode != "ar" and is_drafter(draft):            # a ready drafter: no positions or embeddings to check
         if mode == "tree" and not draft.supports_tree:
@@ -116,13 +125,13 @@ def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens,
                              f"drafts chains (use google, deepmind or bass)")
         if hasattr(draft, "check_target"):
             draft.check_target(target)
-        draft, needs_model = None, False
-    for name, model in (("target", target), ("draft", draft if mode != "ar" else None)):
+        draft, drafts, needs_model = None, [], False
+    for name, model in [("target", target)] + [("draft", d if mode != "ar" else None) for d in drafts]:
         limit = max_positions(model) if model is not None else None
         if limit is not None and longest > limit:
             raise ValueError(f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens exceeds"
                              f" the {name} model's maximum of {limit} positions")
-    sizes = [vocab_size(target)] + ([vocab_size(draft)] if mode != "ar" and draft is not None else [])
+    sizes = [vocab_size(target)] + ([vocab_size(d) for d in drafts] if mode != "ar" and draft is not None else [])
     if needs_model and draft is None:
         raise ValueError(f"mode {mode!r} needs a draft model")
     if vocab is not None:
@@ -145,7 +154,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
              finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
              streamer=None, tree=None, kv_cache: str = DEFAULTS.kv_cache,
-             compile: bool = DEFAULTS.compile) -> GenerationResult:
+             compile: bool = DEFAULTS.compile, cascade_gamma: int | None = None) -> GenerationResult:
     """Generate new tokens for a left-padded batch input_ids [B, T] (mask [B, T]).
 
     mode: "ar" (target alone), "google" (Leviathan et al.), "deepmind" (Chen et al.) or
@@ -164,7 +173,10 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (``TextStreamer``) that is given the tokens as they are accepted. ``kv_cache``: "dynamic" or
     "static" (preallocated, rollback by position; ``sampling.kvcache_model``), ``compile`` (static
     only): decode passes through ``torch.compile(mode="reduce-overhead")``, CUDA graphs on a GPU;
-    each new shape compiles once, so it pays over many generations, not one.
+    each new shape compiles once, so it pays over many generations, not one. Mode "cascade"
+    (``sampling.cascade``): ``draft_model=[smallest, ..., largest draft]``, each model verifying the
+    one below it by speculative sampling, row by row; ``gamma`` is the target's draft length,
+    ``cascade_gamma`` (None: gamma) every lower level's, each adapted by its own schedule.
     """
     schedule = resolve_schedule(gamma_schedule, schedule)
     if gamma is None:
@@ -197,19 +209,21 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         tokens, stats = tree_sampling(target_model, draft_model, input_ids, attention_mask, tree=shape,
                                       finished_rows=finished_rows, **common)
         return GenerationResult(tokens, stats)
+    if cascade_gamma is not None and cascade_gamma <= 0:
+        raise ValueError(f"cascade_gamma must be >= 1, got {cascade_gamma}")
     if mode == "bass":
         tokens, stats = bass_sampling(target_model, draft_model, input_ids, attention_mask,
                                       schedule=GammaSchedule(gamma, schedule), finished_rows=finished_rows,
                                       **common)
         return GenerationResult(tokens, stats)
-    # google / deepmind: the same loop, one row at a time (rows accept different counts; "bass"
-    # batches them); they differ in how the acceptance test draws its uniforms
+    # google / deepmind / cascade: the same loop, one row at a time (rows accept different counts;
+    # "bass" batches them); google and deepmind differ in how the acceptance test draws its uniforms
     t0, tokens, per_row = now(device), [], []
     for ids, m in zip(input_ids, attention_mask):
         ids = ids[m.bool()].unsqueeze(0)                                  # [1, T_i], no padding
         row, stats = bass_sampling(target_model, draft_model, ids, torch.ones_like(ids),
                                    schedule=GammaSchedule(gamma, schedule), sequential=mode == "deepmind",
-                                   **common)
+                                   cascade_gamma=cascade_gamma or gamma, **common)
         tokens.append(row[0])
         per_row.append(stats)
     stats = {k: sum(s[k] for s in per_row) for k in SUM_STATS}

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = REPO / "models" / "target"
 DEFAULT_DRAFT = REPO / "models" / "draft"
 DEFAULT_SPECULATOR = REPO / "models" / "speculator"     # <kind>/ under it: mlp, medusa
+DEFAULT_CASCADE = (REPO / "models" / "draft_small", DEFAULT_DRAFT)   # mode cascade: smallest first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INT8_SCALE = ".int8_scale"        # suffix of the per-row scales of a matrix stored in int8
 WEIGHTS = "model.safetensors"
@@ -186,6 +187,21 @@ def shared_vocab(target_tok, draft_tok, target, draft) -> int | None:
     if len(t) > min(sizes):
         raise ValueError(f"the tokenizer has {len(t)} tokens but an output embedding only {min(sizes)} rows")
     return len(t)
+
+
+def load_cascade(names: str | None, target_tok, target, device: str, dtype: str) -> tuple[list, int | None]:
+    """The drafts of mode cascade, smallest first, from a comma list of folders or hub ids (None:
+    the embedded ``DEFAULT_CASCADE``), each tokenizer checked against the target's; returns them
+    and the vocabulary to restrict every model to (``shared_vocab``)."""
+    srcs = [str(p) for p in DEFAULT_CASCADE] if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    if len(srcs) < 2:
+        raise ValueError(f"--cascade takes 2 or more draft models, smallest first, got {names!r}")
+    drafts, vocabs = [], set()
+    for src in srcs:
+        drafts.append(load_model(src, "draft", device, dtype))
+        vocabs.add(shared_vocab(target_tok, load_tokenizer(src, "draft"), target, drafts[-1]))
+    vocab = min((v for v in vocabs if v is not None), default=None)
+    return drafts, vocab
 
 
 def speculator_path(path: str | None, kind: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .cascade import cascade_drafter
 from .kvcache_model import CacheSpec
 from .parts import ChainVerifier, ModelDrafter, is_drafter
 from .rows import Rows
@@ -74,11 +75,18 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
 def bass_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
                   max_new_tokens: int, schedule: GammaSchedule, eos_token_id: int | None,
                   generator: torch.Generator | None, finished_rows: str = "drop", sequential: bool = False,
-                  vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec()):
-    """The speculative loop with a draft model (or a ready drafter, ``parts.is_drafter``) and a chain
-    verifier: BASS on a batch, google / deepmind (``sequential``) on one row. Returns (tokens, stats)."""
+                  vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec(),
+                  cascade_gamma: int | None = None):
+    """The speculative loop with a draft model (or a ready drafter, ``parts.is_drafter``, or a list
+    of draft models: a cascade, ``sampling.cascade``) and a chain verifier: BASS on a batch, google /
+    deepmind (``sequential``) / cascade on one row. Returns (tokens, stats)."""
     rows = Rows(input_ids.shape[0], max_new_tokens, eos_token_id, input_ids.device, streamer)
-    drafter = draft.drafter(params, vocab) if is_drafter(draft) else ModelDrafter(draft, params, vocab, cache)
+    if isinstance(draft, (list, tuple)):
+        drafter = cascade_drafter(draft, params, vocab, cascade_gamma or schedule.gamma, schedule.params, cache)
+    elif is_drafter(draft):
+        drafter = draft.drafter(params, vocab)
+    else:
+        drafter = ModelDrafter(draft, params, vocab, cache)
     return speculative_decode(drafter, ChainVerifier(target, params, vocab, sequential, cache),
                               input_ids, mask, schedule, rows, finished_rows, generator)
 

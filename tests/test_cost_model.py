@@ -72,7 +72,7 @@ def test_cost_model_cli_checks_itself_on_a_sweep(pair, capsys, tmp_path):
                                           "--modes", "ar,google,bass,tree", "--batch_sizes", "1,2", "--gammas", "2",
                                           "--repeats", "1", "--trees", "2,1", "--out", str(sweep)] + models, capsys)
     assert code == 0, err
-    argv = ["--raw", str(sweep / "raw.csv"), "--batches", "1,2", "--news", "1,3", "--caches", "8,32",
+    argv = ["--raw", str(sweep / "raw.csv"), "--batches", "1,2", "--news", "1,3", "--caches", "8,32,128",
             "--prefills", "8,16,32", "--reps", "1"] + models
     code, out, err = cli(cost_model, argv + ["--out", str(tmp_path / "cm")], capsys)
     assert code == 0, err
