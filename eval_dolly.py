@@ -71,7 +71,8 @@ def main(argv=None) -> None:
                       max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, seed=args.seed,
                       finished_rows=args.finished_rows, tree=args.tree if mode == "tree" else "",
-                      draft="" if mode in DRAFTLESS_MODES else "model" if mode == "hf_assisted" else args.drafts[0],
+                      draft="" if mode in DRAFTLESS_MODES else "model" if mode == "hf_assisted" else
+                      "cascade" if mode == "cascade" else args.drafts[0],
                       kv_cache=args.kv_cache, compile=args.compile)
             for mode in args.modes]
     with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:

@@ -123,6 +123,7 @@ def configs(args) -> list[RunConfig]:
         schedules = ["constant"] if mode in ("ar", "hf", "tree") or mode.startswith("hf_") else args.schedules
         finished = args.finished if mode in ("bass", "tree") else [DEFAULTS.finished_rows]
         drafts = [""] if mode in DRAFTLESS_MODES else ["model"] if mode == "hf_assisted" else \
+            ["cascade"] if mode == "cascade" else \
             [d for d in args.drafts if not (mode == "tree" and d == "ngram")]      # ngram drafts chains only
         caches = [DEFAULTS.kv_cache] if mode in HF_MODES else args.kv_caches     # hf: its own cache
         for b, g, s, srt, f, d, kv in itertools.product(batches, gammas, schedules, sorts, finished, drafts, caches):

@@ -16,9 +16,9 @@ from sampling.batching import batch_order
 from .metrics import cost_key
 from .runner_support import HF_MODES, hf_generate, measure_cost
 
-SEQUENTIAL_MODES = ("google", "deepmind") + HF_MODES   # one prompt at a time: always batch 1
+SEQUENTIAL_MODES = ("google", "deepmind", "cascade") + HF_MODES   # one prompt at a time: always batch 1
 DRAFTLESS_MODES = ("ar", "hf", "hf_prompt_lookup")       # no drafter of the toolkit's (RunConfig.draft "")
-ALL_MODES = ("ar", "google", "deepmind", "bass", "tree") + HF_MODES
+ALL_MODES = ("ar", "google", "deepmind", "bass", "tree", "cascade") + HF_MODES
 REPEATS = 3          # timed runs of each batch under each configuration (the median is kept)
 SAMPLES = 32         # records from the top of the dataset
 
@@ -81,15 +81,20 @@ def prepare(args, modes, drafts: list[str]) -> Prepared:
     if args.samples > len(records):
         print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
     records = records[:args.samples]
-    drafts = [d for d in drafts if any(m not in DRAFTLESS_MODES + ("hf_assisted",) for m in modes)]
+    drafts = [d for d in drafts if any(m not in DRAFTLESS_MODES + ("hf_assisted", "cascade") for m in modes)]
     if "hf_assisted" in modes and "model" not in drafts:
         drafts.append("model")                                  # the assistant
     target, loaded, tok, vocab = load_pair(args, need_draft=bool(drafts), drafts=drafts or None)
+    loaded = loaded or {}
+    if "cascade" in modes:                                      # its drafts, smallest first (--cascade)
+        from sampling.models import load_cascade
+        loaded["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype)
+        vocab = vocab or cascade_vocab
     prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens)
     if not prompts:
         raise ValueError("no record fits the model's positions")
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
-    return Prepared(prompts, meta, target, loaded or {}, tok, vocab, fingerprint)
+    return Prepared(prompts, meta, target, loaded, tok, vocab, fingerprint)
 
 
 def encode_records(records: list[dict], tokenizer, limit: int | None, reserve: int, warn=print):
@@ -125,7 +130,7 @@ class RunConfig:
     seed: int = 0             # seed of batch i is seed + i, the same in every repeat
     finished_rows: str = DEFAULTS.finished_rows  # bass, tree: drop finished rows or keep them masked
     tree: str = ""            # tree: branching factors per depth ("" for the other modes)
-    draft: str = "model"      # the drafter (sampling.cli.DRAFTS); "" for the modes without one
+    draft: str = "model"      # the drafter (sampling.cli.DRAFTS; "cascade" for mode cascade); "" for the modes without one
     kv_cache: str = DEFAULTS.kv_cache   # dynamic | static (the hf modes: their own cache)
     compile: bool = DEFAULTS.compile    # static cache: decode passes compiled
 

@@ -118,7 +118,7 @@ def test_offline_hub_id_fails_at_once(monkeypatch):
 def test_eval_dolly_bad_input(pair, capsys):
     code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--modes", "ar,turbo"], capsys)
     assert code == 2 and err.strip() == ("error: unknown mode(s) turbo; choose from ar, google, deepmind, "
-                                         "bass, tree, hf, hf_assisted, hf_prompt_lookup")
+                                         "bass, tree, cascade, hf, hf_assisted, hf_prompt_lookup")
     code, out, err = cli(eval_dolly, ["--dataset_path", "/no/file.jsonl", "--target_model_name",
                                       pair["target"]], capsys)
     assert code == 2 and err.strip() == "error: dataset file not found: /no/file.jsonl"

@@ -72,3 +72,27 @@ def test_main_mode_cascade_on_the_embedded_models(capsys):
     assert outs["cascade"] == outs["ar"]
     code, out, err = cli(main, ["--input", "x", "--mode", "cascade", "--cascade", "models/draft"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--cascade takes 2 or more" in err
+
+
+def test_cascade_in_a_sweep(capsys, tmp_path):
+    """run_experiment and eval_dolly run mode cascade with the drafts of --cascade (draft column
+    "cascade"), greedy outputs equal to AR's."""
+    import pandas as pd
+
+    import eval_dolly
+    from benchmark import run_experiment
+    from test_benchmark import FIXTURE, cli
+    from tiny import save_tiny_pair
+    pair = save_tiny_pair(tmp_path / "pair", positions=512)
+    common = ["--dataset_path", FIXTURE, "--samples", "3", "--max_tokens", "6", "--target_model_name", pair["target"],
+              "--cascade", f"{pair['draft']},{pair['target']}", "--repeats", "1"]
+    code, out, err = cli(run_experiment, common + ["--modes", "ar,cascade", "--batch_sizes", "1", "--gammas", "2",
+                                                   "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    raw = pd.read_csv(tmp_path / "s" / "raw.csv", keep_default_na=False)
+    assert set(raw["draft"]) == {"", "cascade"}
+    tokens = raw.set_index(["mode", "sample"]).tokens
+    assert all(tokens["cascade", s] == tokens["ar", s] for s in raw["sample"].unique())
+    code, out, err = cli(eval_dolly, common + ["--modes", "ar,cascade", "--temperature", "0"], capsys)
+    assert code == 0, err
+    assert "cascade" in out
