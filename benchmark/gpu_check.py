@@ -11,6 +11,7 @@ a step that would pass ``--budget_s`` is skipped and said so in ``steps.csv``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import torch
 from sampling import generate, pad_left
 from sampling.cli import Parser, add_model_args, load_pair, run
 
-from .utils_io import env_info, write_csv, write_json
+from .utils_io import env_info, write_csv, write_json, write_text
 
 MODES = {                         # name: generate() keywords; every mode and both caches
     "ar": dict(mode="ar"), "google": dict(mode="google"), "deepmind": dict(mode="deepmind"),
@@ -54,11 +55,11 @@ def exactness(args, out: str) -> pd.DataFrame:
     return df
 
 
-def quiet(fn, *a):
-    """Run a tool's main, keeping what it prints (returned)."""
+def quiet(module: str, argv: list[str]) -> str:
+    """Run a tool's main (``module.main(argv)``), keeping what it prints (returned)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        fn(*a)
+        importlib.import_module(module).main(argv)
     return buf.getvalue()
 
 
@@ -75,20 +76,20 @@ def main(argv=None) -> None:
     samples = str(8 if args.quick else 16)
     steps = [
         ("exactness", lambda: exactness(args, args.out)),
-        ("speed", lambda: quiet(__import__("benchmark.run_experiment", fromlist=["main"]).main, common + [
+        ("speed", lambda: quiet("benchmark.run_experiment", common + [
             "--samples", samples, "--modes", "ar,google,bass,tree", "--batch_sizes", batches,
             "--kv_cache", "dynamic,static", "--temperatures", "0", "--repeats", "3",
             "--out", os.path.join(args.out, "speed")])),
-        ("main.py", lambda: write_text_of(os.path.join(args.out, "main-compare.json"), quiet(
-            __import__("main").main, models + ["--input", "The quick brown fox", "--compare", "--temperature", "0",
-                                               "--max_tokens", str(args.max_tokens), "--json"]))),
-        ("eval_dolly.py", lambda: quiet(__import__("eval_dolly").main, common + [
+        ("main.py", lambda: write_text(os.path.join(args.out, "main-compare.json"), quiet(
+            "main", models + ["--input", "The quick brown fox", "--compare", "--temperature", "0",
+                              "--max_tokens", str(args.max_tokens), "--json"]))),
+        ("eval_dolly.py", lambda: quiet("eval_dolly", common + [
             "--samples", samples, "--modes", "ar,google,deepmind,bass", "--batch", "8", "--temperature", "0",
             "--out", os.path.join(args.out, "eval_dolly")])),
-        ("cost_model", lambda: quiet(__import__("benchmark.cost_model", fromlist=["main"]).main, models + [
+        ("cost_model", lambda: quiet("benchmark.cost_model", models + [
             "--raw", os.path.join(args.out, "speed", "raw.csv"), "--batches", batches, "--reps", "3",
             "--out", os.path.join(args.out, "cost_model")])),
-        ("speed-compiled", lambda: quiet(__import__("benchmark.run_experiment", fromlist=["main"]).main, common + [
+        ("speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
             "--samples", "8", "--modes", "ar,google", "--batch_sizes", "1", "--kv_cache", "static", "--compile",
             "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, "speed-compiled")])),
     ]
@@ -113,11 +114,6 @@ def main(argv=None) -> None:
     write_csv(os.path.join(args.out, "steps.csv"), pd.DataFrame(log))
     agreement(args.out)
     compiled_exactness(args.out)
-
-
-def write_text_of(path: str, text: str) -> None:
-    from .utils_io import write_text
-    write_text(path, text)
 
 
 def agreement(out: str) -> None:

@@ -27,7 +27,6 @@ class CascadeDrafter:
         self.inner = inner                                 # the level below: ModelDrafter or CascadeDrafter
         self.level = ChainVerifier(model, params, vocab, cache=cache)
         self.schedule = GammaSchedule(gamma, schedule)
-        self.drafted = self.accepted = 0                   # the level's own acceptance of the level below
 
     @property
     def calls(self) -> int:
@@ -45,22 +44,22 @@ class CascadeDrafter:
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         """g tokens after seq [1, S] that follow the level model's law, and that law [1, g, V]."""
         tokens, qs = [], []
+        live = torch.zeros(1, dtype=torch.bool, device=seq.device)           # the one row is never done here
         while len(tokens) < g:
             k = min(self.schedule.gamma, g - len(tokens) - 1)   # a step yields up to k + 1 tokens
             # 1. the level below drafts, 2. this level verifies: one pass, its probs at every position
             draft = self.inner.propose(seq, mask, k, generator)                  # [1, k]
             acc = self.level.verify(seq, mask, draft, generator)
             p = self.level.kv.probs[:, -(k + 1):]                                # [1, k + 1, V]
-            n, nxt, drafts = acc.to_host(torch.zeros(1, dtype=torch.bool, device=seq.device))
+            n, nxt, drafts = acc.to_host(live)                                   # the level's one sync
             self.schedule.update(n, k)
-            self.drafted, self.accepted = self.drafted + k, self.accepted + n[0]
             # 3. both caches keep what was accepted; the tokens and their law join the draft
             mask = self.level.commit(acc)                                        # [1, S + n]
             self.inner.commit(acc)
-            new = torch.tensor([drafts[0][:n[0]] + nxt], device=seq.device)      # [1, n + 1]
-            seq = torch.cat([seq, new], dim=1)
+            new = drafts[0][:n[0]] + nxt                                         # n + 1 tokens, on the host
+            seq = torch.cat([seq, torch.tensor([new], device=seq.device)], dim=1)
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            tokens += new[0].tolist()
+            tokens += new
             qs.append(p[:, :n[0] + 1])
         if not g:
             return Draft(tokens=seq[:, :0], q=None)

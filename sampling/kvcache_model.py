@@ -49,6 +49,11 @@ class CacheSpec:
                              "shape every step")
 
 
+def slot_width(slots: int) -> int:
+    """A static cache's length for ``slots`` slots, rounded up to SLOT_BLOCK."""
+    return -(-slots // SLOT_BLOCK) * SLOT_BLOCK
+
+
 class SlotLayer(StaticLayer):
     """A preallocated layer for eager passes: new keys are copied into the slots after the filled
     ones and the model gets a view of the filled slots (no attention over empty ones). ``filled``
@@ -147,7 +152,7 @@ class KVCacheModel:
         layer = self.cache.layers[0]
         if slots <= layer.max_cache_len or not layer.is_initialized:
             return
-        width = -(-max(slots, 2 * layer.max_cache_len) // SLOT_BLOCK) * SLOT_BLOCK
+        width = slot_width(max(slots, 2 * layer.max_cache_len))
         for layer in self.cache.layers:
             layer.max_cache_len = width
             for name in ("keys", "values"):
@@ -175,7 +180,7 @@ class KVCacheModel:
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T]; returns the next-token probs [B, V]."""
         if self.static:
-            width = -(-(input_ids.shape[1] + self.spec.room) // SLOT_BLOCK) * SLOT_BLOCK
+            width = slot_width(input_ids.shape[1] + self.spec.room)
             if self.spec.compile:
                 self.cache = StaticCache(config=self.model.config, max_cache_len=width)
             else:
@@ -197,10 +202,11 @@ class KVCacheModel:
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(self.model.parameters())
-        self.spec = CacheSpec(self.spec.kind, self.spec.compile, room=self.spec.room + length)
         self.prefill(torch.zeros(batch, 1, dtype=torch.long, device=p.device),
                      torch.ones(batch, 1, dtype=torch.long, device=p.device))   # builds the cache
         self.truncate(0)
+        if self.static:
+            self._reserve(length)
         kv = torch.randn(batch, heads, length, dim, generator=generator, dtype=p.dtype).to(p.device)
         for i in range(len(self.cache.layers)):
             self.cache.update(kv, kv, i)

@@ -2,8 +2,7 @@
 is the target's (chi-square against enumeration), and bad cascades are one-line errors."""
 import pytest
 import torch
-from stats import chi_square_pvalue
-from test_distribution import ALPHA, CASES, exact_joint
+from test_distribution import ALPHA, CASES, joint_pvalue, peaked_models
 
 from sampling import generate
 from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
@@ -31,16 +30,11 @@ def test_cascade_keeps_the_target_law(case):
     whose law (not the small one's) is the q the target's rule sees."""
     V, K, N = 5, 3, 2500
     params = CASES[case]
-    models = [tiny_model("llama", vocab=V, seed=s, layers=1, dim=16) for s in (11, 12, 13)]
-    with torch.no_grad():
-        for m in models:
-            m.lm_head.weight.mul_(3)
-    target, mid, small = models
+    target, mid, small = peaked_models(11, 12, 13)
     prompt = [1, 3, 0, 4]
     res = generate(target, torch.tensor([prompt] * N), draft_model=[small, mid], mode="cascade", max_new_tokens=K,
                    gamma=2, cascade_gamma=1, temperature=params.temperature, top_k=params.top_k, seed=5)
-    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in res.tokens])
-    pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), exact_joint(target, prompt, params, K, V))
+    pval = joint_pvalue(res.tokens, target, prompt, params, K, V)
     assert 0.05 < res.stats["acceptance_rate"] < 0.95 and pval > ALPHA, (res.stats["acceptance_rate"], pval)
 
 

@@ -10,6 +10,22 @@ from tiny import tiny_model
 ALPHA = 1e-3                     # reject the null (exact law) below this p-value
 
 
+def peaked_models(*seeds, V: int = 5):
+    """One-layer Llamas of vocabulary V with sharpened laws, one per seed: the loop tests' models
+    (different seeds disagree often, so both branches of the rule are drawn)."""
+    models = [tiny_model("llama", vocab=V, seed=s, layers=1, dim=16) for s in seeds]
+    with torch.no_grad():
+        for m in models:
+            m.lm_head.weight.mul_(3)
+    return models
+
+
+def joint_pvalue(tokens, target, prompt, params, K: int, V: int) -> float:
+    """Chi-square p-value of the rows' first K new tokens against the target's exact joint law."""
+    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in tokens])
+    return chi_square_pvalue(torch.bincount(codes, minlength=V ** K), exact_joint(target, prompt, params, K, V))
+
+
 def random_dist(shape, gen):
     """Random, fairly peaked distributions over the last dim."""
     return torch.softmax(2 * torch.randn(shape, generator=gen, dtype=torch.float64), -1)
@@ -140,20 +156,14 @@ def test_whole_loop_joint_law(mode, case):
     mode, finished_rows = ("bass", "mask") if mode == "bass-mask" else (mode, "drop")
     V, K = 5, 3
     params = CASES[case]
-    target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
-    draft = tiny_model("llama", vocab=V, seed=12, layers=1, dim=16)   # disagrees often
-    with torch.no_grad():                                             # peaked laws
-        target.lm_head.weight.mul_(3)
-        draft.lm_head.weight.mul_(3)
+    target, draft = peaked_models(11, 12)
     prompt = [1, 3, 0, 4]
-    law = exact_joint(target, prompt, params, K, V)
     N = 4000 if mode == "bass" else 2500
     ids = torch.tensor([prompt] * N)
     res = generate(target, ids, draft_model=draft, mode=mode, max_new_tokens=K, gamma=2,
                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                    repetition_penalty=params.repetition_penalty, seed=7, finished_rows=finished_rows)
-    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in res.tokens])
-    pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), law)
+    pval = joint_pvalue(res.tokens, target, prompt, params, K, V)
     print(f"{mode} ({finished_rows}) {case}: acceptance {res.stats['acceptance_rate']:.2f}, p-value {pval:.3g}")
     assert 0.05 < res.stats["acceptance_rate"] < 0.95       # both branches of the rule are used
     assert pval > ALPHA
@@ -187,15 +197,12 @@ def test_deterministic_drafter_keeps_the_target_law(case):
     from sampling.utils_bass import GammaSchedule, ScheduleParams
     V, K, N = 5, 3, 3000
     params = CASES[case]
-    target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(3)
+    target, = peaked_models(11)
     prompt = [1, 3, 0, 4]
     ids = torch.tensor([prompt] * N)
     gen = torch.Generator().manual_seed(8)
     rows = Rows(N, K, None, ids.device)
     tokens, stats = speculative_decode(CopyDrafter(), ChainVerifier(target, params), ids, torch.ones_like(ids),
                                        GammaSchedule(2, ScheduleParams()), rows, "drop", gen)
-    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in tokens])
-    pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), exact_joint(target, prompt, params, K, V))
+    pval = joint_pvalue(tokens, target, prompt, params, K, V)
     assert 0.05 < stats["acceptance_rate"] < 0.95 and pval > ALPHA, (stats["acceptance_rate"], pval)

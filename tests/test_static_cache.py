@@ -3,8 +3,7 @@ every mode, rolls back without copying, grows when a generation outruns it, and 
 law; ``compile`` (torch.compile over the static cache's fixed shapes) gives the same tokens."""
 import pytest
 import torch
-from stats import chi_square_pvalue
-from test_distribution import ALPHA, CASES, exact_joint
+from test_distribution import ALPHA, CASES, joint_pvalue, peaked_models
 
 from sampling import generate
 from sampling.kvcache_model import CacheSpec, KVCacheModel
@@ -100,18 +99,13 @@ def test_static_cache_keeps_the_target_law(mode):
     mode, tree, finished = RUNS[mode]
     V, K = 5, 3
     params = CASES["t0.7-topk3"]
-    target = tiny_model("llama", vocab=V, seed=11, layers=1, dim=16)
-    draft = tiny_model("llama", vocab=V, seed=12, layers=1, dim=16)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(3)
-        draft.lm_head.weight.mul_(3)
+    target, draft = peaked_models(11, 12)
     prompt = [1, 3, 0, 4]
     N = 2500
     res = generate(target, torch.tensor([prompt] * N), draft_model=draft, mode=mode, tree=tree and "2,1",
                    finished_rows=finished, max_new_tokens=K, gamma=2, temperature=params.temperature,
                    top_k=params.top_k, seed=9, kv_cache="static")
-    codes = torch.tensor([sum(t * V ** (K - 1 - i) for i, t in enumerate(row)) for row in res.tokens])
-    pval = chi_square_pvalue(torch.bincount(codes, minlength=V ** K), exact_joint(target, prompt, params, K, V))
+    pval = joint_pvalue(res.tokens, target, prompt, params, K, V)
     assert 0.05 < res.stats["acceptance_rate"] < 0.95 and pval > ALPHA, (res.stats["acceptance_rate"], pval)
 
 
