@@ -10,12 +10,14 @@ a step that would pass ``--budget_s`` is skipped and said so in ``steps.csv``.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
 import json
 import os
 import time
+import traceback
 
 import pandas as pd
 import torch
@@ -25,6 +27,7 @@ from sampling.cli import Parser, add_model_args, load_pair, run
 
 from .utils_io import env_info, write_csv, write_json, write_text
 
+DEFAULT_PREDICT = "llama-7b:llama-160m,llama-70b:llama-7b:8"   # 70B does not fit one GPU: 0 and 8 layers
 MODES = {                         # name: generate() keywords; every mode and both caches
     "ar": dict(mode="ar"), "google": dict(mode="google"), "deepmind": dict(mode="deepmind"),
     "bass": dict(mode="bass"), "bass-mask": dict(mode="bass", finished_rows="mask"),
@@ -33,26 +36,53 @@ MODES = {                         # name: generate() keywords; every mode and bo
 
 
 def exactness(args, out: str) -> pd.DataFrame:
-    """Greedy tokens of every mode and cache on the device against greedy AR on the same device."""
-    target, drafts, tok, vocab = load_pair(args, drafts=["model"])
-    draft = drafts["model"]
+    """Greedy tokens of every mode and cache on the device against greedy AR on the same device, in
+    ``--exact_dtype`` (float32: in float16 a verify pass and a one-token step round differently, and
+    a near tie can flip). A configuration that raises is a row with its error, not a lost step."""
+    exact = argparse.Namespace(**{**vars(args), "dtype": args.exact_dtype})
+    target, drafts, tok, vocab = load_pair(exact, drafts=["model"])
+    modes = dict(MODES)
+    if args.target_model_name is None:             # the embedded target: its cascade drafts are embedded too
+        from sampling.models import load_cascade
+        cascade, _ = load_cascade(None, tok, target, exact.device, exact.dtype)
+        modes["cascade"] = dict(mode="cascade", draft_model=cascade)
     from .runner import encode_records
     from .utils_io import load_dolly
     prompts, _ = encode_records(load_dolly(args.dataset_path), tok, None, args.max_tokens)
     ids, mask = pad_left(prompts[:args.exact_prompts], tok.pad_token_id, next(target.parameters()).device)
-    kw = dict(draft_model=draft, max_new_tokens=args.max_tokens, temperature=0, vocab_size=vocab,
-              eos_token_id=tok.eos_token_id)
+    kw = dict(max_new_tokens=args.max_tokens, temperature=0, vocab_size=vocab, eos_token_id=tok.eos_token_id)
     ref = generate(target, ids, mask, mode="ar", **kw).tokens
     rows = []
-    for name, mkw in MODES.items():
+    for name, mkw in modes.items():
         for kv in ("dynamic", "static"):
-            res = generate(target, ids, mask, kv_cache=kv, **mkw, **kw)
-            same = sum(a == b for a, b in zip(res.tokens, ref))
-            rows.append(dict(mode=name, kv_cache=kv, compile=False, prompts=len(ref), equal_to_ar=same,
-                             tokens_per_call=res.stats["mean_accepted_tokens"]))
+            row = dict(mode=name, kv_cache=kv, compile=False, dtype=args.exact_dtype, prompts=len(ref))
+            try:
+                res = generate(target, ids, mask, kv_cache=kv, **{"draft_model": drafts["model"], **mkw}, **kw)
+                row.update(equal_to_ar=sum(a == b for a, b in zip(res.tokens, ref)),
+                           tokens_per_call=res.stats["mean_accepted_tokens"], error="")
+            except Exception as e:
+                row.update(equal_to_ar=0, tokens_per_call=float("nan"), error=f"{type(e).__name__}: {e}"[:300])
+                log_error(out, f"exactness {name} {kv}")
+            rows.append(row)
     df = pd.DataFrame(rows)
     write_csv(os.path.join(out, "exactness.csv"), df)
     return df
+
+
+def log_error(out: str, what: str) -> None:
+    """The whole traceback of the exception being handled, appended to errors.txt."""
+    with open(os.path.join(out, "errors.txt"), "a") as f:
+        f.write(f"--- {what}\n{traceback.format_exc()}\n")
+
+
+def working_caches(out: str) -> str:
+    """The caches every mode ran with in the exactness step (all of them if it did not run)."""
+    path = os.path.join(out, "exactness.csv")
+    if not os.path.exists(path):
+        return "dynamic,static"
+    df = pd.read_csv(path, keep_default_na=False)
+    ok = [kv for kv, g in df.groupby("kv_cache", sort=False) if (g.error == "").all()]
+    return ",".join(ok) or "dynamic"
 
 
 def quiet(module: str, argv: list[str]) -> str:
@@ -73,22 +103,32 @@ def main(argv=None) -> None:
          for x in ("--" + flag, getattr(args, flag))]
     common = models + ["--dataset_path", args.dataset_path, "--max_tokens", str(args.max_tokens)]
     batches = "1,8" if args.quick else "1,8,32"
-    samples = str(8 if args.quick else 16)
+    samples = str(8 if args.quick else 32)           # a full batch of 32
+    from .utils_io import load_dolly, render_prompt
+    inputs = [x for rec in load_dolly(args.dataset_path)[:args.main_prompts] for x in ("--input", render_prompt(rec))]
+    speed = os.path.join(args.out, "speed")
     steps = [
         ("exactness", lambda: exactness(args, args.out)),
         ("speed", lambda: quiet("benchmark.run_experiment", common + [
             "--samples", samples, "--modes", "ar,google,bass,tree", "--batch_sizes", batches,
-            "--kv_cache", "dynamic,static", "--temperatures", "0", "--repeats", "3",
-            "--out", os.path.join(args.out, "speed")])),
+            "--kv_cache", working_caches(args.out), "--temperatures", "0", "--repeats", "3", "--out", speed])),
         ("main.py", lambda: write_text(os.path.join(args.out, "main-compare.json"), quiet(
-            "main", models + ["--input", "The quick brown fox", "--compare", "--temperature", "0",
-                              "--max_tokens", str(args.max_tokens), "--json"]))),
+            "main", models + inputs + ["--compare", "--temperature", "0", "--max_tokens", str(args.max_tokens),
+                                       "--json"]))),
         ("eval_dolly.py", lambda: quiet("eval_dolly", common + [
             "--samples", samples, "--modes", "ar,google,deepmind,bass", "--batch", "8", "--temperature", "0",
             "--out", os.path.join(args.out, "eval_dolly")])),
         ("cost_model", lambda: quiet("benchmark.cost_model", models + [
-            "--raw", os.path.join(args.out, "speed", "raw.csv"), "--batches", batches, "--reps", "3",
+            "--raw", os.path.join(speed, "raw.csv"), "--batches", batches, "--reps", "3",
             "--out", os.path.join(args.out, "cost_model")])),
+    ] + [
+        (f"cost_model {os.path.basename(t.rstrip('/'))}", lambda t=t, d=d, k=k: quiet("benchmark.cost_model", models + [
+            "--raw", os.path.join(speed, "raw.csv"), "--batches", batches, "--reps", "3",
+            "--target_config", t, "--draft_config", d, "--calibration",
+            os.path.join(args.out, "cost_model", "prediction.csv"), "--out", os.path.join(args.out, f"cost_{os.path.basename(t.rstrip('/'))}")]
+            + (["--layers", k] if k else [])))
+        for t, d, k in args.predict
+    ] + [
         ("speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
             "--samples", "8", "--modes", "ar,google", "--batch_sizes", "1", "--kv_cache", "static", "--compile",
             "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, "speed-compiled")])),
@@ -108,35 +148,49 @@ def main(argv=None) -> None:
             status = "done"
         except Exception as e:             # one failed step must not lose the others' files
             status = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log_error(args.out, name)
         log.append(dict(step=name, status=status, seconds=round(time.monotonic() - t0, 1)))
         write_csv(os.path.join(args.out, "steps.csv"), pd.DataFrame(log))
+        agreement(args.out, args.main_prompts)         # after every step: a killed run keeps what it has
+        compiled_exactness(args.out)
         print(f"{name}: {status} ({log[-1]['seconds']} s)", flush=True)
     write_csv(os.path.join(args.out, "steps.csv"), pd.DataFrame(log))
-    agreement(args.out)
-    compiled_exactness(args.out)
 
 
-def agreement(out: str) -> None:
-    """Each tool's printed speedup beside the warmed-up, interleaved sweep's, same mode and batch."""
-    summary = os.path.join(out, "speed", "summary.csv")
+SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweep leaves out: the same algorithm's figure
+
+
+def agreement(out: str, main_prompts: int) -> None:
+    """Each tool's printed speedup beside the same ratio in the warmed-up, interleaved sweep (dynamic
+    cache): main.py's (batch 1, its first ``main_prompts`` records) from the sweep's rows of those
+    prompts; eval_dolly's (each mode at its batch against AR at ``--batch``) from the sweep's summary."""
+    raw, summary = (os.path.join(out, "speed", f) for f in ("raw.csv", "summary.csv"))
     if not os.path.exists(summary):
         return
     s = pd.read_csv(summary)
-    s = s[s.kv_cache == "dynamic"].set_index(["mode", "batch"])["speedup_vs_ar"]
+    thr = s[s.kv_cache == "dynamic"].set_index(["mode", "batch"])["throughput"]
+    r = pd.read_csv(raw, keep_default_na=False, na_values=[""])
+    r = r[(r.kv_cache == "dynamic") & (r.batch == 1) & (r["sample"] < main_prompts)].groupby("mode")
+    rate = r.new_tokens.sum() / r.wall_time_s.sum()                  # tokens/s on those prompts
+    nan = float("nan")
     rows = []
     path = os.path.join(out, "main-compare.json")
     if os.path.exists(path):
         runs = json.loads(open(path).read())
-        for mode, r in runs.items():
-            tool = r["stats"]["tokens_per_s"] / runs["ar"]["stats"]["tokens_per_s"]
-            rows.append(dict(tool="main.py --compare", mode=mode, batch=1, tool_speedup=tool,
-                             sweep_speedup=s.get((mode, 1), float("nan"))))
+        for mode, run_ in runs.items():
+            sweep = SWEEP_MODE.get(mode, mode)
+            rows.append(dict(tool="main.py --compare", mode=mode, batch=1, sweep_mode=sweep,
+                             tool_speedup=run_["stats"]["tokens_per_s"] / runs["ar"]["stats"]["tokens_per_s"],
+                             sweep_speedup=rate.get(sweep, nan) / rate.get("ar", nan)))
     path = os.path.join(out, "eval_dolly", "summary.csv")
     if os.path.exists(path):
         e = pd.read_csv(path)
-        for _, r in e.iterrows():
-            rows.append(dict(tool="eval_dolly.py", mode=r["mode"], batch=r["batch"], tool_speedup=r["speedup_vs_ar"],
-                             sweep_speedup=s.get((r["mode"], r["batch"]), float("nan"))))
+        ar_batch = int(e.loc[e["mode"] == "ar", "batch"].iloc[0]) if (e["mode"] == "ar").any() else 1
+        for _, row in e.iterrows():
+            sweep = SWEEP_MODE.get(row["mode"], row["mode"])
+            rows.append(dict(tool="eval_dolly.py", mode=row["mode"], batch=row["batch"], sweep_mode=sweep,
+                             tool_speedup=row["speedup_vs_ar"],
+                             sweep_speedup=thr.get((sweep, row["batch"]), nan) / thr.get(("ar", ar_batch), nan)))
     if rows:
         df = pd.DataFrame(rows)
         df["ratio"] = df.tool_speedup / df.sweep_speedup
@@ -155,12 +209,35 @@ def compiled_exactness(out: str) -> None:
     write_csv(os.path.join(out, "exactness_compiled.csv"), pd.DataFrame(rows))
 
 
+def parse_predict(text: str) -> list[tuple[str, str, str]]:
+    """``target:draft[:layers]`` items, comma separated, checked: each model a preset or a folder
+    with a config.json (what ``cost_model`` takes)."""
+    from .cost_model import PRESETS
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        parts = item.split(":")
+        known = [p in PRESETS or os.path.isfile(os.path.join(p, "config.json")) for p in parts[:2]]
+        if len(parts) not in (2, 3) or not all(known) or \
+                (len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) >= 1)):
+            raise ValueError(f"--predict {item!r}: want target:draft[:layers], each a preset ({', '.join(PRESETS)}) "
+                             "or a folder with config.json, layers >= 1")
+        out.append((parts[0], parts[1], parts[2] if len(parts) == 3 else ""))
+    return out
+
+
 def parse(argv=None):
     ap = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, drafters=False)
     ap.add_argument("--dataset_path", required=True, help="Dolly-format jsonl (../shared/dolly/dolly-sample.jsonl)")
     ap.add_argument("--max_tokens", type=int, default=32, help="new tokens per prompt")
     ap.add_argument("--exact_prompts", type=int, default=8, help="prompts in the exactness check")
+    ap.add_argument("--exact_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="dtype of the exactness check (the timed steps use --dtype)")
+    ap.add_argument("--main_prompts", type=int, default=8,
+                    help="main.py --compare runs the first this many records at batch 1 (the sweep's first prompts)")
+    ap.add_argument("--predict", default=DEFAULT_PREDICT,
+                    help="targets to predict for from this device's pass costs: comma list of target:draft[:layers] "
+                         "(presets or config folders; layers: measure none and this many and extrapolate); '' for none")
     ap.add_argument("--no_compile", dest="compile", action="store_false",
                     help="leave out the compiled static cache (its first passes compile for minutes on a CPU)")
     ap.add_argument("--quick", action="store_true", help="8 prompts, batches 1 and 8: for the CPU")
@@ -171,8 +248,10 @@ def parse(argv=None):
         raise ValueError(f"--out {args.out} exists: choose a new folder")
     if not os.path.isfile(args.dataset_path):
         raise ValueError(f"--dataset_path {args.dataset_path}: no such file")
-    if args.max_tokens < 1 or args.exact_prompts < 1:
-        raise ValueError("--max_tokens and --exact_prompts must be >= 1")
+    for flag in ("max_tokens", "exact_prompts", "main_prompts"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    args.predict = parse_predict(args.predict)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here (use --device cpu --quick to try the steps)")
     return args

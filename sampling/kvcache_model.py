@@ -82,8 +82,11 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> 
 
 def compiled_forward(model):
     """``model.forward`` under ``torch.compile(mode="reduce-overhead")``, one per model (each new
-    shape compiles once; on CUDA each is then replayed as a CUDA graph)."""
+    shape compiles once; on CUDA each is then replayed as a CUDA graph). Target and draft share one
+    code object (``forward`` of their class), so the recompile limit is raised to hold every shape
+    of both (1 token, a catch-up, gamma + 1, a tree; each cache growth is a new shape)."""
     if model not in _COMPILED:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[model] = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
     return _COMPILED[model]
 
@@ -141,11 +144,13 @@ class KVCacheModel:
             mask = F.pad(mask, (0, width - mask.shape[-1]), value=fill)
             if self.filled:                                               # decode passes; prefill stays eager
                 forward = compiled_forward(self.model)
+                torch.compiler.cudagraph_mark_step_begin()                # earlier graph outputs may be reused
         out = forward(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                       use_cache=True, logits_to_keep=keep)
+        logits = out.logits.clone() if forward is not self.model else out.logits   # a graph's output is reused
         self.calls += 1
         self.filled += n
-        return out.logits if self.vocab is None else out.logits[..., :self.vocab]   # [B, keep, V]
+        return logits if self.vocab is None else logits[..., :self.vocab]   # [B, keep, V]
 
     def _reserve(self, slots: int) -> None:
         """Grow a static cache that would overflow (a copy; its length is set by ``CacheSpec.room``)."""

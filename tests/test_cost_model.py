@@ -109,11 +109,12 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
     out = tmp_path / "check"
     code, stdout, err = cli(gpu_check, ["--device", "cpu", "--quick", "--no_compile", "--dataset_path", FIXTURE,
                                         "--max_tokens", "4", "--exact_prompts", "3", "--target_model_name",
-                                        pair["target"], "--approx_model_name", pair["draft"], "--out", str(out)],
-                            capsys)
+                                        pair["target"], "--approx_model_name", pair["draft"], "--predict",
+                                        f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
-    assert steps.status.tolist() == ["done"] * 5 + ["skipped (--no_compile)"], steps
+    assert steps.status.tolist() == ["done"] * 6 + ["skipped (--no_compile)"], steps
+    assert (out / "cost_target" / "prediction.csv").exists()          # the predicted target, from its config
     exact = pd.read_csv(out / "exactness.csv")
     assert (exact.equal_to_ar == exact.prompts).all() and set(exact.kv_cache) == {"dynamic", "static"}
     assert len(exact) == 2 * len(gpu_check.MODES)

@@ -7,14 +7,17 @@ from virtual_device import DeviceMismatch, VirtualDevice
 from sampling import generate
 from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
-MODES = ("ar", "google", "deepmind", "bass", "bass-mask", "tree")
+MODES = ("ar", "google", "deepmind", "bass", "bass-mask", "tree", "cascade")
+CACHES = ("dynamic", "static")
 LENGTHS = (3, 9, 5, 7)
 
 
-def case():
+def case(mode):
     """A batch where rows meet the EOS at different steps, so finished rows leave (or stay masked)."""
     target = tiny_model("llama", seed=81)
     draft = noisy_copy(target, 0.1, seed=82)
+    if mode == "cascade":
+        draft = [noisy_copy(draft, 0.2, seed=84), draft]
     ids, mask = left_padded_batch(97, LENGTHS, seed=83)
     free = greedy_reference(target, ids, mask, 12)
     eos = free[1][2]
@@ -22,19 +25,23 @@ def case():
 
 
 def run(mode, target, draft, ids, mask, eos, **kw):
+    if mode == "cascade":                                    # draft: [smallest, ..., largest]
+        return generate(target, ids, mask, draft_model=draft, mode="cascade", max_new_tokens=12, gamma=3,
+                        eos_token_id=eos, **kw)
     mode, finished = ("bass", "mask") if mode == "bass-mask" else (mode, "drop")
     return generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=12, gamma=3,
                     eos_token_id=eos, finished_rows=finished, **kw)
 
 
+@pytest.mark.parametrize("kv", CACHES)
 @pytest.mark.parametrize("mode", MODES)
-def test_virtual_device_catches_no_host_device_mixing(mode):
-    target, draft, ids, mask, eos, ref = case()
+def test_virtual_device_catches_no_host_device_mixing(mode, kv):
+    target, draft, ids, mask, eos, ref = case(mode)
     assert sum(len(r) < 12 for r in ref) >= 1 and sum(len(r) == 12 for r in ref) >= 1   # rows end apart
-    with VirtualDevice(target, draft) as vd:
-        greedy = run(mode, target, draft, ids, mask, eos, temperature=0)
+    with VirtualDevice(target, *(draft if mode == "cascade" else [draft])) as vd:
+        greedy = run(mode, target, draft, ids, mask, eos, temperature=0, kv_cache=kv)
         sampled = run(mode, target, draft, ids, mask, eos, temperature=0.9, top_k=20, top_p=0.9, min_p=0.05,
-                      repetition_penalty=1.2, seed=3)
+                      repetition_penalty=1.2, seed=3, kv_cache=kv)
     assert vd.ops > 300                                       # it saw the loops' tensor work
     assert greedy.tokens == ref
     assert all(len(t) >= 1 for t in sampled.tokens)
@@ -54,11 +61,13 @@ def test_virtual_device_raises_on_the_old_ar_bug():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kv", CACHES)
 @pytest.mark.parametrize("mode", MODES)
-def test_every_mode_on_cuda(mode):
-    target, draft, ids, mask, eos, ref = case()
-    target, draft = target.cuda(), draft.cuda()
+def test_every_mode_on_cuda(mode, kv):
+    target, draft, ids, mask, eos, ref = case(mode)
+    target = target.cuda()
+    draft = [d.cuda() for d in draft] if mode == "cascade" else draft.cuda()
     ids, mask = ids.cuda(), mask.cuda()
-    assert run(mode, target, draft, ids, mask, eos, temperature=0).tokens == ref
-    sampled = run(mode, target, draft, ids, mask, eos, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+    assert run(mode, target, draft, ids, mask, eos, temperature=0, kv_cache=kv).tokens == ref
+    sampled = run(mode, target, draft, ids, mask, eos, temperature=0.9, top_k=20, top_p=0.9, seed=3, kv_cache=kv)
     assert all(1 <= len(t) <= 12 for t in sampled.tokens)
