@@ -1,12 +1,16 @@
-"""One GPU check, in at most about 6 minutes: exactness of every mode on the device, the warmed-up
-speed table at batch 1, 8 and 32 for both KV caches (and the compiled static cache), the printed
-speedups of main.py and eval_dolly.py against that table, and the cost curve, all in one folder.
+"""One GPU check, in about 6 minutes: exactness of every mode on the device, the warmed-up speed
+table at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts) for both KV caches, the compiled
+static cache, the printed speedups of main.py and eval_dolly.py against the same ratios in those
+sweeps, the cost curve and the predictions for big targets, all in one folder.
 
     python -m benchmark.gpu_check --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/gpu/check
 
-On a machine without CUDA it runs the same steps on the CPU (``--device cpu``, smaller by
-``--quick``), which is how its logic is tested. Each step writes its files before the next starts;
-a step that would pass ``--budget_s`` is skipped and said so in ``steps.csv``.
+Sized from a first run on an H200 (results/gpu/README.md): eager decode there is host-bound, an AR
+step of the embedded pair costs about 9 ms, and a batch-1 sweep of 4 modes x 2 caches over 8
+prompts took about 130 s, so the steps run in order of importance and a step that would start after
+``--budget_s`` is skipped and said so in ``steps.csv``; each step writes its files (and the
+agreement table) before the next starts. On a machine without CUDA it runs the same steps on the
+CPU (``--device cpu``, smaller by ``--quick``), which is how its logic is tested.
 """
 from __future__ import annotations
 
@@ -102,36 +106,44 @@ def main(argv=None) -> None:
         [x for flag in ("target_model_name", "approx_model_name") if getattr(args, flag)
          for x in ("--" + flag, getattr(args, flag))]
     common = models + ["--dataset_path", args.dataset_path, "--max_tokens", str(args.max_tokens)]
-    batches = "1,8" if args.quick else "1,8,32"
-    samples = str(8 if args.quick else 32)           # a full batch of 32
+    batched = "8" if args.quick else "8,32"
+    samples = "8" if args.quick else "32"           # a full batch of 32
     from .utils_io import load_dolly, render_prompt
     inputs = [x for rec in load_dolly(args.dataset_path)[:args.main_prompts] for x in ("--input", render_prompt(rec))]
-    speed = os.path.join(args.out, "speed")
-    steps = [
+    raw_all = os.path.join(args.out, "speed-raw.csv")          # both sweeps' rows: the cost model's acceptance
+
+    def sweep(name: str, n: str, modes: str, batch_sizes: str, caches=None, extra=()):
+        quiet("benchmark.run_experiment", common + [
+            "--samples", n, "--modes", modes, "--batch_sizes", batch_sizes, "--kv_cache",
+            caches or working_caches(args.out), "--temperatures", "0", "--repeats", "3",
+            "--out", os.path.join(args.out, name), *extra])
+        parts = [os.path.join(args.out, d, "raw.csv") for d in SWEEPS]
+        write_csv(raw_all, pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""])
+                                      for p in parts if os.path.exists(p)], ignore_index=True))
+
+    def cost(out: str, extra: list[str]):
+        quiet("benchmark.cost_model", models + ["--raw", raw_all, "--batches", "1," + batched, "--reps", "3",
+                                                "--out", os.path.join(args.out, out), *extra])
+
+    steps = [                                       # by importance: a run cut short keeps the first ones
         ("exactness", lambda: exactness(args, args.out)),
-        ("speed", lambda: quiet("benchmark.run_experiment", common + [
-            "--samples", samples, "--modes", "ar,google,bass,tree", "--batch_sizes", batches,
-            "--kv_cache", working_caches(args.out), "--temperatures", "0", "--repeats", "3", "--out", speed])),
+        ("speed-b1", lambda: sweep("speed-b1", str(args.b1_prompts), "ar,google,tree", "1")),
+        ("speed-batched", lambda: sweep("speed-batched", samples, "ar,bass,tree", batched)),
+        ("speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
+            "--samples", str(args.b1_prompts), "--modes", "ar,google", "--batch_sizes", "1", "--kv_cache", "static",
+            "--compile", "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, "speed-compiled")])),
         ("main.py", lambda: write_text(os.path.join(args.out, "main-compare.json"), quiet(
             "main", models + inputs + ["--compare", "--temperature", "0", "--max_tokens", str(args.max_tokens),
                                        "--json"]))),
         ("eval_dolly.py", lambda: quiet("eval_dolly", common + [
-            "--samples", samples, "--modes", "ar,google,deepmind,bass", "--batch", "8", "--temperature", "0",
-            "--out", os.path.join(args.out, "eval_dolly")])),
-        ("cost_model", lambda: quiet("benchmark.cost_model", models + [
-            "--raw", os.path.join(speed, "raw.csv"), "--batches", batches, "--reps", "3",
-            "--out", os.path.join(args.out, "cost_model")])),
+            "--samples", str(args.b1_prompts), "--modes", "ar,google,deepmind,bass", "--batch", "8",
+            "--temperature", "0", "--out", os.path.join(args.out, "eval_dolly")])),
+        ("cost_model", lambda: cost("cost_model", [])),
     ] + [
-        (f"cost_model {os.path.basename(t.rstrip('/'))}", lambda t=t, d=d, k=k: quiet("benchmark.cost_model", models + [
-            "--raw", os.path.join(speed, "raw.csv"), "--batches", batches, "--reps", "3",
-            "--target_config", t, "--draft_config", d, "--calibration",
-            os.path.join(args.out, "cost_model", "prediction.csv"), "--out", os.path.join(args.out, f"cost_{os.path.basename(t.rstrip('/'))}")]
-            + (["--layers", k] if k else [])))
+        (f"cost_model {label(t)}", lambda t=t, d=d, k=k: cost(f"cost_{label(t)}", [
+            "--target_config", t, "--draft_config", d,
+            "--calibration", os.path.join(args.out, "cost_model", "prediction.csv")] + (["--layers", k] if k else [])))
         for t, d, k in args.predict
-    ] + [
-        ("speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
-            "--samples", "8", "--modes", "ar,google", "--batch_sizes", "1", "--kv_cache", "static", "--compile",
-            "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, "speed-compiled")])),
     ]
     log = []
     for name, fn in steps:
@@ -151,46 +163,66 @@ def main(argv=None) -> None:
             log_error(args.out, name)
         log.append(dict(step=name, status=status, seconds=round(time.monotonic() - t0, 1)))
         write_csv(os.path.join(args.out, "steps.csv"), pd.DataFrame(log))
-        agreement(args.out, args.main_prompts)         # after every step: a killed run keeps what it has
+        agreement(args.out, args.main_prompts, args.b1_prompts)         # after every step: a killed run keeps what it has
         compiled_exactness(args.out)
         print(f"{name}: {status} ({log[-1]['seconds']} s)", flush=True)
     write_csv(os.path.join(args.out, "steps.csv"), pd.DataFrame(log))
 
 
-SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweep leaves out: the same algorithm's figure
+SWEEPS = ("speed-b1", "speed-batched")            # the eager sweeps: batch 1, and batches 8 and 32
+SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweeps leave out: the same algorithm's figure
 
 
-def agreement(out: str, main_prompts: int) -> None:
-    """Each tool's printed speedup beside the same ratio in the warmed-up, interleaved sweep (dynamic
-    cache): main.py's (batch 1, its first ``main_prompts`` records) from the sweep's rows of those
-    prompts; eval_dolly's (each mode at its batch against AR at ``--batch``) from the sweep's summary."""
-    raw, summary = (os.path.join(out, "speed", f) for f in ("raw.csv", "summary.csv"))
-    if not os.path.exists(summary):
+def label(path_or_preset: str) -> str:
+    return os.path.basename(path_or_preset.rstrip("/"))
+
+
+def sweep_rates(out: str) -> pd.DataFrame:
+    """Tokens/s of every (mode, batch, batch_id) of the eager sweeps (dynamic cache), from raw rows:
+    the rows of one batch share its wall time. Each is the median run's."""
+    parts = [os.path.join(out, d, "raw.csv") for d in SWEEPS]
+    raw = [pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in parts if os.path.exists(p)]
+    if not raw:
+        return pd.DataFrame(columns=["mode", "batch", "batch_id", "first", "tokens", "wall"])
+    r = pd.concat(raw, ignore_index=True)
+    r = r[r.kv_cache == "dynamic"]
+    return r.groupby(["mode", "batch", "batch_id"]).agg(first=("sample", "min"), tokens=("new_tokens", "sum"),
+                                                        wall=("wall_time_s", "first")).reset_index()
+
+
+def sweep_speedup(rates: pd.DataFrame, mode: str, batch: int, ar_batch: int, prompts: int) -> float:
+    """The sweep's tokens/s of ``mode`` at ``batch`` over the batches of its first ``prompts`` records,
+    over AR's at ``ar_batch`` on the same records (nan where the sweep lacks one)."""
+    def rate(m, b):
+        g = rates[(rates["mode"] == m) & (rates.batch == b) & (rates["first"] < prompts)]
+        return g.tokens.sum() / g.wall.sum() if len(g) else float("nan")
+    return rate(SWEEP_MODE.get(mode, mode), batch) / rate("ar", ar_batch)
+
+
+def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
+    """Each tool's printed speedup beside the same ratio in the warmed-up, interleaved sweeps (dynamic
+    cache) on the same prompts: main.py's (batch 1, the first ``main_prompts`` records) and
+    eval_dolly's (each mode at its batch against AR at ``--batch``, the first ``eval_prompts``)."""
+    rates = sweep_rates(out)
+    if rates.empty:
         return
-    s = pd.read_csv(summary)
-    thr = s[s.kv_cache == "dynamic"].set_index(["mode", "batch"])["throughput"]
-    r = pd.read_csv(raw, keep_default_na=False, na_values=[""])
-    r = r[(r.kv_cache == "dynamic") & (r.batch == 1) & (r["sample"] < main_prompts)].groupby("mode")
-    rate = r.new_tokens.sum() / r.wall_time_s.sum()                  # tokens/s on those prompts
-    nan = float("nan")
     rows = []
     path = os.path.join(out, "main-compare.json")
     if os.path.exists(path):
         runs = json.loads(open(path).read())
         for mode, run_ in runs.items():
-            sweep = SWEEP_MODE.get(mode, mode)
-            rows.append(dict(tool="main.py --compare", mode=mode, batch=1, sweep_mode=sweep,
+            rows.append(dict(tool="main.py --compare", mode=mode, batch=1, prompts=main_prompts,
+                             sweep_mode=SWEEP_MODE.get(mode, mode),
                              tool_speedup=run_["stats"]["tokens_per_s"] / runs["ar"]["stats"]["tokens_per_s"],
-                             sweep_speedup=rate.get(sweep, nan) / rate.get("ar", nan)))
+                             sweep_speedup=sweep_speedup(rates, mode, 1, 1, main_prompts)))
     path = os.path.join(out, "eval_dolly", "summary.csv")
     if os.path.exists(path):
         e = pd.read_csv(path)
         ar_batch = int(e.loc[e["mode"] == "ar", "batch"].iloc[0]) if (e["mode"] == "ar").any() else 1
         for _, row in e.iterrows():
-            sweep = SWEEP_MODE.get(row["mode"], row["mode"])
-            rows.append(dict(tool="eval_dolly.py", mode=row["mode"], batch=row["batch"], sweep_mode=sweep,
-                             tool_speedup=row["speedup_vs_ar"],
-                             sweep_speedup=thr.get((sweep, row["batch"]), nan) / thr.get(("ar", ar_batch), nan)))
+            rows.append(dict(tool="eval_dolly.py", mode=row["mode"], batch=row["batch"], prompts=eval_prompts,
+                             sweep_mode=SWEEP_MODE.get(row["mode"], row["mode"]), tool_speedup=row["speedup_vs_ar"],
+                             sweep_speedup=sweep_speedup(rates, row["mode"], row["batch"], ar_batch, eval_prompts)))
     if rows:
         df = pd.DataFrame(rows)
         df["ratio"] = df.tool_speedup / df.sweep_speedup
@@ -199,7 +231,7 @@ def agreement(out: str, main_prompts: int) -> None:
 
 def compiled_exactness(out: str) -> None:
     """The compiled static cache's greedy tokens against the dynamic cache's, prompt by prompt."""
-    paths = [os.path.join(out, d, "raw.csv") for d in ("speed", "speed-compiled")]
+    paths = [os.path.join(out, d, "raw.csv") for d in ("speed-b1", "speed-compiled")]
     if not all(map(os.path.exists, paths)):
         return
     ref, comp = (pd.read_csv(p, keep_default_na=False) for p in paths)
@@ -233,14 +265,16 @@ def parse(argv=None):
     ap.add_argument("--exact_prompts", type=int, default=8, help="prompts in the exactness check")
     ap.add_argument("--exact_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                     help="dtype of the exactness check (the timed steps use --dtype)")
-    ap.add_argument("--main_prompts", type=int, default=8,
+    ap.add_argument("--b1_prompts", type=int, default=8,
+                    help="records of the batch-1 sweeps and of eval_dolly (batch 8); the batched sweep takes 32")
+    ap.add_argument("--main_prompts", type=int, default=4,
                     help="main.py --compare runs the first this many records at batch 1 (the sweep's first prompts)")
     ap.add_argument("--predict", default=DEFAULT_PREDICT,
                     help="targets to predict for from this device's pass costs: comma list of target:draft[:layers] "
                          "(presets or config folders; layers: measure none and this many and extrapolate); '' for none")
     ap.add_argument("--no_compile", dest="compile", action="store_false",
                     help="leave out the compiled static cache (its first passes compile for minutes on a CPU)")
-    ap.add_argument("--quick", action="store_true", help="8 prompts, batches 1 and 8: for the CPU")
+    ap.add_argument("--quick", action="store_true", help="the batched sweep at batch 8 over 8 prompts: for the CPU")
     ap.add_argument("--budget_s", type=float, default=330.0, help="skip the steps that would start after this")
     ap.add_argument("--out", required=True, help="output folder (must not exist)")
     args = ap.parse_args(argv)
@@ -248,7 +282,7 @@ def parse(argv=None):
         raise ValueError(f"--out {args.out} exists: choose a new folder")
     if not os.path.isfile(args.dataset_path):
         raise ValueError(f"--dataset_path {args.dataset_path}: no such file")
-    for flag in ("max_tokens", "exact_prompts", "main_prompts"):
+    for flag in ("max_tokens", "exact_prompts", "main_prompts", "b1_prompts"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     args.predict = parse_predict(args.predict)

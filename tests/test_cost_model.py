@@ -113,11 +113,13 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
                                         f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
-    assert steps.status.tolist() == ["done"] * 6 + ["skipped (--no_compile)"], steps
+    assert steps.status.tolist() == ["done"] * 3 + ["skipped (--no_compile)"] + ["done"] * 4, steps
     assert (out / "cost_target" / "prediction.csv").exists()          # the predicted target, from its config
     exact = pd.read_csv(out / "exactness.csv")
     assert (exact.equal_to_ar == exact.prompts).all() and set(exact.kv_cache) == {"dynamic", "static"}
     assert len(exact) == 2 * len(gpu_check.MODES)
     agree = pd.read_csv(out / "agreement.csv")
     assert set(agree.tool) == {"main.py --compare", "eval_dolly.py"}
+    assert agree[agree.tool == "eval_dolly.py"].sweep_speedup.notna().all()       # same prompts in the sweeps
+    assert agree.set_index("mode").loc["tree"].sweep_speedup > 0
     assert json.loads((out / "env.json").read_text())["cores"] >= 1
