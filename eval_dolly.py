@@ -12,12 +12,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from benchmark.metrics import summarise
-from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
+from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
                               prepare, run_grid)
 from benchmark.utils_io import write_csv
 from sampling import check_args
 from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, params_of, parse_caches,
-                          parse_drafts, run, schedule_of)
+                          parse_drafts, presses_of, run, schedule_of)
 from sampling.generate import default_gamma
 from sampling.tree import parse_tree
 
@@ -54,6 +54,7 @@ def parse(argv=None):
     check_args("bass", args.max_tokens, args.gamma, params_of(args), schedule_of(args), args.finished_rows)
     args.tree = str(parse_tree(args.tree)) if args.tree is not None else ""    # "": the drafter's default
     parse_caches(args.kv_cache, args.compile)
+    args.press_label = presses_of(args)[0].label()
     check_out(args.out, False, args.overwrite)
     if args.seed is None:
         args.seed = random.randrange(2 ** 31)
@@ -73,7 +74,8 @@ def main(argv=None) -> None:
                       finished_rows=args.finished_rows, tree=args.tree if mode == "tree" else "",
                       draft="" if mode in DRAFTLESS_MODES else "model" if mode == "hf_assisted" else
                       "cascade" if mode == "cascade" else args.drafts[0],
-                      kv_cache=args.kv_cache, compile=args.compile)
+                      kv_cache=args.kv_cache, compile=args.compile,
+                      press=args.press_label if mode not in HF_MODES else "")
             for mode in args.modes]
     with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
         for group in run_grid(cfgs, data, args.repeats, progress=bar):

@@ -11,7 +11,7 @@ import sys
 
 from sampling import MODES, check_args, generate_many
 from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, generate_kwargs, load_pair,
-                          params_of, parse_caches, parse_drafts, run, schedule_of)
+                          params_of, parse_caches, parse_drafts, presses_of, run, schedule_of)
 from sampling.generate import DEFAULTS, default_gamma
 from sampling.tree import parse_tree
 
@@ -53,6 +53,7 @@ def parse(argv=None):
         parse_tree(args.tree)
     check_speculator_flag(args.speculator, parse_drafts(args.draft))
     parse_caches(args.kv_cache, args.compile)
+    presses_of(args)
     if args.cascade_gamma is not None and args.cascade_gamma <= 0:
         raise ValueError(f"--cascade_gamma must be >= 1, got {args.cascade_gamma}")
     if args.draft == "ngram" and args.mode == "tree" and not args.compare:

@@ -18,10 +18,13 @@ def _save(fig, path: str) -> None:
 
 
 def cache_label(r) -> str:
-    """" static" / " static compiled" for a configuration off the default cache, else ""."""
+    """" static" / " static compiled" / " press hybrid on draft" for a configuration off the default
+    cache, else ""."""
     kv = r.get("kv_cache")
     compiled = str(r.get("compile")) in ("True", "true", "1")
-    return (f" {kv}" if kv not in (None, "", "dynamic") else "") + (" compiled" if compiled else "")
+    press = r.get("press") or ""
+    press = "" if press != press else f" press {press.split(':')[0]} on {press.split(':')[3]}" if press else ""
+    return (f" {kv}" if kv not in (None, "", "dynamic") else "") + (" compiled" if compiled else "") + press
 
 
 def _label(r) -> str:

@@ -6,12 +6,13 @@ import pandas as pd
 from sampling import DEFAULTS
 
 KEYS = ["mode", "draft", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows",
-        "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree", "kv_cache", "compile"]   # every field of RunConfig
+        "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree", "kv_cache", "compile",
+        "press"]   # every field of RunConfig
 NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.csv files lack, and
                  "rows_verified": float("nan"),             # what those runs did or what is unknown
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
                  "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": "",
-                 "kv_cache": "dynamic", "compile": False}
+                 "kv_cache": "dynamic", "compile": False, "press": ""}
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
@@ -23,7 +24,8 @@ def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
     raw = raw.assign(**{k: v for k, v in NEWER_COLUMNS.items() if k not in raw.columns})
     if "draft" not in raw.columns:                # before drafters: the draft model, or none
         raw = raw.assign(draft=["" if m in ("ar", "hf") else "model" for m in raw["mode"]])
-    text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str) for c in ("tree", "output", "draft", "accepted_hist")}
+    text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str) for c in ("tree", "output", "draft", "accepted_hist",
+                                                                               "press")}
     return raw.assign(**text)
 
 
@@ -105,7 +107,7 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
                     for a, s_, g_, d, m in zip(out.accepted, steps, out.mean_gamma, out.drafted, out["mode"])]
     # (a chain's alpha; a tree's acceptance follows no geometric law in gamma)
     same = ["batch", "temperature", "sort_batch", "kv_cache", "compile"]    # ar with the same batching and cache
-    ar = out[out["mode"] == "ar"].set_index(same)
+    ar = out[(out["mode"] == "ar") & (out["press"] == "")].set_index(same)  # (and no press: the model itself)
     for col, name in (("throughput", "speedup_vs_ar"), ("decode_throughput", "decode_speedup_vs_ar")):
         out[name] = [t / ar[col].get(k, float("nan")) for t, k in zip(out[col], zip(*(out[c] for c in same)))]
     if cost:

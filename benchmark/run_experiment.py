@@ -15,8 +15,9 @@ import time
 import pandas as pd
 from tqdm import tqdm
 
-from sampling import DEFAULTS, SCHEDULES, SamplingParams, check_args
-from sampling.cli import Parser, add_cache_args, add_model_args, check_speculator_flag, parse_caches, parse_drafts, run
+from sampling import DEFAULTS, SCHEDULES, PressSpec, SamplingParams, check_args
+from sampling.cli import (Parser, add_cache_args, add_model_args, add_press_args, check_speculator_flag, parse_caches,
+                          parse_drafts, presses_of, run)
 from sampling.generate import FINISHED_ROWS
 from sampling.utils_bass import ScheduleParams
 
@@ -70,6 +71,7 @@ def parse(argv=None):
                          f"(4,2,1,1;2,2,2;dynamic:16); default {DEFAULTS.tree} for the draft model, {DEFAULTS.heads_tree} "
                          f"for heads")
     add_cache_args(ap, many=True)
+    add_press_args(ap, many=True)
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
     ap.add_argument("--out", default=None, help="output folder (default: results/<timestamp>/)")
     ap.add_argument("--resume", action="store_true",
@@ -84,6 +86,7 @@ def parse(argv=None):
     args.schedules = [s.strip() for s in args.gamma_schedule.split(",") if s.strip()]
     args.finished = [f.strip() for f in args.finished_rows.split(",") if f.strip()]
     args.kv_caches = parse_caches(args.kv_cache, args.compile)
+    args.presses = [p.label() for p in presses_of(args, many=True)]
     args.tree_list = [str(parse_tree(t)) for t in (args.trees or "").split(";") if t.strip()]
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
@@ -126,14 +129,17 @@ def configs(args) -> list[RunConfig]:
             ["cascade"] if mode == "cascade" else \
             [d for d in args.drafts if not (mode == "tree" and d == "ngram")]      # ngram drafts chains only
         caches = [DEFAULTS.kv_cache] if mode in HF_MODES else args.kv_caches     # hf: its own cache
-        for b, g, s, srt, f, d, kv in itertools.product(batches, gammas, schedules, sorts, finished, drafts, caches):
+        presses = [""] if mode in HF_MODES else list(dict.fromkeys(   # ar: only a press on the target matters
+            p if mode != "ar" or PressSpec.from_label(p).applies_to("target") else "" for p in args.presses))
+        for b, g, s, srt, f, d, kv, pr in itertools.product(batches, gammas, schedules, sorts, finished, drafts, caches,
+                                                            presses):
             for tree in trees_of(args, mode, d):
                 out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
                                      sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
                                      max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      seed=args.seed, finished_rows=f, tree=tree, draft=d, kv_cache=kv,
-                                     compile=args.compile and kv == "static"))
+                                     compile=args.compile and kv == "static", press=pr))
     return list(dict.fromkeys(out))
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sampling import DEFAULTS, generate, pad_left
+from sampling import DEFAULTS, PressSpec, generate, pad_left
 from sampling.batching import batch_order
 
 from .metrics import cost_key
@@ -40,6 +40,9 @@ def add_bench_args(ap) -> None:
     ap.add_argument("--skip_bad_lines", action="store_true",
                     help="warn about malformed lines and skip them instead of stopping")
     ap.add_argument("--samples", type=int, default=SAMPLES, help="how many records, from the top of the file")
+    ap.add_argument("--prompt_tokens", type=int, default=None,
+                    help="long-context runs: every prompt exactly this many tokens, its record's prompt after the "
+                         "text of the records that follow it in the file (default: each record's prompt as is)")
     ap.add_argument("--repeats", type=int, default=REPEATS,
                     help="timed runs of each batch per configuration after one warm-up; the median is kept")
     ap.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
@@ -77,7 +80,7 @@ def prepare(args, modes, drafts: list[str]) -> Prepared:
     from sampling.generate import max_positions
 
     from .utils_io import load_dolly
-    records = load_dolly(args.dataset_path, args.skip_bad_lines)
+    records = all_records = load_dolly(args.dataset_path, args.skip_bad_lines)
     if args.samples > len(records):
         print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
     records = records[:args.samples]
@@ -90,20 +93,38 @@ def prepare(args, modes, drafts: list[str]) -> Prepared:
         from sampling.models import load_cascade
         loaded["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype)
         vocab = vocab or cascade_vocab
-    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens)
+    if args.prompt_tokens is not None:
+        if args.prompt_tokens < 1:
+            raise ValueError(f"--prompt_tokens must be >= 1, got {args.prompt_tokens}")
+        records = [dict(r, filler=filler_text(all_records, i + 1)) for i, r in enumerate(records)]
+    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens, length=args.prompt_tokens)
     if not prompts:
         raise ValueError("no record fits the model's positions")
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
     return Prepared(prompts, meta, target, loaded, tok, vocab, fingerprint)
 
 
-def encode_records(records: list[dict], tokenizer, limit: int | None, reserve: int, warn=print):
+def filler_text(records: list[dict], start: int, chars: int = 20_000) -> str:
+    """Text of the records from ``start`` on (wrapping round), to stand before a long prompt."""
+    parts, n, i = [], 0, start
+    while n < chars and len(parts) < len(records):
+        r = records[i % len(records)]
+        parts.append("\n\n".join(x for x in (r["instruction"], r.get("context", ""), r.get("response", "")) if x))
+        n, i = n + len(parts[-1]), i + 1
+    return "\n\n".join(parts) + "\n\n"
+
+
+def encode_records(records: list[dict], tokenizer, limit: int | None, reserve: int, warn=print,
+                   length: int | None = None):
     """Token ids and meta (sample, category) of each record's prompt; records whose prompt plus
-    ``reserve`` positions exceed the model's ``limit`` are skipped and counted."""
+    ``reserve`` positions exceed the model's ``limit`` are skipped and counted. ``length``: every
+    prompt cut to exactly that many tokens from the left, after its record's ``filler`` text."""
     from .utils_io import render_prompt
     prompts, meta, skipped = [], [], 0
     for i, rec in enumerate(records):
         ids = tokenizer(render_prompt(rec))["input_ids"]
+        if length is not None:
+            ids = (tokenizer(rec.get("filler", ""), verbose=False)["input_ids"] + ids)[-length:]
         if limit is not None and len(ids) + reserve > limit:
             skipped += 1
             continue
@@ -133,6 +154,7 @@ class RunConfig:
     draft: str = "model"      # the drafter (sampling.cli.DRAFTS; "cascade" for mode cascade); "" for the modes without one
     kv_cache: str = DEFAULTS.kv_cache   # dynamic | static (the hf modes: their own cache)
     compile: bool = DEFAULTS.compile    # static cache: decode passes compiled
+    press: str = ""           # KV-cache press, PressSpec.label() ("" none; sampling.press)
 
     def key(self) -> tuple:
         """Every field: a raw row is reused (--resume) only by the very same configuration."""
@@ -207,7 +229,7 @@ def _runner(cfg: RunConfig, data: Prepared):
                            top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
                            eos_token_id=eos, seed=cfg.seed + bid, gamma_schedule=cfg.gamma_schedule,
                            finished_rows=cfg.finished_rows, vocab_size=data.vocab, tree=cfg.tree or None,
-                           kv_cache=cfg.kv_cache, compile=cfg.compile)
+                           kv_cache=cfg.kv_cache, compile=cfg.compile, press=PressSpec.from_label(cfg.press))
             tokens, st = res.tokens, res.stats
             st["prompt_padding"] = 1.0 - mask.float().mean().item()
         st["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"

@@ -33,4 +33,5 @@ def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor,
             seq, mask = seq[keep], mask[keep]
             model.select_rows(keep)
         p = model.catch_up(seq, mask)                                    # [b, V]
+        model.rollback(model.length)                                     # nothing to undo: all final (a press)
     return rows.out, rows.finish(model.calls)

@@ -51,11 +51,14 @@ class BatchedKVCacheModel(KVCacheModel):
         L, T, n, b = self.length, self.tree_len, tokens.shape[1], len(seq)
         P = seq.shape[1] - L                                              # pending chain tokens
         assert P == 0 or T == 0, "feed the chain before growing a tree"
+        if T == 0:
+            self._evict_over_budget(mask)                                 # a press: before the tree's first pass
+        C = L - self.dropped                                              # the chain's slots (a press evicts some)
         dev = seq.device
-        allow4 = torch.zeros(b, P + n, L + P + T + n, dtype=torch.bool, device=dev)
-        allow4[:, :, :L + P] = mask.bool().unsqueeze(1)                   # the chain, holes and padding masked
-        allow4[:, :P, L:L + P] &= torch.ones(P, P, dtype=torch.bool, device=dev).tril()   # pending: causal
-        allow4[:, P:, L + P:] = allow.to(dev)                             # nodes: their ancestors and themselves
+        allow4 = torch.zeros(b, P + n, C + P + T + n, dtype=torch.bool, device=dev)
+        allow4[:, :, :C + P] = self.slot_mask(mask).bool().unsqueeze(1)   # the chain, holes and padding masked
+        allow4[:, :P, C:C + P] &= torch.ones(P, P, dtype=torch.bool, device=dev).tril()   # pending: causal
+        allow4[:, P:, C + P:] = allow.to(dev)                             # nodes: their ancestors and themselves
         dtype = next(self.model.parameters()).dtype
         mask4 = torch.zeros(allow4.shape, dtype=dtype, device=dev).masked_fill(~allow4, torch.finfo(dtype).min)
         real = mask.long().sum(-1, keepdim=True)                          # [b, 1] real tokens in the chain
@@ -90,14 +93,16 @@ class BatchedKVCacheModel(KVCacheModel):
     @torch.inference_mode()
     def keep_tree(self, nodes: torch.Tensor, accepted: torch.Tensor) -> None:
         """Copy the KV entries of each row's accepted nodes [b, k] (tree slots) to the slots right
-        after the chain and drop the rest of the tree; slots past a row's ``accepted`` [b] are holes."""
-        L, k = self.length, nodes.shape[1]
+        after the chain and drop the rest of the tree; slots past a row's ``accepted`` [b] are holes.
+        The chain and the kept path are final (a press may evict among them)."""
+        C, k = self.length - self.dropped, nodes.shape[1]                 # C: the chain's slots
         for layer in self.cache.layers:
             for name in ("keys", "values"):
-                t = getattr(layer, name)                                  # [b, heads, >= L + tree_len, head_dim]
+                t = getattr(layer, name)                                  # [b, heads, >= C + tree_len, head_dim]
                 idx = nodes.view(len(nodes), 1, k, 1).expand(-1, t.shape[1], -1, t.shape[3])
-                t[:, :, L:L + k] = t[:, :, L:self.filled].gather(2, idx)  # gather copies first: safe in place
-        self.truncate(L + k)                                              # the rest of the tree is dropped
+                t[:, :, C:C + k] = t[:, :, C:self.filled].gather(2, idx)  # gather copies first: safe in place
+        self.truncate(C + k)                                              # the rest of the tree is dropped
         holes = torch.arange(k, device=self.mask.device) >= accepted.unsqueeze(1)   # [b, k]
         self.mask = torch.cat([self.mask, (~holes).to(self.mask.dtype)], dim=1)
         self.tree_len, self.tree_tokens, self._hist = 0, None, None
+        self.final = self.length

@@ -25,7 +25,7 @@ class CascadeDrafter:
     def __init__(self, inner, model, params: SamplingParams, vocab: int | None, gamma: int,
                  schedule: ScheduleParams, cache: CacheSpec = CacheSpec()):
         self.inner = inner                                 # the level below: ModelDrafter or CascadeDrafter
-        self.level = ChainVerifier(model, params, vocab, cache=cache)
+        self.level = ChainVerifier(model, params, vocab, cache=cache, role="draft")
         self.schedule = GammaSchedule(gamma, schedule)
 
     @property

@@ -7,6 +7,7 @@ import sys
 
 from .generate import DEFAULTS, FINISHED_ROWS
 from .kvcache_model import CACHES, CacheSpec
+from .press import PRESSES, PressSpec
 from .utils import SamplingParams
 from .utils_bass import SCHEDULES, ScheduleParams
 
@@ -94,6 +95,7 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
     ap.add_argument("--cascade_gamma", type=int, default=None,
                     help="mode cascade: draft length of every level below the target (default: --gamma)")
     add_cache_args(ap)
+    add_press_args(ap)
 
 
 def add_cache_args(ap: argparse.ArgumentParser, many: bool = False) -> None:
@@ -105,6 +107,43 @@ def add_cache_args(ap: argparse.ArgumentParser, many: bool = False) -> None:
     ap.add_argument("--compile", action="store_true", default=DEFAULTS.compile,
                     help="with the static cache: decode passes through torch.compile(mode='reduce-overhead'), "
                          "CUDA graphs on a GPU (each new shape compiles once: for many generations, not one)")
+
+
+def add_press_args(ap: argparse.ArgumentParser, many: bool = False) -> None:
+    """The KV-cache press flags (``sampling.press``); with ``many`` --press and --press_on take comma lists."""
+    s = PressSpec()
+    ap.add_argument("--press", default=s.kind,
+                    help=("comma list of " if many else "") + f"KV-cache presses: {', '.join(PRESSES)} (none: off)")
+    ap.add_argument("--press_ratio", type=float, default=s.ratio,
+                    help="fraction of the prompt's cached tokens a press evicts after prefill, in [0, 1)")
+    ap.add_argument("--press_budget", type=int, default=s.budget,
+                    help="most cached tokens a press keeps while decoding (evicts down to it before a pass; "
+                         "default: no eviction while decoding)")
+    ap.add_argument("--press_on", default=s.on,
+                    help=("comma list: " if many else "") + "whose cache is pressed: draft (the output law stays "
+                         "the target's), target (changes the model) or both")
+    ap.add_argument("--press_sinks", type=int, default=s.sinks, help="streaming, hybrid: first tokens always kept")
+    ap.add_argument("--press_window", type=int, default=s.window,
+                    help="hybrid: recent tokens kept; snapkv: the observation window (its queries score the rest)")
+
+
+def presses_of(args, many: bool = False) -> list[PressSpec]:
+    """The press flags as checked PressSpecs: one, or (``many``) a sweep's, each --press with each
+    --press_on (none once, without ratio or budget)."""
+    kinds = [k.strip() for k in args.press.split(",") if k.strip()] or [args.press]
+    ons = [o.strip() for o in args.press_on.split(",") if o.strip()] or [args.press_on]
+    if not many and (len(kinds) > 1 or len(ons) > 1):
+        raise ValueError(f"--press {args.press!r} --press_on {args.press_on!r}: one press and one model here "
+                         "(run_experiment sweeps comma lists)")
+    out = []
+    for kind in kinds:
+        for on in ons[:1] if kind == "none" and len(kinds) > 1 else ons:
+            only = kind == "none" and len(kinds) > 1          # a sweep's baseline takes no ratio or budget
+            spec = PressSpec(kind, 0.0 if only else args.press_ratio, None if only else args.press_budget, on,
+                             args.press_sinks, args.press_window)
+            spec.validate()
+            out.append(spec)
+    return list(dict.fromkeys(out))
 
 
 def add_schedule_args(ap: argparse.ArgumentParser, sp: ScheduleParams) -> None:
@@ -131,7 +170,8 @@ def generate_kwargs(args, tokenizer, vocab_size: int | None) -> dict:
                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                 eos_token_id=tokenizer.eos_token_id, schedule=schedule_of(args),
                 finished_rows=args.finished_rows, vocab_size=vocab_size, tree=args.tree,
-                kv_cache=args.kv_cache, compile=args.compile, cascade_gamma=args.cascade_gamma)
+                kv_cache=args.kv_cache, compile=args.compile, cascade_gamma=args.cascade_gamma,
+                press=presses_of(args)[0])
 
 
 def parse_caches(text: str, compile: bool) -> list[str]:

@@ -7,6 +7,7 @@ import torch
 
 from .autoregressive_sampling import autoregressive_sampling
 from .kvcache_model import CacheSpec
+from .press import PressSpec
 from .parts import is_drafter
 from .rows import now
 from .speculative_bass import bass_sampling, tree_sampling
@@ -154,7 +155,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
              finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
              streamer=None, tree=None, kv_cache: str = DEFAULTS.kv_cache,
-             compile: bool = DEFAULTS.compile, cascade_gamma: int | None = None) -> GenerationResult:
+             compile: bool = DEFAULTS.compile, cascade_gamma: int | None = None,
+             press: PressSpec | None = None) -> GenerationResult:
     """Generate new tokens for a left-padded batch input_ids [B, T] (mask [B, T]).
 
     mode: "ar" (target alone), "google" (Leviathan et al.), "deepmind" (Chen et al.) or
@@ -177,6 +179,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (``sampling.cascade``): ``draft_model=[smallest, ..., largest draft]``, each model verifying the
     one below it by speculative sampling, row by row; ``gamma`` is the target's draft length,
     ``cascade_gamma`` (None: gamma) every lower level's, each adapted by its own schedule.
+    ``press`` (``sampling.press.PressSpec``): KV-cache compression of the draft's cache (the output
+    law stays the target's), the target's (a different model) or both; None: none.
     """
     schedule = resolve_schedule(gamma_schedule, schedule)
     if gamma is None:
@@ -187,7 +191,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                             repetition_penalty=repetition_penalty)
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
     shape = parse_tree(tree if tree is not None else default_tree(draft_model)) if mode == "tree" else None
-    cache = CacheSpec(kv_cache, compile, room=max_new_tokens + 1 + (shape.cache_slots if shape else 0))
+    cache = CacheSpec(kv_cache, compile, room=max_new_tokens + 1 + (shape.cache_slots if shape else 0),
+                      press=press or PressSpec())
     cache.validate()
     vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens, vocab_size)
     if streamer is not None and input_ids.shape[0] != 1:

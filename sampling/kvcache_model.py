@@ -17,9 +17,16 @@ Two caches (``CacheSpec.kind``), the same tokens from both:
   compiled (``CacheSpec.compile``: ``torch.compile(mode="reduce-overhead")``, CUDA graphs on a
   GPU) it is transformers' ``StaticCache``: every decode pass has the same shapes, the whole
   buffer with the unused slots masked, and the write position lives on the device.
+
+A press (``CacheSpec.press``, ``sampling.press``) may evict cached tokens: then the cache holds
+fewer slots than the sequence has positions. Callers keep passing the mask of the whole sequence;
+the wrapper keeps the mask of the slots it evicted into (``slot_mask``) and takes positions from
+the whole mask, so every token keeps its true position. Only positions a ``rollback`` has made
+final are evicted, so a rollback never reaches into the compressed part.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 
+from .press import PressSpec, QueryCapture, scores, select
 from .utils import SamplingParams, norm_logits
 
 CACHES = ("dynamic", "static")
@@ -40,8 +48,10 @@ class CacheSpec:
     kind: str = "dynamic"     # dynamic | static
     compile: bool = False     # static only: decode passes through torch.compile(mode="reduce-overhead")
     room: int = 0             # static: slots after the prompt (new tokens + drafts); more grow the buffer (a copy)
+    press: PressSpec = PressSpec()   # KV-cache compression and whose cache it applies to (sampling.press)
 
     def validate(self) -> None:
+        self.press.validate()
         if self.kind not in CACHES:
             raise ValueError(f"unknown kv cache {self.kind!r}; choose one of {', '.join(CACHES)}")
         if self.compile and self.kind != "static":
@@ -104,16 +114,25 @@ class KVCacheModel:
     the cache (``CacheSpec``).
     """
 
-    def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec()):
+    def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec(),
+                 role: str = "target"):
         self.model = model
         self.params = params
         self.vocab = vocab
         self.spec = cache
+        self.press = cache.press if cache.press.applies_to(role) else None   # role: "target" or "draft"
         self.cache: Cache | None = None
         self.filled = 0                          # slots the cache holds (the chain's, then any tree's)
         self.mask: torch.Tensor | None = None    # [B, L] mask of the L cached positions
         self._hist: torch.Tensor | None = None   # [B, H, V]: next-token probs of the last H positions
         self.calls = 0                           # forward passes run
+        self.final = 0                           # positions made final by a rollback: a press may evict them
+        self.frozen = 0                          # positions before this went through the press ...
+        self.frozen_mask: torch.Tensor | None = None   # [B, frozen - dropped] ... into these slots
+        self.dropped = 0                         # positions evicted (the same count in every row)
+        self.evictions = 0                       # times the press ran
+        self._capture = QueryCapture(model, self.press.window) if self.press and self.press.kind == "snapkv" \
+            else None
 
     @property
     def probs(self) -> torch.Tensor:
@@ -145,8 +164,9 @@ class KVCacheModel:
             if self.filled:                                               # decode passes; prefill stays eager
                 forward = compiled_forward(self.model)
                 torch.compiler.cudagraph_mark_step_begin()                # earlier graph outputs may be reused
-        out = forward(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                      use_cache=True, logits_to_keep=keep)
+        with self._capture or contextlib.nullcontext():                   # snapkv: this pass's queries
+            out = forward(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                          use_cache=True, logits_to_keep=keep)
         logits = out.logits.clone() if forward is not self.model else out.logits   # a graph's output is reused
         self.calls += 1
         self.filled += n
@@ -175,7 +195,8 @@ class KVCacheModel:
     def _forward(self, seq: torch.Tensor, mask: torch.Tensor, n: int, keep: int) -> None:
         # seq, mask: [B, L + n] cached and new positions; feeds the last n, keeps the last keep probs
         assert mask.shape[1] == self.length + n == seq.shape[1], "mask must cover cached + new tokens"
-        logits = self._run(seq[:, -n:], mask, position_ids(mask)[:, -n:], keep)   # [B, keep, V]
+        self._evict_over_budget(mask)
+        logits = self._run(seq[:, -n:], self.slot_mask(mask), position_ids(mask)[:, -n:], keep)   # [B, keep, V]
         self.mask = mask
         new = norm_logits(logits, self.params, seq, mask)                 # [B, keep, V]
         prev = self._hist[:, -1:] if self._hist is not None else new[:, :0]
@@ -193,10 +214,14 @@ class KVCacheModel:
                 self.cache = Cache(layers=[SlotLayer(max_cache_len=width) for _ in range(layers)])
         else:
             self.cache = DynamicCache(config=self.model.config)
-        self.filled = 0
+        self.filled = self.final = self.frozen = self.dropped = 0
+        self.frozen_mask = None
         self.mask = mask[:, :0]
         self._hist = None
         self._forward(input_ids, mask, input_ids.shape[1], keep=1)
+        self.final = self.length
+        if self.press is not None:
+            self.press_final(self.press.prefill_keep(self.filled), mask)
         return self._hist[:, -1]
 
     @torch.inference_mode()
@@ -245,10 +270,14 @@ class KVCacheModel:
 
     @torch.inference_mode()
     def rollback(self, length: int) -> None:
-        """Keep the first ``length`` cached positions (no-op if it holds fewer); trim mask and history."""
+        """Keep the first ``length`` cached positions (no-op if it holds fewer); trim mask and history.
+        They are final: a press may evict among them before the next pass."""
+        if length < self.frozen:
+            raise RuntimeError(f"rollback to {length} reaches into the compressed part (before {self.frozen})")
+        self.final = min(length, self.length)
         k = self.length - length
         if k > 0:
-            self.truncate(length)
+            self.truncate(length - self.dropped)
             self.mask = self.mask[:, :length]
             if self._hist is not None:
                 self._hist = self._hist[:, :max(0, self._hist.shape[1] - k)]
@@ -264,5 +293,63 @@ class KVCacheModel:
         else:
             self.cache.batch_select_indices(rows)
         self.mask = self.mask[rows]
+        if self.frozen_mask is not None:
+            self.frozen_mask = self.frozen_mask[rows]
+        if self._capture is not None:
+            self._capture.select_rows(rows)
         if self._hist is not None:
             self._hist = self._hist[rows]
+
+    # --- presses (sampling.press): evict final positions, keep the rest in order after them ---
+
+    def slot_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The mask of the cache's slots (and any new ones) from the mask of the whole sequence
+        [B, L (+ n)]: the evicted-into slots' own mask, then the positions after them."""
+        if self.frozen_mask is None:
+            return mask
+        return torch.cat([self.frozen_mask, mask[:, self.frozen:]], dim=1)
+
+    def _evict_over_budget(self, mask: torch.Tensor) -> None:
+        """Before a pass: if the final part of the cache holds more than the press's budget, press it."""
+        if self.press is None or self.press.budget is None or self.final <= self.frozen:
+            return
+        if self.final - self.dropped > self.press.budget:
+            self.press_final(self.press.budget, mask)
+
+    @torch.inference_mode()
+    def press_final(self, keep: int, mask: torch.Tensor) -> None:
+        """Evict among the final positions down to ``keep`` slots, by the press's scores, layer by
+        layer; the slots after them (drafts in flight) move down behind the kept ones. mask: of the
+        whole sequence [B, >= final] (holes included)."""
+        C = self.final - self.dropped                                     # final slots
+        if keep >= C:
+            return
+        smask = self.slot_mask(mask)[:, :C]                               # [B, C]
+        U = self.filled - C                                               # slots in flight after them
+        kept_mask = None
+        for i, layer in enumerate(self.cache.layers):
+            q = self._capture.queries(i) if self._capture is not None else None
+            keys = layer.keys[:, :, :C]                                   # [B, H, C, D]
+            idx = select(scores(self.press, keys, smask, q), smask, keep)  # [B, keep]
+            if kept_mask is None:
+                kept_mask = smask.gather(1, idx)                          # the same in every layer
+            for name in ("keys", "values"):
+                t = getattr(layer, name)                                  # [B, H, >= C + U, D]
+                g = t[:, :, :C].gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                if self.static:
+                    tail = t[:, :, C:C + U].clone()
+                    t[:, :, :keep].copy_(g)
+                    t[:, :, keep:keep + U].copy_(tail)
+                else:
+                    setattr(layer, name, torch.cat([g, t[:, :, C:]], dim=2))
+        if self.static:
+            for layer in self.cache.layers:
+                if isinstance(layer, SlotLayer):
+                    layer.filled = keep + U
+                else:
+                    layer.cumulative_length.fill_(keep + U)
+        self.filled = keep + U
+        self.frozen_mask = kept_mask
+        self.dropped += C - keep
+        self.frozen = self.final
+        self.evictions += 1

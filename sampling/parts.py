@@ -52,10 +52,14 @@ def is_drafter(obj) -> bool:
 
 
 class CachedPart:
-    """What every drafter and verifier built on a model shares: the model's cache and its counts."""
+    """What every drafter and verifier built on a model shares: the model's cache and its counts.
+    ``role`` ("draft" or "target", the class's by default): which press setting applies to it."""
 
-    def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec()):
-        self.kv = BatchedKVCacheModel(model, params, vocab, cache)
+    role = "target"
+
+    def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec(),
+                 role: str | None = None):
+        self.kv = BatchedKVCacheModel(model, params, vocab, cache, role or self.role)
         self.greedy = params.greedy
 
     @property
@@ -71,6 +75,8 @@ class CachedPart:
 
 class ModelDrafter(CachedPart):
     """A draft model with its own KV cache: g tokens per row, one cached step each."""
+
+    role = "draft"
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         """g drafts after seq [b, S] (mask [b, S]) for every row."""
@@ -94,8 +100,8 @@ class ChainVerifier(CachedPart):
     draws one uniform per draft (Chen et al.) instead of all at once (Leviathan et al.)."""
 
     def __init__(self, model, params: SamplingParams, vocab: int | None = None, sequential: bool = False,
-                 cache: CacheSpec = CacheSpec()):
-        super().__init__(model, params, vocab, cache)
+                 cache: CacheSpec = CacheSpec(), role: str | None = None):
+        super().__init__(model, params, vocab, cache, role)
         self.sequential = sequential
 
     def verify(self, seq: torch.Tensor, mask: torch.Tensor, draft: Draft, generator) -> Accepted:

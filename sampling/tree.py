@@ -289,6 +289,8 @@ class TreeDrafter(CachedPart):
     a node are drawn from its q without replacement (Sequoia); greedy: they are the k most likely
     tokens of the draft at temperature 1 (other filters as given). Siblings differ either way."""
 
+    role = "draft"
+
     def __init__(self, model, params: SamplingParams, vocab: int | None, shape: TreeShape,
                  cache: CacheSpec = CacheSpec()):
         check_tree_model(model, "draft")
