@@ -93,11 +93,12 @@ def prepare(args, modes, drafts: list[str]) -> Prepared:
         from sampling.models import load_cascade
         loaded["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype)
         vocab = vocab or cascade_vocab
-    if args.prompt_tokens is not None:
-        if args.prompt_tokens < 1:
-            raise ValueError(f"--prompt_tokens must be >= 1, got {args.prompt_tokens}")
+    length = getattr(args, "prompt_tokens", None)              # (add_bench_args; the profilers lack it)
+    if length is not None:
+        if length < 1:
+            raise ValueError(f"--prompt_tokens must be >= 1, got {length}")
         records = [dict(r, filler=filler_text(all_records, i + 1)) for i, r in enumerate(records)]
-    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens, length=args.prompt_tokens)
+    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens, length=length)
     if not prompts:
         raise ValueError("no record fits the model's positions")
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
