@@ -97,8 +97,9 @@ def check_args(mode: str, max_new_tokens: int, gamma: int, params: SamplingParam
     schedule.validate()
     if gamma <= 0:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    budgets = [max_new_tokens] if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if not budgets or min(budgets) <= 0:
+        raise ValueError(f"max_new_tokens must be >= 1 (or a list of them, one per row), got {max_new_tokens}")
 
 
 def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens, vocab) -> int | None:
@@ -147,7 +148,7 @@ def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens,
 
 
 def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             draft_model=None, mode: str = DEFAULTS.mode, max_new_tokens: int = DEFAULTS.max_new_tokens,
+             draft_model=None, mode: str = DEFAULTS.mode, max_new_tokens: int | list[int] = DEFAULTS.max_new_tokens,
              gamma: int | None = None, temperature: float = DEFAULTS.temperature,
              top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p, min_p: float = DEFAULTS.min_p,
              repetition_penalty: float = DEFAULTS.repetition_penalty,
@@ -179,6 +180,9 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (``sampling.cascade``): ``draft_model=[smallest, ..., largest draft]``, each model verifying the
     one below it by speculative sampling, row by row; ``gamma`` is the target's draft length,
     ``cascade_gamma`` (None: gamma) every lower level's, each adapted by its own schedule.
+    ``max_new_tokens``: one budget, or one per row (a server's requests). ``streamer`` may also be
+    a row streamer (``put_row(row, tokens)``, ``stopped(row)``, ``end()``; ``sampling.rows.Rows``),
+    for any batch: each row's tokens as they are accepted, and a row it stops leaves the batch.
     ``press`` (``sampling.press.PressSpec``): KV-cache compression of the draft's cache (the output
     law stays the target's), the target's (a different model) or both; None: none.
     """
@@ -191,12 +195,16 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                             repetition_penalty=repetition_penalty)
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
     shape = parse_tree(tree if tree is not None else default_tree(draft_model)) if mode == "tree" else None
-    cache = CacheSpec(kv_cache, compile, room=max_new_tokens + 1 + (shape.cache_slots if shape else 0),
+    if not isinstance(max_new_tokens, int) and len(max_new_tokens) != input_ids.shape[0]:
+        raise ValueError(f"max_new_tokens: {len(max_new_tokens)} budgets for a batch of {input_ids.shape[0]} rows")
+    most = max_new_tokens if isinstance(max_new_tokens, int) else max(max_new_tokens)
+    cache = CacheSpec(kv_cache, compile, room=most + 1 + (shape.cache_slots if shape else 0),
                       press=press or PressSpec())
     cache.validate()
-    vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, mode, max_new_tokens, vocab_size)
-    if streamer is not None and input_ids.shape[0] != 1:
-        raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")
+    vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, mode, most, vocab_size)
+    if streamer is not None and input_ids.shape[0] != 1 and not hasattr(streamer, "put_row"):
+        raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]} (a row streamer, "
+                         f"with put_row, takes any)")
     device = input_ids.device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -224,11 +232,14 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     # google / deepmind / cascade: the same loop, one row at a time (rows accept different counts;
     # "bass" batches them); google and deepmind differ in how the acceptance test draws its uniforms
     t0, tokens, per_row = now(device), [], []
-    for ids, m in zip(input_ids, attention_mask):
+    budgets = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else max_new_tokens
+    for i, (ids, m) in enumerate(zip(input_ids, attention_mask)):
         ids = ids[m.bool()].unsqueeze(0)                                  # [1, T_i], no padding
+        row_kw = dict(common, max_new_tokens=budgets[i],
+                      streamer=OneRow(streamer, i) if hasattr(streamer, "put_row") else streamer)
         row, stats = bass_sampling(target_model, draft_model, ids, torch.ones_like(ids),
                                    schedule=GammaSchedule(gamma, schedule), sequential=mode == "deepmind",
-                                   cascade_gamma=cascade_gamma or gamma, **common)
+                                   cascade_gamma=cascade_gamma or gamma, **row_kw)
         tokens.append(row[0])
         per_row.append(stats)
     stats = {k: sum(s[k] for s in per_row) for k in SUM_STATS}
@@ -240,6 +251,23 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                  accepted_hist=sum_hists([s["accepted_hist"] for s in per_row]),
                  rows=[s["rows"][0] for s in per_row])
     return GenerationResult(tokens, stats)
+
+
+class OneRow:
+    """Row ``i`` of a row streamer, for the loops that decode one row at a time (its row 0); the
+    end of the whole generation is the caller's, not each row's."""
+
+    def __init__(self, streamer, i: int):
+        self.streamer, self.i = streamer, i
+
+    def put_row(self, row: int, tokens: list[int]) -> None:
+        self.streamer.put_row(self.i, tokens)
+
+    def stopped(self, row: int) -> bool:
+        return self.streamer.stopped(self.i)
+
+    def end(self) -> None:
+        pass
 
 
 def sum_hists(hists: list[list[int]]) -> list[int]:

@@ -21,14 +21,20 @@ def now(device: torch.device) -> float:
 
 
 class Rows:
-    """The rows of a batch being decoded: their output, budget, EOS and per-row statistics."""
+    """The rows of a batch being decoded: their output, budget, EOS and per-row statistics.
 
-    def __init__(self, B: int, max_new_tokens: int, eos_token_id: int | None, device: torch.device,
+    ``max_new_tokens``: one budget, or one per row. ``streamer``: a transformers streamer (batch 1,
+    ``put``/``end``) or a row streamer (``put_row(row, tokens)``, ``stopped(row)``, ``end``) that
+    gets each row's tokens as they are accepted and may stop a row (its client left): the row then
+    finishes at that step and leaves the batch like one that met its EOS."""
+
+    def __init__(self, B: int, max_new_tokens: int | list[int], eos_token_id: int | None, device: torch.device,
                  streamer=None):
         self.out: list[list[int]] = [[] for _ in range(B)]   # new tokens of each original row
         self.index = list(range(B))          # original row of each row of the current batch
         self.done = [False] * B              # per current row: finished (kept only when masked)
-        self.max_new_tokens, self.eos, self.device, self.streamer = max_new_tokens, eos_token_id, device, streamer
+        self.budget = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        self.eos, self.device, self.streamer = eos_token_id, device, streamer
         self.steps, self.accepted, self.drafted = [0] * B, [0] * B, [0] * B   # per original row
         self.accepted_lengths: list[int] = []                # drafts accepted per row and verify
         self.t0, self.ttft = now(device), None
@@ -39,7 +45,7 @@ class Rows:
 
     def room(self) -> int:
         """New tokens the least advanced unfinished row may still take."""
-        return self.max_new_tokens - min(len(self.out[r]) for r, d in zip(self.index, self.done) if not d)
+        return min(self.budget[r] - len(self.out[r]) for r, d in zip(self.index, self.done) if not d)
 
     def done_mask(self) -> torch.Tensor:
         """[b] bool on the models' device: which current rows are finished."""
@@ -51,18 +57,22 @@ class Rows:
         for j, (r, toks) in enumerate(zip(self.index, new)):
             if self.done[j]:
                 continue
-            toks = toks[:self.max_new_tokens - len(self.out[r])]
+            toks = toks[:self.budget[r] - len(self.out[r])]
             if self.eos is not None and self.eos in toks:
                 toks = toks[:toks.index(self.eos) + 1]
             self.out[r] += toks
-            if self.streamer is not None:
+            stopped = False
+            if hasattr(self.streamer, "put_row"):
+                self.streamer.put_row(r, toks)
+                stopped = self.streamer.stopped(r)
+            elif self.streamer is not None:
                 self.streamer.put(torch.tensor(toks))
             self.steps[r] += 1
             if accepted is not None:
                 self.accepted[r] += accepted[j]
                 self.drafted[r] += drafted
                 self.accepted_lengths.append(accepted[j])
-            self.done[j] = len(self.out[r]) == self.max_new_tokens or toks[-1] == self.eos
+            self.done[j] = len(self.out[r]) == self.budget[r] or toks[-1] == self.eos or stopped
         if self.ttft is None:
             self.ttft = now(self.device) - self.t0
 

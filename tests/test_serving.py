@@ -1,0 +1,160 @@
+"""serving.py: the OpenAI-compatible server over the scheduler, started in-process on a free
+loopback port and spoken to with the real openai client and with raw HTTP."""
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from openai import OpenAI
+
+import serving
+from sampling import generate
+from sampling.scheduler import QueueFull, Scheduler, SchedulerConfig, ServeRequest
+from tiny import noisy_copy, tiny_model, tiny_tokenizer
+
+PROMPTS = ["Pack my box", "with five dozen liquor jugs and more words here", "jugs", "box with"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=["bass", "ar", "google"])
+def server(request):
+    tok = tiny_tokenizer()
+    target = tiny_model("llama", vocab=len(tok), seed=41)
+    draft = noisy_copy(target, 0.1, seed=42)
+    sched = Scheduler(target, draft, tok, SchedulerConfig(mode=request.param, max_batch=8, max_wait_ms=50)).start()
+    app = serving.create_app(sched, tok, serving.Limits("tiny", 128, 8))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield dict(url=f"http://127.0.0.1:{port}", tok=tok, target=target, draft=draft, mode=request.param, sched=sched)
+    srv.should_exit = True
+    thread.join(10)
+    sched.stop()
+
+
+def offline(s, prompt: str, n: int) -> str:
+    ids = torch.tensor([s["tok"](prompt)["input_ids"]])
+    res = generate(s["target"], ids, mode="ar", max_new_tokens=n, temperature=0, eos_token_id=s["tok"].eos_token_id)
+    return s["tok"].decode(res.tokens[0], skip_special_tokens=True)
+
+
+def test_concurrent_greedy_requests_equal_offline_generation(server):
+    """Requests of different lengths and budgets, sent at once, share batches; each answer is what
+    sampling.generate gives for that prompt alone."""
+    client = OpenAI(base_url=server["url"] + "/v1", api_key="none")
+    jobs = [(p, 3 + 2 * i) for i, p in enumerate(PROMPTS)] * 2
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda j: client.completions.create(model="tiny", prompt=j[0], max_tokens=j[1],
+                                                                     temperature=0), jobs))
+    for (prompt, n), a in zip(jobs, answers):
+        assert a.choices[0].text == offline(server, prompt, n)
+        assert a.usage.completion_tokens <= n and a.usage.prompt_tokens == len(server["tok"](prompt)["input_ids"])
+    if server["mode"] == "bass":
+        assert server["sched"].rows > server["sched"].batches             # some requests shared a batch
+    extra = answers[0].model_extra["speculative"][0]
+    assert (extra["drafted_tokens"] > 0) == (server["mode"] != "ar")
+
+
+def test_stream_chat_and_models(server):
+    client = OpenAI(base_url=server["url"] + "/v1", api_key="none")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    whole = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    pieces = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in pieces if c.choices)
+    assert text == whole.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "box"}], max_tokens=5,
+                                          temperature=0.8, top_p=0.9, seed=3, n=2)
+    assert len(chat.choices) == 2 and chat.usage.completion_tokens >= 2
+    stop = whole.choices[0].text[2:5]
+    if stop.strip():
+        cut = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0, stop=[stop])
+        assert cut.choices[0].text == whole.choices[0].text[:whole.choices[0].text.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+BAD = [
+    (b"{not json", "not valid JSON"),
+    (json.dumps([1, 2]), "must be a JSON object"),
+    (json.dumps({"prompt": "x"}), "model is required"),
+    (json.dumps({"model": "gpt-9", "prompt": "x"}), "unknown model 'gpt-9'"),
+    (json.dumps({"model": "tiny"}), "prompt must be a non-empty string"),
+    (json.dumps({"model": "tiny", "prompt": 5}), "prompt must be a non-empty string"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "9"}), "max_tokens must be an integer"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 0}), r"max_tokens must be in \[1, 128\]"),
+    (json.dumps({"model": "tiny", "prompt": "x", "temperature": 3}), r"temperature must be in \[0, 2\]"),
+    (json.dumps({"model": "tiny", "prompt": "x", "top_p": 0}), r"top_p must be in \(0, 1\]"),
+    (json.dumps({"model": "tiny", "prompt": "x", "n": 9}), r"n must be in \[1, 4\]"),
+    (json.dumps({"model": "tiny", "prompt": "x", "stop": [""]}), "stop must be"),
+    (json.dumps({"model": "tiny", "prompt": "x " * 200, "max_tokens": 8}), "exceed the model's 128 positions"),
+]
+
+
+def test_bad_inputs_interleaved_with_good_ones(server):
+    """Every bad request is a 400 with an OpenAI-style error body, the good ones between them are
+    answered, an unknown route is a 404, and the server is alive at the end."""
+    import re
+    good = offline(server, PROMPTS[0], 4)
+    with httpx.Client(base_url=server["url"], timeout=60) as http:
+        for body, msg in BAD * 2:
+            r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and re.search(msg, r.json()["error"]["message"]), (body, r.text)
+            ok = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4,
+                                                    "temperature": 0})
+            assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == good
+        bad_chat = http.post("/v1/chat/completions", json={"model": "tiny", "messages": "hi"})
+        assert bad_chat.status_code == 400 and bad_chat.json()["error"]["param"] == "messages"
+        missing = http.get("/v1/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+        assert http.get("/health").json()["status"] == "ok"
+
+
+def test_a_full_queue_refuses_at_once():
+    tok = tiny_tokenizer()
+    target = tiny_model("llama", vocab=len(tok), seed=41)
+    sched = Scheduler(target, None, tok, SchedulerConfig(mode="ar", queue_size=2))     # not started: nothing drains
+    for _ in range(2):
+        sched.submit(ServeRequest(ids=[1, 2], max_tokens=2))
+    with pytest.raises(QueueFull):
+        sched.submit(ServeRequest(ids=[1, 2], max_tokens=2))
+    with pytest.raises(ValueError, match="unknown serving mode 'fast'"):
+        SchedulerConfig(mode="fast").validate()
+
+
+def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
+    """A request whose client leaves mid-generation stops its row; the other rows of the batch get
+    exactly their offline tokens."""
+    tok = tiny_tokenizer()
+    target = tiny_model("llama", vocab=len(tok), seed=41)
+    draft = noisy_copy(target, 0.1, seed=42)
+    sched = Scheduler(target, draft, tok, SchedulerConfig(mode="bass"))
+    got, done = {}, {}
+    reqs = []
+    for i, p in enumerate(PROMPTS):
+        r = ServeRequest(ids=tok(p)["input_ids"], max_tokens=10, temperature=0.0)
+        r.on_tokens = lambda t, i=i: got.setdefault(i, []).extend(t)
+        r.on_done = lambda s, e, i=i: done.__setitem__(i, (s, e))
+        reqs.append(r)
+
+    def leave(t, r=reqs[1]):                                   # row 1's client leaves after its first tokens
+        got.setdefault(1, []).extend(t)
+        r.cancelled = True
+    reqs[1].on_tokens = leave
+    sched._decode(reqs)
+    assert len(got[1]) < 10
+    for i in (0, 2, 3):
+        ids = torch.tensor([tok(PROMPTS[i])["input_ids"]])
+        ref = generate(target, ids, mode="ar", max_new_tokens=10, temperature=0, eos_token_id=tok.eos_token_id).tokens[0]
+        assert got[i] == ref == done[i][0]["tokens"]
