@@ -317,6 +317,8 @@ def main(argv=None) -> None:
           f"http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    except KeyboardInterrupt:               # SIGTERM or SIGINT: uvicorn has finished the requests in flight
+        print("shut down", flush=True)
     finally:
         sched.stop()
 

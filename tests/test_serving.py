@@ -11,11 +11,11 @@ import pytest
 import torch
 import uvicorn
 from openai import OpenAI
+from tiny import noisy_copy, tiny_model, tiny_tokenizer
 
 import serving
 from sampling import generate
 from sampling.scheduler import QueueFull, Scheduler, SchedulerConfig, ServeRequest
-from tiny import noisy_copy, tiny_model, tiny_tokenizer
 
 PROMPTS = ["Pack my box", "with five dozen liquor jugs and more words here", "jugs", "box with"]
 
@@ -158,3 +158,61 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
         ids = torch.tensor([tok(PROMPTS[i])["input_ids"]])
         ref = generate(target, ids, mode="ar", max_new_tokens=10, temperature=0, eos_token_id=tok.eos_token_id).tokens[0]
         assert got[i] == ref == done[i][0]["tokens"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from tiny import save_tiny_pair
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"), positions=512)
+
+
+def test_sigterm_finishes_the_request_in_flight(pair):
+    """serving.py as a subprocess: SIGTERM while a streamed request runs; the request completes
+    ([DONE]) and the process exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "serving.py", "--port", str(port), "--target_model_name", pair["target"],
+                             "--approx_model_name", pair["draft"], "--model_id", "tiny"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": "Pack my box", "max_tokens": 200, "temperature": 0.9,
+                                "stream": True}) as r:
+            for line in r.iter_lines():
+                if line and not lines:
+                    proc.send_signal(signal.SIGTERM)                   # the first chunk is out
+                lines.append(line)
+        assert lines[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in lines
+        assert proc.wait(60) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_load_test_runs_on_a_tiny_pair(pair, capsys, tmp_path):
+    import pandas as pd
+    from test_benchmark import FIXTURE, cli
+
+    from benchmark import load_test
+    out = tmp_path / "load"
+    code, stdout, err = cli(load_test, ["--dataset_path", FIXTURE, "--prompts", "4", "--concurrency", "1,2",
+                                        "--requests", "3", "--max_tokens", "4", "--reliability", "20",
+                                        "--target_model_name", pair["target"], "--approx_model_name", pair["draft"],
+                                        "--out", str(out)], capsys)
+    assert code == 0, err
+    s = pd.read_csv(out / "summary.csv")
+    assert set(s.serve_mode) == {"bass", "ar", "google"} and (s.failed == 0).all() and (s.tokens > 0).all()
+    rel = pd.read_csv(out / "reliability.csv")
+    assert rel.ok.all() and rel.alive_after.all() and len(rel) == 20
