@@ -72,7 +72,9 @@ class BatchedKVCacheModel(KVCacheModel):
         self._hist = None
         past = self.tree_tokens if T else tokens[:, :0]
         all_tokens = torch.cat([past, tokens], dim=1)                     # [b, T + n]
-        if self.params.uses_prefix and n:                                 # each node: chain + its ancestors
+        if not n:                                                         # no nodes this pass (no room left)
+            p_nodes = logits[:, P:]                                       # [b, 0, V]
+        elif self.params.uses_prefix:                                     # each node: chain + its ancestors
             allow_host = allow.cpu()                                      # one transfer, then host indexing
             groups = [slice(None)] if allow.dim() == 2 else [slice(i, i + 1) for i in range(b)]
             rows = []

@@ -44,8 +44,8 @@ class Rows:
         return all(self.done)
 
     def room(self) -> int:
-        """New tokens the least advanced unfinished row may still take."""
-        return min(self.budget[r] - len(self.out[r]) for r, d in zip(self.index, self.done) if not d)
+        """New tokens the unfinished row with the most room left may still take (its own budget)."""
+        return max(self.budget[r] - len(self.out[r]) for r, d in zip(self.index, self.done) if not d)
 
     def done_mask(self) -> torch.Tensor:
         """[b] bool on the models' device: which current rows are finished."""

@@ -1,7 +1,6 @@
 """serving.py: the OpenAI-compatible server over the scheduler, started in-process on a free
 loopback port and spoken to with the real openai client and with raw HTTP."""
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,16 +13,11 @@ from openai import OpenAI
 from tiny import noisy_copy, tiny_model, tiny_tokenizer
 
 import serving
+from benchmark.load_test import free_port
 from sampling import generate
 from sampling.scheduler import QueueFull, Scheduler, SchedulerConfig, ServeRequest
 
 PROMPTS = ["Pack my box", "with five dozen liquor jugs and more words here", "jugs", "box with"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["bass", "ar", "google"])

@@ -190,3 +190,16 @@ def test_tree_joint_law(tree, case):
     pval = joint_pvalue(res.tokens, target, prompt, params, K, V)
     assert 0.05 < res.stats["acceptance_rate"] < 0.95
     assert pval > ALPHA, pval
+
+
+def test_a_pass_without_nodes_under_the_repetition_penalty():
+    """A budget that leaves a static tree no room for nodes in its last step, with a filter that
+    needs each node's prefix: the pass feeds only the chain (it once asserted)."""
+    from sampling import generate
+    from tiny import left_padded_batch, noisy_copy, tiny_model
+    target = tiny_model("llama", seed=81)
+    draft = noisy_copy(target, 0.1, seed=82)
+    ids, mask = left_padded_batch(97, (5, 9, 3, 7), seed=83)
+    res = generate(target, ids, mask, draft_model=draft, mode="tree", tree="2,2,1", max_new_tokens=5,
+                   temperature=0.9, repetition_penalty=1.2, seed=1)
+    assert [len(t) for t in res.tokens] == [5, 5, 5, 5]
