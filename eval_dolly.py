@@ -16,8 +16,8 @@ from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_M
                               prepare, run_grid)
 from benchmark.utils_io import write_csv
 from sampling import check_args
-from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, params_of, parse_caches,
-                          parse_drafts, presses_of, run, schedule_of)
+from sampling.cli import (Parser, add_model_args, add_sampling_args, check_at_least_one, check_speculator_flag,
+                          params_of, parse_caches, parse_drafts, presses_of, run, schedule_of)
 from sampling.generate import default_gamma
 from sampling.tree import parse_tree
 
@@ -44,9 +44,7 @@ def parse(argv=None):
     check_speculator_flag(args.speculator, args.drafts)
     if args.drafts == ["ngram"] and "tree" in args.modes:
         raise ValueError("--draft ngram drafts chains; mode tree needs a draft model or speculator heads")
-    for name in ("samples", "batch", "repeats"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "samples", "batch", "repeats")
     if args.show < 0:
         raise ValueError(f"--show must be >= 0, got {args.show}")
     if args.gamma is None:

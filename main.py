@@ -10,8 +10,9 @@ import json
 import sys
 
 from sampling import MODES, check_args, generate_many
-from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, generate_kwargs, load_pair,
-                          params_of, parse_caches, parse_drafts, presses_of, run, schedule_of)
+from sampling.cli import (Parser, add_model_args, add_sampling_args, check_at_least_one, check_speculator_flag,
+                          generate_kwargs, load_pair, params_of, parse_caches, parse_drafts, presses_of, run,
+                          schedule_of)
 from sampling.generate import DEFAULTS, default_gamma
 from sampling.tree import parse_tree
 
@@ -44,9 +45,7 @@ def parse(argv=None):
         args.mode = DEFAULTS.mode if args.draft == "ngram" else DEFAULTS.main_mode
     if not args.input or any(not p.strip() for p in args.input):
         raise ValueError("empty prompt: give a non-empty --input")
-    for name in ("batch", "repeats"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "batch", "repeats")
     gamma = args.gamma if args.gamma is not None else default_gamma(args.gamma_schedule)
     check_args(args.mode, args.max_tokens, gamma, params_of(args), schedule_of(args), args.finished_rows)
     if args.tree is not None:

@@ -119,8 +119,8 @@ class Completion:
         while self.finish_reason is None:
             kind, value = await self.events.get()
             if kind == "tokens":
-                if self.stop and any(s in self.text for s in self.stop):
-                    continue                               # stopped already: the rest is dropped
+                if self.req.cancelled:
+                    continue                               # a stop string ended it: the rest is dropped
                 self.tokens += value
                 self.text = self.tok.decode(self.tokens, skip_special_tokens=True)
                 cut = min((self.text.find(s) for s in self.stop if s in self.text), default=-1)

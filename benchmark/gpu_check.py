@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from sampling import generate, pad_left
-from sampling.cli import Parser, add_model_args, load_pair, run
+from sampling.cli import Parser, add_model_args, check_at_least_one, load_pair, run
 
 from .utils_io import env_info, write_csv, write_json, write_text
 
@@ -282,9 +282,7 @@ def parse(argv=None):
         raise ValueError(f"--out {args.out} exists: choose a new folder")
     if not os.path.isfile(args.dataset_path):
         raise ValueError(f"--dataset_path {args.dataset_path}: no such file")
-    for flag in ("max_tokens", "exact_prompts", "main_prompts", "b1_prompts"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    check_at_least_one(args, "max_tokens", "exact_prompts", "main_prompts", "b1_prompts")
     args.predict = parse_predict(args.predict)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here (use --device cpu --quick to try the steps)")

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from sampling.cli import Parser, add_model_args, run
+from sampling.cli import Parser, add_model_args, check_at_least_one, run
 
 from .utils_io import load_dolly, render_prompt, write_csv, write_text
 
@@ -285,9 +285,7 @@ def parse(argv=None):
         raise ValueError("--concurrency takes a comma list of integers >= 1")
     if args.reliability < 0:
         raise ValueError(f"--reliability must be >= 0, got {args.reliability}")
-    for flag in ("prompts", "requests", "max_tokens", "max_batch"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    check_at_least_one(args, "prompts", "requests", "max_tokens", "max_batch")
     if os.path.exists(os.path.join(args.out, "raw.csv")):
         raise ValueError(f"{args.out}/raw.csv exists: choose another --out")
     return args

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sampling import generate
-from sampling.cli import Parser, run
+from sampling.cli import Parser, check_at_least_one, run
 
 
 def rss_mib() -> float:
@@ -31,9 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--draft_noise", type=float, default=0.05,
                     help="the draft is the target plus Gaussian noise of this size relative to each weight's std")
     args = ap.parse_args(argv)
-    for name in ("vocab", "batch", "prompt_tokens", "max_tokens", "gamma"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "vocab", "batch", "prompt_tokens", "max_tokens", "gamma")
     if not args.draft_noise >= 0:
         raise ValueError(f"--draft_noise must be >= 0, got {args.draft_noise}")
     torch.manual_seed(0)

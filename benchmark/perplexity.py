@@ -18,7 +18,7 @@ import os
 import pandas as pd
 import torch
 
-from sampling.cli import Parser, add_model_args, run
+from sampling.cli import Parser, add_model_args, check_at_least_one, run
 from sampling.kvcache_model import CacheSpec, KVCacheModel
 from sampling.press import PRESSES, PressSpec
 from sampling.utils import SamplingParams
@@ -166,9 +166,7 @@ def parse(argv=None):
                              f"choose from {', '.join(PRESSES[1:])}")
         for r in args.ratios:
             PressSpec(p, r, None, "target", args.press_sinks, args.press_window).validate()
-    for flag in ("max_windows", "batch"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    check_at_least_one(args, "max_windows", "batch")
     if os.path.exists(os.path.join(args.out, "raw.csv")):
         raise ValueError(f"{args.out}/raw.csv exists: choose another --out")
     return args

@@ -16,8 +16,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from sampling import DEFAULTS, SCHEDULES, PressSpec, SamplingParams, check_args
-from sampling.cli import (Parser, add_cache_args, add_model_args, add_press_args, check_speculator_flag, parse_caches,
-                          parse_drafts, presses_of, run)
+from sampling.cli import (Parser, add_cache_args, add_model_args, add_press_args, check_at_least_one,
+                          check_speculator_flag, parse_caches, parse_drafts, presses_of, run)
 from sampling.generate import FINISHED_ROWS
 from sampling.utils_bass import ScheduleParams
 
@@ -92,9 +92,7 @@ def parse(argv=None):
         args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     except ValueError:
         raise ValueError(f"--temperatures takes a comma list of numbers, got {args.temperatures!r}") from None
-    for name in ("samples", "repeats", "max_tokens"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "samples", "repeats", "max_tokens")
     for t, g, s, f in itertools.product(args.temperatures, args.gammas, args.schedules, args.finished or [""]):
         check_args("bass", args.max_tokens, g, SamplingParams(t, args.top_k, args.top_p, args.min_p,
                                                               args.repetition_penalty), ScheduleParams(kind=s), f)

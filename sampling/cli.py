@@ -109,6 +109,13 @@ def add_cache_args(ap: argparse.ArgumentParser, many: bool = False) -> None:
                          "CUDA graphs on a GPU (each new shape compiles once: for many generations, not one)")
 
 
+def check_at_least_one(args, *names: str) -> None:
+    """The one-line error for the first of these integer flags below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+
+
 def add_press_args(ap: argparse.ArgumentParser, many: bool = False) -> None:
     """The KV-cache press flags (``sampling.press``); with ``many`` --press and --press_on take comma lists."""
     s = PressSpec()

@@ -129,7 +129,6 @@ class KVCacheModel:
         self.final = 0                           # positions made final by a rollback: a press may evict them
         self.frozen = 0                          # positions before this went through the press ...
         self.frozen_mask: torch.Tensor | None = None   # [B, frozen - dropped] ... into these slots
-        self.dropped = 0                         # positions evicted (the same count in every row)
         self.evictions = 0                       # times the press ran
         self._capture = QueryCapture(model, self.press.window) if self.press and self.press.kind == "snapkv" \
             else None
@@ -214,7 +213,7 @@ class KVCacheModel:
                 self.cache = Cache(layers=[SlotLayer(max_cache_len=width) for _ in range(layers)])
         else:
             self.cache = DynamicCache(config=self.model.config)
-        self.filled = self.final = self.frozen = self.dropped = 0
+        self.filled = self.final = self.frozen = 0
         self.frozen_mask = None
         self.mask = mask[:, :0]
         self._hist = None
@@ -302,6 +301,11 @@ class KVCacheModel:
 
     # --- presses (sampling.press): evict final positions, keep the rest in order after them ---
 
+    @property
+    def dropped(self) -> int:
+        """Positions evicted (the same count in every row)."""
+        return 0 if self.frozen_mask is None else self.frozen - self.frozen_mask.shape[1]
+
     def slot_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The mask of the cache's slots (and any new ones) from the mask of the whole sequence
         [B, L (+ n)]: the evicted-into slots' own mask, then the positions after them."""
@@ -311,10 +315,9 @@ class KVCacheModel:
 
     def _evict_over_budget(self, mask: torch.Tensor) -> None:
         """Before a pass: if the final part of the cache holds more than the press's budget, press it."""
-        if self.press is None or self.press.budget is None or self.final <= self.frozen:
-            return
-        if self.final - self.dropped > self.press.budget:
-            self.press_final(self.press.budget, mask)
+        budget = self.press.budget if self.press is not None else None
+        if budget is not None and self.final - self.dropped > budget:
+            self.press_final(budget, mask)
 
     @torch.inference_mode()
     def press_final(self, keep: int, mask: torch.Tensor) -> None:
@@ -349,7 +352,5 @@ class KVCacheModel:
                 else:
                     layer.cumulative_length.fill_(keep + U)
         self.filled = keep + U
-        self.frozen_mask = kept_mask
-        self.dropped += C - keep
-        self.frozen = self.final
+        self.frozen_mask, self.frozen = kept_mask, self.final               # dropped: C - keep more
         self.evictions += 1

@@ -35,6 +35,7 @@ class Rows:
         self.done = [False] * B              # per current row: finished (kept only when masked)
         self.budget = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
         self.eos, self.device, self.streamer = eos_token_id, device, streamer
+        self.by_row = hasattr(streamer, "put_row")          # a row streamer (else a transformers one, or none)
         self.steps, self.accepted, self.drafted = [0] * B, [0] * B, [0] * B   # per original row
         self.accepted_lengths: list[int] = []                # drafts accepted per row and verify
         self.t0, self.ttft = now(device), None
@@ -62,7 +63,7 @@ class Rows:
                 toks = toks[:toks.index(self.eos) + 1]
             self.out[r] += toks
             stopped = False
-            if hasattr(self.streamer, "put_row"):
+            if self.by_row:
                 self.streamer.put_row(r, toks)
                 stopped = self.streamer.stopped(r)
             elif self.streamer is not None:
