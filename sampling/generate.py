@@ -12,7 +12,7 @@ from .parts import is_drafter
 from .rows import now
 from .speculative_bass import bass_sampling, tree_sampling
 from .tree import MAX_NODES, parse_tree
-from .utils import SamplingParams
+from .utils import RowParams, SamplingParams, row_params
 from .utils_bass import GammaSchedule, ScheduleParams
 
 MODES = ("ar", "google", "deepmind", "bass", "tree", "cascade")
@@ -86,7 +86,7 @@ def vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def check_args(mode: str, max_new_tokens: int, gamma: int, params: SamplingParams,
+def check_args(mode: str, max_new_tokens: int, gamma: int, params: SamplingParams | RowParams,
                schedule: ScheduleParams, finished_rows: str = DEFAULTS.finished_rows) -> None:
     """Checks that need no model: raise ValueError naming the bad value and the allowed range."""
     if mode not in MODES:
@@ -149,8 +149,9 @@ def check_inputs(target, draft, input_ids, attention_mask, mode, max_new_tokens,
 
 def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              draft_model=None, mode: str = DEFAULTS.mode, max_new_tokens: int | list[int] = DEFAULTS.max_new_tokens,
-             gamma: int | None = None, temperature: float = DEFAULTS.temperature,
-             top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p, min_p: float = DEFAULTS.min_p,
+             gamma: int | None = None, temperature: float | list[float] = DEFAULTS.temperature,
+             top_k: int | list[int] = DEFAULTS.top_k, top_p: float | list[float] = DEFAULTS.top_p,
+             min_p: float | list[float] = DEFAULTS.min_p,
              repetition_penalty: float = DEFAULTS.repetition_penalty,
              eos_token_id: int | None = None, seed: int | None = None,
              gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
@@ -180,7 +181,9 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (``sampling.cascade``): ``draft_model=[smallest, ..., largest draft]``, each model verifying the
     one below it by speculative sampling, row by row; ``gamma`` is the target's draft length,
     ``cascade_gamma`` (None: gamma) every lower level's, each adapted by its own schedule.
-    ``max_new_tokens``: one budget, or one per row (a server's requests). ``streamer`` may also be
+    ``max_new_tokens``: one budget, or one per row (a server's requests); so may ``temperature``,
+    ``top_k``, ``top_p`` and ``min_p`` be (``sampling.utils.RowParams``: greedy and sampled rows share
+    the batch, each keeping its own law). ``streamer`` may also be
     a row streamer (``put_row(row, tokens)``, ``stopped(row)``, ``end()``; ``sampling.rows.Rows``),
     for any batch: each row's tokens as they are accepted, and a row it stops leaves the batch.
     ``press`` (``sampling.press.PressSpec``): KV-cache compression of the draft's cache (the output
@@ -191,12 +194,16 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         gamma = default_gamma(schedule.kind)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repetition_penalty)
+    B = input_ids.shape[0]
+    per_row = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    for name, v in per_row.items():
+        if isinstance(v, (list, tuple)) and len(v) != B:
+            raise ValueError(f"{name}: {len(v)} values for a batch of {B} rows (give one, or one per row)")
+    each = {k: v if isinstance(v, (list, tuple)) else [v] * B for k, v in per_row.items() if k != "max_new_tokens"}
+    params = row_params([SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=repetition_penalty)
+                         for t, k, p, m in zip(each["temperature"], each["top_k"], each["top_p"], each["min_p"])])
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
     shape = parse_tree(tree if tree is not None else default_tree(draft_model)) if mode == "tree" else None
-    if not isinstance(max_new_tokens, int) and len(max_new_tokens) != input_ids.shape[0]:
-        raise ValueError(f"max_new_tokens: {len(max_new_tokens)} budgets for a batch of {input_ids.shape[0]} rows")
     most = max_new_tokens if isinstance(max_new_tokens, int) else max(max_new_tokens)
     cache = CacheSpec(kv_cache, compile, room=most + 1 + (shape.cache_slots if shape else 0),
                       press=press or PressSpec())
@@ -235,7 +242,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     budgets = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else max_new_tokens
     for i, (ids, m) in enumerate(zip(input_ids, attention_mask)):
         ids = ids[m.bool()].unsqueeze(0)                                  # [1, T_i], no padding
-        row_kw = dict(common, max_new_tokens=budgets[i],
+        row_kw = dict(common, max_new_tokens=budgets[i], params=params.row(i),
                       streamer=OneRow(streamer, i) if hasattr(streamer, "put_row") else streamer)
         row, stats = bass_sampling(target_model, draft_model, ids, torch.ones_like(ids),
                                    schedule=GammaSchedule(gamma, schedule), sequential=mode == "deepmind",

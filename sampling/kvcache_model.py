@@ -36,7 +36,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 
 from .press import PressSpec, QueryCapture, scores, select
-from .utils import SamplingParams, norm_logits
+from .utils import RowParams, SamplingParams, norm_logits
 
 CACHES = ("dynamic", "static")
 SLOT_BLOCK = 64          # a static cache's length is rounded up to this, so prompts of similar lengths share shapes
@@ -114,7 +114,7 @@ class KVCacheModel:
     the cache (``CacheSpec``).
     """
 
-    def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec(),
+    def __init__(self, model, params: SamplingParams | RowParams, vocab: int | None = None, cache: CacheSpec = CacheSpec(),
                  role: str = "target"):
         self.model = model
         self.params = params
@@ -292,6 +292,7 @@ class KVCacheModel:
         else:
             self.cache.batch_select_indices(rows)
         self.mask = self.mask[rows]
+        self.params = self.params.select(rows)   # per-row parameters follow their rows
         if self.frozen_mask is not None:
             self.frozen_mask = self.frozen_mask[rows]
         if self._capture is not None:

@@ -3,8 +3,8 @@
 A worker thread owns the models. ``Scheduler.submit`` puts a request in a bounded queue (full:
 ``QueueFull`` at once, the server answers 429). The worker waits for a first request, collects
 more for up to ``max_wait_ms`` or until ``max_batch``, groups them by what one ``generate`` call
-must share (temperature, top-p, top-k, seed) and decodes each group as one batch: prompts of any
-length, each row its own budget. Every row's tokens reach its request as they are accepted (a row
+must share (the seed of its random generator) and decodes each group as one batch: prompts of any
+length, each row its own budget, temperature, top-p and top-k (``sampling.utils.RowParams``). Every row's tokens reach its request as they are accepted (a row
 streamer); a request that is cancelled (its client left, or a stop string was met) stops its row,
 which leaves the batch at that step without disturbing the others.
 """
@@ -43,7 +43,7 @@ class ServeRequest:
 
     def group(self) -> tuple:
         """What requests must share to be decoded by one generate() call."""
-        return (self.temperature, self.top_p, self.top_k, self.seed)
+        return (self.seed,)
 
 
 class _Rows:
@@ -144,12 +144,12 @@ class Scheduler:
                 self._decode(reqs)
 
     def _decode(self, reqs: list[ServeRequest]) -> None:
-        first = reqs[0]
         ids, mask = pad_left([r.ids for r in reqs], self.tok.pad_token_id, self.device)
         try:
             res = generate(self.target, ids, mask, draft_model=None if self.cfg.mode == "ar" else self.draft,
                            mode=self.cfg.mode, max_new_tokens=[r.max_tokens for r in reqs], gamma=self.cfg.gamma,
-                           temperature=first.temperature, top_p=first.top_p, top_k=first.top_k, seed=first.seed,
+                           temperature=[r.temperature for r in reqs], top_p=[r.top_p for r in reqs],
+                           top_k=[r.top_k for r in reqs], seed=reqs[0].seed,
                            eos_token_id=self.tok.eos_token_id, vocab_size=self.vocab, streamer=_Rows(reqs),
                            **self.generate_kw)
         except Exception as e:                            # a bad batch must not end the worker

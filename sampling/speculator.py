@@ -176,6 +176,7 @@ class SpeculatorDrafter:
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.h = self.h[keep]
+        self.params = self.params.select(keep)
 
     def law(self, j: int, z: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Filtered law [b, m, V] of stage j's pre-activation z [b, m, D] (j = 0: the target's lm_head)."""

@@ -64,7 +64,63 @@ class SamplingParams:
         return out
 
 
-def norm_logits(logits: torch.Tensor, params: SamplingParams, seq: torch.Tensor | None = None,
+    def select(self, keep) -> "SamplingParams":
+        """The parameters of the rows ``keep`` of the batch: the same for every row."""
+        return self
+
+    def row(self, i: int) -> "SamplingParams":
+        """Row i's parameters."""
+        return self
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """One ``SamplingParams`` per row of a batch (a server's requests with their own temperature,
+    top-k, top-p, min-p); the repetition penalty is shared. It stands wherever a ``SamplingParams``
+    does: ``norm_logits`` filters each group of rows with its own processors; ``greedy`` holds when
+    every row is greedy (argmax shortcuts); otherwise a greedy row's law is one-hot and the sampling
+    paths (multinomial, the accept/reject rule, tree walks) keep it exact. Build it with ``row_params``."""
+    rows: tuple[SamplingParams, ...]    # one per row of the current batch
+
+    def validate(self) -> None:
+        for p in self.rows:
+            p.validate()
+        if len({p.repetition_penalty for p in self.rows}) > 1:
+            raise ValueError(f"repetition_penalty must be the same for every row of a batch, got "
+                             f"{sorted({p.repetition_penalty for p in self.rows})}")
+
+    @property
+    def greedy(self) -> bool:
+        return all(p.greedy for p in self.rows)
+
+    @property
+    def uses_prefix(self) -> bool:
+        return self.rows[0].uses_prefix
+
+    @property
+    def repetition_penalty(self) -> float:
+        return self.rows[0].repetition_penalty
+
+    def select(self, keep) -> "SamplingParams | RowParams":
+        return row_params([self.rows[i] for i in (keep.tolist() if torch.is_tensor(keep) else keep)])
+
+    def row(self, i: int) -> SamplingParams:
+        return self.rows[i]
+
+    def groups(self) -> list[tuple[SamplingParams, list[int]]]:
+        """Each distinct parameter set and the rows that use it."""
+        out: dict[SamplingParams, list[int]] = {}
+        for i, p in enumerate(self.rows):
+            out.setdefault(p, []).append(i)
+        return list(out.items())
+
+
+def row_params(rows: list[SamplingParams]) -> "SamplingParams | RowParams":
+    """Per-row parameters; a plain ``SamplingParams`` when every row has the same."""
+    return rows[0] if len(set(rows)) == 1 else RowParams(tuple(rows))
+
+
+def norm_logits(logits: torch.Tensor, params: SamplingParams | RowParams, seq: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Filtered next-token probabilities [B, n, V] from the logits [B, n, V] of the last n
     positions of seq [B, S] (mask [B, S]); each position is filtered with its own prefix, as
@@ -72,10 +128,17 @@ def norm_logits(logits: torch.Tensor, params: SamplingParams, seq: torch.Tensor 
     slots (padding, BASS holes) are not part of a prefix.
 
     Greedy is a one-hot distribution on the argmax, so the same accept/reject rule serves
-    greedy and sampled decoding alike. Computed in float32 (float64 stays float64).
+    greedy and sampled decoding alike, and rows with their own parameters (``RowParams``) share
+    one batch. Computed in float32 (float64 stays float64).
     """
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
+    if isinstance(params, RowParams):                 # each group of rows with its own filters
+        out = torch.empty_like(logits)
+        for p, idx in params.groups():
+            i = torch.tensor(idx, device=logits.device)
+            out[i] = norm_logits(logits[i], p, None if seq is None else seq[i], None if mask is None else mask[i])
+        return out
     procs = params.processors
     if procs:
         B, n, V = logits.shape

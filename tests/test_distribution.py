@@ -206,3 +206,44 @@ def test_deterministic_drafter_keeps_the_target_law(case):
                                        GammaSchedule(2, ScheduleParams()), rows, "drop", gen)
     pval = joint_pvalue(tokens, target, prompt, params, K, V)
     assert 0.05 < stats["acceptance_rate"] < 0.95 and pval > ALPHA, (stats["acceptance_rate"], pval)
+
+
+MIXED = [SamplingParams(temperature=0.0), CASES["t0.7-topk3"], CASES["t1.3-topp0.8"]]   # row i: MIXED[i % 3]
+
+
+def test_row_params_filter_each_row_with_its_own():
+    """norm_logits with one parameter set per row (RowParams) against reference_law row by row;
+    the greedy rows one-hot on their argmax."""
+    from sampling.utils import norm_logits, row_params
+    gen = torch.Generator().manual_seed(6)
+    B, V = 6, 12
+    logits = 3 * torch.randn(B, 2, V, generator=gen, dtype=torch.float64)
+    got = norm_logits(logits, row_params([MIXED[b % 3] for b in range(B)]))
+    for b in range(B):
+        for j in range(2):
+            want = (torch.nn.functional.one_hot(logits[b, j].argmax(), V).tolist() if b % 3 == 0
+                    else reference_law(logits[b, j].tolist(), MIXED[b % 3], []))
+            torch.testing.assert_close(got[b, j], torch.tensor(want, dtype=torch.float64), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ("ar", "google", "bass", "bass-mask", "tree", "tree-dynamic"))
+def test_mixed_rows_each_keep_their_own_law(mode):
+    """One batch whose rows sample with different parameters (a server's requests): greedy rows,
+    temperature 0.7 with top-k 3, temperature 1.3 with top-p 0.8. Each group's joint law of the
+    first 3 new tokens against enumeration, the greedy rows all equal to greedy decoding alone."""
+    V, K = 5, 3
+    mode, extra = {"bass-mask": ("bass", dict(finished_rows="mask")), "tree": ("tree", dict(tree="2,2")),
+                   "tree-dynamic": ("tree", dict(tree="dynamic:6:3:3"))}.get(mode, (mode, {}))
+    target, draft = peaked_models(11, 12)
+    prompt = [1, 3, 0, 4]
+    N = 4500 if mode != "google" else 3000
+    per = [MIXED[i % 3] for i in range(N)]
+    res = generate(target, torch.tensor([prompt] * N), draft_model=None if mode == "ar" else draft, mode=mode,
+                   max_new_tokens=[K] * N, gamma=2, seed=7, temperature=[p.temperature for p in per],
+                   top_k=[p.top_k for p in per], top_p=[p.top_p for p in per], **extra)
+    greedy = generate(target, torch.tensor([prompt]), mode="ar", max_new_tokens=K, temperature=0).tokens[0]
+    assert all(t == greedy for t in res.tokens[0::3])
+    for g in (1, 2):
+        pval = joint_pvalue(res.tokens[g::3], target, prompt, MIXED[g], K, V)
+        print(f"{mode} {extra} rows {g}::3: p-value {pval:.3g}")
+        assert pval > ALPHA, (g, pval)

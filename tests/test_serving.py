@@ -46,16 +46,19 @@ def offline(s, prompt: str, n: int) -> str:
 
 
 def test_concurrent_greedy_requests_equal_offline_generation(server):
-    """Requests of different lengths and budgets, sent at once, share batches; each answer is what
-    sampling.generate gives for that prompt alone."""
+    """Requests of different lengths, budgets and temperatures, sent at once, share batches; each
+    greedy answer is what sampling.generate gives for that prompt alone, whatever sampled rows
+    shared its batch."""
     client = OpenAI(base_url=server["url"] + "/v1", api_key="none")
-    jobs = [(p, 3 + 2 * i) for i, p in enumerate(PROMPTS)] * 2
+    jobs = [(p, 3 + 2 * i, 0.0 if i % 2 == 0 else 0.9) for i, p in enumerate(PROMPTS)] * 2
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda j: client.completions.create(model="tiny", prompt=j[0], max_tokens=j[1],
-                                                                     temperature=0), jobs))
-    for (prompt, n), a in zip(jobs, answers):
-        assert a.choices[0].text == offline(server, prompt, n)
-        assert a.usage.completion_tokens <= n and a.usage.prompt_tokens == len(server["tok"](prompt)["input_ids"])
+                                                                     temperature=j[2], top_p=0.9), jobs))
+    for (prompt, n, t), a in zip(jobs, answers):
+        if t == 0:
+            assert a.choices[0].text == offline(server, prompt, n)
+        assert 1 <= a.usage.completion_tokens <= n
+        assert a.usage.prompt_tokens == len(server["tok"](prompt)["input_ids"])
     if server["mode"] == "bass":
         assert server["sched"].rows > server["sched"].batches             # some requests shared a batch
     extra = answers[0].model_extra["speculative"][0]
@@ -128,8 +131,9 @@ def test_a_full_queue_refuses_at_once():
 
 
 def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
-    """A request whose client leaves mid-generation stops its row; the other rows of the batch get
-    exactly their offline tokens."""
+    """A request whose client leaves mid-generation stops its row; the other greedy rows of the batch
+    get exactly their offline tokens (a sampled row shares the batch: different temperatures share
+    one)."""
     tok = tiny_tokenizer()
     target = tiny_model("llama", vocab=len(tok), seed=41)
     draft = noisy_copy(target, 0.1, seed=42)
@@ -137,7 +141,7 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
     got, done = {}, {}
     reqs = []
     for i, p in enumerate(PROMPTS):
-        r = ServeRequest(ids=tok(p)["input_ids"], max_tokens=10, temperature=0.0)
+        r = ServeRequest(ids=tok(p)["input_ids"], max_tokens=10, temperature=0.8 if i == 2 else 0.0, top_k=5)
         r.on_tokens = lambda t, i=i: got.setdefault(i, []).extend(t)
         r.on_done = lambda s, e, i=i: done.__setitem__(i, (s, e))
         reqs.append(r)
@@ -148,7 +152,9 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
     reqs[1].on_tokens = leave
     sched._decode(reqs)
     assert len(got[1]) < 10
-    for i in (0, 2, 3):
+    assert reqs[0].group() == reqs[2].group()
+    assert got[2] == done[2][0]["tokens"] and 1 <= len(got[2]) <= 10
+    for i in (0, 3):
         ids = torch.tensor([tok(PROMPTS[i])["input_ids"]])
         ref = generate(target, ids, mode="ar", max_new_tokens=10, temperature=0, eos_token_id=tok.eos_token_id).tokens[0]
         assert got[i] == ref == done[i][0]["tokens"]
