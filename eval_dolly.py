@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pandas as pd
 from tqdm import tqdm
 
-from benchmark.metrics import summarise
+from benchmark.metrics import process_throughput, summarise
 from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
                               prepare, run_grid)
 from benchmark.utils_io import write_csv
@@ -29,7 +30,7 @@ COLUMNS = {"mode": "mode", "samples": "samples", "new_tokens": "new tokens", "wa
 
 def parse(argv=None):
     ap = Parser(description=__doc__.split("\n\n")[0])
-    add_model_args(ap)
+    add_model_args(ap, placement=True)
     add_bench_args(ap)
     ap.add_argument("--batch", type=int, default=8,
                     help="batch size of ar and bass (google, deepmind, hf, hf_assisted run one at a time)")
@@ -62,6 +63,7 @@ def parse(argv=None):
 def main(argv=None) -> None:
     args = parse(argv)
     data = prepare(args, args.modes, args.drafts)
+    args.seed = data.shard.agree(args.seed)           # one seed for every process of a launch
     rows = []
     cfgs = [RunConfig(mode=mode, batch=1 if mode in SEQUENTIAL_MODES else args.batch,
                       gamma=0 if mode in ("ar", "hf", "tree") else args.gamma,
@@ -75,9 +77,15 @@ def main(argv=None) -> None:
                       kv_cache=args.kv_cache, compile=args.compile,
                       press=args.press_label if mode not in HF_MODES else "")
             for mode in args.modes]
-    with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True) as bar:
+    shard = data.shard
+    t0 = time.perf_counter()
+    with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True,
+              disable=not shard.main) as bar:
         for group in run_grid(cfgs, data, args.repeats, progress=bar):
             rows += group
+    wall = time.perf_counter() - t0
+    if not shard.main:                            # the main process reports and writes
+        return
     raw = pd.DataFrame(rows)
     summary = summarise(raw)
     summary = summary.set_index("mode").loc[args.modes].reset_index()    # the order of --modes
@@ -97,11 +105,19 @@ def main(argv=None) -> None:
                 out = raw[raw["mode"] == mode].set_index("sample")["tokens"]
                 same = int((out == ref.loc[out.index]).sum())
                 print(f"consistency: {mode} equals ar on {same}/{len(out)} outputs")
+    procs = process_throughput(raw)
+    print(f"{shard.size} process(es), {wall:.1f} s wall for every mode's warm-up and timed runs")
+    if shard.size > 1:
+        print("tokens/s per process and in total (the processes ran side by side):")
+        table = procs.pivot_table(index="mode", columns="process", values="throughput").sort_index(axis=1)
+        table["total"] = table.sum(axis=1)
+        print(table.loc[args.modes].to_string(float_format=lambda x: f"{x:.1f}"))
     show(raw, data, args.modes, args.show)
     if args.out:
         write_csv(os.path.join(args.out, "raw.csv"), raw)
         write_csv(os.path.join(args.out, "summary.csv"), summary)
-        print(f"wrote {args.out}/raw.csv and summary.csv")
+        write_csv(os.path.join(args.out, "processes.csv"), procs)
+        print(f"wrote {args.out}/raw.csv, summary.csv and processes.csv")
 
 
 def show(raw: pd.DataFrame, data, modes: list[str], n: int) -> None:

@@ -11,7 +11,8 @@ import sys
 
 from sampling import MODES, check_args, generate_many
 from sampling.cli import (Parser, add_model_args, add_sampling_args, check_at_least_one, check_speculator_flag,
-                          generate_kwargs, load_pair, params_of, parse_caches, parse_drafts, presses_of, run,
+                          generate_kwargs, load_pair, params_of, parse_caches, parse_drafts, placement_of, presses_of,
+                          run,
                           schedule_of)
 from sampling.generate import DEFAULTS, default_gamma
 from sampling.tree import parse_tree
@@ -21,7 +22,7 @@ def parse(argv=None):
     ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", action="append", default=None,
                     help="a prompt (repeat the flag for several)")
-    add_model_args(ap)
+    add_model_args(ap, placement=True)
     ap.add_argument("--mode", default=None, choices=MODES,
                     help=f"decoding mode (default {DEFAULTS.main_mode}, the fastest lossless one measured on the "
                          f"embedded pair; {DEFAULTS.mode} with --draft ngram, which drafts chains)")
@@ -75,7 +76,8 @@ def main(argv=None) -> None:
     drafts = {m: draft for m in modes}
     if "cascade" in modes:                                 # mode cascade drafts with its own models
         from sampling.models import load_cascade
-        drafts["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype)
+        drafts["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype,
+                                                        placement_of(args))
         vocab = vocab or cascade_vocab
     kwargs = dict(batch_size=args.batch, pad_id=tok.pad_token_id, sort_batch=args.sort_batch,
                   **generate_kwargs(args, tok, vocab))

@@ -285,7 +285,7 @@ def parse(argv=None):
     from sampling.cli import CACHES, Parser, add_model_args, add_press_args
     d = SchedulerConfig()
     ap = Parser(description=__doc__.split("\n\n")[0])
-    add_model_args(ap)
+    add_model_args(ap, placement=True)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--port", type=int, default=8011, help="port to listen on")
     ap.add_argument("--model_id", default="bass-embedded", help="the model name clients send")

@@ -12,7 +12,7 @@ NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.
                  "rows_verified": float("nan"),             # what those runs did or what is unknown
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
                  "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": "",
-                 "kv_cache": "dynamic", "compile": False, "press": ""}
+                 "kv_cache": "dynamic", "compile": False, "press": "", "process": 0}
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
@@ -66,7 +66,8 @@ def cost_key(batch: int, gamma: int) -> str:
 def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     """One row per configuration from the per-sample rows.
 
-    throughput: new tokens / the summed wall time of the config's batches; latency: the mean over
+    throughput: new tokens / the summed wall time of the config's batches (in a sharded run, the
+    rate of one process; throughput_total adds the processes', ``process_throughput``); latency: the mean over
     sequences of (its batch's wall time / its new tokens); decode_throughput: new tokens after each
     batch's first / the wall time after it (TTFT, which holds the prefill, excluded); speedup:
     throughput over ``ar`` at the same batch size, temperature and sorting; alpha: the per-token acceptance probability estimated from the
@@ -98,6 +99,9 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
         dec_time=("dec_time", nan_sum)).reset_index()
     out = out.merge(walls, on=KEYS)
     out["throughput"] = out.new_tokens / out.wall_time_s
+    procs = process_throughput(raw).groupby(KEYS, dropna=False).agg(
+        processes=("process", "count"), throughput_total=("throughput", "sum")).reset_index()
+    out = out.merge(procs, on=KEYS)
     out["decode_throughput"] = out.dec_tokens / out.dec_time
     out = out.drop(columns=["dec_tokens", "dec_time"])
     out["acceptance_rate"] = (out.accepted / out.drafted).where(out.drafted > 0)
@@ -124,6 +128,19 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
         out["efficiency_verify"] = out.speedup_vs_ar / out.predicted_verify
         out = flag_out_of_range(out)
     return out
+
+
+def process_throughput(raw: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration and process of a sharded run (``benchmark.shard``): the new tokens
+    and summed batch wall time of the process's share, and their ratio. The processes ran at the
+    same time, so a configuration's total throughput is the sum of its processes' (``summarise``:
+    throughput_total; throughput is the rate of one process)."""
+    raw = upgrade_raw(raw)
+    per_batch = raw.groupby(KEYS + ["process", "batch_id"], dropna=False).agg(
+        tokens=("new_tokens", "sum"), wall=("wall_time_s", "first")).reset_index()
+    out = per_batch.groupby(KEYS + ["process"], dropna=False).agg(
+        batches=("batch_id", "count"), new_tokens=("tokens", "sum"), wall_time_s=("wall", "sum")).reset_index()
+    return out.assign(throughput=out.new_tokens / out.wall_time_s)
 
 
 def flag_out_of_range(out: pd.DataFrame) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from sampling.utils_bass import ScheduleParams
 from sampling.tree import parse_tree
 
 from .analyzer import markdown_table, plot_all
-from .metrics import KEYS, summarise, upgrade_raw
+from .metrics import KEYS, process_throughput, summarise, upgrade_raw
 from .runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, normalise, parse_modes,
                      prepare, run_grid)
 from .utils_io import env_info, peak_memory, write_csv, write_json, write_text
@@ -46,7 +46,7 @@ IDENTITY = ("fingerprint", "dataset_path", "samples", "skip_bad_lines", "target_
 
 def parse(argv=None):
     ap = Parser(description=__doc__.split("\n\n")[0])
-    add_model_args(ap, many_drafts=True)
+    add_model_args(ap, many_drafts=True, placement=True)
     add_bench_args(ap)
     ap.add_argument("--batch_sizes", default="1,4", help="comma list of batch sizes for ar and bass")
     ap.add_argument("--modes", default="ar,google,bass",
@@ -168,12 +168,19 @@ def main(argv=None) -> None:
     done = set() if raw.empty else {tuple(normalise(v) for v in k)
                                     for k in raw[fields].drop_duplicates().itertuples(index=False)}
     todo = [c for c in grid if c.key() not in done]
-    print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(data.prompts)} prompts")
+    shard = data.shard
+    shard.wait()                                        # every process has read raw.csv before it changes
+    if not shard.main:                                  # the others measure their share and leave
+        for _ in run_grid(todo, data, args.repeats):
+            pass
+        return
+    print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(data.prompts)} prompts, "
+          f"{shard.size} process(es)")
     write_json(config_path, dict(vars(args), **identity, configurations=len(grid)))
     env_path = os.path.join(args.out, "env.json")
     old = json.load(open(env_path)) if resuming and os.path.exists(env_path) else {}
-    env = dict(env_info(), cost=old.get("cost", {}))    # a resumed sweep keeps its measured costs
-    saved = 0
+    env = dict(env_info(), cost=old.get("cost", {}), processes=shard.size)  # a resumed sweep keeps its costs
+    saved, t0 = 0, time.perf_counter()
     try:
         with tqdm(total=len(todo) * len(data.prompts), desc="sweep", dynamic_ncols=True) as bar:
             for group in run_grid(todo, data, args.repeats, bar, costs=env["cost"]):
@@ -185,12 +192,14 @@ def main(argv=None) -> None:
         raise KeyboardInterrupt(f"{saved} group(s) of configurations were saved in {raw_path}; to continue, "
                                 f"run the same command with --resume") from None
     finally:
+        env["sweep_wall_s"] = time.perf_counter() - t0   # this invocation's warm-ups and timed runs
         env["peak_memory"] = dict(peak_memory(), cuda_max_allocated_mib=float(raw["peak_mem_mib"].max())
                                   if "peak_mem_mib" in raw else None)
         write_json(env_path, env)
     cost = env["cost"]
     summary = summarise(raw, cost)
     write_csv(os.path.join(args.out, "summary.csv"), summary)
+    write_csv(os.path.join(args.out, "processes.csv"), process_throughput(raw))
     plots = plot_all(summary, raw, args.out)
     write_text(os.path.join(args.out, "table.md"), markdown_table(summary))
     cols = KEYS[:7] + ["throughput", "latency_ms", "acceptance_rate", "alpha", "tokens_per_call", "speedup_vs_ar",
@@ -199,7 +208,14 @@ def main(argv=None) -> None:
     print(f"each figure: per batch, the median of {args.repeats} timed run(s) after one warm-up run, the "
           f"configurations of a batch size interleaved")
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    print(f"wrote {raw_path}, summary.csv, table.md, config.json, env.json and {len(plots)} plots in {args.out}")
+    if summary.processes.max() > 1:
+        print(f"{shard.size} processes: throughput is one process's rate, throughput_total the sum of theirs "
+              f"(processes.csv has each)")
+        print(summary[KEYS[:3] + ["processes", "throughput", "throughput_total"]].to_string(
+            index=False, float_format=lambda x: f"{x:.3g}"))
+    print(f"sweep wall time {env['sweep_wall_s']:.1f} s on {shard.size} process(es)")
+    print(f"wrote {raw_path}, summary.csv, processes.csv, table.md, config.json, env.json and {len(plots)} plots "
+          f"in {args.out}")
     print("measured step costs (batch x gamma: target step ms, draft step ms, verify ms, c, v): " +
           json.dumps({b: {k: round(v, 3) for k, v in c.items()} for b, c in cost.items()}))
 

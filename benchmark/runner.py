@@ -12,9 +12,11 @@ import torch
 
 from sampling import DEFAULTS, PressSpec, generate, pad_left
 from sampling.batching import batch_order
+from sampling.models import model_device
 
 from .metrics import cost_key
 from .runner_support import HF_MODES, hf_generate, measure_cost
+from .shard import Shard
 
 SEQUENTIAL_MODES = ("google", "deepmind", "cascade") + HF_MODES   # one prompt at a time: always batch 1
 DRAFTLESS_MODES = ("ar", "hf", "hf_prompt_lookup")       # no drafter of the toolkit's (RunConfig.draft "")
@@ -66,6 +68,7 @@ class Prepared:
     tokenizer: object
     vocab: int | None           # the shared vocabulary (generate's vocab_size)
     fingerprint: str            # sha256 of the prompts' token ids: the same data, tokenizer and template
+    shard: Shard = Shard()      # this process's share of an accelerate launch (one process: everything)
 
     @property
     def draft(self):
@@ -76,12 +79,13 @@ class Prepared:
 def prepare(args, modes, drafts: list[str]) -> Prepared:
     """Dataset, models, drafters and encoded prompts for eval_dolly and run_experiment (their shared
     flags). The draft model's tokenizer is checked before any mode runs, hf_assisted included."""
-    from sampling.cli import load_pair
+    from sampling.cli import load_pair, placement_of
     from sampling.generate import max_positions
 
     from .utils_io import load_dolly
+    shard = Shard.launched(args)                                 # before loading: the process's GPU
     records = all_records = load_dolly(args.dataset_path, args.skip_bad_lines)
-    if args.samples > len(records):
+    if args.samples > len(records) and shard.main:
         print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
     records = records[:args.samples]
     drafts = [d for d in drafts if any(m not in DRAFTLESS_MODES + ("hf_assisted", "cascade") for m in modes)]
@@ -91,18 +95,20 @@ def prepare(args, modes, drafts: list[str]) -> Prepared:
     loaded = loaded or {}
     if "cascade" in modes:                                      # its drafts, smallest first (--cascade)
         from sampling.models import load_cascade
-        loaded["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype)
+        loaded["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype,
+                                                       placement_of(args))
         vocab = vocab or cascade_vocab
     length = getattr(args, "prompt_tokens", None)              # (add_bench_args; the profilers lack it)
     if length is not None:
         if length < 1:
             raise ValueError(f"--prompt_tokens must be >= 1, got {length}")
         records = [dict(r, filler=filler_text(all_records, i + 1)) for i, r in enumerate(records)]
-    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens, length=length)
+    prompts, meta = encode_records(records, tok, max_positions(target), args.max_tokens, length=length,
+                                   warn=print if shard.main else lambda _: None)
     if not prompts:
         raise ValueError("no record fits the model's positions")
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
-    return Prepared(prompts, meta, target, loaded, tok, vocab, fingerprint)
+    return Prepared(prompts, meta, target, loaded, tok, vocab, fingerprint, shard)
 
 
 def filler_text(records: list[dict], start: int, chars: int = 20_000) -> str:
@@ -183,38 +189,45 @@ def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, prog
     its median run per batch. Ratios within a group are so measured side by side, and a machine
     that drifts during a sweep slows every configuration of a group alike. ``costs`` (a dict):
     the step costs of the group's batch size and gammas are measured after its warm-up, beside it.
+    Under ``accelerate launch`` (``data.shard``) each process times its share of the batches (the
+    same batches, ids and seeds as one process) and every process gets the group's rows, in the
+    order one process makes them; ``progress`` and ``costs`` are then the main process's.
     """
     groups: dict[tuple, list[RunConfig]] = {}
     for cfg in cfgs:
         groups.setdefault(batching_of(cfg), []).append(cfg)
+    shard = data.shard
     for (batch, sort_batch), group in groups.items():
         batches = batch_order(data.prompts, batch, sort_batch)
+        mine = shard.mine(list(enumerate(batches)))
         runners = [_runner(cfg, data) for cfg in group]
         for cfg, once in zip(group, runners):
-            once(batches[0], 0)                          # warm-up on its shapes, not timed
-        if costs is not None and data.draft is not None:
+            if mine:
+                once(mine[0][1], mine[0][0])             # warm-up on its shapes, not timed
+        if costs is not None and data.draft is not None and shard.main:
             for g in sorted({c.gamma for c in group if c.draft == "model" and c.mode != "tree"}):
                 if cost_key(batch, g) not in costs:
                     costs[cost_key(batch, g)] = measure_cost(data.target, data.draft, batch, g)
-        rows = {cfg: [] for cfg in group}
-        for bid, idx in enumerate(batches):
+        rows = []                                        # (configuration, batch id, its raw rows)
+        for bid, idx in mine:
             runs = [[] for _ in group]
             for rep in range(repeats):
                 for k in [(k + rep) % len(group) for k in range(len(group))]:
                     runs[k].append(runners[k](idx, bid))
-            for cfg, cfg_runs in zip(group, runs):
+            for k, (cfg, cfg_runs) in enumerate(zip(group, runs)):
                 tokens, st = sorted(cfg_runs, key=lambda r: r[1]["wall_time_s"])[len(cfg_runs) // 2]
-                rows[cfg] += _rows(cfg, idx, bid, tokens, st, data)
+                rows.append((k, bid, _rows(cfg, idx, bid, tokens, st, data)))
             if progress is not None:
-                progress.update(len(idx) * len(group))
-        yield [r for cfg in group for r in rows[cfg]]
+                progress.update(len(idx) * len(group) * shard.size)   # the others keep about the same pace
+        rows = sorted(shard.gather(rows), key=lambda r: r[:2])
+        yield [r for _, _, batch_rows in rows for r in batch_rows]
 
 
 def _runner(cfg: RunConfig, data: Prepared):
     """once(idx, bid) -> (tokens, stats): one timed generation of prompts[idx]."""
     tok, target, draft = data.tokenizer, data.target, data.drafts.get(cfg.draft)
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    device = next(target.parameters()).device
+    device = model_device(target)
 
     def once(idx, bid):
         if device.type == "cuda":
@@ -245,7 +258,8 @@ def _rows(cfg: RunConfig, idx, bid, tokens, st, data: Prepared) -> list[dict]:
     out = []
     for j, i in enumerate(idx):
         r = st["rows"][j]
-        out.append(dict(asdict(cfg), **data.meta[i], batch_id=bid, prompt_tokens=len(data.prompts[i]),
+        out.append(dict(asdict(cfg), **data.meta[i], batch_id=bid, process=data.shard.rank,
+                        prompt_tokens=len(data.prompts[i]),
                         new_tokens=len(tokens[j]), wall_time_s=st["wall_time_s"],
                         ttft_s=st["ttft_s"], target_calls=r["target_calls"],
                         accepted=r["accepted"], drafted=r["drafted"],

@@ -9,6 +9,7 @@ import torch
 from sampling.kvcache_model import KVCacheModel
 from sampling.rows import now
 from sampling.utils import SamplingParams
+from sampling.models import model_device
 
 HF_MODES = ("hf", "hf_assisted", "hf_prompt_lookup")
 
@@ -56,7 +57,7 @@ def measure_cost(target, draft, batch: int, gamma: int, prompt_len: int = 64, re
     params = SamplingParams(temperature=1.0)
     gen = torch.Generator().manual_seed(0)
     V = min(target.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0])
-    device = next(target.parameters()).device
+    device = model_device(target)
     prompt = torch.randint(0, V, (batch, prompt_len), generator=gen).to(device)
     steps = {"target_step": (target, 1), "draft_step": (draft, 1), "verify": (target, gamma + 1)}
     caches, times = {}, {k: [] for k in steps}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .generate import GenerationResult, generate, sum_hists
+from .models import model_device
 
 
 def pad_left(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +35,7 @@ def generate_many(target_model, prompts: list[list[int]], *, batch_size: int, pa
     """
     if batch_size <= 0:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    device = next(target_model.parameters()).device
+    device = model_device(target_model)
     tokens: list[list[int] | None] = [None] * len(prompts)
     per_batch = []
     for idx in batch_order(prompts, batch_size, sort_batch):

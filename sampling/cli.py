@@ -35,9 +35,12 @@ class Parser(argparse.ArgumentParser):
 DRAFTS = ("model", "ngram", "mlp", "medusa")   # the draft model, prompt lookup, speculator heads of two kinds
 
 
-def add_model_args(ap: argparse.ArgumentParser, many_drafts: bool = False, drafters: bool = True) -> None:
+def add_model_args(ap: argparse.ArgumentParser, many_drafts: bool = False, drafters: bool = True,
+                   placement: bool = False) -> None:
     """The model flags; ``drafters``: also --draft and --speculator (tools that study the draft
-    model alone leave them out), ``many_drafts``: --draft takes a comma list."""
+    model alone leave them out), ``many_drafts``: --draft takes a comma list, ``placement``: also
+    --device_map, --max_memory and --offload_folder (``placement_of``; the tools that load through
+    ``load_pair``)."""
     ap.add_argument("--target_model_name", default=None,
                     help="target model: local folder or hub id (default: the embedded models/target)")
     ap.add_argument("--approx_model_name", default=None,
@@ -46,6 +49,17 @@ def add_model_args(ap: argparse.ArgumentParser, many_drafts: bool = False, draft
                     help="where to run (auto: cuda if available)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                     help="model dtype (auto: float32 on CPU, float16 on CUDA)")
+    if placement:
+        from .models import DEVICE_MAPS
+        ap.add_argument("--device_map", default=None, choices=DEVICE_MAPS,
+                        help="split target and draft over the GPUs, the CPU and the disk with accelerate's "
+                             "big-model inference (default: each whole on --device)")
+        ap.add_argument("--max_memory", default=None,
+                        help="with --device_map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB; layers beyond "
+                             "it go to --offload_folder (default: what each device has)")
+        ap.add_argument("--offload_folder", default=None,
+                        help="with --device_map: where layers beyond --max_memory are offloaded (default: a "
+                             "temporary folder)")
     if not drafters:
         return
     ap.add_argument("--draft", default=DEFAULTS.draft,
@@ -215,14 +229,15 @@ def load_pair(args, need_draft: bool = True, drafts: list[str] | None = None):
     several (run_experiment); the second item is then a dict name -> drafter."""
     from .models import load_model, load_tokenizer, shared_vocab
     tokenizer = load_tokenizer(args.target_model_name)
-    target = load_model(args.target_model_name, "target", args.device, args.dtype)
+    placement = placement_of(args)
+    target = load_model(args.target_model_name, "target", args.device, args.dtype, placement)
     if not need_draft:
         return target, None, tokenizer, None
     names = drafts or parse_drafts(args.draft)
     out, vocab = {}, None
     for name in names:
         if name == "model":
-            out[name] = load_model(args.approx_model_name, "draft", args.device, args.dtype)
+            out[name] = load_model(args.approx_model_name, "draft", args.device, args.dtype, placement)
             vocab = shared_vocab(tokenizer, load_tokenizer(args.approx_model_name, "draft"), target, out[name])
         elif name == "ngram":
             from .ngram import NgramDrafter
@@ -235,6 +250,18 @@ def load_pair(args, need_draft: bool = True, drafts: list[str] | None = None):
                 raise ValueError(f"--speculator {args.speculator} holds {spec.heads.cfg.kind} heads, not {name}")
             out[name] = spec
     return target, (out if drafts else out[names[0]]), tokenizer, vocab
+
+
+def placement_of(args):
+    """The placement flags (``add_model_args(placement=True)``), checked; None for a tool without them."""
+    from .models import Placement
+    if not hasattr(args, "device_map"):
+        return None
+    placement = Placement(args.device_map, args.max_memory, args.offload_folder)
+    placement.validate()
+    if placement.device_map is not None and getattr(args, "compile", False):
+        raise ValueError("--compile with --device_map: compiled passes need every layer on one device")
+    return placement
 
 
 def _sigterm(signum, frame):

@@ -1,9 +1,13 @@
 """Loading models and tokenizers: the embedded default pair, local folders or hub ids."""
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import socket
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -83,6 +87,83 @@ def _load_int8(src: str, config, dtype, role: str):
     return model
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's big-model placements
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's layers go: all on one device (``device_map`` None), or spread by accelerate's
+    big-model inference over the GPUs, the CPU and the disk, within ``max_memory``."""
+    device_map: str | None = None       # auto | balanced | balanced_low_0 | sequential (DEVICE_MAPS); None: one device
+    max_memory: str | None = None       # per device, "0=20GiB,1=20GiB,cpu=64GiB"; None: what each device has
+    offload_folder: str | None = None   # where layers beyond max_memory go; None: a temporary folder
+
+    def validate(self) -> None:
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"unknown --device_map {self.device_map!r}; choose one of {', '.join(DEVICE_MAPS)}")
+        if self.device_map is None and (self.max_memory or self.offload_folder):
+            raise ValueError("--max_memory and --offload_folder place a split model; give --device_map too")
+        self.memory()
+
+    def memory(self) -> dict | None:
+        """--max_memory as accelerate takes it: {0: "20GiB", "cpu": "64GiB"}."""
+        if not self.max_memory:
+            return None
+        from accelerate.utils import convert_file_size_to_int
+        out = {}
+        for item in self.max_memory.split(","):
+            key, sep, size = item.partition("=")
+            key, size = key.strip(), size.strip()
+            if not sep or not (key.isdigit() or key in ("cpu", "mps")):
+                raise ValueError(f"--max_memory {self.max_memory!r}: give device=size items, the device a GPU "
+                                 f"index or cpu, e.g. 0=20GiB,cpu=64GiB")
+            try:
+                if convert_file_size_to_int(size) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"--max_memory: size {size!r} of {key} is not a positive size such as 500MB or "
+                                 f"2GiB") from None
+            out[int(key) if key.isdigit() else key] = size
+        return out
+
+    def folder(self) -> str:
+        """The offload folder (a temporary one, removed at exit, when none was given)."""
+        if self.offload_folder:
+            os.makedirs(self.offload_folder, exist_ok=True)
+            return self.offload_folder
+        path = tempfile.mkdtemp(prefix="bass-offload-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        return path
+
+
+def dispatch(model, placement: Placement, dtype: torch.dtype):
+    """A model loaded whole on the CPU, spread over the devices as ``placement`` says (accelerate's
+    ``infer_auto_device_map`` within the balanced or given memory, then ``dispatch_model``)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+    no_split = model._no_split_modules or []
+    memory = placement.memory()
+    if placement.device_map != "sequential":
+        memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype,
+                                     low_zero=placement.device_map == "balanced_low_0")
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    model = dispatch_model(model, device_map, offload_dir=placement.folder() if "disk" in device_map.values() else None)
+    model.hf_device_map = device_map
+    return model
+
+
+def model_device(model) -> torch.device:
+    """Where a model takes its inputs: its device, or for a model that accelerate split, the device
+    its first layers run on (layers offloaded to the CPU or the disk run on that main device)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        run_on = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        if not run_on:
+            return torch.device("cpu")
+        return torch.device(f"cuda:{run_on[0]}" if isinstance(run_on[0], int) else run_on[0])
+    return next(model.parameters()).device
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,21 +224,30 @@ def _pretrained(cls, src: str, role: str, **kwargs):
         raise ValueError(f"cannot load {role} {src!r}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(name: str | None, role: str = "target", device: str = "auto", dtype: str = "auto"):
+def load_model(name: str | None, role: str = "target", device: str = "auto", dtype: str = "auto",
+               placement: Placement | None = None):
     """A causal LM in eval mode. BLOOM gets eager attention (its SDPA path mishandles padding).
-    A folder written by ``save_int8`` is dequantized to the dtype asked for."""
+    A folder written by ``save_int8`` is dequantized to the dtype asked for. ``placement`` with a
+    device_map: the layers spread over devices and offloaded by accelerate (``Placement``); the
+    model's inputs then go to ``model_device(model)``."""
     from transformers import AutoConfig, AutoModelForCausalLM
     src = _source(name, DEFAULT_TARGET if role == "target" else DEFAULT_DRAFT, role)
     dev = resolve_device(device)
+    split = placement is not None and placement.device_map is not None
+    if split:
+        placement.validate()
     config = _pretrained(AutoConfig, src, f"{role} model")
     extra = {"attn_implementation": "eager"} if config.model_type == "bloom" else {}
+    dtype = resolve_dtype(dtype, dev)
     if is_int8_folder(src):
         config._attn_implementation = extra.get("attn_implementation", config._attn_implementation)
-        model = _load_int8(src, config, resolve_dtype(dtype, dev), f"{role} model")
-    else:
-        model = _pretrained(AutoModelForCausalLM, src, f"{role} model", config=config,
-                            dtype=resolve_dtype(dtype, dev), **extra)
-    return model.to(dev).eval()
+        model = _load_int8(src, config, dtype, f"{role} model")
+        return (dispatch(model, placement, dtype) if split else model.to(dev)).eval()
+    if split:                          # loaded straight onto its devices, never whole in memory
+        extra.update(device_map=placement.device_map, max_memory=placement.memory(),
+                     offload_folder=placement.folder())
+    model = _pretrained(AutoModelForCausalLM, src, f"{role} model", config=config, dtype=dtype, **extra)
+    return (model if split else model.to(dev)).eval()
 
 
 def load_tokenizer(name: str | None, role: str = "target"):
@@ -189,7 +279,8 @@ def shared_vocab(target_tok, draft_tok, target, draft) -> int | None:
     return len(t)
 
 
-def load_cascade(names: str | None, target_tok, target, device: str, dtype: str) -> tuple[list, int | None]:
+def load_cascade(names: str | None, target_tok, target, device: str, dtype: str,
+                 placement: Placement | None = None) -> tuple[list, int | None]:
     """The drafts of mode cascade, smallest first, from a comma list of folders or hub ids (None:
     the embedded ``DEFAULT_CASCADE``), each tokenizer checked against the target's; returns them
     and the vocabulary to restrict every model to (``shared_vocab``)."""
@@ -198,7 +289,7 @@ def load_cascade(names: str | None, target_tok, target, device: str, dtype: str)
         raise ValueError(f"--cascade takes 2 or more draft models, smallest first, got {names!r}")
     drafts, vocabs = [], set()
     for src in srcs:
-        drafts.append(load_model(src, "draft", device, dtype))
+        drafts.append(load_model(src, "draft", device, dtype, placement))
         vocabs.add(shared_vocab(target_tok, load_tokenizer(src, "draft"), target, drafts[-1]))
     vocab = min((v for v in vocabs if v is not None), default=None)
     return drafts, vocab

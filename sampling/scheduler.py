@@ -19,6 +19,7 @@ import torch
 
 from .batching import pad_left
 from .generate import generate
+from .models import model_device
 
 SERVE_MODES = ("bass", "ar", "google")   # batched speculative, batched AR, one request at a time (speculative)
 
@@ -89,7 +90,7 @@ class Scheduler:
         self.target, self.draft, self.tok, self.cfg, self.vocab = target, draft, tokenizer, cfg, vocab
         self.generate_kw = generate_kw                   # the server's fixed settings (kv_cache, press, ...)
         self.queue: queue.Queue[ServeRequest] = queue.Queue(maxsize=cfg.queue_size)
-        self.device = next(target.parameters()).device
+        self.device = model_device(target)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="bass-scheduler", daemon=True)
         self.batches = 0                                 # generate() calls made
