@@ -274,7 +274,8 @@ def build(args):
     from sampling.cli import load_pair, presses_of
     from sampling.generate import max_positions
     target, draft, tok, vocab = load_pair(args, need_draft=args.serve_mode != "ar")
-    cfg = SchedulerConfig(args.serve_mode, args.max_batch, args.max_wait_ms, args.queue_size, args.gamma)
+    cfg = SchedulerConfig(args.serve_mode, args.max_batch, args.max_wait_ms, args.queue_size, args.gamma,
+                          args.continuous == "on")
     sched = Scheduler(target, draft, tok, cfg, vocab, kv_cache=args.kv_cache, press=presses_of(args)[0])
     warm_up(sched, tok("warm up")["input_ids"])
     limits = Limits(args.model_id, max_positions(target) or 2048, args.max_tokens)
@@ -296,6 +297,9 @@ def parse(argv=None):
                     help="how long a first request waits for others to join its batch")
     ap.add_argument("--queue_size", type=int, default=d.queue_size, help="waiting requests at most (then 429)")
     ap.add_argument("--gamma", type=int, default=d.gamma, help="draft length (bass, google)")
+    ap.add_argument("--continuous", default="on" if d.continuous else "off", choices=("on", "off"),
+                    help="bass, ar: requests join a running batch between steps (continuous batching); off: "
+                         "a batch runs to its end before the next starts")
     ap.add_argument("--max_tokens", type=int, default=16, help="max_tokens of a request that gives none")
     ap.add_argument("--kv_cache", default="dynamic", choices=CACHES, help="the KV cache (sampling.kvcache_model)")
     add_press_args(ap)
@@ -313,7 +317,8 @@ def main(argv=None) -> None:
     args = parse(argv)
     sched, tok, limits = build(args)
     app = create_app(sched, tok, limits)
-    print(f"serving {limits.model_id} ({args.serve_mode}, batches of up to {args.max_batch}) on "
+    print(f"serving {limits.model_id} ({args.serve_mode}, batches of up to {args.max_batch}"
+          f"{', continuous' if sched.joining else ''}) on "
           f"http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -3,7 +3,7 @@
     python -m benchmark.load_test --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/serving
 
 For each serving mode (``--serve_modes``: bass batching, ar batching, google one request at a
-time) a server is started as a subprocess on a free loopback port with the embedded pair (or the
+time; the batched ones with and without continuous batching, ``--continuous``) a server is started as a subprocess on a free loopback port with the embedded pair (or the
 model flags), warmed up, and driven by ``concurrency`` asyncio clients (httpx) that each send
 streamed completions of Dolly prompts back to back until ``--requests`` have been sent; then the
 next concurrency. Each request records its time to the first streamed token (TTFT), its latency
@@ -39,13 +39,13 @@ def free_port() -> int:
 class Server:
     """serving.py in a subprocess on a free loopback port."""
 
-    def __init__(self, mode: str, args):
+    def __init__(self, mode: str, args, continuous: bool = True):
         self.port = free_port()
         flags = ["--device", args.device, "--dtype", args.dtype] + \
             [x for f in ("target_model_name", "approx_model_name") if getattr(args, f) for x in ("--" + f, getattr(args, f))]
         self.proc = subprocess.Popen([sys.executable, "serving.py", "--port", str(self.port), "--serve_mode", mode,
                                       "--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms),
-                                      "--queue_size", "256", *flags],
+                                      "--queue_size", "256", "--continuous", "on" if continuous else "off", *flags],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -161,8 +161,18 @@ async def reliability(url: str, model: str, prompts: list[str], n: int, concurre
     return pd.DataFrame(rows).assign(alive_after=alive)
 
 
+def configurations(args) -> dict[str, tuple[str, bool]]:
+    """label -> (serving mode, continuous batching): --continuous applies to the batched modes."""
+    out = {}
+    for m in args.serve_modes:
+        for c in (args.continuous if m in ("bass", "ar") else [True]):
+            out[m if c or m not in ("bass", "ar") else f"{m} (no joining)"] = (m, c)
+    return out
+
+
 async def drive(args, prompts: list[str]) -> pd.DataFrame:
-    servers = {m: Server(m, args) for m in args.serve_modes}
+    labels = configurations(args)
+    servers = {k: Server(m, args, c) for k, (m, c) in labels.items()}
     try:
         for s in servers.values():
             await s.ready()
@@ -171,13 +181,13 @@ async def drive(args, prompts: list[str]) -> pd.DataFrame:
                 await level(s.url, "bass-embedded", prompts, c, c, args.max_tokens, args.timeout_s)
         rows = []
         for c in args.concurrency:
-            for m in args.serve_modes:                     # modes interleaved level by level
+            for m in labels:                               # configurations interleaved level by level
                 got, wall = await level(servers[m].url, "bass-embedded", prompts, c, args.requests,
                                         args.max_tokens, args.timeout_s)
                 rows += [dict(r, serve_mode=m, concurrency=c, level_wall_s=wall) for r in got]
                 print(f"{m} concurrency {c}: {sum(r['completion_tokens'] for r in got) / wall:.1f} tokens/s",
                       flush=True)
-        first = servers[args.serve_modes[0]]
+        first = servers[next(iter(labels))]
         rel = await reliability(first.url, "bass-embedded", prompts, args.reliability, 8) if args.reliability \
             else pd.DataFrame()
         return pd.DataFrame(rows), rel
@@ -245,7 +255,7 @@ def main(argv=None) -> None:
     if not rel.empty:
         write_csv(os.path.join(args.out, "reliability.csv"), rel)
         g = rel.groupby("kind").ok
-        table += (f"\nReliability ({args.serve_modes[0]} server, {len(rel)} requests, 8 at a time): good answered "
+        table += (f"\nReliability ({next(iter(configurations(args)))} server, {len(rel)} requests, 8 at a time): good answered "
                   f"correctly {int(g.sum().get('good', 0))} / {int(g.size().get('good', 0))}, bad refused with a 4xx "
                   f"{int(g.sum().get('bad', 0))} / {int(g.size().get('bad', 0))}, alive after: "
                   f"{bool(rel.alive_after.iloc[0])}\n")
@@ -262,6 +272,9 @@ def parse(argv=None):
     ap.add_argument("--dataset_path", required=True, help="Dolly-format jsonl: the prompts")
     ap.add_argument("--prompts", type=int, default=48, help="records used as prompts, from the top")
     ap.add_argument("--serve_modes", default=",".join(SERVE_MODES), help="comma list of serving modes")
+    ap.add_argument("--continuous", default="on,off",
+                    help="comma list of on / off: bass and ar servers with continuous batching (requests join a "
+                         "running batch) and without it (labelled 'no joining')")
     ap.add_argument("--concurrency", default="1,2,4,8,16", help="comma list of concurrent clients")
     ap.add_argument("--requests", type=int, default=32, help="requests per mode and concurrency")
     ap.add_argument("--max_tokens", type=int, default=32, help="max_tokens of every request")
@@ -277,6 +290,10 @@ def parse(argv=None):
     bad = [m for m in args.serve_modes if m not in SERVE_MODES]
     if bad or not args.serve_modes:
         raise ValueError(f"--serve_modes {bad or args.serve_modes}: choose from {', '.join(SERVE_MODES)}")
+    cont = [c.strip() for c in args.continuous.split(",") if c.strip()]
+    if not cont or set(cont) - {"on", "off"}:
+        raise ValueError(f"--continuous {args.continuous!r}: a comma list of on and off")
+    args.continuous = [c == "on" for c in dict.fromkeys(cont)]
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .kvcache_model import CacheSpec, KVCacheModel
-from .rows import Rows
+from .rows import Rows, admit_rows
 from .utils import SamplingParams, sample
 
 
@@ -22,7 +22,7 @@ def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor,
     p = model.prefill(input_ids, mask)                                   # [B, V]
     seq = input_ids
     while True:
-        x = sample(p, generator, params.greedy)                          # [b]
+        x = sample(p, generator, model.params.greedy)                    # [b]
         rows.hand_out([[t] for t in x.tolist()])
         if rows.all_done:
             break
@@ -32,6 +32,7 @@ def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor,
         if keep is not None:
             seq, mask = seq[keep], mask[keep]
             model.select_rows(keep)
+        seq, mask = admit_rows(rows, seq, mask, [model])                 # requests joining (a server)
         p = model.catch_up(seq, mask)                                    # [b, V]
         model.rollback(model.length)                                     # nothing to undo: all final (a press)
     return rows.out, rows.finish(model.calls)

@@ -185,7 +185,9 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ``top_k``, ``top_p`` and ``min_p`` be (``sampling.utils.RowParams``: greedy and sampled rows share
     the batch, each keeping its own law). ``streamer`` may also be
     a row streamer (``put_row(row, tokens)``, ``stopped(row)``, ``end()``; ``sampling.rows.Rows``),
-    for any batch: each row's tokens as they are accepted, and a row it stops leaves the batch.
+    for any batch: each row's tokens as they are accepted, and a row it stops leaves the batch; with
+    ``admit(live) -> list[NewRow]`` it also hands in requests that join the running batch between
+    steps (continuous batching; modes ar and bass, the dynamic cache, no press: ``check_admission``).
     ``press`` (``sampling.press.PressSpec``): KV-cache compression of the draft's cache (the output
     law stays the target's), the target's (a different model) or both; None: none.
     """
@@ -212,6 +214,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if streamer is not None and input_ids.shape[0] != 1 and not hasattr(streamer, "put_row"):
         raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]} (a row streamer, "
                          f"with put_row, takes any)")
+    if hasattr(streamer, "admit"):
+        check_admission(mode, draft_model, cache, finished_rows)
     device = input_ids.device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -258,6 +262,20 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                  accepted_hist=sum_hists([s["accepted_hist"] for s in per_row]),
                  rows=[s["rows"][0] for s in per_row])
     return GenerationResult(tokens, stats)
+
+
+def check_admission(mode: str, draft_model, cache: CacheSpec, finished_rows: str) -> None:
+    """Rows join a running batch (a row streamer with ``admit``) in the batched chain loops, with a
+    draft model or the n-gram drafter, the dynamic cache without a press, finished rows dropped."""
+    why = [f"mode {mode} (ar or bass)" if mode not in ("ar", "bass") else "",
+           f"the {cache.kind} cache (dynamic)" if cache.kind != "dynamic" else "",
+           "a press" if cache.press.active else "",
+           f"finished_rows={finished_rows} (drop)" if finished_rows != "drop" else "",
+           "this drafter (a draft model or NgramDrafter)" if mode == "bass" and is_drafter(draft_model)
+           and not hasattr(draft_model, "admit") else ""]
+    why = [w for w in why if w]
+    if why:
+        raise ValueError(f"rows cannot join a running batch with {', '.join(why)}")
 
 
 class OneRow:

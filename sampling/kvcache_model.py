@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import Cache, StaticLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .press import PressSpec, QueryCapture, scores, select
-from .utils import RowParams, SamplingParams, norm_logits
+from .utils import RowParams, SamplingParams, norm_logits, row_params
 
 CACHES = ("dynamic", "static")
 SLOT_BLOCK = 64          # a static cache's length is rounded up to this, so prompts of similar lengths share shapes
@@ -299,6 +299,33 @@ class KVCacheModel:
             self._capture.select_rows(rows)
         if self._hist is not None:
             self._hist = self._hist[rows]
+
+    @torch.inference_mode()
+    def admit(self, ids: torch.Tensor, mask: torch.Tensor, pad: int, params: list[SamplingParams]) -> None:
+        """New rows join the batch between steps (continuous batching). The cached rows' slots move
+        right by ``pad`` empty (masked) slots; ids, mask [n, W] are the new rows' tokens aligned with
+        the batch's sequence after that shift (W = its new width). Their first ``length`` slots enter
+        the cache in one prefill of the new rows; the rest stay pending, as the batch's own do.
+        Positions come from the mask, so no row's positions change. ``params``: the new rows'."""
+        if self.static or self.press is not None:
+            raise ValueError("rows join a running batch with the dynamic cache and no press only")
+        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            raise ValueError(f"rows join a running batch with full-attention cache layers only, not "
+                             f"{type(self.cache.layers[0]).__name__}")
+        if pad:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))
+            self.mask = F.pad(self.mask, (pad, 0))
+            self.filled, self.final = self.filled + pad, self.final + pad
+        new = KVCacheModel(self.model, row_params(params), self.vocab, self.spec)
+        new.prefill(ids[:, :self.length], mask[:, :self.length])
+        for layer, other in zip(self.cache.layers, new.cache.layers):
+            layer.keys, layer.values = torch.cat([layer.keys, other.keys]), torch.cat([layer.values, other.values])
+        w = min(1, self._hist.shape[1])                 # the next pass reads the last position's law at most
+        self._hist = torch.cat([self._hist[:, self._hist.shape[1] - w:], new._hist[:, new._hist.shape[1] - w:]])
+        self.mask = torch.cat([self.mask, new.mask])
+        self.params = row_params(self.params.per_row(len(self.mask) - len(ids)) + list(params))
+        self.calls += 1
 
     # --- presses (sampling.press): evict final positions, keep the rest in order after them ---
 

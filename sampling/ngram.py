@@ -15,7 +15,7 @@ from .parts import Draft
 
 
 class NgramDrafter:
-    """The drafter contract of ``sampling.parts`` (propose, commit, prefill, select_rows, calls)
+    """The drafter contract of ``sampling.parts`` (propose, commit, prefill, select_rows, admit, calls)
     without a model: ``generate(..., draft_model=NgramDrafter())`` in google, deepmind and bass."""
 
     supports_tree = False                                # drafts chains only
@@ -37,6 +37,12 @@ class NgramDrafter:
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.rows = [self.rows[i] for i in keep.tolist()]
+
+    def admit(self, ids: torch.Tensor, mask: torch.Tensor, pad: int, params=None) -> None:
+        """New rows join between steps: the batch's slots move right by ``pad``; ids, mask [n, W]."""
+        self.seen += pad
+        for r, k in zip(ids[:, :self.seen].tolist(), mask[:, :self.seen].tolist()):
+            self.rows.append([t for t, m in zip(r, k) if m])
 
     def commit(self, acc) -> None:
         pass

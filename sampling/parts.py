@@ -72,6 +72,11 @@ class CachedPart:
     def select_rows(self, keep: torch.Tensor) -> None:
         self.kv.select_rows(keep)
 
+    def admit(self, ids: torch.Tensor, mask: torch.Tensor, pad: int, params: list[SamplingParams]) -> None:
+        """New rows join between steps (``KVCacheModel.admit``)."""
+        self.kv.admit(ids, mask, pad, params)
+        self.greedy = self.greedy and all(p.greedy for p in params)
+
 
 class ModelDrafter(CachedPart):
     """A draft model with its own KV cache: g tokens per row, one cached step each."""

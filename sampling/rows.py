@@ -7,10 +7,22 @@ made on the models' device, so the loops never mix host and device tensors.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from .utils import SamplingParams
 from .utils_bass import histogram
+
+
+@dataclass
+class NewRow:
+    """A request that joins a running batch (continuous batching): what a row streamer's ``admit``
+    hands the loop."""
+    ids: list[int]                # prompt token ids
+    budget: int                   # new tokens it may take
+    params: SamplingParams        # its sampling parameters
 
 
 def now(device: torch.device) -> float:
@@ -26,7 +38,9 @@ class Rows:
     ``max_new_tokens``: one budget, or one per row. ``streamer``: a transformers streamer (batch 1,
     ``put``/``end``) or a row streamer (``put_row(row, tokens)``, ``stopped(row)``, ``end``) that
     gets each row's tokens as they are accepted and may stop a row (its client left): the row then
-    finishes at that step and leaves the batch like one that met its EOS."""
+    finishes at that step and leaves the batch like one that met its EOS. A row streamer with
+    ``admit(live) -> list[NewRow]`` also hands the loop requests that join the batch between steps
+    (``admit_rows``); the k-th row it admits is row B + k of the output."""
 
     def __init__(self, B: int, max_new_tokens: int | list[int], eos_token_id: int | None, device: torch.device,
                  streamer=None):
@@ -77,6 +91,22 @@ class Rows:
         if self.ttft is None:
             self.ttft = now(self.device) - self.t0
 
+    def take_new(self) -> list[NewRow]:
+        """Requests the row streamer admits now (none without ``admit``, or once every row is done),
+        registered as new rows of the batch."""
+        if self.all_done or not hasattr(self.streamer, "admit"):
+            return []
+        new = self.streamer.admit(sum(not d for d in self.done))
+        for r in new:
+            self.index.append(len(self.out))
+            self.out.append([])
+            self.done.append(False)
+            self.budget.append(r.budget)
+            self.steps.append(0)
+            self.accepted.append(0)
+            self.drafted.append(0)
+        return new
+
     def drop_finished(self) -> torch.Tensor | None:
         """Forget finished rows; returns the indices of the rows that go on, on the models' device,
         for the caches and the loop's tensors (None when no row finished)."""
@@ -108,3 +138,21 @@ class Rows:
             stats.update(gamma_trace=gamma_trace,
                          accepted_hist=histogram(self.accepted_lengths, max(gamma_trace + [0]) + 1))
         return stats
+
+
+def admit_rows(rows: Rows, seq: torch.Tensor, mask: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continuous batching, between two steps of a loop: the requests the row streamer admits join
+    the batch. Their prompts are right-aligned with the batch's sequence seq [b, S] (mask [b, S]),
+    which is padded on the left when a prompt is longer; each part (a model's cache, a drafter)
+    takes them in (``admit``: one prefill of the new rows). Returns the new seq and mask [b + n, W]."""
+    new = rows.take_new()
+    if not new:
+        return seq, mask
+    W = max(seq.shape[1], max(len(r.ids) for r in new))
+    pad = W - seq.shape[1]
+    ids = torch.tensor([[0] * (W - len(r.ids)) + r.ids for r in new], dtype=seq.dtype, device=seq.device)   # [n, W]
+    m = torch.tensor([[0] * (W - len(r.ids)) + [1] * len(r.ids) for r in new], dtype=mask.dtype,
+                     device=mask.device)                                                                 # [n, W]
+    for part in parts:
+        part.admit(ids, m, pad, [r.params for r in new])
+    return torch.cat([F.pad(seq, (pad, 0)), ids]), torch.cat([F.pad(mask, (pad, 0)), m])

@@ -4,7 +4,10 @@ A worker thread owns the models. ``Scheduler.submit`` puts a request in a bounde
 ``QueueFull`` at once, the server answers 429). The worker waits for a first request, collects
 more for up to ``max_wait_ms`` or until ``max_batch``, groups them by what one ``generate`` call
 must share (the seed of its random generator) and decodes each group as one batch: prompts of any
-length, each row its own budget, temperature, top-p and top-k (``sampling.utils.RowParams``). Every row's tokens reach its request as they are accepted (a row
+length, each row its own budget, temperature, top-p and top-k (``sampling.utils.RowParams``). With
+``continuous`` (bass and ar), requests that arrive while a batch runs join it between two steps,
+up to ``max_batch`` live rows (continuous batching: ``sampling.rows.admit_rows``), instead of
+waiting for the whole batch to end. Every row's tokens reach its request as they are accepted (a row
 streamer); a request that is cancelled (its client left, or a stop string was met) stops its row,
 which leaves the batch at that step without disturbing the others.
 """
@@ -18,8 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .batching import pad_left
-from .generate import generate
+from .generate import check_admission, generate
+from .kvcache_model import CacheSpec
 from .models import model_device
+from .press import PressSpec
+from .rows import NewRow
+from .utils import SamplingParams
 
 SERVE_MODES = ("bass", "ar", "google")   # batched speculative, batched AR, one request at a time (speculative)
 
@@ -64,6 +71,26 @@ class _Rows:
         pass
 
 
+class _JoiningRows(_Rows):
+    """The row streamer of a batch that admits waiting requests between steps (continuous batching):
+    those of its group, while fewer than ``max_batch`` rows are live. Row B + k is requests[B + k]."""
+
+    def __init__(self, requests: list[ServeRequest], scheduler: "Scheduler"):
+        super().__init__(requests)
+        self.scheduler = scheduler
+
+    def admit(self, live: int) -> list[NewRow]:
+        out = []
+        while live + len(out) < self.scheduler.cfg.max_batch and not self.scheduler._stop.is_set():
+            r = self.scheduler._take(self.requests[0].group())
+            if r is None:
+                break
+            self.requests.append(r)
+            out.append(NewRow(r.ids, r.max_tokens, SamplingParams(temperature=r.temperature, top_k=r.top_k,
+                                                                  top_p=r.top_p)))
+        return out
+
+
 @dataclass
 class SchedulerConfig:
     mode: str = "bass"              # bass | ar | google (SERVE_MODES)
@@ -71,6 +98,7 @@ class SchedulerConfig:
     max_wait_ms: float = 10.0       # how long a first request waits for others to join its batch
     queue_size: int = 64            # requests waiting at most; more are refused (QueueFull)
     gamma: int = 4                  # draft length (bass, google)
+    continuous: bool = True         # bass, ar: requests join a running batch between steps (results/serving)
 
     def validate(self) -> None:
         if self.mode not in SERVE_MODES:
@@ -95,6 +123,14 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="bass-scheduler", daemon=True)
         self.batches = 0                                 # generate() calls made
         self.rows = 0                                    # requests decoded
+        self.held: list[ServeRequest] = []               # taken from the queue, waiting for a batch of their group
+        self.joining = cfg.continuous and cfg.mode in ("ar", "bass")
+        if self.joining:                                 # a bad setting fails at start, not per batch
+            try:
+                check_admission(cfg.mode, draft, CacheSpec(generate_kw.get("kv_cache", "dynamic"),
+                                                           press=generate_kw.get("press") or PressSpec()), "drop")
+            except ValueError as e:
+                raise ValueError(f"{e}; serve with continuous batching off (--continuous off)") from None
 
     def start(self) -> "Scheduler":
         self._thread.start()
@@ -105,9 +141,11 @@ class Scheduler:
         self._stop.set()
         self._thread.join(timeout)
         while not self.queue.empty():
-            r = self.queue.get_nowait()
+            self.held.append(self.queue.get_nowait())
+        for r in self.held:
             if r.on_done is not None:
                 r.on_done(None, "the server is shutting down")
+        self.held = []
 
     def submit(self, req: ServeRequest) -> None:
         try:
@@ -115,11 +153,32 @@ class Scheduler:
         except queue.Full:
             raise QueueFull(f"{self.cfg.queue_size} requests are waiting already") from None
 
+    def _take(self, group: tuple) -> ServeRequest | None:
+        """A waiting request of the group, at once or None (the worker's; others found are held)."""
+        for i, r in enumerate(self.held):
+            if r.group() == group:
+                return self.held.pop(i)
+        while True:
+            try:
+                r = self.queue.get_nowait()
+            except queue.Empty:
+                return None
+            if r.cancelled:                               # its client left while it waited
+                if r.on_done is not None:
+                    r.on_done(None, "cancelled")
+            elif r.group() == group:
+                return r
+            else:
+                self.held.append(r)
+
     def _collect(self) -> list[ServeRequest]:
-        try:
-            first = self.queue.get(timeout=0.1)
-        except queue.Empty:
-            return []
+        if self.held:
+            first = self.held.pop(0)
+        else:
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                return []
         batch, deadline = [first], time.perf_counter() + self.cfg.max_wait_ms / 1000
         while len(batch) < self.cfg.max_batch:
             left = deadline - time.perf_counter()
@@ -146,12 +205,14 @@ class Scheduler:
 
     def _decode(self, reqs: list[ServeRequest]) -> None:
         ids, mask = pad_left([r.ids for r in reqs], self.tok.pad_token_id, self.device)
+        rows = _JoiningRows(reqs, self) if self.joining else _Rows(reqs)
+        reqs = rows.requests                              # grows as requests join
         try:
             res = generate(self.target, ids, mask, draft_model=None if self.cfg.mode == "ar" else self.draft,
                            mode=self.cfg.mode, max_new_tokens=[r.max_tokens for r in reqs], gamma=self.cfg.gamma,
                            temperature=[r.temperature for r in reqs], top_p=[r.top_p for r in reqs],
                            top_k=[r.top_k for r in reqs], seed=reqs[0].seed,
-                           eos_token_id=self.tok.eos_token_id, vocab_size=self.vocab, streamer=_Rows(reqs),
+                           eos_token_id=self.tok.eos_token_id, vocab_size=self.vocab, streamer=rows,
                            **self.generate_kw)
         except Exception as e:                            # a bad batch must not end the worker
             for r in reqs:

@@ -20,7 +20,7 @@ import torch
 from .cascade import cascade_drafter
 from .kvcache_model import CacheSpec
 from .parts import ChainVerifier, ModelDrafter, is_drafter
-from .rows import Rows
+from .rows import Rows, admit_rows
 from .tree import DynamicTree, DynamicTreeDrafter, TreeDrafter, TreeVerifier
 from .utils import SamplingParams
 from .utils_bass import GammaSchedule, ScheduleParams
@@ -66,6 +66,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
                 seq, mask = seq[keep], mask[keep]
                 verifier.select_rows(keep)
                 drafter.select_rows(keep)
+            seq, mask = admit_rows(rows, seq, mask, [verifier, drafter])   # requests joining (a server)
     stats = rows.finish(verifier.calls, drafter.calls, schedule.trace)
     stats.update(padding_fraction=float(torch.stack(padding).mean()) if padding else 0.0,
                  rows_verified=rows_verified)         # rows in the verify passes, finished ones included

@@ -72,6 +72,10 @@ class SamplingParams:
         """Row i's parameters."""
         return self
 
+    def per_row(self, b: int) -> list["SamplingParams"]:
+        """The parameters of each of b rows."""
+        return [self] * b
+
 
 @dataclass(frozen=True)
 class RowParams:
@@ -106,6 +110,9 @@ class RowParams:
 
     def row(self, i: int) -> SamplingParams:
         return self.rows[i]
+
+    def per_row(self, b: int) -> list[SamplingParams]:
+        return list(self.rows)
 
     def groups(self) -> list[tuple[SamplingParams, list[int]]]:
         """Each distinct parameter set and the rows that use it."""

@@ -213,6 +213,39 @@ def test_load_test_runs_on_a_tiny_pair(pair, capsys, tmp_path):
                                         "--out", str(out)], capsys)
     assert code == 0, err
     s = pd.read_csv(out / "summary.csv")
-    assert set(s.serve_mode) == {"bass", "ar", "google"} and (s.failed == 0).all() and (s.tokens > 0).all()
+    assert set(s.serve_mode) == {"bass", "ar", "google", "bass (no joining)", "ar (no joining)"}
+    assert (s.failed == 0).all() and (s.tokens > 0).all()
     rel = pd.read_csv(out / "reliability.csv")
     assert rel.ok.all() and rel.alive_after.all() and len(rel) == 20
+
+
+@pytest.mark.parametrize("mode", ("bass", "ar"))
+@pytest.mark.parametrize("continuous", (True, False))
+def test_requests_join_a_running_batch(mode, continuous):
+    """Requests submitted one by one while batches run (no wait for company): with continuous
+    batching they join the running batch between steps (fewer batches, rows joining), without it
+    each waits for the batch in flight to end; every greedy answer equals offline generation."""
+    tok = tiny_tokenizer()
+    target = tiny_model("llama", vocab=len(tok), seed=41, dtype=torch.float32)
+    draft = noisy_copy(target, 0.1, seed=42)
+    sched = Scheduler(target, draft, tok, SchedulerConfig(mode=mode, max_batch=4, max_wait_ms=0,
+                                                          continuous=continuous)).start()
+    prompts = PROMPTS + ["The quick brown fox jumps over", "lazy"]
+    done, n = {}, 18
+    for i in range(n):
+        r = ServeRequest(ids=tok(prompts[i % len(prompts)])["input_ids"], max_tokens=6 + i % 5, temperature=0.0)
+        r.on_done = lambda s, e, i=i: done.__setitem__(i, (s, e))
+        sched.submit(r)
+        time.sleep(0.003)
+    t0 = time.monotonic()
+    while len(done) < n and time.monotonic() - t0 < 60:
+        time.sleep(0.02)
+    sched.stop()
+    for i in range(n):
+        ids = torch.tensor([tok(prompts[i % len(prompts)])["input_ids"]])
+        ref = generate(target, ids, mode="ar", max_new_tokens=6 + i % 5, temperature=0, eos_token_id=tok.eos_token_id)
+        stats, err = done[i]
+        assert err is None and stats["tokens"] == ref.tokens[0], i
+    assert sched.rows == n and max(s["batch"] for s, _ in done.values()) > 1
+    if continuous:
+        assert sched.batches <= 3

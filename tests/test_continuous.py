@@ -1,0 +1,95 @@
+"""Continuous batching: rows that join a running batch between steps (a row streamer's ``admit``)
+get what they would get alone, and the rows already running are not disturbed."""
+import pytest
+import torch
+
+from sampling import NgramDrafter, generate
+from sampling.rows import NewRow
+from sampling.utils import SamplingParams
+from tiny import ARCHS, greedy_reference, left_padded_batch, never_agreeing_pair, noisy_copy, tiny_model
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class Joining:
+    """A row streamer that admits ``later`` (prompt, budget, params) at the given steps, as many as
+    ``limit`` live rows leave room for; collects every row's tokens."""
+
+    def __init__(self, later: dict[int, list[tuple]], limit: int = 99):
+        self.later, self.limit, self.step = later, limit, 0
+        self.got: dict[int, list[int]] = {}
+        self.waiting: list[tuple] = []
+
+    def put_row(self, row, tokens):
+        self.got.setdefault(row, []).extend(tokens)
+
+    def stopped(self, row):
+        return False
+
+    def end(self):
+        pass
+
+    def admit(self, live: int) -> list[NewRow]:
+        self.step += 1
+        self.waiting += self.later.pop(self.step, [])
+        take, self.waiting = self.waiting[:max(0, self.limit - live)], self.waiting[max(0, self.limit - live):]
+        return [NewRow(ids, budget, params) for ids, budget, params in take]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ("ar", "bass", "bass-ngram", "bass-self", "bass-never"))
+def test_joining_rows_equal_greedy_alone(arch, mode):
+    """Three rows start; a long prompt joins at step 1 (the batch is padded on the left for it), two
+    short ones at step 3 (one of a single token), one more when a place is free (limit 4): every
+    row's tokens equal plain greedy decoding of its prompt alone. bass-self: the target drafts for
+    itself, every draft is accepted (the draft's cache then lags the sequence by two); bass-never:
+    no draft is ever accepted (the draft's rollback leaves it no law of a last position)."""
+    target = tiny_model(arch)
+    draft = NgramDrafter() if mode == "bass-ngram" else target if mode == "bass-self" else noisy_copy(target, 0.1)
+    if mode == "bass-never":
+        target, draft = never_agreeing_pair(target)
+    ids, mask = left_padded_batch(97, (5, 3, 4), seed=3)
+    extra, extra_mask = left_padded_batch(97, (14, 2, 1, 6), seed=4)
+    prompts = [row[m.bool()].tolist() for row, m in zip(extra, extra_mask)]
+    budgets = [9, 12, 7]
+    joining = Joining({1: [(prompts[0], 10, GREEDY)], 3: [(prompts[1], 8, GREEDY), (prompts[2], 11, GREEDY),
+                                                          (prompts[3], 6, GREEDY)]}, limit=4)
+    res = generate(target, ids, mask, draft_model=None if mode == "ar" else draft, mode=mode.split("-")[0],
+                   max_new_tokens=budgets, gamma=3, temperature=0, streamer=joining)
+    assert len(res.tokens) == 7 and not joining.waiting and not joining.later
+    want = greedy_reference(target, ids, mask, max(budgets))
+    want = [w[:b] for w, b in zip(want, budgets)]
+    for p, b in zip(prompts, (10, 8, 11, 6)):
+        want.append(greedy_reference(target, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), b)[0])
+    assert res.tokens == want, mode
+    assert [joining.got[r] for r in range(7)] == want
+    assert [r["new_tokens"] for r in res.stats["rows"]] == list(map(len, want))
+
+
+def test_joining_sampled_rows_keep_the_target_law():
+    """Greedy rows run; sampled rows (temperature 0.8, top-k 3) join at step 2: their first 2 tokens
+    follow the target's exact law (enumerated independently)."""
+    from test_distribution import joint_pvalue, peaked_models
+    V, K, N = 5, 2, 3000
+    target, draft = peaked_models(11, 12)
+    prompt = [1, 3, 0, 4]
+    params = SamplingParams(temperature=0.8, top_k=3)
+    joining = Joining({2: [([2, 1] + prompt, K, params)] * N})
+    ids = torch.tensor([[4, 4, 1]] * 2)
+    res = generate(target, ids, draft_model=draft, mode="bass", max_new_tokens=[12, 12], gamma=2, temperature=0,
+                   seed=5, streamer=joining)
+    joined = res.tokens[2:]
+    assert len(joined) == N and all(len(t) == K for t in joined)
+    pval = joint_pvalue(joined, target, [2, 1] + prompt, params, K, V)
+    assert pval > 1e-3, pval
+    alone = generate(target, ids, draft_model=draft, mode="bass", max_new_tokens=12, gamma=2, temperature=0)
+    assert res.tokens[:2] == alone.tokens
+
+
+def test_admission_is_refused_where_it_is_not_built():
+    target = tiny_model("llama")
+    ids, mask = left_padded_batch(97, (3, 4))
+    for kw, msg in ((dict(mode="google"), "mode google"), (dict(mode="bass", kv_cache="static"), "static cache"),
+                    (dict(mode="bass", finished_rows="mask"), "finished_rows=mask")):
+        with pytest.raises(ValueError, match=f"rows cannot join a running batch with .*{msg}"):
+            generate(target, ids, mask, draft_model=target, max_new_tokens=4, streamer=Joining({}), **kw)
