@@ -9,14 +9,14 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from tiny import save_tiny_pair, tiny_model
+from test_benchmark import cli
+from tiny import save_tiny_pair
 
 import main as main_py
 from benchmark.load_test import free_port
 from benchmark.metrics import process_throughput, summarise
 from benchmark.shard import Shard
 from sampling import generate, pad_left
-from sampling.cli import run
 from sampling.models import Placement, load_model, model_device, save_int8
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,15 +131,6 @@ def test_split_target_and_draft_equal_the_whole_models_in_every_mode(pair, stora
             want = generate(whole[0], ids, mask, draft_model=whole[1], **kw).tokens
             got = generate(parts[0], ids, mask, draft_model=parts[1], **kw).tokens
             assert got == want, (mode, kv)
-
-
-def cli(module, argv, capsys):
-    code = 0
-    try:
-        run(lambda: module.main(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, *capsys.readouterr()
 
 
 def test_main_with_a_split_target_and_bad_placements(pair, capsys, tmp_path):
