@@ -10,7 +10,7 @@ next concurrency. Each request records its time to the first streamed token (TTF
 and its completion tokens (raw.csv), aggregated per mode and concurrency (summary.csv: tokens/s
 over the level's wall time, TTFT and latency p50 / p95 / p99) and plotted. Bounded: at most
 ``--requests`` per level and ``--timeout_s`` per request; the levels' modes are interleaved so a
-drifting machine slows each alike.
+drifting machine slows each alike, ``--rounds`` times in rotating order (tokens/s: the median round).
 """
 from __future__ import annotations
 
@@ -179,14 +179,15 @@ async def drive(args, prompts: list[str]) -> pd.DataFrame:
         for m, s in servers.items():                       # warm-up: every batch size the levels reach
             for c in args.concurrency:
                 await level(s.url, "bass-embedded", prompts, c, c, args.max_tokens, args.timeout_s)
-        rows = []
+        rows, names = [], list(labels)
         for c in args.concurrency:
-            for m in labels:                               # configurations interleaved level by level
-                got, wall = await level(servers[m].url, "bass-embedded", prompts, c, args.requests,
-                                        args.max_tokens, args.timeout_s)
-                rows += [dict(r, serve_mode=m, concurrency=c, level_wall_s=wall) for r in got]
-                print(f"{m} concurrency {c}: {sum(r['completion_tokens'] for r in got) / wall:.1f} tokens/s",
-                      flush=True)
+            for rnd in range(args.rounds):                 # configurations interleaved, the order rotating
+                for m in names[rnd % len(names):] + names[:rnd % len(names)]:
+                    got, wall = await level(servers[m].url, "bass-embedded", prompts, c, args.requests,
+                                            args.max_tokens, args.timeout_s)
+                    rows += [dict(r, serve_mode=m, concurrency=c, round=rnd, level_wall_s=wall) for r in got]
+                    print(f"{m} concurrency {c} round {rnd}: "
+                          f"{sum(r['completion_tokens'] for r in got) / wall:.1f} tokens/s", flush=True)
         first = servers[next(iter(labels))]
         rel = await reliability(first.url, "bass-embedded", prompts, args.reliability, 8) if args.reliability \
             else pd.DataFrame()
@@ -197,13 +198,19 @@ async def drive(args, prompts: list[str]) -> pd.DataFrame:
 
 
 def summarise(raw: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration and concurrency: tokens/s the median over rounds of a round's
+    completion tokens over its wall time (with the slowest and fastest round beside it), TTFT and
+    latency percentiles over every request of every round."""
+    raw = raw.assign(round=raw["round"] if "round" in raw else 0)   # older raw.csv: one round
     out = []
     for (m, c), g in raw.groupby(["serve_mode", "concurrency"], sort=False):
         ok = g[g.status.astype(str) == "200"]
         q = lambda col, p: float(np.percentile(ok[col].dropna(), p)) if ok[col].notna().any() else float("nan")  # noqa: E731
-        out.append(dict(serve_mode=m, concurrency=c, requests=len(g), failed=len(g) - len(ok),
-                        tokens=int(ok.completion_tokens.sum()), wall_s=g.level_wall_s.iloc[0],
-                        tokens_per_s=ok.completion_tokens.sum() / g.level_wall_s.iloc[0],
+        per_round = ok.groupby("round").completion_tokens.sum() / g.groupby("round").level_wall_s.first()
+        out.append(dict(serve_mode=m, concurrency=c, requests=len(g), failed=len(g) - len(ok), rounds=len(per_round),
+                        tokens=int(ok.completion_tokens.sum()), wall_s=g.groupby("round").level_wall_s.first().sum(),
+                        tokens_per_s=float(per_round.median()), tokens_per_s_min=float(per_round.min()),
+                        tokens_per_s_max=float(per_round.max()),
                         ttft_p50_s=q("ttft_s", 50), ttft_p95_s=q("ttft_s", 95),
                         latency_p50_s=q("latency_s", 50), latency_p95_s=q("latency_s", 95),
                         latency_p99_s=q("latency_s", 99), mean_batch=ok.batch.mean(),
@@ -215,10 +222,11 @@ def summarise(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown(s: pd.DataFrame) -> str:
-    lines = ["| mode | concurrency | tokens/s | vs one at a time | TTFT p50 (s) | latency p50 / p95 / p99 (s) | "
-             "mean batch | failed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | concurrency | tokens/s (rounds' min-max) | vs one at a time | TTFT p50 (s) | "
+             "latency p50 / p95 / p99 (s) | mean batch | failed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in s.sort_values(["concurrency", "serve_mode"]).iterrows():
-        lines.append(f"| {r.serve_mode} | {r.concurrency} | {r.tokens_per_s:.1f} | {r.vs_one_at_a_time:.2f}x | "
+        spread = f" ({r.tokens_per_s_min:.1f}-{r.tokens_per_s_max:.1f})" if r.rounds > 1 else ""
+        lines.append(f"| {r.serve_mode} | {r.concurrency} | {r.tokens_per_s:.1f}{spread} | {r.vs_one_at_a_time:.2f}x | "
                      f"{r.ttft_p50_s:.2f} | {r.latency_p50_s:.2f} / {r.latency_p95_s:.2f} / {r.latency_p99_s:.2f} | "
                      f"{r.mean_batch:.1f} | {r.failed} |")
     return "\n".join(lines) + "\n"
@@ -276,7 +284,10 @@ def parse(argv=None):
                     help="comma list of on / off: bass and ar servers with continuous batching (requests join a "
                          "running batch) and without it (labelled 'no joining')")
     ap.add_argument("--concurrency", default="1,2,4,8,16", help="comma list of concurrent clients")
-    ap.add_argument("--requests", type=int, default=32, help="requests per mode and concurrency")
+    ap.add_argument("--requests", type=int, default=32, help="requests per mode, concurrency and round")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds of every level, the configurations interleaved in rotating order; tokens/s is the "
+                         "median round's")
     ap.add_argument("--max_tokens", type=int, default=32, help="max_tokens of every request")
     ap.add_argument("--max_batch", type=int, default=16, help="the servers' --max_batch")
     ap.add_argument("--max_wait_ms", type=float, default=d.max_wait_ms, help="the servers' --max_wait_ms")
@@ -302,7 +313,7 @@ def parse(argv=None):
         raise ValueError("--concurrency takes a comma list of integers >= 1")
     if args.reliability < 0:
         raise ValueError(f"--reliability must be >= 0, got {args.reliability}")
-    check_at_least_one(args, "prompts", "requests", "max_tokens", "max_batch")
+    check_at_least_one(args, "prompts", "requests", "max_tokens", "max_batch", "rounds")
     if os.path.exists(os.path.join(args.out, "raw.csv")):
         raise ValueError(f"{args.out}/raw.csv exists: choose another --out")
     return args

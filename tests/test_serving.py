@@ -208,13 +208,14 @@ def test_load_test_runs_on_a_tiny_pair(pair, capsys, tmp_path):
     from benchmark import load_test
     out = tmp_path / "load"
     code, stdout, err = cli(load_test, ["--dataset_path", FIXTURE, "--prompts", "4", "--concurrency", "1,2",
-                                        "--requests", "3", "--max_tokens", "4", "--reliability", "20",
+                                        "--requests", "3", "--rounds", "2", "--max_tokens", "4", "--reliability", "20",
                                         "--target_model_name", pair["target"], "--approx_model_name", pair["draft"],
                                         "--out", str(out)], capsys)
     assert code == 0, err
     s = pd.read_csv(out / "summary.csv")
     assert set(s.serve_mode) == {"bass", "ar", "google", "bass (no joining)", "ar (no joining)"}
-    assert (s.failed == 0).all() and (s.tokens > 0).all()
+    assert (s.failed == 0).all() and (s.tokens > 0).all() and (s.rounds == 2).all()
+    assert (s.tokens_per_s_min <= s.tokens_per_s).all() and (s.tokens_per_s <= s.tokens_per_s_max).all()
     rel = pd.read_csv(out / "reliability.csv")
     assert rel.ok.all() and rel.alive_after.all() and len(rel) == 20
 
