@@ -9,12 +9,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .utils_io import atomic_write  # noqa: E402
+from .utils_io import save_figure  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cache_label(r) -> str:

@@ -40,7 +40,7 @@ from sampling.rows import now
 from sampling.tree import DynamicTree, parse_tree
 from sampling.utils import SamplingParams
 
-from .utils_io import write_csv, write_text
+from .utils_io import save_figure, write_csv, write_text
 
 # Llama-shaped configs by name (sizes of the published models; weights random, for timing)
 PRESETS = {
@@ -450,10 +450,7 @@ def plot_costs(passes: pd.DataFrame, path: str, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

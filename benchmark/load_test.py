@@ -27,7 +27,7 @@ import pandas as pd
 
 from sampling.cli import Parser, add_model_args, check_at_least_one, run
 
-from .utils_io import load_dolly, render_prompt, write_csv, write_text
+from .utils_io import load_dolly, render_prompt, save_figure, write_csv, write_text
 
 
 def free_port() -> int:
@@ -245,10 +245,7 @@ def plot(s: pd.DataFrame, path: str) -> None:
     for ax in axes:
         ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,7 @@ from sampling.press import PRESSES, PressSpec
 from sampling.utils import SamplingParams
 
 from .runner import filler_text
-from .utils_io import load_dolly, write_csv, write_text
+from .utils_io import load_dolly, save_figure, write_csv, write_text
 
 
 @torch.inference_mode()
@@ -126,10 +126,7 @@ def plot(s: pd.DataFrame, path: str) -> None:
         ax.set(title=f"windows of {W} tokens", xlabel="compression ratio (of the context)", ylabel="perplexity")
         ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def parse(argv=None):

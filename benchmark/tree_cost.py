@@ -23,7 +23,7 @@ from sampling.tree import TreeShape  # noqa: E402
 from sampling.utils import SamplingParams  # noqa: E402
 
 from .run_experiment import int_list  # noqa: E402
-from .utils_io import atomic_write, env_info, write_csv, write_json  # noqa: E402
+from .utils_io import env_info, save_figure, write_csv, write_json  # noqa: E402
 
 
 @torch.inference_mode()
@@ -110,9 +110,7 @@ def main(argv=None) -> None:
         ax.set_title(f"batch {b}")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=6)
-    atomic_write(os.path.join(args.out, "tree_cost.png"),
-                 lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(args.out, "tree_cost.png"))
     print(f"wrote {path} and tree_cost.png")
 
 

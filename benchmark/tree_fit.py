@@ -40,7 +40,7 @@ from sampling.utils import SamplingParams, max_fn, norm_logits  # noqa: E402
 
 from .runner import add_bench_args, prepare  # noqa: E402
 from .tree_cost import pass_times  # noqa: E402
-from .utils_io import atomic_write, env_info, write_csv, write_json  # noqa: E402
+from .utils_io import env_info, save_figure, write_csv, write_json  # noqa: E402
 
 
 @torch.inference_mode()
@@ -169,8 +169,7 @@ def plot(path: str, ks, target_ms: dict, draft_ms: dict, fit: pd.DataFrame, temp
         ax.legend(fontsize=7)
     for ax in axes[1:]:
         ax.set_xlabel("draft tokens per step (tree nodes)")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

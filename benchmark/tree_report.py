@@ -25,7 +25,7 @@ from sampling.cli import Parser, run  # noqa: E402
 from sampling.tree import TreeShape, parse_tree  # noqa: E402
 
 from .tree_fit import expected_accepted  # noqa: E402
-from .utils_io import atomic_write, write_text  # noqa: E402
+from .utils_io import save_figure, write_text  # noqa: E402
 
 FAMILIES = ("chain", "wide-shallow", "narrow-deep", "binary", "sequoia (fitted)", "dynamic", "dynamic, sharpened",
             "other")
@@ -127,9 +127,7 @@ def main(argv=None) -> None:
             ax.set_title(label, fontsize=9)
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    atomic_write(os.path.join(args.out, "study.png"),
-                 lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(args.out, "study.png"))
     print(f"wrote {args.out}/study.md and study.png")
 
 

@@ -127,3 +127,35 @@ def peak_memory() -> dict:
     """Peak resident memory of this process so far (MiB; the CUDA peak of each run is in raw.csv)."""
     import resource
     return dict(max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))  # KiB on Linux
+
+
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """A matplotlib figure as a compact PNG: rendered, then stored with a 256-colour palette (a plot's
+    few flat colours survive it; the files are about a third of matplotlib's RGBA ones)."""
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return compact_png(buf.getvalue())
+
+
+def compact_png(data: bytes) -> bytes:
+    """PNG bytes re-stored with a 256-colour palette, or as they were when that is not smaller."""
+    import io
+
+    from PIL import Image
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    out = io.BytesIO()
+    im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, "PNG", optimize=True)
+    return min(data, out.getvalue(), key=len)
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Write a figure as a compact PNG (``png_bytes``), atomically, and close it."""
+    import matplotlib.pyplot as plt
+    data = png_bytes(fig, dpi)
+    plt.close(fig)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
