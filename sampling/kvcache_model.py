@@ -312,19 +312,20 @@ class KVCacheModel:
         if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             raise ValueError(f"rows join a running batch with full-attention cache layers only, not "
                              f"{type(self.cache.layers[0]).__name__}")
-        if pad:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))
-            self.mask = F.pad(self.mask, (pad, 0))
-            self.filled, self.final = self.filled + pad, self.final + pad
+        b, L = len(self.mask), self.length + pad
         new = KVCacheModel(self.model, row_params(params), self.vocab, self.spec)
-        new.prefill(ids[:, :self.length], mask[:, :self.length])
+        new.prefill(ids[:, :L], mask[:, :L])
         for layer, other in zip(self.cache.layers, new.cache.layers):
-            layer.keys, layer.values = torch.cat([layer.keys, other.keys]), torch.cat([layer.values, other.values])
+            for name in ("keys", "values"):
+                old, add = getattr(layer, name), getattr(other, name)      # [b, H, L - pad, D], [n, H, L, D]
+                both = old.new_zeros(b + len(add), old.shape[1], L, old.shape[3])   # one copy of each
+                both[:b, :, pad:], both[b:] = old, add
+                setattr(layer, name, both)
         w = min(1, self._hist.shape[1])                 # the next pass reads the last position's law at most
         self._hist = torch.cat([self._hist[:, self._hist.shape[1] - w:], new._hist[:, new._hist.shape[1] - w:]])
-        self.mask = torch.cat([self.mask, new.mask])
-        self.params = row_params(self.params.per_row(len(self.mask) - len(ids)) + list(params))
+        self.mask = torch.cat([F.pad(self.mask, (pad, 0)), new.mask])
+        self.filled, self.final = self.filled + pad, self.final + pad
+        self.params = row_params(self.params.per_row(b) + list(params))
         self.calls += 1
 
     # --- presses (sampling.press): evict final positions, keep the rest in order after them ---

@@ -147,9 +147,7 @@ def dispatch(model, placement: Placement, dtype: torch.dtype):
         memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype,
                                      low_zero=placement.device_map == "balanced_low_0")
     device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
-    model = dispatch_model(model, device_map, offload_dir=placement.folder() if "disk" in device_map.values() else None)
-    model.hf_device_map = device_map
-    return model
+    return dispatch_model(model, device_map, offload_dir=placement.folder() if "disk" in device_map.values() else None)
 
 
 def model_device(model) -> torch.device:

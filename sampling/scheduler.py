@@ -163,13 +163,11 @@ class Scheduler:
                 r = self.queue.get_nowait()
             except queue.Empty:
                 return None
-            if r.cancelled:                               # its client left while it waited
-                if r.on_done is not None:
-                    r.on_done(None, "cancelled")
-            elif r.group() == group:
+            if not _live(r):
+                continue
+            if r.group() == group:
                 return r
-            else:
-                self.held.append(r)
+            self.held.append(r)
 
     def _collect(self) -> list[ServeRequest]:
         if self.held:
@@ -190,15 +188,8 @@ class Scheduler:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            batch = []
-            for r in self._collect():
-                if r.cancelled:                           # its client left while it waited
-                    if r.on_done is not None:
-                        r.on_done(None, "cancelled")
-                else:
-                    batch.append(r)
             groups: dict[tuple, list[ServeRequest]] = {}
-            for r in batch:
+            for r in filter(_live, self._collect()):
                 groups.setdefault(r.group(), []).append(r)
             for reqs in groups.values():
                 self._decode(reqs)
@@ -224,6 +215,13 @@ class Scheduler:
         for r, toks, row in zip(reqs, res.tokens, res.stats["rows"]):
             if r.on_done is not None:
                 r.on_done(dict(row, tokens=toks, batch=len(reqs)), None)
+
+
+def _live(r: ServeRequest) -> bool:
+    """Whether a waiting request still wants its answer (a cancelled one is told it is dropped)."""
+    if r.cancelled and r.on_done is not None:           # its client left while it waited
+        r.on_done(None, "cancelled")
+    return not r.cancelled
 
 
 @torch.inference_mode()

@@ -114,12 +114,20 @@ class RowParams:
     def per_row(self, b: int) -> list[SamplingParams]:
         return list(self.rows)
 
-    def groups(self) -> list[tuple[SamplingParams, list[int]]]:
-        """Each distinct parameter set and the rows that use it."""
+    @cached_property
+    def _groups(self) -> list[tuple[SamplingParams, list[int]]]:
         out: dict[SamplingParams, list[int]] = {}
         for i, p in enumerate(self.rows):
             out.setdefault(p, []).append(i)
         return list(out.items())
+
+    def groups(self, device: torch.device) -> list[tuple[SamplingParams, torch.Tensor]]:
+        """Each distinct parameter set and the rows that use it, as an index on ``device``; made
+        once per batch composition (every pass of every model reads them)."""
+        cached = self.__dict__.setdefault("_index", {})
+        if device not in cached:
+            cached[device] = [(p, torch.tensor(idx, device=device)) for p, idx in self._groups]
+        return cached[device]
 
 
 def row_params(rows: list[SamplingParams]) -> "SamplingParams | RowParams":
@@ -142,8 +150,7 @@ def norm_logits(logits: torch.Tensor, params: SamplingParams | RowParams, seq: t
         logits = logits.float()
     if isinstance(params, RowParams):                 # each group of rows with its own filters
         out = torch.empty_like(logits)
-        for p, idx in params.groups():
-            i = torch.tensor(idx, device=logits.device)
+        for p, i in params.groups(logits.device):
             out[i] = norm_logits(logits[i], p, None if seq is None else seq[i], None if mask is None else mask[i])
         return out
     procs = params.processors
