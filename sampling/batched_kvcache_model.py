@@ -32,7 +32,7 @@ class BatchedKVCacheModel(KVCacheModel):
         self.rollback(start + n_max)
         mask = mask[:, :start + n_max].clone()
         holes = torch.arange(n_max, device=mask.device) >= accepted.unsqueeze(1)  # [b, n_max]
-        mask[:, start:][holes] = 0
+        mask[:, start:].masked_fill_(holes, 0)                                   # no host sync, unlike mask[holes]
         return mask
 
     # --- trees: tree slots sit after the chain until keep_tree copies the accepted path into place ---

@@ -43,27 +43,28 @@ class CascadeDrafter:
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         """g tokens after seq [1, S] that follow the level model's law, and that law [1, g, V]."""
-        tokens, qs = [], []
+        tokens, qs, count = [], [], 0                                         # count: drafted so far
         live = torch.zeros(1, dtype=torch.bool, device=seq.device)           # the one row is never done here
-        while len(tokens) < g:
-            k = min(self.schedule.gamma, g - len(tokens) - 1)   # a step yields up to k + 1 tokens
+        while count < g:
+            k = min(self.schedule.gamma, g - count - 1)   # a step yields up to k + 1 tokens
             # 1. the level below drafts, 2. this level verifies: one pass, its probs at every position
             draft = self.inner.propose(seq, mask, k, generator)                  # [1, k]
             acc = self.level.verify(seq, mask, draft, generator)
             p = self.level.kv.probs[:, -(k + 1):]                                # [1, k + 1, V]
-            n, nxt, drafts = acc.to_host(live)                                   # the level's one sync
+            n, _, _ = acc.to_host(live)                                          # the level's one sync
             self.schedule.update(n, k)
             # 3. both caches keep what was accepted; the tokens and their law join the draft
             mask = self.level.commit(acc)                                        # [1, S + n]
             self.inner.commit(acc)
-            new = drafts[0][:n[0]] + nxt                                         # n + 1 tokens, on the host
-            seq = torch.cat([seq, torch.tensor([new], device=seq.device)], dim=1)
+            new = torch.cat([acc.tokens, acc.next.unsqueeze(1)], dim=1)         # [1, n + 1], on the device
+            seq = torch.cat([seq, new], dim=1)
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            tokens += new
+            tokens.append(new)
+            count += n[0] + 1
             qs.append(p[:, :n[0] + 1])
         if not g:
             return Draft(tokens=seq[:, :0], q=None)
-        return Draft(tokens=torch.tensor([tokens], device=seq.device), q=torch.cat(qs, dim=1))  # [1, g], [1, g, V]
+        return Draft(tokens=torch.cat(tokens, dim=1), q=torch.cat(qs, dim=1))   # [1, g], [1, g, V]
 
     def commit(self, acc) -> None:
         """The target accepted a prefix of the draft: every level keeps it (a slice of its cache)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .parts import Draft
+from .utils import to_device
 
 
 class NgramDrafter:
@@ -61,11 +62,12 @@ class NgramDrafter:
         """g drafts after seq [b, S] (mask [b, S]: padding and holes are not text) for every row.
         Only the slots added since the last call cross to the host (a slot's mask never changes
         once it is in seq)."""
-        new, keep = seq[:, self.seen:].tolist(), mask[:, self.seen:].tolist()
-        for row, r, k in zip(self.rows, new, keep):
-            row.extend(t for t, m in zip(r, k) if m)
+        k = seq.shape[1] - self.seen
+        host = torch.cat([seq[:, self.seen:], mask[:, self.seen:].to(seq.dtype)], 1).tolist()   # one transfer
+        for row, h in zip(self.rows, host):
+            row.extend(t for t, m in zip(h[:k], h[k:]) if m)
         self.seen = seq.shape[1]
         if not g:
             return Draft(tokens=seq[:, :0], q=None)
         drafts = [self.lookup(r, g) for r in self.rows]
-        return Draft(tokens=torch.tensor(drafts, dtype=seq.dtype, device=seq.device), q=None)   # [b, g]
+        return Draft(tokens=to_device(drafts, seq.device, seq.dtype).view(len(drafts), g), q=None)   # [b, g]

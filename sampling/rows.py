@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .utils import SamplingParams
+from .utils import SamplingParams, to_device
 from .utils_bass import histogram
 
 
@@ -53,6 +53,7 @@ class Rows:
         self.steps, self.accepted, self.drafted = [0] * B, [0] * B, [0] * B   # per original row
         self.accepted_lengths: list[int] = []                # drafts accepted per row and verify
         self.t0, self.ttft = now(device), None
+        self._done_dev: tuple[tuple[bool, ...], torch.Tensor] | None = None   # done, as last copied to the device
 
     @property
     def all_done(self) -> bool:
@@ -63,8 +64,13 @@ class Rows:
         return max(self.budget[r] - len(self.out[r]) for r, d in zip(self.index, self.done) if not d)
 
     def done_mask(self) -> torch.Tensor:
-        """[b] bool on the models' device: which current rows are finished."""
-        return torch.tensor(self.done, dtype=torch.bool, device=self.device)
+        """[b] bool on the models' device: which current rows are finished. Copied to the device
+        only when it changed (a copy from the host makes a GPU's host wait), so a step in which
+        no row finishes or joins reuses the last one."""
+        key = tuple(self.done)
+        if self._done_dev is None or self._done_dev[0] != key:
+            self._done_dev = key, to_device(list(key), self.device, torch.bool)
+        return self._done_dev[1]
 
     def hand_out(self, new: list[list[int]], accepted: list[int] | None = None, drafted: int = 0) -> None:
         """Append each unfinished row's new tokens, cut at the budget and after an EOS; a row that
@@ -115,7 +121,7 @@ class Rows:
         keep = [j for j, d in enumerate(self.done) if not d]
         self.index = [self.index[j] for j in keep]
         self.done = [False] * len(keep)
-        return torch.tensor(keep, dtype=torch.long, device=self.device)
+        return to_device(keep, self.device)
 
     def finish(self, target_calls: int, draft_calls: int = 0, gamma_trace: list[int] | None = None) -> dict:
         """End the stream (if any) and return the statistics every loop returns (README: Python API). ``gamma_trace`` None: AR, whose

@@ -27,7 +27,7 @@ import torch
 
 from .kvcache_model import CacheSpec
 from .parts import Accepted, CachedPart, Draft
-from .utils import SamplingParams, tree_accept
+from .utils import SamplingParams, children_of, tree_accept
 
 NO_TREE_MASK = ("bloom",)    # model types whose attention cannot take a 4D mask (BLOOM: ALiBi from a 2D mask)
 MAX_NODES = 256
@@ -167,11 +167,7 @@ class TreeShape:
     @cached_property
     def children(self) -> dict[int, list[int]]:
         """Children of each node, the root (-1) included, in rank order; leaves have none."""
-        out = {-1: []}
-        for i, p in enumerate(self.parent):
-            out.setdefault(p, []).append(i)
-            out.setdefault(i, [])
-        return out
+        return children_of(self.parent)
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,17 +253,11 @@ class RowTrees:
             anc = anc + reach
         return anc > 0
 
-    @cached_property
-    def children(self) -> list[dict[int, list[int]]]:
-        """Per row: node -> its children in the order they were drawn (-1 is the root)."""
-        out = []
-        for par in self.parent.tolist():
-            kids = {-1: []}
-            for i, p in enumerate(par):
-                kids.setdefault(p, []).append(i)
-                kids.setdefault(i, [])
-            out.append(kids)
-        return out
+    @property
+    def children(self) -> torch.Tensor:
+        """Per row, each node's parent [b, n] (-1: the root): ``tree_accept`` reads it on the host
+        with the tokens, in one transfer."""
+        return self.parent
 
 
 def check_tree_model(model, role: str) -> None:
@@ -367,17 +357,17 @@ class DynamicTreeDrafter(TreeDrafter):
             toks.append(kids.view(b, m * K))                                 # [b, m * K]
             score = f_score.unsqueeze(-1) + top.values.view(b, m, K).clamp(max=1).log()
             scores.append(score.view(b, m * K))                              # [b, m * K]
-            parents.append(f_pool.repeat_interleave(K, dim=1))               # [b, m * K]
+            parents.append(f_pool.unsqueeze(2).expand(b, m, K).reshape(b, m * K))   # [b, m * K]
             fed.append(torch.full((b, m * K), -1, device=dev))
             levels.append(torch.full((m * K,), d + 1, device=dev))
             if not self.greedy:
-                qs.append(dists.repeat_interleave(K, dim=1))                 # [b, m * K, V] the parents' q
+                qs.append(dists.unsqueeze(2).expand(b, m, K, V).reshape(b, m * K, V))   # [b, m * K, V] the parents' q
             if d + 1 == depth:                                               # the last level is not fed
                 break
             # expand the K best candidates of this level: one draft pass with their ancestry
             order = torch.sort(-scores[-1], dim=1, stable=True).indices[:, :K]   # [b, K]
             T = cache_anc.shape[1]
-            up = f_cache.repeat_interleave(K, dim=1).gather(1, order)        # [b, K] parents' cache slots
+            up = f_cache.unsqueeze(2).expand(b, m, K).reshape(b, m * K).gather(1, order)   # [b, K] parents' slots
             rows = torch.cat([cache_anc, torch.zeros(b, 1, T, dtype=torch.bool, device=dev)], 1)  # [b, T + 1, T]
             allow = torch.cat([rows.gather(1, (up % (T + 1)).unsqueeze(-1).expand(b, K, T)),
                                torch.eye(K, dtype=torch.bool, device=dev).expand(b, K, K)], 2)   # [b, K, T + K]

@@ -130,6 +130,16 @@ class RowParams:
         return cached[device]
 
 
+def to_device(data: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values (nested lists) as a tensor on ``device`` without making the host wait: on CUDA
+    through pinned memory with ``non_blocking`` (a copy from pageable memory is followed by a
+    stream synchronisation); PyTorch keeps the pinned block until the copy has run."""
+    t = torch.tensor(data, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def row_params(rows: list[SamplingParams]) -> "SamplingParams | RowParams":
     """Per-row parameters; a plain ``SamplingParams`` when every row has the same."""
     return rows[0] if len(set(rows)) == 1 else RowParams(tuple(rows))
@@ -198,8 +208,9 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
     Returns n [B], how many drafts each row accepts, and next [B], the token that follows them:
     a draw from norm(max(0, p_n - q_n)) after a rejection, or from p_g when all g are accepted.
     ``sequential`` tests the drafts one by one as in Chen et al.'s Algorithm 2 (a uniform per
-    draft, stopping at the first rejection); otherwise all g uniforms are drawn at once and n is
-    the first rejection (Leviathan et al.). Both give the same law. ``greedy``: p and q are
+    draft; a row stops at its first rejection; the loop does not stop early when every row has,
+    which would read the device on the host once per draft); otherwise all g uniforms are drawn
+    at once and n is the first rejection (Leviathan et al.). Both give the same law. ``greedy``: p and q are
     one-hot (temperature 0), so the next token is drawn by argmax (see ``sample``).
     """
     B, g = x.shape
@@ -212,8 +223,6 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
             r = torch.rand(B, generator=generator, device=x.device, dtype=p.dtype)
             live &= r * q_x[:, i] < p_x[:, i]                       # accept with prob min(1, p/q)
             n += live
-            if not live.any():
-                break
     else:
         r = torch.rand(B, g, generator=generator, device=x.device, dtype=p.dtype)  # [B, g]
         accepted = r * q_x < p_x                                    # [B, g]
@@ -225,8 +234,17 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
     return n, sample(max_fn(p_n - q_n, fallback=p_n), generator, greedy)
 
 
+def children_of(parent: list[int]) -> dict[int, list[int]]:
+    """Each node's children in order (-1 is the root; leaves have none), from each node's parent."""
+    out = {-1: []}
+    for i, u in enumerate(parent):
+        out.setdefault(u, []).append(i)
+        out.setdefault(i, [])
+    return out
+
+
 def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None, tokens: torch.Tensor,
-                children: dict[int, list[int]], generator: torch.Generator | None = None,
+                children: dict[int, list[int]] | list | torch.Tensor, generator: torch.Generator | None = None,
                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Walk a draft tree from the root, row by row (Sequoia's verification of siblings drawn
     without replacement).
@@ -234,7 +252,8 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     p_root: [b, V] target probs after the prefix; p: [b, n, V] after each node; q: [b, n, V] the law
     of each node's parent, which its children were drawn from without replacement, in order;
     tokens: [b, n]; children: node -> its children (-1 is the root), one dict for every row or a
-    list of one per row.
+    list of one per row, or each row's tree as its nodes' parents [b, n] on the device (-1: the
+    root), fetched with the tokens.
     Sampling: at a node with target law r and draft law q, each child x in turn is accepted with
     probability min(1, r(x) / q(x)); a rejection replaces r by norm(max(0, r - q)) and then q by
     q without x, renormalised; a child with q(x) = 0 (the draft had fewer tokens than children) is
@@ -244,12 +263,19 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     equal to the target's argmax, else the argmax itself.
     Returns n [b] accepted nodes, next [b], and path [b, max(n)] the accepted nodes (padded with 0).
     """
-    b = p_root.shape[0]
-    kids_of = children if isinstance(children, list) else [children] * b
-    toks = tokens.tolist()
-    if greedy:                      # every position's argmax at once: one transfer, then a walk on lists
-        best_root = p_root.argmax(-1).tolist()
-        best = p.argmax(-1).tolist() if p is not None else [[] for _ in range(b)]
+    b, n = tokens.shape
+    parts = [tokens] + [children] * torch.is_tensor(children)                # [b, n] each
+    if greedy:                      # every position's argmax too: the walk is then on host lists
+        parts += [p_root.argmax(-1, keepdim=True)] + [p.argmax(-1)] * (p is not None)   # [b, 1], [b, n]
+    host = torch.cat(parts, 1).tolist()                             # the walk's one device-to-host transfer
+    toks = [h[:n] for h in host]
+    if torch.is_tensor(children):
+        kids_of = [children_of(h[n:2 * n]) for h in host]
+        host = [h[n:] for h in host]
+    else:
+        kids_of = children if isinstance(children, list) else [children] * b
+    if greedy:
+        best_root, best = [h[n] for h in host], [h[n + 1:] for h in host]
     ns, nexts, paths = [], [], []
     for i in range(b):
         u, steps, children = -1, [], kids_of[i]
@@ -280,7 +306,6 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
         ns.append(len(steps))
         paths.append(steps)
     depth = max(ns)
-    paths = [s + [0] * (depth - len(s)) for s in paths]
-    dev = tokens.device
-    return (torch.tensor(ns, dtype=torch.long, device=dev), torch.tensor(nexts, dtype=torch.long, device=dev),
-            torch.tensor(paths, dtype=torch.long, device=dev).view(b, depth))
+    out = to_device([[k, x] + s + [0] * (depth - len(s)) for k, x, s in zip(ns, nexts, paths)],
+                    tokens.device).view(b, 2 + depth)               # one host-to-device copy
+    return out[:, 0], out[:, 1], out[:, 2:]

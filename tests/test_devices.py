@@ -1,10 +1,12 @@
 """Every mode on a second device type: CUDA where there is one, and everywhere a virtual device that
-catches host/device mixing on the CPU (the crash AR once had on CUDA when a row finished early)."""
+catches host/device mixing on the CPU (the crash AR once had on CUDA when a row finished early) and
+counts the points where a GPU's host would wait for the device."""
 import pytest
 import torch
-from virtual_device import DeviceMismatch, VirtualDevice
 
+from benchmark.virtual_device import DeviceMismatch, VirtualDevice
 from sampling import generate
+from sampling.ngram import NgramDrafter
 from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
 MODES = ("ar", "google", "deepmind", "bass", "bass-mask", "tree", "cascade")
@@ -45,6 +47,40 @@ def test_virtual_device_catches_no_host_device_mixing(mode, kv):
     assert vd.ops > 300                                       # it saw the loops' tensor work
     assert greedy.tokens == ref
     assert all(len(t) >= 1 for t in sampled.tokens)
+
+
+# host-device synchronisations per decode step: the read of what the step accepted (the one that
+# decides), and where the host needs more of the device's values: a tree's walk reads the target's
+# argmax and the tree before the accepted path is read back (the dynamic tree's drafter once more,
+# for the nodes it fed), a cascade's level decides its own acceptance, the n-gram drafter reads
+# the accepted tokens to look them up
+SYNCS_PER_STEP = {"ar": 1, "google": 1, "deepmind": 1, "bass": 1, "bass-mask": 1, "bass static": 1, "tree": 2,
+                  "dynamic tree": 3, "cascade": 2, "ngram": 2}
+
+
+@pytest.mark.parametrize("mode", SYNCS_PER_STEP)
+def test_a_decode_step_makes_the_host_wait_once(mode):
+    """Two generations of 12 and 24 tokens that differ only in their number of steps (the draft is the
+    target: every draft is accepted, the rows finish together; the n-gram drafter's rows too, here):
+    each extra step costs exactly the
+    syncs listed, so nothing else in a step reads the device (a boolean-mask index, a host list copied
+    to the device without pinned memory, an early exit on ``.any()``)."""
+    target = tiny_model("llama", seed=81)
+    ids, mask = left_padded_batch(97, (5, 9, 7), seed=83)
+    kw = dict(gamma=3, temperature=0, mode=mode.split()[0], draft_model=target)
+    kw.update({"bass-mask": dict(mode="bass", finished_rows="mask"), "bass static": dict(kv_cache="static"),
+               "tree": dict(tree="2,1,1"), "dynamic tree": dict(mode="tree", tree="dynamic:6:3:2"),
+               "cascade": dict(draft_model=[target, target]),
+               "ngram": dict(mode="bass", draft_model=NgramDrafter())}.get(mode, {}))
+    counts = []
+    for n in (12, 24):
+        generate(target, ids, mask, max_new_tokens=n, **kw)                   # cached shapes (trees) built
+        with VirtualDevice(target) as vd:
+            out = generate(target, ids, mask, max_new_tokens=n, **kw)
+        counts.append((len(vd.syncs), out.stats["target_calls"], vd.syncs))
+    (s12, c12, _), (s24, c24, syncs) = counts
+    assert c24 > c12
+    assert s24 - s12 == SYNCS_PER_STEP[mode] * (c24 - c12), syncs
 
 
 def test_virtual_device_raises_on_the_old_ar_bug():

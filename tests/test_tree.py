@@ -37,7 +37,7 @@ def test_dynamic_tree_keeps_the_best_paths():
     """Row trees from a draft equal to the target: every kept node's parent is kept, the nodes are in
     level order, and the ancestor matrix follows the parent pointers."""
     from sampling.tree import DynamicTreeDrafter
-    from sampling.utils import SamplingParams
+    from sampling.utils import SamplingParams, children_of
     model = tiny_model("llama", seed=14)
     ids, mask = left_padded_batch(97, (4, 7, 2), seed=15)
     drafter = DynamicTreeDrafter(model, SamplingParams(temperature=0), None, parse_tree("dynamic:10:4:3"))
@@ -51,7 +51,7 @@ def test_dynamic_tree_keeps_the_best_paths():
             assert p < j and dep[i][j] == (1 if p < 0 else dep[i][p] + 1)
             assert tree.ancestors[i, j].nonzero().squeeze(1).tolist() == sorted(
                 [j] + ([] if p < 0 else tree.ancestors[i, p].nonzero().squeeze(1).tolist()))
-        assert tree.children[i][-1] == [j for j, p in enumerate(par[i]) if p < 0]
+        assert children_of(par[i])[-1] == [j for j, p in enumerate(par[i]) if p < 0]
     assert (tree.depths.max(1).values > 1).all() and (tree.fed[:, :3] >= 0).all()
 
 

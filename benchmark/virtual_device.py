@@ -6,8 +6,16 @@ tensors made by a factory without ``device=`` (or with a plain ``cpu``), or move
 live on the host (``cpu``). Operations that CUDA refuses for such a mix raise here as well:
 host and device tensors in one op (0-dim host tensors excepted, as CUDA allows), and indexing a
 host tensor with a device index. Everything runs on the CPU; only the bookkeeping is virtual.
+
+It also records, outside the models, every operation that makes the host wait for the device on
+CUDA (``syncs``: where each happened): reading a device tensor on the host (``tolist``, ``item``,
+``bool()``, ``.cpu()``, ``nonzero``, indexing with a boolean mask), and copying host data to the
+device without ``non_blocking`` (``torch.tensor(..., device=)``, ``.to(device)``, indexing a
+device tensor with a host list or tensor), which PyTorch follows with a stream synchronisation.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -15,6 +23,8 @@ from torch.overrides import TorchFunctionMode
 ACCEL = torch.device("cpu", 0)     # the virtual accelerator; a plain torch.device("cpu") is the host
 FACTORIES = {"arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "tensor", "as_tensor",
              "linspace", "eye"}
+READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "masked_select",
+         "unique", "argwhere"}     # a device tensor's values read on the host
 SAME_AS_SOURCE = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like", "ones_like",
                   "full_like", "empty_like", "rand_like", "randn_like", "randint_like"}
 
@@ -39,6 +49,7 @@ class VirtualDevice(TorchFunctionMode):
         super().__init__()
         self.host: dict[int, torch.Tensor] = {}     # id -> tensor living on the host
         self.ops = 0
+        self.syncs: list[str] = []                  # "op at file:line" of each host-device synchronisation
         self.inside = 0                             # > 0 while a model's forward runs: not checked
         self.hooks = []
         for m in models:                            # the models are the library's business, not ours
@@ -58,6 +69,16 @@ class VirtualDevice(TorchFunctionMode):
 
     def is_host(self, t: torch.Tensor) -> bool:
         return self.host.get(id(t)) is t
+
+    def _sync(self, name: str) -> None:
+        frame, where = sys._getframe(2), "?"
+        while frame is not None:                    # the first caller outside this module and torch
+            path = frame.f_code.co_filename
+            if "torch" not in path and not path.endswith("virtual_device.py"):
+                where = f"{path.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+                break
+            frame = frame.f_back
+        self.syncs.append(f"{name} at {where}")
 
     def _tag(self, out, host: bool):
         for t in _tensors(out):
@@ -88,11 +109,20 @@ class VirtualDevice(TorchFunctionMode):
             kwargs["device"] = "cpu"
         else:
             host = None
+        ts = list(_tensors(args)) + list(_tensors(kwargs))
+        if name in READS and ts and not self.is_host(ts[0]):
+            self._sync(name)
+        if name == "repeat_interleave" and len(ts) > 1 and "output_size" not in kwargs:
+            self._sync(name)                        # tensor repeats: the output's size is read on the host
+        if name in ("tensor", "as_tensor") and host is False:
+            self._sync(f"{name}(device=)")
         if name in FACTORIES and not isinstance(args[0] if args else None, torch.Tensor):
             return self._tag(func(*args, **kwargs), True if host is None else host)
         if name in SAME_AS_SOURCE:
             return self._tag(func(*args, **kwargs), self.is_host(args[0]) if host is None else host)
         if name == "cpu":
+            if not self.is_host(args[0]):
+                self._sync(name)
             return self._tag(func(*args, **kwargs), True)
         if name == "cuda":
             return self._tag(func(*args, **kwargs), False)
@@ -104,14 +134,22 @@ class VirtualDevice(TorchFunctionMode):
                 args = tuple("cpu" if a is dev else a for a in args)
             if host is None and other is not None:
                 host = self.is_host(other)
+            if host is not None and host != self.is_host(args[0]) and not kwargs.get("non_blocking"):
+                self._sync("to(host)" if host else "to(device)")
             return self._tag(func(*args, **kwargs), self.is_host(args[0]) if host is None else host)
-        ts = list(_tensors(args)) + list(_tensors(kwargs))
         hosts = [t for t in ts if self.is_host(t)]
         devs = [t for t in ts if not self.is_host(t)]
         if name in ("__getitem__", "__setitem__", "index_select", "gather", "take") and ts:
             base, index = args[0], [t for t in _tensors(args[1:]) if t.dtype in (torch.long, torch.int, torch.bool)]
             if self.is_host(base) and any(not self.is_host(i) and i.dim() > 0 for i in index):
                 raise DeviceMismatch(f"{name}: a host tensor indexed with a device tensor")
+            if not self.is_host(base) and name in ("__getitem__", "__setitem__"):
+                key = args[1] if isinstance(args[1], tuple) else (args[1],)
+                if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in key):
+                    self._sync(f"{name}[bool mask]")
+                elif any(isinstance(i, list) or isinstance(i, torch.Tensor) and self.is_host(i) and i.dim() > 0
+                         for i in key):
+                    self._sync(f"{name}[host index]")
             out = func(*args, **kwargs)
             return self._tag(out, self.is_host(base)) if name != "__setitem__" else out
         if hosts and devs and any(t.dim() > 0 for t in hosts):
