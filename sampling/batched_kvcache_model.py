@@ -56,14 +56,15 @@ class BatchedKVCacheModel(KVCacheModel):
         C = L - self.dropped                                              # the chain's slots (a press evicts some)
         dev = seq.device
         allow4 = torch.zeros(b, P + n, C + P + T + n, dtype=torch.bool, device=dev)
-        allow4[:, :, :C + P] = self.slot_mask(mask).bool().unsqueeze(1)   # the chain, holes and padding masked
-        allow4[:, :P, C:C + P] &= torch.ones(P, P, dtype=torch.bool, device=dev).tril()   # pending: causal
+        allow4[:, :, :C + P] = self.slot_mask(mask).unsqueeze(1)          # the chain, holes and padding masked
+        if P:
+            allow4[:, :P, C:C + P] &= torch.ones(P, P, dtype=torch.bool, device=dev).tril()   # pending: causal
         allow4[:, P:, C + P:] = allow.to(dev)                             # nodes: their ancestors and themselves
         dtype = next(self.model.parameters()).dtype
-        mask4 = torch.zeros(allow4.shape, dtype=dtype, device=dev).masked_fill(~allow4, torch.finfo(dtype).min)
-        real = mask.long().sum(-1, keepdim=True)                          # [b, 1] real tokens in the chain
+        mask4 = torch.full(allow4.shape, torch.finfo(dtype).min, dtype=dtype, device=dev).masked_fill_(allow4, 0)
+        chain_pos = position_ids(mask)                                    # [b, L + P]; the last: real tokens - 1
         depth = depth.to(dev) if depth.dim() == 2 else depth.to(dev).unsqueeze(0)     # [b or 1, n]
-        pos = torch.cat([position_ids(mask)[:, L:], (real - 1 + depth).expand(b, n)], dim=1)  # [b, P + n]
+        pos = torch.cat([chain_pos[:, L:], (chain_pos[:, -1:] + depth).expand(b, n)], dim=1)  # [b, P + n]
         logits = self._run(torch.cat([seq[:, L:], tokens], dim=1), mask4.unsqueeze(1), pos, P + n)  # [b, P + n, V]
         p_chain = None
         if P:

@@ -177,8 +177,8 @@ def norm_logits(logits: torch.Tensor, params: SamplingParams | RowParams, seq: t
             logits = torch.stack(cols, 1)                                 # [B, n, V]
         else:
             logits = procs(None, logits.reshape(B * n, V)).view(B, n, V)
-    if params.greedy:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    if params.greedy:                                 # one-hot, made in logits' dtype at once
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.softmax(logits, dim=-1)
 
 

@@ -9,7 +9,7 @@ import pytest
 from test_benchmark import FIXTURE, cli
 from tiny import save_tiny_pair
 
-from benchmark import cost_model, gpu_check, run_experiment
+from benchmark import cost_model, gpu_check, host_cost, run_experiment
 from benchmark.cost_model import PassCost, draft_passes, extrapolate, predict_batch
 
 
@@ -123,3 +123,37 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
     assert agree[agree.tool == "eval_dolly.py"].sweep_speedup.notna().all()       # same prompts in the sweeps
     assert agree.set_index("mode").loc["tree"].sweep_speedup > 0
     assert json.loads((out / "env.json").read_text())["cores"] >= 1
+
+
+def test_host_cost_counts_the_loop_beside_a_baseline(capsys, tmp_path):
+    """The host-cost tool on shrunk copies of the embedded pair, this checkout as its own baseline:
+    both versions measured, the same counts for both, the loop's syncs as the decode test holds them."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(host_cost.__file__)))
+    out = tmp_path / "host"
+    code, stdout, err = cli(host_cost, ["--configs", "ar:1,bass:2:static,tree:1", "--max_tokens", "6", "--hidden", "16",
+                                        "--repeats", "1", "--baseline", repo, "--out", str(out)], capsys)
+    assert code == 0, err
+    s = pd.read_csv(out / "summary.csv")
+    cur, base = s[s.version == "current"].reset_index(), s[s.version == "baseline"].reset_index()
+    assert len(cur) == len(base) == 3 and list(cur["mode"]) == ["ar", "bass", "tree"]
+    for col in ("target_calls", "kernels_per_pass", "model_kernels_per_pass", "syncs_per_pass"):
+        assert (cur[col] == base[col]).all(), col
+    assert (s.kernels_per_pass > 0).all() and (s.model_kernels_per_pass > s.kernels_per_pass).all()
+    assert (s.host_ms_per_pass > 0).all() and len(pd.read_csv(out / "raw.csv")) == 6
+    assert "->" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--configs", "beam:1", "bad config 'beam:1'"),
+                                            ("--configs", "ar:0", "bad config 'ar:0'"),
+                                            ("--hidden", "4", "--hidden must be >= 8"),
+                                            ("--baseline", "/nonexistent", "no sampling/ package")])
+def test_host_cost_bad_flags(flag, value, msg, capsys, tmp_path):
+    code, out, err = cli(host_cost, ["--repeats", "1", "--configs", "ar:1", "--max_tokens", "3",
+                                     "--out", str(tmp_path / "x"), flag, value], capsys)
+    assert code == 2 and msg in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_host_cost_refuses_an_existing_folder(capsys, tmp_path):
+    code, out, err = cli(host_cost, ["--out", str(tmp_path)], capsys)
+    assert code == 2 and "exists" in err

@@ -1,0 +1,229 @@
+"""The host's work per decode step, outside the model passes: what a GPU waits on when the models
+themselves are cheap (launch-bound), measured on any machine.
+
+    python -m benchmark.host_cost --out results/host/after
+
+The models are random-init copies of the embedded pair's architectures (their layers, heads and
+vocabulary) shrunk to ``--hidden`` channels, so that their arithmetic is next to nothing and a
+step's time is the host's: Python, the operator calls, the copies. Per configuration (mode, batch,
+KV cache), greedy, ``--max_tokens`` new tokens after random prompts of ``--prompt_len`` tokens:
+
+* timed (every configuration warmed up first, then ``--repeats`` rounds in rotating order, the
+  median kept): the generation's wall time and the time inside the two models' forward calls
+  (forward hooks); the rest, per target pass, is ``host_ms_per_pass``;
+* counted once (not timed): the ATen operators the loop runs outside the models per target pass,
+  those that launch a kernel on a GPU (``kernels``, views excluded) and all of them, against the
+  operators of one target pass (CUDA graphs turn those into one launch, never the loop's own); and
+  the points where a GPU's host would wait for the device (``syncs``, ``benchmark.virtual_device``).
+
+``--baseline DIR`` (a checkout of another version, e.g. ``git worktree add /tmp/old <commit>``)
+runs that version's ``sampling`` package beside this one in the same process, every configuration
+of both interleaved, so that the two are compared under the same machine noise.
+
+Writes raw.csv (one row per timed run), summary.csv, table.md and env.json to ``--out``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import pandas as pd
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sampling import generate
+from sampling.cli import Parser, run
+from sampling.models import DEFAULT_DRAFT, DEFAULT_TARGET
+
+from .utils_io import env_info, write_csv, write_json, write_text
+from .virtual_device import VirtualDevice
+
+CONFIGS = ("ar:1", "ar:8", "google:1", "bass:1", "bass:8", "tree:1", "tree:8", "bass:8:static")
+TREE = "dynamic:16:5:4"       # the tree mode's default shape (sampling.generate)
+VIEWS = {"slice", "select", "unsqueeze", "squeeze", "expand", "view", "_unsafe_view", "alias", "detach", "t",
+         "transpose", "permute", "as_strided", "unbind", "split", "split_with_sizes", "narrow", "lift_fresh",
+         "_local_scalar_dense", "_reshape_alias", "sym_size", "sym_stride", "is_same_size"}
+
+
+def shrunk(path, hidden: int, seed: int):
+    """A random-init model of the config at ``path`` with ``hidden`` channels (its layers, heads,
+    vocabulary kept; the head dim follows)."""
+    cfg = AutoConfig.from_pretrained(path)
+    heads = cfg.num_attention_heads
+    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = hidden, 3 * hidden, max(1, hidden // heads)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+class Clock:
+    """Seconds spent inside the models' forward calls (forward hooks), and whether one is running."""
+
+    def __init__(self, *models):
+        self.inside, self.depth, self._t0 = 0.0, 0, 0.0
+        for m in models:
+            m.register_forward_pre_hook(self._enter)
+            m.register_forward_hook(self._leave)
+
+    def _enter(self, *_):
+        if self.depth == 0:
+            self._t0 = time.perf_counter()
+        self.depth += 1
+
+    def _leave(self, *_):
+        self.depth -= 1
+        if self.depth == 0:
+            self.inside += time.perf_counter() - self._t0
+
+
+class OpCount(TorchDispatchMode):
+    """ATen operators run outside (and inside) the models, by name."""
+
+    def __init__(self, clock: Clock):
+        super().__init__()
+        self.clock, self.outside, self.inside = clock, Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        (self.inside if self.clock.depth else self.outside)[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels(ops: Counter) -> int:
+    return sum(v for k, v in ops.items() if k not in VIEWS)
+
+
+def parse_config(text: str) -> tuple[str, int, str]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ("ar", "google", "deepmind", "bass", "tree") or \
+            not parts[1].isdigit() or int(parts[1]) < 1 or (len(parts) == 3 and parts[2] not in ("dynamic", "static")):
+        raise ValueError(f"bad config {text!r}: mode:batch[:cache], mode one of ar, google, deepmind, bass, tree, "
+                         f"batch >= 1, cache dynamic or static")
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else "dynamic"
+
+
+def baseline_generate(checkout: str, tmp: str):
+    """``generate`` of the ``sampling`` package in another checkout, imported as ``sampling_baseline``
+    (a copy under ``tmp``: its imports are relative, so it stays apart from this one)."""
+    src = os.path.join(checkout, "sampling")
+    if not os.path.isfile(os.path.join(src, "__init__.py")):
+        raise ValueError(f"--baseline {checkout}: no sampling/ package there")
+    shutil.copytree(src, os.path.join(tmp, "sampling_baseline"))
+    for name in [m for m in sys.modules if m.split(".")[0] == "sampling_baseline"]:
+        del sys.modules[name]                                     # an earlier baseline of this process
+    sys.path.insert(0, tmp)
+    try:
+        return importlib.import_module("sampling_baseline").generate
+    finally:
+        sys.path.remove(tmp)
+
+
+def main(argv=None) -> None:
+    ap = Parser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of mode:batch[:cache]")
+    ap.add_argument("--hidden", type=int, default=64, help="channels of the shrunk models (their arithmetic ~ nil)")
+    ap.add_argument("--max_tokens", type=int, default=64, help="new tokens per row")
+    ap.add_argument("--prompt_len", type=int, default=32, help="tokens of each random prompt")
+    ap.add_argument("--gamma", type=int, default=4, help="draft length of the chain modes")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (median kept)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the host's own pace)")
+    ap.add_argument("--baseline", default=None,
+                    help="a checkout of another version whose loop runs beside this one, interleaved (default: none)")
+    ap.add_argument("--out", required=True, help="folder for raw.csv, summary.csv, table.md, env.json (must not exist)")
+    args = ap.parse_args(argv)
+    configs = [parse_config(c.strip()) for c in args.configs.split(",") if c.strip()]
+    for name, value, low in (("hidden", args.hidden, 8), ("max_tokens", args.max_tokens, 2),
+                             ("prompt_len", args.prompt_len, 1), ("gamma", args.gamma, 1),
+                             ("repeats", args.repeats, 1), ("threads", args.threads, 1)):
+        if value < low:
+            raise ValueError(f"--{name} must be >= {low}, got {value}")
+    if not configs:
+        raise ValueError("--configs is empty")
+    if os.path.exists(args.out):
+        raise ValueError(f"{args.out} exists; pick another --out")
+    torch.set_num_threads(args.threads)
+    target, draft = shrunk(DEFAULT_TARGET, args.hidden, 0), shrunk(DEFAULT_DRAFT, args.hidden, 1)
+    clock = Clock(target, draft)
+    V = target.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=gen) for _, b, _ in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = {"current": generate}
+        if args.baseline:
+            versions["baseline"] = baseline_generate(args.baseline, tmp)
+        raw, summary = measure(args, configs, versions, target, draft, clock, prompts)
+    os.makedirs(args.out)
+    write_csv(os.path.join(args.out, "raw.csv"), raw)
+    write_csv(os.path.join(args.out, "summary.csv"), summary)
+    write_json(os.path.join(args.out, "env.json"), dict(env_info(), args=vars(args), tree=TREE,
+                                                       target_layers=target.config.num_hidden_layers,
+                                                       draft_layers=draft.config.num_hidden_layers))
+    text = table(summary)
+    write_text(os.path.join(args.out, "table.md"), text + "\n")
+    print(text)
+
+
+def measure(args, configs, versions: dict, target, draft, clock: Clock, prompts: dict):
+    """Counts (untimed, after a warm-up) and timed rounds of every configuration of every version,
+    interleaved; returns the raw rows and the summary."""
+    def once(cfg, version):
+        mode, b, kv = cfg
+        return versions[version](target, prompts[b], draft_model=draft, mode=mode, max_new_tokens=args.max_tokens,
+                                 gamma=args.gamma, temperature=0, kv_cache=kv,
+                                 tree=TREE if mode == "tree" else None).stats
+
+    runs = [(cfg, v) for cfg in configs for v in versions]
+    rows, counts = [], {}
+    for run in runs:                                              # warm-up, then the counts (untimed)
+        once(*run)
+        with OpCount(clock) as ops:
+            stats = once(*run)
+        with VirtualDevice(target, draft) as vd:
+            once(*run)
+        counts[run] = (ops, len(vd.syncs), stats["target_calls"], stats.get("draft_calls", 0))
+    for rep in range(args.repeats):                               # timed rounds, rotating order
+        for cfg, v in runs[rep % len(runs):] + runs[:rep % len(runs)]:
+            clock.inside = 0.0
+            t0 = time.perf_counter()
+            stats = once(cfg, v)
+            wall = time.perf_counter() - t0
+            rows.append(dict(version=v, mode=cfg[0], batch=cfg[1], kv_cache=cfg[2], repeat=rep, wall_s=wall,
+                             forward_s=clock.inside, new_tokens=stats["new_tokens"],
+                             target_calls=stats["target_calls"], draft_calls=stats.get("draft_calls", 0)))
+    raw = pd.DataFrame(rows)
+    out = []
+    for (cfg, v), (ops, syncs, calls, dcalls) in counts.items():
+        mode, b, kv = cfg
+        part = raw[(raw.version == v) & (raw["mode"] == mode) & (raw.batch == b) & (raw.kv_cache == kv)]
+        wall, host = statistics.median(part.wall_s), statistics.median(part.wall_s - part.forward_s)
+        out.append(dict(version=v, mode=mode, batch=b, kv_cache=kv, target_calls=calls, draft_calls=dcalls,
+                        new_tokens=int(part.new_tokens.iloc[0]), wall_ms=1000 * wall,
+                        host_ms=1000 * host, host_ms_per_pass=1000 * host / calls, host_share=host / wall,
+                        kernels_per_pass=kernels(ops.outside) / calls, ops_per_pass=sum(ops.outside.values()) / calls,
+                        model_kernels_per_pass=kernels(ops.inside) / calls, syncs_per_pass=syncs / calls))
+    return raw, pd.DataFrame(out)
+
+
+def table(summary: pd.DataFrame) -> str:
+    """The summary as markdown; with a baseline, each figure of this version beside the baseline's."""
+    cols = [("target passes", "target_calls", "{:.0f}"), ("draft passes", "draft_calls", "{:.0f}"),
+            ("wall ms", "wall_ms", "{:.1f}"), ("host ms per target pass", "host_ms_per_pass", "{:.3f}"),
+            ("host share of wall", "host_share", "{:.0%}"), ("loop kernels per pass", "kernels_per_pass", "{:.1f}"),
+            ("models' kernels per pass", "model_kernels_per_pass", "{:.0f}"), ("syncs per pass", "syncs_per_pass", "{:.2f}")]
+    cur = summary[summary.version == "current"].reset_index(drop=True)
+    base = summary[summary.version == "baseline"].reset_index(drop=True)
+    head = "| mode | batch | cache | " + " | ".join(c[0] + (" (baseline -> current)" if len(base) else "") for c in cols) + " |"
+    lines = [head, "|---|---:|---|" + "---:|" * len(cols)]
+    for i, r in cur.iterrows():
+        cells = [(f.format(base.loc[i, k]) + " -> " if len(base) else "") + f.format(r[k]) for _, k, f in cols]
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['kv_cache']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run(main)
