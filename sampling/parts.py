@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .batched_kvcache_model import BatchedKVCacheModel
 from .kvcache_model import CacheSpec
@@ -115,10 +114,9 @@ class ChainVerifier(CachedPart):
         g, S = draft.tokens.shape[1], seq.shape[1]
         self.mask = torch.cat([mask, mask.new_ones(len(seq), g)], dim=1)      # [b, S + g]
         self.kv.catch_up(torch.cat([seq, draft.tokens], dim=1), self.mask)
-        self.padding = 1.0 - self.mask.float().mean()                        # a device scalar: no sync
+        self.padding = (mask.sum(), len(seq) * g, self.mask.numel())         # real slots: a device count + g per row
         p = self.kv.probs[:, -(g + 1):]                                      # [b, g + 1, V]
-        q = draft.q if draft.q is not None else F.one_hot(draft.tokens, p.shape[-1]).to(p.dtype)  # [b, g, V]
-        n, nxt = accept_reject(p, q, draft.tokens, generator, sequential=self.sequential, greedy=self.greedy)
+        n, nxt = accept_reject(p, draft.q, draft.tokens, generator, sequential=self.sequential, greedy=self.greedy)
         nodes = torch.arange(g, device=n.device).expand(len(n), -1)          # [b, g]
         return Accepted(n, nxt, draft.tokens, nodes, S)
 

@@ -47,7 +47,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
                                                                               # (a tree: its n nodes)
         # 2. verify and 3. accept: all rows in one target pass, each its own prefix + one token
         acc = verifier.verify(seq, mask, draft, generator)                    # n [b], next [b]
-        padding.append(verifier.padding)                                      # device scalars, read at the end
+        padding.append(verifier.padding)              # (real slots on the device, + real on the host, all slots)
         rows_verified += len(seq)
         done = rows.done_mask()                                               # [b]
         n_list, nxt_list, drafts = acc.to_host(done)                          # the step's one sync
@@ -68,7 +68,8 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
                 drafter.select_rows(keep)
             seq, mask = admit_rows(rows, seq, mask, [verifier, drafter])   # requests joining (a server)
     stats = rows.finish(verifier.calls, drafter.calls, schedule.trace)
-    stats.update(padding_fraction=float(torch.stack(padding).mean()) if padding else 0.0,
+    real = torch.stack([r for r, _, _ in padding]).tolist() if padding else []    # one read, at the end
+    stats.update(padding_fraction=sum(1 - (r + a) / n for r, (_, a, n) in zip(real, padding)) / max(1, len(real)),
                  rows_verified=rows_verified)         # rows in the verify passes, finished ones included
     return rows.out, stats
 

@@ -418,7 +418,7 @@ class TreeVerifier(CachedPart):
         else:
             p_nodes = None
         b = len(seq)
-        self.padding = 1.0 - (mask.sum() + b * tree.n) / (b * (seq.shape[1] + tree.n))   # a device scalar
+        self.padding = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))   # real slots: device count + nodes
         n, nxt, nodes = tree_accept(p_root, p_nodes, draft.q, draft.tokens, tree.children, generator, self.greedy)
         tokens = draft.tokens.gather(1, nodes) if tree.n else draft.tokens  # [b, depth]
         return Accepted(n, nxt, tokens, nodes, seq.shape[1])

@@ -197,23 +197,33 @@ def max_fn(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, x / total.clamp(min=torch.finfo(x.dtype).tiny), fallback)
 
 
-def accept_reject(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
+def accept_reject(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor,
                   generator: torch.Generator | None = None,
                   sequential: bool = False, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative rejection sampling for a batch of rows (Leviathan et al. 2023, Chen et al. 2023).
 
     p: [B, g + 1, V] target probabilities at the g draft positions and the bonus position
-    q: [B, g, V]     draft probabilities the draft tokens were sampled from
+    q: [B, g, V]     draft probabilities the draft tokens were sampled from (None: each draft
+                     was certain, q one-hot on it: deterministic drafters)
     x: [B, g]        draft tokens
     Returns n [B], how many drafts each row accepts, and next [B], the token that follows them:
     a draw from norm(max(0, p_n - q_n)) after a rejection, or from p_g when all g are accepted.
     ``sequential`` tests the drafts one by one as in Chen et al.'s Algorithm 2 (a uniform per
     draft; a row stops at its first rejection; the loop does not stop early when every row has,
     which would read the device on the host once per draft); otherwise all g uniforms are drawn
-    at once and n is the first rejection (Leviathan et al.). Both give the same law. ``greedy``: p and q are
-    one-hot (temperature 0), so the next token is drawn by argmax (see ``sample``).
+    at once and n is the first rejection (Leviathan et al.). Both give the same law.
+    ``greedy``: every row of p is one-hot on the target's argmax t (temperature 0); whatever q is,
+    a draft is then accepted exactly when it is t (p_x / q_x is 0, or >= 1) and the residual
+    max(0, p_n - q_n) is one-hot on t (or empty, and its fallback p_n is), so the rule reduces to
+    comparing tokens, with no uniform drawn.
     """
     B, g = x.shape
+    if greedy:
+        t = p.argmax(-1)                                            # [B, g + 1] the target's tokens
+        n = (x == t[:, :g]).long().cumprod(-1).sum(-1)              # [B] first disagreement
+        return n, t.gather(1, n.unsqueeze(1)).squeeze(1)            # the target's token after the prefix
+    if q is None:
+        q = F.one_hot(x, p.shape[-1]).to(p.dtype)                   # [B, g, V]
     p_x = p[:, :g].gather(-1, x.unsqueeze(-1)).squeeze(-1)          # [B, g]
     q_x = q.gather(-1, x.unsqueeze(-1)).squeeze(-1)                 # [B, g]
     if sequential:
@@ -243,6 +253,30 @@ def children_of(parent: list[int]) -> dict[int, list[int]]:
     return out
 
 
+def host_laws(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor, n: int,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sampled tree walk's inputs on the host, in one transfer: the laws [b, 1 + 2n, V] (p_root,
+    then p and q of each node) and n + 1 uniforms per row [b, n + 1], drawn on the device (a walk
+    tests each node at most once, then draws once)."""
+    b, V = p_root.shape
+    u = torch.rand(b, n + 1, generator=generator, device=p_root.device, dtype=p_root.dtype)   # [b, n + 1]
+    laws = [p_root.unsqueeze(1)] + ([p, q] if n else [])
+    if n + 1 > V:                                   # more uniforms than a row holds: a second transfer
+        return torch.cat(laws, 1).cpu(), u.cpu()
+    host = torch.cat(laws + [F.pad(u, (0, V - n - 1)).unsqueeze(1)], 1).cpu()   # [b, 2 + 2n, V]
+    return host[:, :-1], host[:, -1, :n + 1]
+
+
+def inverse_cdf(r: torch.Tensor, u: float) -> int:
+    """The token x with cdf(x - 1) <= u * total < cdf(x) under the unnormalised law r [V] (u in
+    [0, 1)): a draw from r / r.sum() by one uniform; tokens with r = 0 are never drawn."""
+    cdf = r.cumsum(0)
+    x = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    if x >= len(r) or r[x] <= 0:                    # u * total rounded up to the total: the last token drawable
+        x = int((r > 0).nonzero()[-1])
+    return x
+
+
 def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None, tokens: torch.Tensor,
                 children: dict[int, list[int]] | list | torch.Tensor, generator: torch.Generator | None = None,
                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,10 +298,12 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     Returns n [b] accepted nodes, next [b], and path [b, max(n)] the accepted nodes (padded with 0).
     """
     b, n = tokens.shape
+    if not greedy:                  # the laws and the walk's uniforms cross to the host at once
+        laws = host_laws(p_root, p, q, n, generator)                 # [b, 1 + 2n, V], [b, n + 1]
     parts = [tokens] + [children] * torch.is_tensor(children)                # [b, n] each
     if greedy:                      # every position's argmax too: the walk is then on host lists
         parts += [p_root.argmax(-1, keepdim=True)] + [p.argmax(-1)] * (p is not None)   # [b, 1], [b, n]
-    host = torch.cat(parts, 1).tolist()                             # the walk's one device-to-host transfer
+    host = torch.cat(parts, 1).tolist()                             # the walk's device-to-host transfer
     toks = [h[:n] for h in host]
     if torch.is_tensor(children):
         kids_of = [children_of(h[n:2 * n]) for h in host]
@@ -284,25 +320,27 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
             while (c := next((c for c in children[u] if toks[i][c] == a), None)) is not None:
                 u, a, steps = c, best[i][c], steps + [c]
             nexts.append(a)
-        else:
-            r = p_root[i]
+        else:                       # on the host: row i's laws and its n + 1 uniforms, one per test and the draw
+            (law, uni), k = laws, 0
+            r, uni = law[i, 0], uni[i].tolist()
             while True:
                 kids = children[u]
-                q_u = q[i, kids[0]].clone() if kids else None
+                q_u = law[i, 1 + n + kids[0]].clone() if kids else None
                 for c in kids:
                     x = toks[i][c]
                     if q_u[x] <= 0:                 # drawn after the draft's support ran out
                         continue
-                    if torch.rand((), generator=generator, device=r.device, dtype=r.dtype) * q_u[x] < r[x]:
+                    k += 1
+                    if uni[k - 1] * q_u[x] < r[x]:
                         u, steps = c, steps + [c]
                         break
                     r = max_fn(r - q_u, fallback=r)
                     q_u[x] = 0
                     q_u = q_u / q_u.sum().clamp(min=torch.finfo(q_u.dtype).tiny)
                 else:                               # every child rejected (or a leaf): draw from r
-                    nexts.append(int(sample(r.unsqueeze(0), generator)))
+                    nexts.append(inverse_cdf(r, uni[k]))
                     break
-                r = p[i, u]
+                r = law[i, 1 + u]
         ns.append(len(steps))
         paths.append(steps)
     depth = max(ns)

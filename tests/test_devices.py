@@ -53,9 +53,10 @@ def test_virtual_device_catches_no_host_device_mixing(mode, kv):
 # decides), and where the host needs more of the device's values: a tree's walk reads the target's
 # argmax and the tree before the accepted path is read back (the dynamic tree's drafter once more,
 # for the nodes it fed), a cascade's level decides its own acceptance, the n-gram drafter reads
-# the accepted tokens to look them up
+# the accepted tokens to look them up; a sampled tree's walk reads the laws with its uniforms, then
+# the tokens
 SYNCS_PER_STEP = {"ar": 1, "google": 1, "deepmind": 1, "bass": 1, "bass-mask": 1, "bass static": 1, "tree": 2,
-                  "dynamic tree": 3, "cascade": 2, "ngram": 2}
+                  "dynamic tree": 3, "cascade": 2, "ngram": 2, "tree sampled": 3, "bass sampled": 1}
 
 
 @pytest.mark.parametrize("mode", SYNCS_PER_STEP)
@@ -70,6 +71,7 @@ def test_a_decode_step_makes_the_host_wait_once(mode):
     kw = dict(gamma=3, temperature=0, mode=mode.split()[0], draft_model=target)
     kw.update({"bass-mask": dict(mode="bass", finished_rows="mask"), "bass static": dict(kv_cache="static"),
                "tree": dict(tree="2,1,1"), "dynamic tree": dict(mode="tree", tree="dynamic:6:3:2"),
+               "tree sampled": dict(tree="2,1,1", temperature=1.0, seed=0), "bass sampled": dict(temperature=1.0, seed=0),
                "cascade": dict(draft_model=[target, target]),
                "ngram": dict(mode="bass", draft_model=NgramDrafter())}.get(mode, {}))
     counts = []
