@@ -14,7 +14,9 @@ KV cache), greedy, ``--max_tokens`` new tokens after random prompts of ``--promp
 * counted once (not timed): the ATen operators the loop runs outside the models per target pass,
   those that launch a kernel on a GPU (``kernels``, views excluded) and all of them, against the
   operators of one target pass (CUDA graphs turn those into one launch, never the loop's own); and
-  the points where a GPU's host would wait for the device (``syncs``, ``benchmark.virtual_device``).
+  the points where a GPU's host would wait for the device (``syncs``: on a CPU those
+  ``benchmark.virtual_device`` records, on CUDA those torch's sync debug mode reports, outside
+  the models either way).
 
 ``--baseline DIR`` (a checkout of another version, e.g. ``git worktree add /tmp/old <commit>``)
 runs that version's ``sampling`` package beside this one in the same process, every configuration
@@ -31,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 
 import pandas as pd
@@ -127,6 +130,26 @@ def baseline_generate(checkout: str, tmp: str):
         sys.path.remove(tmp)
 
 
+def cuda_syncs(fn, clock: Clock) -> int:
+    """Run fn; count the synchronising CUDA calls outside the models (torch.cuda's sync debug mode
+    warns at each)."""
+    count = 0
+
+    def record(message, category, *args, **kwargs):
+        nonlocal count
+        count += "synchroniz" in str(message).lower() and not clock.depth
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return count
+
+
 def main(argv=None) -> None:
     ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of mode:batch[:cache]")
@@ -136,6 +159,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gamma", type=int, default=4, help="draft length of the chain modes")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (median kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the host's own pace)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the shrunk models run")
     ap.add_argument("--baseline", default=None,
                     help="a checkout of another version whose loop runs beside this one, interleaved (default: none)")
     ap.add_argument("--out", required=True, help="folder for raw.csv, summary.csv, table.md, env.json (must not exist)")
@@ -150,12 +174,15 @@ def main(argv=None) -> None:
         raise ValueError("--configs is empty")
     if os.path.exists(args.out):
         raise ValueError(f"{args.out} exists; pick another --out")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
-    target, draft = shrunk(DEFAULT_TARGET, args.hidden, 0), shrunk(DEFAULT_DRAFT, args.hidden, 1)
+    target = shrunk(DEFAULT_TARGET, args.hidden, 0).to(args.device)
+    draft = shrunk(DEFAULT_DRAFT, args.hidden, 1).to(args.device)
     clock = Clock(target, draft)
     V = target.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=gen) for _, b, _ in configs}
+    prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=gen).to(args.device) for _, b, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"current": generate}
         if args.baseline:
@@ -166,7 +193,9 @@ def main(argv=None) -> None:
     write_csv(os.path.join(args.out, "summary.csv"), summary)
     write_json(os.path.join(args.out, "env.json"), dict(env_info(), args=vars(args), tree=TREE,
                                                        target_layers=target.config.num_hidden_layers,
-                                                       draft_layers=draft.config.num_hidden_layers))
+                                                       draft_layers=draft.config.num_hidden_layers,
+                                                       device=torch.cuda.get_device_name() if args.device == "cuda"
+                                                       else "cpu"))
     text = table(summary)
     write_text(os.path.join(args.out, "table.md"), text + "\n")
     print(text)
@@ -187,9 +216,13 @@ def measure(args, configs, versions: dict, target, draft, clock: Clock, prompts:
         once(*run)
         with OpCount(clock) as ops:
             stats = once(*run)
-        with VirtualDevice(target, draft) as vd:
-            once(*run)
-        counts[run] = (ops, len(vd.syncs), stats["target_calls"], stats.get("draft_calls", 0))
+        if args.device == "cuda":
+            syncs = cuda_syncs(lambda: once(*run), clock)
+        else:
+            with VirtualDevice(target, draft) as vd:
+                once(*run)
+            syncs = len(vd.syncs)
+        counts[run] = (ops, syncs, stats["target_calls"], stats.get("draft_calls", 0))
     for rep in range(args.repeats):                               # timed rounds, rotating order
         for cfg, v in runs[rep % len(runs):] + runs[:rep % len(runs)]:
             clock.inside = 0.0

@@ -241,7 +241,7 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor,
     idx = n.view(B, 1, 1).expand(B, 1, p.shape[-1])
     p_n = p.gather(1, idx).squeeze(1)                               # [B, V]
     q_n = q_ext.gather(1, idx).squeeze(1)                           # [B, V]
-    return n, sample(max_fn(p_n - q_n, fallback=p_n), generator, greedy)
+    return n, sample(max_fn(p_n - q_n, fallback=p_n), generator)
 
 
 def children_of(parent: list[int]) -> dict[int, list[int]]:
@@ -295,6 +295,9 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     from the leaf's p (the bonus). That keeps the target's law exactly (Sequoia, Chen et al. 2024,
     on sampling without replacement; tests/test_tree.py checks it by chi-square). Greedy: the child
     equal to the target's argmax, else the argmax itself.
+    The walk runs on the host over what one transfer brings (a GPU's host waits once, not once per
+    child): greedy, the argmaxes; sampled, the laws and n + 1 uniforms per row drawn up front
+    (``host_laws``), the final draw by inverse CDF.
     Returns n [b] accepted nodes, next [b], and path [b, max(n)] the accepted nodes (padded with 0).
     """
     b, n = tokens.shape

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from test_benchmark import FIXTURE, cli
 from tiny import save_tiny_pair
 
@@ -146,7 +147,8 @@ def test_host_cost_counts_the_loop_beside_a_baseline(capsys, tmp_path):
 @pytest.mark.parametrize("flag,value,msg", [("--configs", "beam:1", "bad config 'beam:1'"),
                                             ("--configs", "ar:0", "bad config 'ar:0'"),
                                             ("--hidden", "4", "--hidden must be >= 8"),
-                                            ("--baseline", "/nonexistent", "no sampling/ package")])
+                                            ("--baseline", "/nonexistent", "no sampling/ package")]
+                         + [("--device", "cuda", "no CUDA device")] * (not torch.cuda.is_available()))
 def test_host_cost_bad_flags(flag, value, msg, capsys, tmp_path):
     code, out, err = cli(host_cost, ["--repeats", "1", "--configs", "ar:1", "--max_tokens", "3",
                                      "--out", str(tmp_path / "x"), flag, value], capsys)
