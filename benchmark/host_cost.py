@@ -5,7 +5,8 @@ themselves are cheap (launch-bound), measured on any machine.
 
 The models are random-init copies of the embedded pair's architectures (their layers, heads and
 vocabulary) shrunk to ``--hidden`` channels, so that their arithmetic is next to nothing and a
-step's time is the host's: Python, the operator calls, the copies. Per configuration (mode, batch,
+step's time is the host's: Python, the operator calls, the copies (``--hidden 0``: the embedded
+pair itself, to see what the host's share is at this pair's size). Per configuration (mode, batch,
 KV cache), greedy, ``--max_tokens`` new tokens after random prompts of ``--prompt_len`` tokens:
 
 * timed (every configuration warmed up first, then ``--repeats`` rounds in rotating order, the
@@ -43,7 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sampling import generate
 from sampling.cli import Parser, run
-from sampling.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from sampling.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 
 from .utils_io import env_info, write_csv, write_json, write_text
 from .virtual_device import VirtualDevice
@@ -153,7 +154,8 @@ def cuda_syncs(fn, clock: Clock) -> int:
 def main(argv=None) -> None:
     ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of mode:batch[:cache]")
-    ap.add_argument("--hidden", type=int, default=64, help="channels of the shrunk models (their arithmetic ~ nil)")
+    ap.add_argument("--hidden", type=int, default=64,
+                    help="channels of the shrunk models (their arithmetic ~ nil); 0: the embedded pair itself")
     ap.add_argument("--max_tokens", type=int, default=64, help="new tokens per row")
     ap.add_argument("--prompt_len", type=int, default=32, help="tokens of each random prompt")
     ap.add_argument("--gamma", type=int, default=4, help="draft length of the chain modes")
@@ -165,7 +167,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="folder for raw.csv, summary.csv, table.md, env.json (must not exist)")
     args = ap.parse_args(argv)
     configs = [parse_config(c.strip()) for c in args.configs.split(",") if c.strip()]
-    for name, value, low in (("hidden", args.hidden, 8), ("max_tokens", args.max_tokens, 2),
+    if args.hidden != 0 and args.hidden < 8:
+        raise ValueError(f"--hidden must be 0 (the embedded pair) or >= 8, got {args.hidden}")
+    for name, value, low in (("max_tokens", args.max_tokens, 2),
                              ("prompt_len", args.prompt_len, 1), ("gamma", args.gamma, 1),
                              ("repeats", args.repeats, 1), ("threads", args.threads, 1)):
         if value < low:
@@ -177,8 +181,11 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
-    target = shrunk(DEFAULT_TARGET, args.hidden, 0).to(args.device)
-    draft = shrunk(DEFAULT_DRAFT, args.hidden, 1).to(args.device)
+    if args.hidden:
+        target = shrunk(DEFAULT_TARGET, args.hidden, 0).to(args.device)
+        draft = shrunk(DEFAULT_DRAFT, args.hidden, 1).to(args.device)
+    else:
+        target, draft = (load_model(None, role, args.device, "float32") for role in ("target", "draft"))
     clock = Clock(target, draft)
     V = target.config.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -146,7 +146,7 @@ def test_host_cost_counts_the_loop_beside_a_baseline(capsys, tmp_path):
 
 @pytest.mark.parametrize("flag,value,msg", [("--configs", "beam:1", "bad config 'beam:1'"),
                                             ("--configs", "ar:0", "bad config 'ar:0'"),
-                                            ("--hidden", "4", "--hidden must be >= 8"),
+                                            ("--hidden", "4", "--hidden must be 0 (the embedded pair) or >= 8"),
                                             ("--baseline", "/nonexistent", "no sampling/ package")]
                          + [("--device", "cuda", "no CUDA device")] * (not torch.cuda.is_available()))
 def test_host_cost_bad_flags(flag, value, msg, capsys, tmp_path):
