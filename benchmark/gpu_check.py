@@ -1,7 +1,9 @@
 """One GPU check, in about 6 minutes: exactness of every mode on the device, the warmed-up speed
 table at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts) for both KV caches, the compiled
 static cache, the printed speedups of main.py and eval_dolly.py against the same ratios in those
-sweeps, the cost curve and the predictions for big targets, all in one folder.
+sweeps, the cost curve and the predictions for big targets, and last the host's work per decode
+step with shrunk models (``benchmark.host_cost``: operators and syncs outside the models, time),
+all in one folder.
 
     python -m benchmark.gpu_check --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/gpu/check
 
@@ -144,6 +146,11 @@ def main(argv=None) -> None:
             "--target_config", t, "--draft_config", d,
             "--calibration", os.path.join(args.out, "cost_model", "prediction.csv")] + (["--layers", k] if k else [])))
         for t, d, k in args.predict
+    ] + [
+        ("host_cost", lambda: quiet("benchmark.host_cost", [
+            "--device", args.device, "--configs", "ar:1,google:1,bass:8,tree:1",
+            "--repeats", "1" if args.quick else "3", "--max_tokens", "64" if not args.quick else str(args.max_tokens),
+            "--out", os.path.join(args.out, "host_cost")])),
     ]
     log = []
     for name, fn in steps:

@@ -114,7 +114,8 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
                                         f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
-    assert steps.status.tolist() == ["done"] * 3 + ["skipped (--no_compile)"] + ["done"] * 4, steps
+    assert steps.status.tolist() == ["done"] * 3 + ["skipped (--no_compile)"] + ["done"] * 5, steps
+    assert (out / "host_cost" / "summary.csv").exists()
     assert (out / "cost_target" / "prediction.csv").exists()          # the predicted target, from its config
     exact = pd.read_csv(out / "exactness.csv")
     assert (exact.equal_to_ar == exact.prompts).all() and set(exact.kv_cache) == {"dynamic", "static"}
