@@ -188,8 +188,8 @@ def main(argv=None) -> None:
         target, draft = (load_model(None, role, args.device, "float32") for role in ("target", "draft"))
     clock = Clock(target, draft)
     V = target.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=gen).to(args.device) for _, b, _ in configs}
+    prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=torch.Generator().manual_seed(b)).to(args.device)
+               for _, b, _ in configs}                            # a batch size's prompts: the same in any --configs
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"current": generate}
         if args.baseline:

@@ -99,7 +99,7 @@ class BatchedKVCacheModel(KVCacheModel):
         after the chain and drop the rest of the tree; slots past a row's ``accepted`` [b] are holes.
         The chain and the kept path are final (a press may evict among them)."""
         C, k = self.length - self.dropped, nodes.shape[1]                 # C: the chain's slots
-        for layer in self.cache.layers:
+        for layer in self.cache.layers if k else ():                     # nothing kept: no copies
             for name in ("keys", "values"):
                 t = getattr(layer, name)                                  # [b, heads, >= C + tree_len, head_dim]
                 idx = nodes.view(len(nodes), 1, k, 1).expand(-1, t.shape[1], -1, t.shape[3])

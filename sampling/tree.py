@@ -27,7 +27,7 @@ import torch
 
 from .kvcache_model import CacheSpec
 from .parts import Accepted, CachedPart, Draft
-from .utils import SamplingParams, children_of, tree_accept
+from .utils import SamplingParams, children_of, to_device, tree_accept
 
 NO_TREE_MASK = ("bloom",)    # model types whose attention cannot take a 4D mask (BLOOM: ALiBi from a 2D mask)
 MAX_NODES = 256
@@ -345,8 +345,14 @@ class DynamicTreeDrafter(TreeDrafter):
         f_score = torch.zeros(b, 1, device=dev)                              # [b, m] frontier scores
         f_pool = torch.full((b, 1), -1, device=dev)                          # [b, m] frontier in the pool
         f_cache = f_pool                                                     # [b, m] frontier in the cache
-        cache_anc = torch.zeros(b, 0, 0, dtype=torch.bool, device=dev)       # [b, T, T] fed nodes' ancestry
-        toks, scores, parents, qs, fed, levels = [], [], [], [], [], []
+        # what every level reuses, made once: the pool's sizes are known on the host (the root's K
+        # children, then K x K a level), so is each candidate's level
+        sizes = [K] + [K * K] * (depth - 1)                                  # candidates made per level
+        fed = torch.full((b, sum(sizes)), -1, device=dev)                    # [b, P] a candidate's slot in the cache
+        levels = to_device([d + 1 for d, s in enumerate(sizes) for _ in range(s)], dev)   # [P]
+        anc = torch.zeros(b, K * (depth - 1) + 1, K * (depth - 1), dtype=torch.bool, device=dev)  # fed nodes' ancestry
+        eye, ar_k = torch.eye(K, dtype=torch.bool, device=dev).expand(b, K, K), torch.arange(K, device=dev)
+        toks, scores, parents, qs = [], [], [], []
         for d in range(depth):
             m, V = dists.shape[1], dists.shape[2]
             flat = dists.reshape(b * m, V)
@@ -358,25 +364,21 @@ class DynamicTreeDrafter(TreeDrafter):
             score = f_score.unsqueeze(-1) + top.values.view(b, m, K).clamp(max=1).log()
             scores.append(score.view(b, m * K))                              # [b, m * K]
             parents.append(f_pool.unsqueeze(2).expand(b, m, K).reshape(b, m * K))   # [b, m * K]
-            fed.append(torch.full((b, m * K), -1, device=dev))
-            levels.append(torch.full((m * K,), d + 1, device=dev))
             if not self.greedy:
                 qs.append(dists.unsqueeze(2).expand(b, m, K, V).reshape(b, m * K, V))   # [b, m * K, V] the parents' q
             if d + 1 == depth:                                               # the last level is not fed
                 break
             # expand the K best candidates of this level: one draft pass with their ancestry
             order = torch.sort(-scores[-1], dim=1, stable=True).indices[:, :K]   # [b, K]
-            T = cache_anc.shape[1]
+            T = K * d                                                        # nodes fed so far
             up = f_cache.unsqueeze(2).expand(b, m, K).reshape(b, m * K).gather(1, order)   # [b, K] parents' slots
-            rows = torch.cat([cache_anc, torch.zeros(b, 1, T, dtype=torch.bool, device=dev)], 1)  # [b, T + 1, T]
-            allow = torch.cat([rows.gather(1, (up % (T + 1)).unsqueeze(-1).expand(b, K, T)),
-                               torch.eye(K, dtype=torch.bool, device=dev).expand(b, K, K)], 2)   # [b, K, T + K]
+            rows = anc[:, :T + 1, :T]                                        # [b, T + 1, T]; row T (the root's) is empty
+            allow = torch.cat([rows.gather(1, (up % (T + 1)).unsqueeze(-1).expand(b, K, T)), eye], 2)   # [b, K, T + K]
             f_tok, f_score, f_pool = toks[-1].gather(1, order), scores[-1].gather(1, order), base + order
-            f_cache = T + torch.arange(K, device=dev).expand(b, K)
-            fed[-1].scatter_(1, order, f_cache)
-            cache_anc = torch.cat([torch.cat([cache_anc, torch.zeros(b, T, K, dtype=torch.bool, device=dev)], 2),
-                                   allow], 1)                                # [b, T + K, T + K]
-            dists = self.kv.forward_tree(seq, mask, f_tok, allow, torch.full((K,), d + 1, device=dev))[1]
+            f_cache = T + ar_k.expand(b, K)
+            fed[:, base:base + m * K].scatter_(1, order, f_cache)
+            anc[:, T:T + K, :T + K] = allow                                  # [b, T + K, T + K] filled
+            dists = self.kv.forward_tree(seq, mask, f_tok, allow, levels[base:base + 1].expand(K))[1]
             self.cached += 1
         # keep the N best candidates, in the order they were made (parents before children)
         score, P = torch.cat(scores, 1), sum(t.shape[1] for t in toks)       # [b, P]
@@ -385,8 +387,7 @@ class DynamicTreeDrafter(TreeDrafter):
         new_index = torch.full((b, P + 1), -1, device=dev)
         new_index.scatter_(1, keep, torch.arange(n, device=dev).expand(b, n))
         parent = new_index.gather(1, torch.cat(parents, 1).gather(1, keep) % (P + 1))   # [b, n], -1: root
-        tree = RowTrees(n, depth, parent, torch.cat(levels).expand(b, -1).gather(1, keep),
-                        torch.cat(fed, 1).gather(1, keep))
+        tree = RowTrees(n, depth, parent, levels[:P].expand(b, -1).gather(1, keep), fed[:, :P].gather(1, keep))
         q = None if self.greedy else torch.cat(qs, 1).gather(1, keep.unsqueeze(-1).expand(b, n, qs[0].shape[-1]))
         self._tree = tree
         return Draft(torch.cat(toks, 1).gather(1, keep), q, tree)            # tokens [b, n], q [b, n, V]
