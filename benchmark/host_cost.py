@@ -21,7 +21,9 @@ KV cache), greedy, ``--max_tokens`` new tokens after random prompts of ``--promp
 
 ``--baseline DIR`` (a checkout of another version, e.g. ``git worktree add /tmp/old <commit>``)
 runs that version's ``sampling`` package beside this one in the same process, every configuration
-of both interleaved, so that the two are compared under the same machine noise.
+of both interleaved, so that the two are compared under the same machine noise; the ratios of
+the two are also taken round by round (the two runs of a round are close in time) and their median
+reported (``paired_*_ratio``, on the baseline's rows), which a drifting machine moves less.
 
 Writes raw.csv (one row per timed run), summary.csv, table.md and env.json to ``--out``.
 """
@@ -250,6 +252,12 @@ def measure(args, configs, versions: dict, target, draft, clock: Clock, prompts:
                         host_ms=1000 * host, host_ms_per_pass=1000 * host / calls, host_share=host / wall,
                         kernels_per_pass=kernels(ops.outside) / calls, ops_per_pass=sum(ops.outside.values()) / calls,
                         model_kernels_per_pass=kernels(ops.inside) / calls, syncs_per_pass=syncs / calls))
+        if v == "baseline":                                       # round by round: the machine's drift cancels
+            cur = raw[(raw.version == "current") & (raw["mode"] == mode) & (raw.batch == b) & (raw.kv_cache == kv)]
+            pair = cur.merge(part, on="repeat", suffixes=("", "_base"))
+            out[-1].update(paired_wall_ratio=statistics.median(pair.wall_s / pair.wall_s_base),
+                           paired_host_ratio=statistics.median((pair.wall_s - pair.forward_s)
+                                                               / (pair.wall_s_base - pair.forward_s_base)))
     return raw, pd.DataFrame(out)
 
 
@@ -262,9 +270,13 @@ def table(summary: pd.DataFrame) -> str:
     cur = summary[summary.version == "current"].reset_index(drop=True)
     base = summary[summary.version == "baseline"].reset_index(drop=True)
     head = "| mode | batch | cache | " + " | ".join(c[0] + (" (baseline -> current)" if len(base) else "") for c in cols) + " |"
-    lines = [head, "|---|---:|---|" + "---:|" * len(cols)]
+    if len(base):
+        head += " wall, current / baseline (median of rounds) | host ms, current / baseline (median of rounds) |"
+    lines = [head, "|---|---:|---|" + "---:|" * (len(cols) + 2 * bool(len(base)))]
     for i, r in cur.iterrows():
         cells = [(f.format(base.loc[i, k]) + " -> " if len(base) else "") + f.format(r[k]) for _, k, f in cols]
+        if len(base):
+            cells += [f"{base.loc[i, 'paired_wall_ratio']:.3f}", f"{base.loc[i, 'paired_host_ratio']:.3f}"]
         lines.append(f"| {r['mode']} | {r['batch']} | {r['kv_cache']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
