@@ -1,9 +1,10 @@
 """One GPU check, in about 6 minutes: exactness of every mode on the device, the warmed-up speed
 table at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts) for both KV caches, the compiled
 static cache, the printed speedups of main.py and eval_dolly.py against the same ratios in those
-sweeps, the cost curve and the predictions for big targets, and last the host's work per decode
-step with shrunk models (``benchmark.host_cost``: operators and syncs outside the models, time),
-all in one folder.
+sweeps, the cost curve and the predictions for big targets, then the host's work per decode step
+with shrunk models (``benchmark.host_cost``: operators and syncs outside the models, time) and
+last how much of a decode the device is busy (``device_busy.csv``, torch.profiler), eager and
+compiled, all in one folder.
 
     python -m benchmark.gpu_check --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/gpu/check
 
@@ -73,6 +74,53 @@ def exactness(args, out: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     write_csv(os.path.join(out, "exactness.csv"), df)
     return df
+
+
+def busy_us(events) -> float:
+    """Microseconds covered by the union of the events' time ranges."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def device_busy(args, out: str) -> pd.DataFrame:
+    """How much of a decode the device works (issue 13: eager decode on an H100 left the GPU idle
+    nine tenths of the time). Per configuration, one prompt: a warm-up generation (it compiles the
+    compiled path's shapes), one timed, one under torch.profiler; the device's busy time is the
+    union of its kernels' and copies' intervals, set against the profiled run's wall time (the
+    profiler slows the host, so the fraction is a lower bound), with the number of device events.
+    On a CPU the device columns are empty; the step then checks only its own logic."""
+    from torch.profiler import ProfilerActivity, profile
+    target, drafts, tok, vocab = load_pair(args, drafts=["model"])
+    from .runner import encode_records
+    from .utils_io import load_dolly
+    prompts, _ = encode_records(load_dolly(args.dataset_path), tok, None, args.max_tokens)
+    device = next(target.parameters()).device
+    ids = torch.tensor([prompts[0]], device=device)
+    cuda = device.type == "cuda"
+    configs = [("ar", "dynamic", False), ("google", "dynamic", False), ("tree", "dynamic", False),
+               ("ar", "static", True), ("google", "static", True)][:5 if args.compile else 3]
+    rows = []
+    for mode, kv, comp in configs:
+        kw = dict(mode=mode, draft_model=drafts["model"], max_new_tokens=args.max_tokens, temperature=0,
+                  vocab_size=vocab, eos_token_id=tok.eos_token_id, kv_cache=kv, compile=comp)
+        generate(target, ids, **kw)                                       # warm-up: shapes, plans, graphs
+        wall = generate(target, ids, **kw).stats["wall_time_s"]
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            res = generate(target, ids, **kw)
+        dev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        profiled = res.stats["wall_time_s"]
+        rows.append(dict(mode=mode, kv_cache=kv, compile=comp, new_tokens=res.stats["new_tokens"],
+                         target_calls=res.stats["target_calls"], wall_ms=1000 * wall, profiled_wall_ms=1000 * profiled,
+                         device_busy_ms=busy_us(dev) / 1000 if cuda else float("nan"),
+                         busy_fraction=busy_us(dev) / 1e6 / profiled if cuda else float("nan"),
+                         device_events=len(dev), host_ops=sum(e.device_type == torch.autograd.DeviceType.CPU
+                                                              for e in prof.events())))
+        write_csv(os.path.join(out, "device_busy.csv"), pd.DataFrame(rows))   # after each: a cut run keeps them
+    return pd.DataFrame(rows)
 
 
 def log_error(out: str, what: str) -> None:
@@ -151,6 +199,7 @@ def main(argv=None) -> None:
             "--device", args.device, "--configs", "ar:1,google:1,bass:8,tree:1",
             "--repeats", "1" if args.quick else "3", "--max_tokens", "64" if not args.quick else str(args.max_tokens),
             "--out", os.path.join(args.out, "host_cost")])),
+        ("device_busy", lambda: device_busy(args, args.out)),
     ]
     log = []
     for name, fn in steps:

@@ -114,8 +114,11 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
                                         f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
-    assert steps.status.tolist() == ["done"] * 3 + ["skipped (--no_compile)"] + ["done"] * 5, steps
+    assert steps.status.tolist() == ["done"] * 3 + ["skipped (--no_compile)"] + ["done"] * 6, steps
     assert (out / "host_cost" / "summary.csv").exists()
+    busy = pd.read_csv(out / "device_busy.csv")                           # eager only (--no_compile); no device here
+    assert list(busy["mode"]) == ["ar", "google", "tree"] and (busy.device_events == 0).all()
+    assert (busy.host_ops > 0).all() and busy.busy_fraction.isna().all() and (busy.new_tokens == 4).all()
     assert (out / "cost_target" / "prediction.csv").exists()          # the predicted target, from its config
     exact = pd.read_csv(out / "exactness.csv")
     assert (exact.equal_to_ar == exact.prompts).all() and set(exact.kv_cache) == {"dynamic", "static"}
