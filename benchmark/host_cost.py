@@ -7,7 +7,8 @@ The models are random-init copies of the embedded pair's architectures (their la
 vocabulary) shrunk to ``--hidden`` channels, so that their arithmetic is next to nothing and a
 step's time is the host's: Python, the operator calls, the copies (``--hidden 0``: the embedded
 pair itself, to see what the host's share is at this pair's size). Per configuration (mode, batch,
-KV cache), greedy, ``--max_tokens`` new tokens after random prompts of ``--prompt_len`` tokens:
+KV cache), greedy, ``--max_tokens`` new tokens after random prompts of ``--prompt_len`` tokens (the
+tree mode with its default tree):
 
 * timed (every configuration warmed up first, then ``--repeats`` rounds in rotating order, the
   median kept): the generation's wall time and the time inside the two models' forward calls
@@ -45,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sampling import generate
+from sampling.generate import DEFAULTS
 from sampling.cli import Parser, run
 from sampling.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 
@@ -52,7 +54,6 @@ from .utils_io import env_info, write_csv, write_json, write_text
 from .virtual_device import VirtualDevice
 
 CONFIGS = ("ar:1", "ar:8", "google:1", "bass:1", "bass:8", "tree:1", "tree:8", "bass:8:static")
-TREE = "dynamic:16:5:4"       # the tree mode's default shape (sampling.generate)
 VIEWS = {"slice", "select", "unsqueeze", "squeeze", "expand", "view", "_unsafe_view", "alias", "detach", "t",
          "transpose", "permute", "as_strided", "unbind", "split", "split_with_sizes", "narrow", "lift_fresh",
          "_local_scalar_dense", "_reshape_alias", "sym_size", "sym_stride", "is_same_size", "to (no copy)"}
@@ -64,8 +65,9 @@ def shrunk(path, hidden: int, seed: int):
     cfg = AutoConfig.from_pretrained(path)
     heads = cfg.num_attention_heads
     cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = hidden, 3 * hidden, max(1, hidden // heads)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.random.fork_rng():                                 # the caller's RNG state is left alone
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
 class Clock:
@@ -200,7 +202,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out)
     write_csv(os.path.join(args.out, "raw.csv"), raw)
     write_csv(os.path.join(args.out, "summary.csv"), summary)
-    write_json(os.path.join(args.out, "env.json"), dict(env_info(), args=vars(args), tree=TREE,
+    write_json(os.path.join(args.out, "env.json"), dict(env_info(), args=vars(args), tree=DEFAULTS.tree,
                                                        target_layers=target.config.num_hidden_layers,
                                                        draft_layers=draft.config.num_hidden_layers,
                                                        device=torch.cuda.get_device_name() if args.device == "cuda"
@@ -216,8 +218,7 @@ def measure(args, configs, versions: dict, target, draft, clock: Clock, prompts:
     def once(cfg, version):
         mode, b, kv = cfg
         return versions[version](target, prompts[b], draft_model=draft, mode=mode, max_new_tokens=args.max_tokens,
-                                 gamma=args.gamma, temperature=0, kv_cache=kv,
-                                 tree=TREE if mode == "tree" else None).stats
+                                 gamma=args.gamma, temperature=0, kv_cache=kv).stats   # tree: the mode's default
 
     runs = [(cfg, v) for cfg in configs for v in versions]
     rows, counts = [], {}
