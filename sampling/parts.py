@@ -32,12 +32,18 @@ class Accepted:
     tokens: torch.Tensor             # [b, n_max] the accepted drafts (a row's slots past its n are holes)
     nodes: torch.Tensor              # [b, n_max] which draft position (chain) or node (tree) each came from
     start: int                       # the slot the drafts begin at; the new length is start + n_max
+    host: list[list[int]] | None = None   # per row [n, next, *tokens] when the verifier decided on the host
 
-    def to_host(self, done: torch.Tensor) -> tuple[list[int], list[int], list[list[int]]]:
-        """Finished rows (done [b]) keep nothing; tokens and nodes are trimmed to the longest row.
-        Returns n, next and the drafts as lists: the step's one device-to-host transfer."""
+    def to_host(self, done: torch.Tensor, done_rows: list[bool] | None = None
+                ) -> tuple[list[int], list[int], list[list[int]]]:
+        """Finished rows (done [b], and as host values ``done_rows``) keep nothing; tokens and nodes
+        are trimmed to the longest row. Returns n, next and the drafts as lists: the step's one
+        device-to-host transfer, or none when the verifier has them on the host already (a tree's walk)."""
         self.n = self.n.masked_fill(done, 0)
-        host = torch.cat([self.n.unsqueeze(1), self.next.unsqueeze(1), self.tokens], 1).tolist()   # [b, 2 + g]
+        if self.host is None:
+            host = torch.cat([self.n.unsqueeze(1), self.next.unsqueeze(1), self.tokens], 1).tolist()   # [b, 2 + g]
+        else:
+            host = [[0 if d else h[0]] + h[1:] for h, d in zip(self.host, done_rows)]
         n, nxt, drafts = [h[0] for h in host], [h[1] for h in host], [h[2:] for h in host]
         n_max = max(n)
         self.tokens, self.nodes = self.tokens[:, :n_max], self.nodes[:, :n_max]

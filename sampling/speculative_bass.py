@@ -50,7 +50,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
         padding.append(verifier.padding)              # (real slots on the device, + real on the host, all slots)
         rows_verified += len(seq)
         done = rows.done_mask()                                               # [b]
-        n_list, nxt_list, drafts = acc.to_host(done)                          # the step's one sync
+        n_list, nxt_list, drafts = acc.to_host(done, rows.done)               # the step's one sync
         schedule.update([a for a, d in zip(n_list, rows.done) if not d], g)
         # 4. realign (BASS-PAD): both caches keep the accepted slots, the others' holes are masked
         mask = verifier.commit(acc)                                           # [b, S + n_max], S: the old length

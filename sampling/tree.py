@@ -420,9 +420,10 @@ class TreeVerifier(CachedPart):
             p_nodes = None
         b = len(seq)
         self.padding = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))   # real slots: device count + nodes
-        n, nxt, nodes = tree_accept(p_root, p_nodes, draft.q, draft.tokens, tree.children, generator, self.greedy)
+        n, nxt, nodes, host = tree_accept(p_root, p_nodes, draft.q, draft.tokens, tree.children, generator,
+                                          self.greedy)
         tokens = draft.tokens.gather(1, nodes) if tree.n else draft.tokens  # [b, depth]
-        return Accepted(n, nxt, tokens, nodes, seq.shape[1])
+        return Accepted(n, nxt, tokens, nodes, seq.shape[1], host)
 
     def commit(self, acc) -> torch.Tensor:
         """Keep the accepted path in the target cache; returns the mask [b, start + n_max]."""

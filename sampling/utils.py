@@ -298,7 +298,8 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     The walk runs on the host over what one transfer brings (a GPU's host waits once, not once per
     child): greedy, the argmaxes; sampled, the laws and n + 1 uniforms per row drawn up front
     (``host_laws``), the final draw by inverse CDF.
-    Returns n [b] accepted nodes, next [b], and path [b, max(n)] the accepted nodes (padded with 0).
+    Returns n [b] accepted nodes, next [b], path [b, max(n)] the accepted nodes (padded with 0), and
+    the same on the host: per row [n, next, *the path's tokens] (``Accepted.host``).
     """
     b, n = tokens.shape
     if not greedy:                  # the laws and the walk's uniforms cross to the host at once
@@ -347,6 +348,7 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
         ns.append(len(steps))
         paths.append(steps)
     depth = max(ns)
-    out = to_device([[k, x] + s + [0] * (depth - len(s)) for k, x, s in zip(ns, nexts, paths)],
-                    tokens.device).view(b, 2 + depth)               # one host-to-device copy
-    return out[:, 0], out[:, 1], out[:, 2:]
+    paths = [s + [0] * (depth - len(s)) for s in paths]
+    out = to_device([[k, x] + s for k, x, s in zip(ns, nexts, paths)], tokens.device).view(b, 2 + depth)  # one copy
+    host = [[k, x] + [toks[i][c] for c in s] for i, (k, x, s) in enumerate(zip(ns, nexts, paths))]
+    return out[:, 0], out[:, 1], out[:, 2:], host
