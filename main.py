@@ -12,8 +12,7 @@ import sys
 from sampling import MODES, check_args, generate_many
 from sampling.cli import (Parser, add_model_args, add_sampling_args, check_at_least_one, check_speculator_flag,
                           generate_kwargs, load_pair, params_of, parse_caches, parse_drafts, placement_of, presses_of,
-                          run,
-                          schedule_of)
+                          run, schedule_of)
 from sampling.generate import DEFAULTS, default_gamma
 from sampling.tree import parse_tree
 

@@ -156,9 +156,8 @@ def admit_rows(rows: Rows, seq: torch.Tensor, mask: torch.Tensor, parts) -> tupl
         return seq, mask
     W = max(seq.shape[1], max(len(r.ids) for r in new))
     pad = W - seq.shape[1]
-    ids = torch.tensor([[0] * (W - len(r.ids)) + r.ids for r in new], dtype=seq.dtype, device=seq.device)   # [n, W]
-    m = torch.tensor([[0] * (W - len(r.ids)) + [1] * len(r.ids) for r in new], dtype=mask.dtype,
-                     device=mask.device)                                                                 # [n, W]
+    ids = to_device([[0] * (W - len(r.ids)) + r.ids for r in new], seq.device, seq.dtype)                 # [n, W]
+    m = to_device([[0] * (W - len(r.ids)) + [1] * len(r.ids) for r in new], mask.device, mask.dtype)      # [n, W]
     for part in parts:
         part.admit(ids, m, pad, [r.params for r in new])
     return torch.cat([F.pad(seq, (pad, 0)), ids]), torch.cat([F.pad(mask, (pad, 0)), m])

@@ -121,13 +121,16 @@ class RowParams:
             out.setdefault(p, []).append(i)
         return list(out.items())
 
+    @cached_property
+    def _index(self) -> dict:
+        return {}                    # device -> groups with their row indices there
+
     def groups(self, device: torch.device) -> list[tuple[SamplingParams, torch.Tensor]]:
         """Each distinct parameter set and the rows that use it, as an index on ``device``; made
         once per batch composition (every pass of every model reads them)."""
-        cached = self.__dict__.setdefault("_index", {})
-        if device not in cached:
-            cached[device] = [(p, torch.tensor(idx, device=device)) for p, idx in self._groups]
-        return cached[device]
+        if device not in self._index:
+            self._index[device] = [(p, to_device(idx, device)) for p, idx in self._groups]
+        return self._index[device]
 
 
 def to_device(data: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -279,7 +282,7 @@ def inverse_cdf(r: torch.Tensor, u: float) -> int:
 
 def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None, tokens: torch.Tensor,
                 children: dict[int, list[int]] | list | torch.Tensor, generator: torch.Generator | None = None,
-                greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
     """Walk a draft tree from the root, row by row (Sequoia's verification of siblings drawn
     without replacement).
 
@@ -303,7 +306,7 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     """
     b, n = tokens.shape
     if not greedy:                  # the laws and the walk's uniforms cross to the host at once
-        laws = host_laws(p_root, p, q, n, generator)                 # [b, 1 + 2n, V], [b, n + 1]
+        law, uniforms = host_laws(p_root, p, q, n, generator)       # [b, 1 + 2n, V], [b, n + 1]
     parts = [tokens] + [children] * torch.is_tensor(children)                # [b, n] each
     if greedy:                      # every position's argmax too: the walk is then on host lists
         parts += [p_root.argmax(-1, keepdim=True)] + [p.argmax(-1)] * (p is not None)   # [b, 1], [b, n]
@@ -325,8 +328,7 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
                 u, a, steps = c, best[i][c], steps + [c]
             nexts.append(a)
         else:                       # on the host: row i's laws and its n + 1 uniforms, one per test and the draw
-            (law, uni), k = laws, 0
-            r, uni = law[i, 0], uni[i].tolist()
+            r, uni, k = law[i, 0], uniforms[i].tolist(), 0
             while True:
                 kids = children[u]
                 q_u = law[i, 1 + n + kids[0]].clone() if kids else None
