@@ -1,10 +1,11 @@
 """One GPU check, in about 6 minutes: exactness of every mode on the device, the warmed-up speed
 table at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts) for both KV caches, the compiled
-static cache, the printed speedups of main.py and eval_dolly.py against the same ratios in those
-sweeps, the cost curve and the predictions for big targets, then the host's work per decode step
-with shrunk models (``benchmark.host_cost``: operators and syncs outside the models, time) and
-last how much of a decode the device is busy (``device_busy.csv``, torch.profiler), eager and
-compiled, all in one folder.
+static cache, BASS with the embedded MLP speculator at batch 1 and 8, the host's work per decode step with shrunk
+models (``benchmark.host_cost``: operators and syncs outside the models) and the launch-bound model
+fitted on the batch-1 sweeps (``benchmark.launch_model``), the printed speedups of main.py and
+eval_dolly.py against the same ratios in those sweeps, the cost curve and the predictions for big
+targets, and last how much of a decode the device is busy (``device_busy.csv``, torch.profiler),
+eager and compiled, all in one folder.
 
     python -m benchmark.gpu_check --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/gpu/check
 
@@ -182,6 +183,15 @@ def main(argv=None) -> None:
         ("speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
             "--samples", str(args.b1_prompts), "--modes", "ar,google", "--batch_sizes", "1", "--kv_cache", "static",
             "--compile", "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, "speed-compiled")])),
+        ("speed-heads", lambda: quiet("benchmark.run_experiment", common + [
+            "--samples", str(args.b1_prompts), "--modes", "ar,bass", "--draft", "mlp", "--batch_sizes", "1,8",
+            "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3",
+            "--out", os.path.join(args.out, "speed-heads")])),
+        ("host_cost", lambda: quiet("benchmark.host_cost", [
+            "--device", args.device, "--configs", HOST_CONFIGS,
+            "--repeats", "1" if args.quick else "3", "--max_tokens", "64" if not args.quick else str(args.max_tokens),
+            "--out", os.path.join(args.out, "host_cost")])),
+        ("launch_model", lambda: launch(args.out)),
         ("main.py", lambda: write_text(os.path.join(args.out, "main-compare.json"), quiet(
             "main", models + inputs + ["--compare", "--temperature", "0", "--max_tokens", str(args.max_tokens),
                                        "--json"]))),
@@ -195,16 +205,16 @@ def main(argv=None) -> None:
             "--calibration", os.path.join(args.out, "cost_model", "prediction.csv")] + (["--layers", k] if k else [])))
         for t, d, k in args.predict
     ] + [
-        ("host_cost", lambda: quiet("benchmark.host_cost", [
-            "--device", args.device, "--configs", "ar:1,google:1,bass:8,tree:1",
-            "--repeats", "1" if args.quick else "3", "--max_tokens", "64" if not args.quick else str(args.max_tokens),
-            "--out", os.path.join(args.out, "host_cost")])),
         ("device_busy", lambda: device_busy(args, args.out)),
     ]
     log = []
     for name, fn in steps:
         if not args.compile and name == "speed-compiled":
             log.append(dict(step=name, status="skipped (--no_compile)", seconds=0.0))
+            continue
+        if args.target_model_name is not None and name == "speed-heads":
+            log.append(dict(step=name, status="skipped (the embedded heads read the embedded target only)",
+                            seconds=0.0))
             continue
         spent = time.monotonic() - t_start
         if spent > args.budget_s:
@@ -226,6 +236,21 @@ def main(argv=None) -> None:
 
 
 SWEEPS = ("speed-b1", "speed-batched")            # the eager sweeps: batch 1, and batches 8 and 32
+# host_cost's configurations: the eager batch-1 sweeps' (the launch model's fit) and the batched ones
+HOST_CONFIGS = ("ar:1,google:1,tree:1,ar:1:static,google:1:static,tree:1:static,bass:1:dynamic:mlp,ar:8,bass:8,tree:8,"
+                "bass:8:dynamic:mlp")
+
+
+def launch(out: str) -> None:
+    """The launch-bound model (``benchmark.launch_model``) fitted on this device's eager sweeps at
+    batch 1 (draft model) and 1 and 8 (MLP heads) against host_cost's counts, predicting every
+    counted configuration with the sweeps' acceptance."""
+    heads = [p for p in [os.path.join(out, "speed-heads", "raw.csv")] if os.path.exists(p)]
+    counts = os.path.join(out, "host_cost", "summary.csv")
+    quiet("benchmark.launch_model", ["--fit_sweep", ",".join([os.path.join(out, "speed-b1", "raw.csv")] + heads),
+                                     "--fit_counts", counts, "--counts", counts,
+                                     "--acceptance", ",".join([os.path.join(out, "speed-raw.csv")] + heads),
+                                     "--out", os.path.join(out, "launch_model")])
 SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweeps leave out: the same algorithm's figure
 
 

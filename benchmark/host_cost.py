@@ -7,15 +7,17 @@ The models are random-init copies of the embedded pair's architectures (their la
 vocabulary) shrunk to ``--hidden`` channels, so that their arithmetic is next to nothing and a
 step's time is the host's: Python, the operator calls, the copies (``--hidden 0``: the embedded
 pair itself, to see what the host's share is at this pair's size). Per configuration (mode, batch,
-KV cache), greedy, ``--max_tokens`` new tokens after random prompts of ``--prompt_len`` tokens (the
-tree mode with its default tree):
+KV cache, drafter: the draft model, the embedded MLP speculator's or Medusa's heads, n-gram), greedy,
+``--max_tokens`` new tokens after random prompts of ``--prompt_len`` tokens (the tree mode with its
+default tree for that drafter):
 
 * timed (every configuration warmed up first, then ``--repeats`` rounds in rotating order, the
   median kept): the generation's wall time and the time inside the two models' forward calls
   (forward hooks); the rest, per target pass, is ``host_ms_per_pass``;
 * counted once (not timed): the ATen operators the loop runs outside the models per target pass,
   those that launch a kernel on a GPU (``kernels``, views excluded) and all of them, against the
-  operators of one target pass (CUDA graphs turn those into one launch, never the loop's own); and
+  operators of the model passes (target, draft model, speculator heads: CUDA graphs turn each
+  model pass into one launch, never the loop's own); and
   the points where a GPU's host would wait for the device (``syncs``: on a CPU those
   ``benchmark.virtual_device`` records, on CUDA those torch's sync debug mode reports, outside
   the models either way).
@@ -26,7 +28,8 @@ of both interleaved, so that the two are compared under the same machine noise; 
 the two are also taken round by round (the two runs of a round are close in time) and their median
 reported (``paired_*_ratio``, on the baseline's rows), which a drifting machine moves less.
 
-Writes raw.csv (one row per timed run), summary.csv, table.md and env.json to ``--out``.
+Writes raw.csv (one row per timed run), summary.csv, table.md and env.json to ``--out``; the
+counts feed ``benchmark.launch_model`` (a step's time on a launch-bound device from its operators).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sampling import generate
-from sampling.generate import DEFAULTS
+from sampling.generate import DEFAULTS, default_tree
 from sampling.cli import Parser, run
 from sampling.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 
@@ -54,6 +57,8 @@ from .utils_io import env_info, write_csv, write_json, write_text
 from .virtual_device import VirtualDevice
 
 CONFIGS = ("ar:1", "ar:8", "google:1", "bass:1", "bass:8", "tree:1", "tree:8", "bass:8:static")
+MODES = ("ar", "google", "deepmind", "bass", "tree")
+DRAFTERS = ("model", "mlp", "medusa", "ngram")     # the draft model, speculator heads of each kind, n-gram
 VIEWS = {"slice", "select", "unsqueeze", "squeeze", "expand", "view", "_unsafe_view", "alias", "detach", "t",
          "transpose", "permute", "as_strided", "unbind", "split", "split_with_sizes", "narrow", "lift_fresh",
          "_local_scalar_dense", "_reshape_alias", "sym_size", "sym_stride", "is_same_size", "to (no copy)"}
@@ -110,13 +115,52 @@ def kernels(ops: Counter) -> int:
     return sum(v for k, v in ops.items() if k not in VIEWS)
 
 
-def parse_config(text: str) -> tuple[str, int, str]:
+def parse_config(text: str) -> tuple[str, int, str, str]:
+    """mode:batch[:cache[:drafter]] -> (mode, batch, cache, drafter); ar's drafter is "" (none)."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in ("ar", "google", "deepmind", "bass", "tree") or \
-            not parts[1].isdigit() or int(parts[1]) < 1 or (len(parts) == 3 and parts[2] not in ("dynamic", "static")):
-        raise ValueError(f"bad config {text!r}: mode:batch[:cache], mode one of ar, google, deepmind, bass, tree, "
-                         f"batch >= 1, cache dynamic or static")
-    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else "dynamic"
+    ok = 2 <= len(parts) <= 4 and parts[0] in MODES and parts[1].isdigit() and int(parts[1]) >= 1 and \
+        (len(parts) < 3 or parts[2] in ("dynamic", "static")) and \
+        (len(parts) < 4 or (parts[3] in DRAFTERS and parts[0] != "ar"))
+    if not ok:
+        raise ValueError(f"bad config {text!r}: mode:batch[:cache[:drafter]], mode one of {', '.join(MODES)}, "
+                         f"batch >= 1, cache dynamic or static, drafter one of {', '.join(DRAFTERS)} (not for ar)")
+    cache = parts[2] if len(parts) >= 3 else "dynamic"
+    return parts[0], int(parts[1]), cache, "" if parts[0] == "ar" else (parts[3] if len(parts) == 4 else "model")
+
+
+def drafters(names: set, target, draft, hidden: int) -> dict:
+    """The drafter of each name: the draft model; speculator heads bound to the target (the
+    embedded ones with the embedded pair, random ones of the same kind and count on shrunk models);
+    an n-gram drafter."""
+    from sampling.ngram import NgramDrafter
+    from sampling.models import speculator_path
+    from sampling.speculator import load_speculator, new_speculator
+    out = {"": draft, "model": draft}
+    for name in names & {"mlp", "medusa"}:
+        embedded = speculator_path(None, name)
+        if hidden:
+            import json
+            with open(os.path.join(embedded, "config.json")) as f:
+                n_heads = json.load(f)["n_heads"]
+            with torch.random.fork_rng():
+                out[name] = new_speculator(target, name, n_heads, seed=2)
+        else:
+            out[name] = load_speculator(embedded, target)
+    if "ngram" in names:
+        out["ngram"] = NgramDrafter()
+    return out
+
+
+def drafter_modules(drafter) -> list:
+    """The modules whose calls count as a model's (timed apart from the loop, their operators as the
+    models'): a draft model; speculator heads' layers and the target's embedding and lm_head they call."""
+    if isinstance(drafter, torch.nn.Module):
+        return [drafter]
+    heads = getattr(drafter, "heads", None)
+    if heads is None:
+        return []                                                 # n-gram: all of it is the loop's
+    leaves = [m for m in heads.modules() if not list(m.children())]
+    return leaves + [drafter.embedding, drafter.lm_head]
 
 
 def baseline_generate(checkout: str, tmp: str):
@@ -157,7 +201,8 @@ def cuda_syncs(fn, clock: Clock) -> int:
 
 def main(argv=None) -> None:
     ap = Parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of mode:batch[:cache]")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of mode:batch[:cache[:drafter]] (cache: dynamic | static; drafter: "
+                         f"{' | '.join(DRAFTERS)}, the draft model by default)")
     ap.add_argument("--hidden", type=int, default=64,
                     help="channels of the shrunk models (their arithmetic ~ nil); 0: the embedded pair itself")
     ap.add_argument("--max_tokens", type=int, default=64, help="new tokens per row")
@@ -180,6 +225,8 @@ def main(argv=None) -> None:
             raise ValueError(f"--{name} must be >= {low}, got {value}")
     if not configs:
         raise ValueError("--configs is empty")
+    if args.baseline and any(d not in ("", "model") for *_, d in configs):
+        raise ValueError("--baseline compares the loop with the draft model only: drop the configs' drafter")
     if os.path.exists(args.out):
         raise ValueError(f"{args.out} exists; pick another --out")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -190,15 +237,16 @@ def main(argv=None) -> None:
         draft = shrunk(DEFAULT_DRAFT, args.hidden, 1).to(args.device)
     else:
         target, draft = (load_model(None, role, args.device, "float32") for role in ("target", "draft"))
-    clock = Clock(target, draft)
+    parts = drafters({d for *_, d in configs}, target, draft, args.hidden)
+    clock = Clock(target, *{id(m): m for d in parts.values() for m in drafter_modules(d)}.values())
     V = target.config.vocab_size
     prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=torch.Generator().manual_seed(b)).to(args.device)
-               for _, b, _ in configs}                            # a batch size's prompts: the same in any --configs
+               for _, b, _, _ in configs}                            # a batch size's prompts: the same in any --configs
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"current": generate}
         if args.baseline:
             versions["baseline"] = baseline_generate(args.baseline, tmp)
-        raw, summary = measure(args, configs, versions, target, draft, clock, prompts)
+        raw, summary = measure(args, configs, versions, target, parts, clock, prompts)
     os.makedirs(args.out)
     write_csv(os.path.join(args.out, "raw.csv"), raw)
     write_csv(os.path.join(args.out, "summary.csv"), summary)
@@ -212,12 +260,12 @@ def main(argv=None) -> None:
     print(text)
 
 
-def measure(args, configs, versions: dict, target, draft, clock: Clock, prompts: dict):
+def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, prompts: dict):
     """Counts (untimed, after a warm-up) and timed rounds of every configuration of every version,
-    interleaved; returns the raw rows and the summary."""
+    interleaved; returns the raw rows and the summary. parts: drafter name -> drafter."""
     def once(cfg, version):
-        mode, b, kv = cfg
-        return versions[version](target, prompts[b], draft_model=draft, mode=mode, max_new_tokens=args.max_tokens,
+        mode, b, kv, d = cfg
+        return versions[version](target, prompts[b], draft_model=parts[d], mode=mode, max_new_tokens=args.max_tokens,
                                  gamma=args.gamma, temperature=0, kv_cache=kv).stats   # tree: the mode's default
 
     runs = [(cfg, v) for cfg in configs for v in versions]
@@ -229,7 +277,7 @@ def measure(args, configs, versions: dict, target, draft, clock: Clock, prompts:
         if args.device == "cuda":
             syncs = cuda_syncs(lambda: once(*run), clock)
         else:
-            with VirtualDevice(target, draft) as vd:
+            with VirtualDevice(target, parts["model"]) as vd:
                 once(*run)
             syncs = len(vd.syncs)
         counts[run] = (ops, syncs, stats["target_calls"], stats.get("draft_calls", 0))
@@ -239,22 +287,25 @@ def measure(args, configs, versions: dict, target, draft, clock: Clock, prompts:
             t0 = time.perf_counter()
             stats = once(cfg, v)
             wall = time.perf_counter() - t0
-            rows.append(dict(version=v, mode=cfg[0], batch=cfg[1], kv_cache=cfg[2], repeat=rep, wall_s=wall,
+            rows.append(dict(version=v, mode=cfg[0], batch=cfg[1], kv_cache=cfg[2], draft=cfg[3], repeat=rep, wall_s=wall,
                              forward_s=clock.inside, new_tokens=stats["new_tokens"],
                              target_calls=stats["target_calls"], draft_calls=stats.get("draft_calls", 0)))
     raw = pd.DataFrame(rows)
     out = []
     for (cfg, v), (ops, syncs, calls, dcalls) in counts.items():
-        mode, b, kv = cfg
-        part = raw[(raw.version == v) & (raw["mode"] == mode) & (raw.batch == b) & (raw.kv_cache == kv)]
+        mode, b, kv, d = cfg
+        same = (raw["mode"] == mode) & (raw.batch == b) & (raw.kv_cache == kv) & (raw["draft"] == d)
+        part = raw[(raw.version == v) & same]
         wall, host = statistics.median(part.wall_s), statistics.median(part.wall_s - part.forward_s)
-        out.append(dict(version=v, mode=mode, batch=b, kv_cache=kv, target_calls=calls, draft_calls=dcalls,
+        out.append(dict(version=v, mode=mode, batch=b, kv_cache=kv, draft=d,
+                        tree=default_tree(parts[d]) if mode == "tree" else "", gamma=0 if mode in ("ar", "tree") else args.gamma,
+                        target_calls=calls, draft_calls=dcalls,
                         new_tokens=int(part.new_tokens.iloc[0]), wall_ms=1000 * wall,
                         host_ms=1000 * host, host_ms_per_pass=1000 * host / calls, host_share=host / wall,
                         kernels_per_pass=kernels(ops.outside) / calls, ops_per_pass=sum(ops.outside.values()) / calls,
                         model_kernels_per_pass=kernels(ops.inside) / calls, syncs_per_pass=syncs / calls))
         if v == "baseline":                                       # round by round: the machine's drift cancels
-            cur = raw[(raw.version == "current") & (raw["mode"] == mode) & (raw.batch == b) & (raw.kv_cache == kv)]
+            cur = raw[(raw.version == "current") & same]
             pair = cur.merge(part, on="repeat", suffixes=("", "_base"))
             out[-1].update(paired_wall_ratio=statistics.median(pair.wall_s / pair.wall_s_base),
                            paired_host_ratio=statistics.median((pair.wall_s - pair.forward_s)
@@ -270,15 +321,15 @@ def table(summary: pd.DataFrame) -> str:
             ("models' kernels per pass", "model_kernels_per_pass", "{:.0f}"), ("syncs per pass", "syncs_per_pass", "{:.2f}")]
     cur = summary[summary.version == "current"].reset_index(drop=True)
     base = summary[summary.version == "baseline"].reset_index(drop=True)
-    head = "| mode | batch | cache | " + " | ".join(c[0] + (" (baseline -> current)" if len(base) else "") for c in cols) + " |"
+    head = "| mode | drafter | batch | cache | " + " | ".join(c[0] + (" (baseline -> current)" if len(base) else "") for c in cols) + " |"
     if len(base):
         head += " wall, current / baseline (median of rounds) | host ms, current / baseline (median of rounds) |"
-    lines = [head, "|---|---:|---|" + "---:|" * (len(cols) + 2 * bool(len(base)))]
+    lines = [head, "|---|---|---:|---|" + "---:|" * (len(cols) + 2 * bool(len(base)))]
     for i, r in cur.iterrows():
         cells = [(f.format(base.loc[i, k]) + " -> " if len(base) else "") + f.format(r[k]) for _, k, f in cols]
         if len(base):
             cells += [f"{base.loc[i, 'paired_wall_ratio']:.3f}", f"{base.loc[i, 'paired_host_ratio']:.3f}"]
-        lines.append(f"| {r['mode']} | {r['batch']} | {r['kv_cache']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['mode']} | {r['draft'] or '-'} | {r['batch']} | {r['kv_cache']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -59,9 +59,12 @@ class CacheSpec:
                              "shape every step")
 
 
-def slot_width(slots: int) -> int:
-    """A static cache's length for ``slots`` slots, rounded up to SLOT_BLOCK."""
-    return -(-slots // SLOT_BLOCK) * SLOT_BLOCK
+def slot_width(slots: int, compiled: bool = False) -> int:
+    """A static cache's length for ``slots`` slots, rounded up to SLOT_BLOCK; compiled, to a power of
+    two (each width is a new set of graphs: prompts of 40 to 700 tokens then share 4 widths, not 12,
+    for attention over at most twice the slots a pass needs, masked)."""
+    width = -(-slots // SLOT_BLOCK) * SLOT_BLOCK
+    return max(SLOT_BLOCK, 1 << (width - 1).bit_length()) if compiled else width
 
 
 class SlotLayer(StaticLayer):
@@ -163,6 +166,9 @@ class KVCacheModel:
             if self.filled:                                               # decode passes; prefill stays eager
                 forward = compiled_forward(self.model)
                 torch.compiler.cudagraph_mark_step_begin()                # earlier graph outputs may be reused
+                # fresh row-major copies: a slice of the growing sequence has a new stride every step, and
+                # the compiler guards on strides (it recompiled every pass until its limit, then ran eager)
+                input_ids, pos = (t.new_empty(t.shape).copy_(t) for t in (input_ids, pos))
         with self._capture or contextlib.nullcontext():                   # snapkv: this pass's queries
             out = forward(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                           use_cache=True, logits_to_keep=keep)
@@ -176,7 +182,7 @@ class KVCacheModel:
         layer = self.cache.layers[0]
         if slots <= layer.max_cache_len or not layer.is_initialized:
             return
-        width = slot_width(max(slots, 2 * layer.max_cache_len))
+        width = slot_width(max(slots, 2 * layer.max_cache_len), self.spec.compile)
         for layer in self.cache.layers:
             layer.max_cache_len = width
             for name in ("keys", "values"):
@@ -205,7 +211,7 @@ class KVCacheModel:
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T]; returns the next-token probs [B, V]."""
         if self.static:
-            width = slot_width(input_ids.shape[1] + self.spec.room)
+            width = slot_width(input_ids.shape[1] + self.spec.room, self.spec.compile)
             if self.spec.compile:
                 self.cache = StaticCache(config=self.model.config, max_cache_len=width)
             else:

@@ -114,7 +114,9 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
                                         f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
-    assert steps.status.tolist() == ["done"] * 3 + ["skipped (--no_compile)"] + ["done"] * 6, steps
+    assert steps.status.tolist() == ["done"] * 3 + ["skipped (--no_compile)", "skipped (the embedded heads read the "
+                                    "embedded target only)"] + ["done"] * 7, steps
+    assert (out / "launch_model" / "prediction.csv").exists()
     assert (out / "host_cost" / "summary.csv").exists()
     busy = pd.read_csv(out / "device_busy.csv")                           # eager only (--no_compile); no device here
     assert list(busy["mode"]) == ["ar", "google", "tree"] and (busy.device_events == 0).all()
@@ -163,3 +165,103 @@ def test_host_cost_bad_flags(flag, value, msg, capsys, tmp_path):
 def test_host_cost_refuses_an_existing_folder(capsys, tmp_path):
     code, out, err = cli(host_cost, ["--out", str(tmp_path)], capsys)
     assert code == 2 and "exists" in err
+
+
+def test_host_cost_counts_each_drafter(capsys, tmp_path):
+    """Speculator heads' layers count as a model's kernels (their passes are launches a graph can
+    hold), an n-gram drafter's lookup as the loop's; each configuration names its drafter and tree."""
+    out = tmp_path / "host"
+    code, stdout, err = cli(host_cost, ["--configs", "ar:1,google:1,google:1:dynamic:mlp,google:1:dynamic:ngram,"
+                                        "tree:1:static:medusa", "--max_tokens", "6", "--hidden", "16",
+                                        "--repeats", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+    s = pd.read_csv(out / "summary.csv", keep_default_na=False).set_index(["mode", "draft"])
+    assert list(s.index) == [("ar", ""), ("google", "model"), ("google", "mlp"), ("google", "ngram"), ("tree", "medusa")]
+    ar = s.loc[("ar", "")]
+    assert s.loc[("google", "mlp")].model_kernels_per_pass > ar.model_kernels_per_pass       # target + heads
+    assert s.loc[("google", "ngram")].model_kernels_per_pass < ar.model_kernels_per_pass + 20    # the target alone
+    assert s.loc[("google", "model")].model_kernels_per_pass > ar.model_kernels_per_pass + 50   # + draft passes
+    assert s.loc[("tree", "medusa")].tree != "" and s.loc[("google", "mlp")].gamma == 4 and ar.gamma == 0
+    assert "| google | mlp | 1 | dynamic |" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("configs,extra,msg", [("ar:1:dynamic:mlp", [], "bad config 'ar:1:dynamic:mlp'"),
+                                               ("google:1:dynamic:beam", [], "bad config"),
+                                               ("google:1:static:mlp", ["--baseline", "."], "draft model only")])
+def test_host_cost_bad_drafter(configs, extra, msg, capsys, tmp_path):
+    code, out, err = cli(host_cost, ["--repeats", "1", "--configs", configs, "--out", str(tmp_path / "x"), *extra],
+                         capsys)
+    assert code == 2 and msg in err and "Traceback" not in err
+
+
+def launch_counts(version="current"):
+    """host_cost rows: kernels per pass of ar, a chain and a tree at batches 1 and 8."""
+    rows = []
+    for b in (1, 8):
+        for mode, draft, gamma, tree, km, kl in (("ar", "", 0, "", 300, 10), ("google", "model", 4, "", 650, 70),
+                                                 ("tree", "model", 0, "dyn", 700, 250)):
+            rows.append(dict(version=version, mode=mode, draft=draft, batch=b, kv_cache="dynamic", gamma=gamma,
+                             tree=tree, model_kernels_per_pass=km, kernels_per_pass=kl))
+    return pd.DataFrame(rows)
+
+
+def launch_sweep(us_model=20.0, us_loop=10.0, per_pass={"ar": 1.0, "google": 2.5, "tree": 4.0}):
+    """raw.csv rows whose decode time follows the launch-bound model exactly: 2 batches of 8 rows per
+    configuration, each row 11 target passes after its prefill."""
+    rows, counts = [], launch_counts().set_index(["mode", "batch"])
+    for (mode, b), c in counts.iterrows():
+        ms = us_model * c.model_kernels_per_pass / 1000 + us_loop * c.kernels_per_pass / 1000
+        for batch_id in range(2):
+            for r in range(b):
+                tokens = 1 + per_pass[mode] * 10 * (1 if b == 1 else 0.8)        # batched: rows end unevenly
+                rows.append(dict(mode=mode, draft=c.draft, batch=b, gamma=c.gamma, tree=c.tree, temperature=0.0,
+                                 kv_cache="dynamic", compile=False, batch_id=batch_id, sample=batch_id * b + r,
+                                 wall_time_s=0.5 + 10 * ms / 1000, ttft_s=0.5, target_calls=11,
+                                 new_tokens=tokens))
+    return pd.DataFrame(rows)
+
+
+def test_launch_model_recovers_its_costs_and_predicts():
+    from benchmark import launch_model
+    sweep = launch_model.decode_passes(launch_sweep())
+    assert sweep.set_index(["mode", "batch"]).loc[("google", 1)].tokens_per_pass == pytest.approx(2.5)
+    assert sweep.set_index(["mode", "batch"]).loc[("google", 8)].tokens_per_pass == pytest.approx(8 * 2.5 * 0.8)
+    a, b, fitted = launch_model.fit(sweep, launch_counts())
+    assert (a, b) == (pytest.approx(20.0), pytest.approx(10.0)) and fitted.error.abs().max() < 1e-9
+    pred = launch_model.predict(launch_counts(), sweep, a, b).set_index(["mode", "batch"])
+    g = pred.loc[("google", 1)]
+    assert g.predicted_ms_per_pass == pytest.approx(0.02 * 650 + 0.01 * 70)
+    assert g.predicted_vs_ar == pytest.approx((2.5 / (0.02 * 650 + 0.01 * 70)) / (1 / (0.02 * 300 + 0.01 * 10)))
+    assert g.ceiling_vs_ar == pytest.approx(2.5 * 300 / 650)                  # the models' kernels alone
+    assert pred.loc[("tree", 8)].tokens_per_pass == pytest.approx(8 * 4.0 * 0.8) and pred.loc[("ar", 1)].predicted_vs_ar == 1
+
+
+def test_launch_model_cli(capsys, tmp_path):
+    from benchmark import launch_model
+    launch_sweep().to_csv(tmp_path / "raw.csv", index=False)
+    launch_counts("baseline").to_csv(tmp_path / "fit.csv", index=False)
+    counts = launch_counts()
+    counts = pd.concat([counts, counts.iloc[[1]].assign(draft="mlp", model_kernels_per_pass=330)])  # no acceptance
+    counts.to_csv(tmp_path / "counts.csv", index=False)
+    argv = ["--fit_sweep", str(tmp_path / "raw.csv"), "--fit_counts", str(tmp_path / "fit.csv"), "--fit_version",
+            "baseline", "--counts", str(tmp_path / "counts.csv"), "--acceptance", str(tmp_path / "raw.csv")]
+    code, out, err = cli(launch_model, argv + ["--out", str(tmp_path / "lm")], capsys)
+    assert code == 0, err
+    assert "20.00 us per model kernel, 10.00 us per loop kernel" in out
+    pred = pd.read_csv(tmp_path / "lm" / "prediction.csv", keep_default_na=False)
+    assert len(pred) == 7 and pred[pred["draft"] == "mlp"].tokens_per_pass.iloc[0] == ""    # said, not guessed
+    for bad, msg in ((["--fit_version", "current"], "no rows of version 'current'"),
+                     (["--acceptance", str(tmp_path / "none.csv")], "no such file")):
+        code, out, err = cli(launch_model, argv + bad + ["--out", str(tmp_path / "x")], capsys)
+        assert code == 2 and msg in err and "Traceback" not in err and not (tmp_path / "x").exists()
+    code, out, err = cli(launch_model, argv + ["--out", str(tmp_path / "lm")], capsys)
+    assert code == 2 and "exists" in err
+
+
+
+def test_launch_model_costs_are_never_negative():
+    """A sweep whose time falls as the models' operators grow: that cost is zero, not negative."""
+    from benchmark import launch_model
+    a, b, fitted = launch_model.fit(launch_model.decode_passes(launch_sweep(us_model=-2.0, us_loop=40.0)),
+                                    launch_counts())
+    assert a == 0 and b > 0 and fitted.error.abs().max() > 0.01

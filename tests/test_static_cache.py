@@ -127,3 +127,19 @@ def test_compiled_static_cache_equals_greedy():
         res = generate(target, ids, draft_model=noisy_copy(target, 0.1, seed=73), mode=mode, max_new_tokens=6,
                        gamma=2, temperature=0, kv_cache="static", compile=True)
         assert res.tokens == ref, mode
+
+
+def test_compiled_passes_compile_once_per_shape():
+    """A graph per shape (tokens per pass, cache width), not per step: a sequence's slice has a new
+    stride every step, which made the compiler recompile every pass until its limit (then it ran
+    eager). Prompts of different lengths in one width share every graph."""
+    from torch._dynamo.utils import counters
+    target = tiny_model("llama", seed=74, layers=1, dim=16)
+    draft = noisy_copy(target, 0.1, seed=75)
+    graphs = []
+    for n, length in ((12, 5), (12, 9), (12, 7)):                 # widths: 5 + 13 + 12 + 1 slots -> 64 each
+        ids = torch.randint(3, 97, (1, length), generator=torch.Generator().manual_seed(length))
+        generate(target, ids, draft_model=draft, mode="google", max_new_tokens=n, gamma=2, temperature=0,
+                 kv_cache="static", compile=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2] == graphs[1] and graphs[1] - graphs[0] <= 1, graphs   # new tokens-per-pass shapes at most
