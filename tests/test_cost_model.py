@@ -114,8 +114,8 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
                                         f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
-    assert steps.status.tolist() == ["done"] * 3 + ["skipped (--no_compile)", "skipped (the embedded heads read the "
-                                    "embedded target only)"] + ["done"] * 7, steps
+    assert steps.status.tolist() == ["done"] * 3 + ["skipped (the embedded heads read the embedded target only)"] + \
+        ["done"] * 2 + ["skipped (--no_compile)"] + ["done"] * 5, steps
     assert (out / "launch_model" / "prediction.csv").exists()
     assert (out / "host_cost" / "summary.csv").exists()
     busy = pd.read_csv(out / "device_busy.csv")                           # eager only (--no_compile); no device here
@@ -265,3 +265,17 @@ def test_launch_model_costs_are_never_negative():
     a, b, fitted = launch_model.fit(launch_model.decode_passes(launch_sweep(us_model=-2.0, us_loop=40.0)),
                                     launch_counts())
     assert a == 0 and b > 0 and fitted.error.abs().max() > 0.01
+
+
+def test_gpu_check_compares_the_compiled_rows_only(tmp_path):
+    """speed-compiled runs the eager dynamic cache beside the compiled static one (ratios from one
+    run); its exactness check reads the compiled rows against the batch-1 sweep's eager tokens."""
+    for name, rows in (("speed-b1", [("ar", "dynamic", "1 2"), ("google", "dynamic", "1 2")]),
+                       ("speed-compiled", [("ar", "dynamic", "1 2"), ("ar", "static", "1 2"),
+                                           ("google", "dynamic", "1 2"), ("google", "static", "1 3")])):
+        (tmp_path / name).mkdir()
+        pd.DataFrame([dict(mode=m, kv_cache=kv, batch=1, sample=0, tokens=t) for m, kv, t in rows]).to_csv(
+            tmp_path / name / "raw.csv", index=False)
+    gpu_check.compiled_exactness(str(tmp_path))
+    got = pd.read_csv(tmp_path / "exactness_compiled.csv")
+    assert got["mode"].tolist() == ["ar", "google"] and got.equal.tolist() == [True, False]
