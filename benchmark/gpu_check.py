@@ -1,11 +1,12 @@
 """One GPU check, in about 6 minutes: exactness of every mode on the device, the warmed-up speed
-table at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts) for both KV caches, the compiled
-static cache, BASS with the embedded MLP speculator at batch 1 and 8, the host's work per decode step with shrunk
-models (``benchmark.host_cost``: operators and syncs outside the models) and the launch-bound model
-fitted on the batch-1 sweeps (``benchmark.launch_model``), the printed speedups of main.py and
-eval_dolly.py against the same ratios in those sweeps, the cost curve and the predictions for big
-targets, and last how much of a decode the device is busy (``device_busy.csv``, torch.profiler),
-eager and compiled, all in one folder.
+table at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts) for both KV caches, BASS and a
+tree with the embedded MLP speculator at batch 1 and 8, the host's work per decode step
+(``benchmark.host_cost`` on the embedded pair: operators and syncs outside the models) and the
+launch-bound model fitted on those eager sweeps (``benchmark.launch_model``), the compiled static
+cache beside the eager one, the printed speedups of main.py and eval_dolly.py against the same
+ratios in the sweeps, the cost curve and the predictions for big targets, and last how much of a
+decode the device is busy (``device_busy.csv``, torch.profiler), eager and compiled, all in one
+folder.
 
     python -m benchmark.gpu_check --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/gpu/check
 
@@ -31,6 +32,7 @@ import pandas as pd
 import torch
 
 from sampling import generate, pad_left
+from sampling.generate import DEFAULTS
 from sampling.cli import Parser, add_model_args, check_at_least_one, load_pair, run
 
 from .utils_io import env_info, write_csv, write_json, write_text
@@ -181,11 +183,12 @@ def main(argv=None) -> None:
         ("speed-b1", lambda: sweep("speed-b1", str(args.b1_prompts), "ar,google,tree", "1")),
         ("speed-batched", lambda: sweep("speed-batched", samples, "ar,bass,tree", batched)),
         ("speed-heads", lambda: quiet("benchmark.run_experiment", common + [
-            "--samples", str(args.b1_prompts), "--modes", "ar,bass", "--draft", "mlp", "--batch_sizes", "1,8",
+            "--samples", str(args.b1_prompts), "--modes", "ar,bass,tree", "--draft", "mlp", "--batch_sizes", "1,8",
+            "--trees", DEFAULTS.heads_tree,                                # named: raw.csv records it
             "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3",
             "--out", os.path.join(args.out, "speed-heads")])),
         ("host_cost", lambda: quiet("benchmark.host_cost", [
-            "--device", args.device, "--configs", HOST_CONFIGS,
+            "--device", args.device, "--configs", HOST_CONFIGS, "--hidden", "16" if args.quick else "0",
             "--repeats", "1" if args.quick else "3", "--max_tokens", "64" if not args.quick else str(args.max_tokens),
             "--out", os.path.join(args.out, "host_cost")])),
         ("launch_model", lambda: launch(args.out)),
@@ -238,8 +241,8 @@ def main(argv=None) -> None:
 
 SWEEPS = ("speed-b1", "speed-batched")            # the eager sweeps: batch 1, and batches 8 and 32
 # host_cost's configurations: the eager batch-1 sweeps' (the launch model's fit) and the batched ones
-HOST_CONFIGS = ("ar:1,google:1,tree:1,ar:1:static,google:1:static,tree:1:static,bass:1:dynamic:mlp,ar:8,bass:8,tree:8,"
-                "bass:8:dynamic:mlp")
+HOST_CONFIGS = ("ar:1,google:1,tree:1,ar:1:static,google:1:static,tree:1:static,bass:1:dynamic:mlp,tree:1:dynamic:mlp,"
+                "ar:8,bass:8,tree:8,bass:8:dynamic:mlp,tree:8:dynamic:mlp")
 
 
 def launch(out: str) -> None:
