@@ -56,7 +56,12 @@ def decode_passes(raw: pd.DataFrame) -> pd.DataFrame:
         tokens=("new_tokens", "sum"), rows=("new_tokens", "size"))
     per_batch = per_batch.assign(decode_s=per_batch.decode_s - per_batch.ttft_s, passes=per_batch.passes - 1,
                                  tokens=per_batch.tokens - per_batch.rows)
-    g = per_batch.groupby(CONFIG, dropna=False)[["decode_s", "passes", "tokens"]].sum().reset_index()
+    return pool(per_batch.reset_index())
+
+
+def pool(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration: decode seconds, passes and tokens summed, then ms per pass and tokens per pass."""
+    g = rows.groupby(CONFIG, dropna=False)[["decode_s", "passes", "tokens"]].sum().reset_index()
     g = g[g.passes > 0]
     return g.assign(ms_per_pass=1000 * g.decode_s / g.passes, tokens_per_pass=g.tokens / g.passes)
 
@@ -131,6 +136,7 @@ def predict(counts: pd.DataFrame, acc: pd.DataFrame, a_us: float, b_us: float) -
 
 
 def read_sweeps(text: str, flag: str) -> pd.DataFrame:
+    """decode_passes of every raw.csv in a comma list, pooled."""
     frames = []
     for path in (x.strip() for x in text.split(",") if x.strip()):
         if not os.path.isfile(path):
@@ -138,7 +144,7 @@ def read_sweeps(text: str, flag: str) -> pd.DataFrame:
         frames.append(decode_passes(pd.read_csv(path, keep_default_na=False, na_values=[""])))
     if not frames:
         raise ValueError(f"--{flag} is empty")
-    return pd.concat(frames, ignore_index=True)
+    return pool(pd.concat(frames, ignore_index=True))        # a configuration in several files: one row
 
 
 def main(argv=None) -> None:

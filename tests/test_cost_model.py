@@ -248,6 +248,10 @@ def test_launch_model_cli(capsys, tmp_path):
     code, out, err = cli(launch_model, argv + ["--out", str(tmp_path / "lm")], capsys)
     assert code == 0, err
     assert "20.00 us per model kernel, 10.00 us per loop kernel" in out
+    assert len(pd.read_csv(tmp_path / "lm" / "fit.csv")) == 6
+    code, out, err = cli(launch_model, argv[:1] + [f"{tmp_path / 'raw.csv'},{tmp_path / 'raw.csv'}"] + argv[2:]
+                         + ["--out", str(tmp_path / "twice")], capsys)          # one sweep given twice: pooled
+    assert code == 0 and len(pd.read_csv(tmp_path / "twice" / "fit.csv")) == 6, err
     pred = pd.read_csv(tmp_path / "lm" / "prediction.csv", keep_default_na=False)
     assert len(pred) == 7 and pred[pred["draft"] == "mlp"].tokens_per_pass.iloc[0] == ""    # said, not guessed
     for bad, msg in ((["--fit_version", "current"], "no rows of version 'current'"),
