@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 
 from sampling import generate, pad_left
-from sampling.generate import DEFAULTS
 from sampling.cli import Parser, add_model_args, check_at_least_one, load_pair, run
 
 from .utils_io import env_info, write_csv, write_json, write_text
@@ -184,7 +183,6 @@ def main(argv=None) -> None:
         ("speed-batched", lambda: sweep("speed-batched", samples, "ar,bass,tree", batched)),
         ("speed-heads", lambda: quiet("benchmark.run_experiment", common + [
             "--samples", str(args.b1_prompts), "--modes", "ar,bass,tree", "--draft", "mlp", "--batch_sizes", "1,8",
-            "--trees", DEFAULTS.heads_tree,                                # named: raw.csv records it
             "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3",
             "--out", os.path.join(args.out, "speed-heads")])),
         ("host_cost", lambda: quiet("benchmark.host_cost", [

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from sampling import DEFAULTS, SCHEDULES, PressSpec, SamplingParams, check_args
 from sampling.cli import (Parser, add_cache_args, add_model_args, add_press_args, check_at_least_one,
                           check_speculator_flag, parse_caches, parse_drafts, presses_of, run)
-from sampling.generate import FINISHED_ROWS
+from sampling.generate import FINISHED_ROWS, default_tree
 from sampling.utils_bass import ScheduleParams
 
 from sampling.tree import parse_tree
@@ -103,19 +103,22 @@ def parse(argv=None):
     return args
 
 
-def trees_of(args, mode: str, draft: str) -> list[str]:
+def trees_of(args, mode: str, draft: str, loaded: dict | None = None) -> list[str]:
     """The trees a configuration runs: --trees (dynamic ones with the draft model only: heads draft
-    static trees), or the default tree of its drafter (heads: "", which ``generate`` cuts to their
-    depth); "" off mode tree."""
+    static trees), or the default tree of its drafter as ``generate`` picks it (``loaded``: the
+    drafters by name, so that raw.csv names the tree heads ran; heads' default cut to their depth);
+    "" off mode tree."""
     if mode != "tree":
         return [""]
     if not args.tree_list:
-        return [DEFAULTS.tree if draft == "model" else ""]
+        return [default_tree(loaded[draft]) if loaded and draft in loaded else
+                DEFAULTS.tree if draft == "model" else ""]
     return [t for t in args.tree_list if draft == "model" or not t.startswith("dynamic")]
 
 
-def configs(args) -> list[RunConfig]:
-    """The grid; one-at-a-time modes run at batch 1 only, ar and hf need no gamma."""
+def configs(args, loaded: dict | None = None) -> list[RunConfig]:
+    """The grid; one-at-a-time modes run at batch 1 only, ar and hf need no gamma. ``loaded``: the
+    drafters by name (their default trees)."""
     sorts = {"off": [False], "on": [True], "both": [False, True]}[args.sort_batch]
     out = []
     for temp, mode in itertools.product(args.temperatures, args.modes):
@@ -131,7 +134,7 @@ def configs(args) -> list[RunConfig]:
             p if mode != "ar" or PressSpec.from_label(p).applies_to("target") else "" for p in args.presses))
         for b, g, s, srt, f, d, kv, pr in itertools.product(batches, gammas, schedules, sorts, finished, drafts, caches,
                                                             presses):
-            for tree in trees_of(args, mode, d):
+            for tree in trees_of(args, mode, d, loaded):
                 out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
                                      sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
                                      max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
@@ -156,7 +159,7 @@ def check_resume(config_path: str, identity: dict) -> None:
 def main(argv=None) -> None:
     args = parse(argv)
     data = prepare(args, args.modes, args.drafts)
-    grid = configs(args)
+    grid = configs(args, data.drafts)
     raw_path, config_path = os.path.join(args.out, "raw.csv"), os.path.join(args.out, "config.json")
     identity = {k: getattr(args, k, None) for k in IDENTITY if k != "fingerprint"}
     identity["fingerprint"] = data.fingerprint

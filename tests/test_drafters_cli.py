@@ -1,5 +1,6 @@
 """Picking the drafter by flag: main.py, eval_dolly.py, run_experiment (with the hf_prompt_lookup
 peer), heads_report and profile_step on a tiny saved pair with saved speculator heads."""
+import json
 import os
 
 import pandas as pd
@@ -12,7 +13,8 @@ import eval_dolly
 import main as main_py
 from benchmark import heads_report, profile_step, run_experiment
 from sampling.speculator import save_speculator
-from sampling import new_speculator
+from sampling import DEFAULTS, new_speculator
+from sampling.tree import parse_tree
 from transformers import AutoModelForCausalLM
 
 
@@ -62,6 +64,12 @@ def test_sweep_with_drafters_and_the_prompt_lookup_peer(pair, capsys, tmp_path):
     assert runs == {("ar", ""), ("google", "model"), ("google", "ngram"), ("tree", "model"), ("hf_prompt_lookup", "")}
     greedy = raw.groupby(["mode", "draft"]).tokens.apply(list)
     assert all(v == greedy[("ar", "")] for v in greedy)
+    code, out, err = cli(run_experiment, common + ["--modes", "tree", "--draft", "mlp", "--speculator", pair["mlp"],
+                                                   "--batch_sizes", "1", "--out", str(tmp_path / "t")], capsys)
+    assert code == 0, err                                    # raw.csv names the tree the heads ran (their default)
+    heads = json.load(open(os.path.join(pair["mlp"], "config.json")))["n_heads"]
+    expected = str(parse_tree(DEFAULTS.heads_tree).truncated(heads))
+    assert set(pd.read_csv(tmp_path / "t" / "raw.csv", keep_default_na=False).tree) == {expected}
     code, out, err = cli(heads_report, ["--runs", str(tmp_path / "s"), "--out", str(tmp_path / "h"), "--draft",
                                         "model,ngram", "--reps", "2", "--target_model_name", pair["target"],
                                         "--approx_model_name", pair["draft"]], capsys)
