@@ -129,6 +129,22 @@ def test_compiled_static_cache_equals_greedy():
         assert res.tokens == ref, mode
 
 
+def test_compiled_passes_with_speculator_heads_equal_greedy():
+    """Heads read the target's hidden state through a hook on its lm_head, which runs inside the
+    compiled pass: chains and trees of heads give AR's tokens under compilation too."""
+    from sampling import new_speculator
+    target = tiny_model("llama", seed=76, layers=1, dim=16)
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(77))
+    ref = greedy_reference(target, ids, torch.ones_like(ids), 8)
+    for kind in ("mlp", "medusa"):
+        heads = new_speculator(target, kind, 2, seed=78)
+        for mode in ("google", "tree"):
+            res = generate(target, ids, draft_model=heads, mode=mode, max_new_tokens=8, temperature=0,
+                           kv_cache="static", compile=True)
+            assert res.tokens == ref, (kind, mode)
+        heads.close()
+
+
 def test_compiled_passes_compile_once_per_shape():
     """A graph per shape (tokens per pass, cache width), not per step: a sequence's slice has a new
     stride every step, which made the compiler recompile every pass until its limit (then it ran
