@@ -238,6 +238,7 @@ def main(argv=None) -> None:
 
 
 SWEEPS = ("speed-b1", "speed-batched")            # the eager sweeps: batch 1, and batches 8 and 32
+SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweeps leave out: the same algorithm's figure
 # host_cost's configurations: the eager batch-1 sweeps' (the launch model's fit) and the batched ones
 HOST_CONFIGS = ("ar:1,google:1,tree:1,ar:1:static,google:1:static,tree:1:static,bass:1:dynamic:mlp,tree:1:dynamic:mlp,"
                 "ar:8,bass:8,tree:8,bass:8:dynamic:mlp,tree:8:dynamic:mlp")
@@ -253,7 +254,6 @@ def launch(out: str) -> None:
                                      "--fit_counts", counts, "--counts", counts,
                                      "--acceptance", ",".join([os.path.join(out, "speed-raw.csv")] + heads),
                                      "--out", os.path.join(out, "launch_model")])
-SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweeps leave out: the same algorithm's figure
 
 
 def label(path_or_preset: str) -> str:

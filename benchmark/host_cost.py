@@ -34,6 +34,7 @@ counts feed ``benchmark.launch_model`` (a step's time on a launch-bound device f
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import statistics
@@ -139,7 +140,6 @@ def drafters(names: set, target, draft, hidden: int) -> dict:
     for name in names & {"mlp", "medusa"}:
         embedded = speculator_path(None, name)
         if hidden:
-            import json
             with open(os.path.join(embedded, "config.json")) as f:
                 n_heads = json.load(f)["n_heads"]
             with torch.random.fork_rng():
@@ -201,7 +201,8 @@ def cuda_syncs(fn, clock: Clock) -> int:
 
 def main(argv=None) -> None:
     ap = Parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of mode:batch[:cache[:drafter]] (cache: dynamic | static; drafter: "
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="comma list of mode:batch[:cache[:drafter]] (cache: dynamic | static; drafter: "
                          f"{' | '.join(DRAFTERS)}, the draft model by default)")
     ap.add_argument("--hidden", type=int, default=64,
                     help="channels of the shrunk models (their arithmetic ~ nil); 0: the embedded pair itself")
@@ -241,7 +242,7 @@ def main(argv=None) -> None:
     clock = Clock(target, *{id(m): m for d in parts.values() for m in drafter_modules(d)}.values())
     V = target.config.vocab_size
     prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=torch.Generator().manual_seed(b)).to(args.device)
-               for _, b, _, _ in configs}                            # a batch size's prompts: the same in any --configs
+               for _, b, _, _ in configs}                         # a batch size's prompts: the same in any --configs
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"current": generate}
         if args.baseline:
@@ -287,8 +288,8 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
             t0 = time.perf_counter()
             stats = once(cfg, v)
             wall = time.perf_counter() - t0
-            rows.append(dict(version=v, mode=cfg[0], batch=cfg[1], kv_cache=cfg[2], draft=cfg[3], repeat=rep, wall_s=wall,
-                             forward_s=clock.inside, new_tokens=stats["new_tokens"],
+            rows.append(dict(version=v, mode=cfg[0], batch=cfg[1], kv_cache=cfg[2], draft=cfg[3], repeat=rep,
+                             wall_s=wall, forward_s=clock.inside, new_tokens=stats["new_tokens"],
                              target_calls=stats["target_calls"], draft_calls=stats.get("draft_calls", 0)))
     raw = pd.DataFrame(rows)
     out = []
@@ -298,8 +299,8 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
         part = raw[(raw.version == v) & same]
         wall, host = statistics.median(part.wall_s), statistics.median(part.wall_s - part.forward_s)
         out.append(dict(version=v, mode=mode, batch=b, kv_cache=kv, draft=d,
-                        tree=default_tree(parts[d]) if mode == "tree" else "", gamma=0 if mode in ("ar", "tree") else args.gamma,
-                        target_calls=calls, draft_calls=dcalls,
+                        tree=default_tree(parts[d]) if mode == "tree" else "",
+                        gamma=0 if mode in ("ar", "tree") else args.gamma, target_calls=calls, draft_calls=dcalls,
                         new_tokens=int(part.new_tokens.iloc[0]), wall_ms=1000 * wall,
                         host_ms=1000 * host, host_ms_per_pass=1000 * host / calls, host_share=host / wall,
                         kernels_per_pass=kernels(ops.outside) / calls, ops_per_pass=sum(ops.outside.values()) / calls,
@@ -321,7 +322,8 @@ def table(summary: pd.DataFrame) -> str:
             ("models' kernels per pass", "model_kernels_per_pass", "{:.0f}"), ("syncs per pass", "syncs_per_pass", "{:.2f}")]
     cur = summary[summary.version == "current"].reset_index(drop=True)
     base = summary[summary.version == "baseline"].reset_index(drop=True)
-    head = "| mode | drafter | batch | cache | " + " | ".join(c[0] + (" (baseline -> current)" if len(base) else "") for c in cols) + " |"
+    head = "| mode | drafter | batch | cache | " + \
+        " | ".join(c[0] + (" (baseline -> current)" if len(base) else "") for c in cols) + " |"
     if len(base):
         head += " wall, current / baseline (median of rounds) | host ms, current / baseline (median of rounds) |"
     lines = [head, "|---|---|---:|---|" + "---:|" * (len(cols) + 2 * bool(len(base)))]
@@ -329,7 +331,8 @@ def table(summary: pd.DataFrame) -> str:
         cells = [(f.format(base.loc[i, k]) + " -> " if len(base) else "") + f.format(r[k]) for _, k, f in cols]
         if len(base):
             cells += [f"{base.loc[i, 'paired_wall_ratio']:.3f}", f"{base.loc[i, 'paired_host_ratio']:.3f}"]
-        lines.append(f"| {r['mode']} | {r['draft'] or '-'} | {r['batch']} | {r['kv_cache']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['mode']} | {r['draft'] or '-'} | {r['batch']} | {r['kv_cache']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -165,7 +165,8 @@ def main(argv=None) -> None:
         raise ValueError(f"{args.out} exists; pick another --out")
     sweep = read_sweeps(args.fit_sweep, "fit_sweep")
     a_us, b_us, fitted = fit(sweep, read_counts(args.fit_counts, args.fit_version, "fit_counts"))
-    pred = predict(read_counts(args.counts, "current", "counts"), read_sweeps(args.acceptance, "acceptance"), a_us, b_us)
+    pred = predict(read_counts(args.counts, "current", "counts"), read_sweeps(args.acceptance, "acceptance"),
+                   a_us, b_us)
     os.makedirs(args.out)
     write_csv(os.path.join(args.out, "fit.csv"), fitted)
     write_csv(os.path.join(args.out, "prediction.csv"), pred)
