@@ -103,7 +103,7 @@ def parse(argv=None):
     return args
 
 
-def trees_of(args, mode: str, draft: str, loaded: dict | None = None) -> list[str]:
+def trees_of(args, mode: str, draft: str, loaded: dict) -> list[str]:
     """The trees a configuration runs: --trees (dynamic ones with the draft model only: heads draft
     static trees), or the default tree of its drafter as ``generate`` picks it (``loaded``: the
     drafters by name, so that raw.csv names the tree heads ran; heads' default cut to their depth);
@@ -111,12 +111,11 @@ def trees_of(args, mode: str, draft: str, loaded: dict | None = None) -> list[st
     if mode != "tree":
         return [""]
     if not args.tree_list:
-        return [default_tree(loaded[draft]) if loaded and draft in loaded else
-                DEFAULTS.tree if draft == "model" else ""]
+        return [default_tree(loaded.get(draft))]
     return [t for t in args.tree_list if draft == "model" or not t.startswith("dynamic")]
 
 
-def configs(args, loaded: dict | None = None) -> list[RunConfig]:
+def configs(args, loaded: dict) -> list[RunConfig]:
     """The grid; one-at-a-time modes run at batch 1 only, ar and hf need no gamma. ``loaded``: the
     drafters by name (their default trees)."""
     sorts = {"off": [False], "on": [True], "both": [False, True]}[args.sort_batch]

@@ -168,7 +168,7 @@ class KVCacheModel:
                 torch.compiler.cudagraph_mark_step_begin()                # earlier graph outputs may be reused
                 # fresh row-major copies: a slice of the growing sequence has a new stride every step, and
                 # the compiler guards on strides (it recompiled every pass until its limit, then ran eager)
-                input_ids, pos = (t.new_empty(t.shape).copy_(t) for t in (input_ids, pos))
+                input_ids, pos = (t.clone(memory_format=torch.contiguous_format) for t in (input_ids, pos))
         with self._capture or contextlib.nullcontext():                   # snapkv: this pass's queries
             out = forward(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                           use_cache=True, logits_to_keep=keep)

@@ -253,12 +253,6 @@ class RowTrees:
             anc = anc + reach
         return anc > 0
 
-    @property
-    def children(self) -> torch.Tensor:
-        """Per row, each node's parent [b, n] (-1: the root): ``tree_accept`` reads it on the host
-        with the tokens, in one transfer."""
-        return self.parent
-
 
 def check_tree_model(model, role: str) -> None:
     kind = model.config.model_type
@@ -420,8 +414,9 @@ class TreeVerifier(CachedPart):
             p_nodes = None
         b = len(seq)
         self.padding = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))   # real slots: device count + nodes
-        n, nxt, nodes, host = tree_accept(p_root, p_nodes, draft.q, draft.tokens, tree.children, generator,
-                                          self.greedy)
+        # a tree per row: its parents on the device, read by the walk with the tokens (one transfer)
+        links = tree.parent if isinstance(tree, RowTrees) else tree.children
+        n, nxt, nodes, host = tree_accept(p_root, p_nodes, draft.q, draft.tokens, links, generator, self.greedy)
         tokens = draft.tokens.gather(1, nodes) if tree.n else draft.tokens  # [b, depth]
         return Accepted(n, nxt, tokens, nodes, seq.shape[1], host)
 
