@@ -25,6 +25,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import time
 import traceback
 
@@ -152,7 +153,15 @@ def quiet(module: str, argv: list[str]) -> str:
 def main(argv=None) -> None:
     args = parse(argv)
     t_start = time.monotonic()
-    os.makedirs(args.out)
+    done = {}                                       # steps an earlier, cut run finished: name -> seconds
+    if args.continue_from:
+        shutil.copytree(args.continue_from, args.out)
+        prev = os.path.join(args.continue_from, "steps.csv")
+        if os.path.exists(prev):
+            done = {r.step: r.seconds for r in pd.read_csv(prev, keep_default_na=False).itertuples()
+                    if r.status.startswith("done")}
+    else:
+        os.makedirs(args.out)
     write_json(os.path.join(args.out, "env.json"), dict(env_info(), argv=argv))
     models = ["--device", args.device, "--dtype", args.dtype] + \
         [x for flag in ("target_model_name", "approx_model_name") if getattr(args, flag)
@@ -177,40 +186,45 @@ def main(argv=None) -> None:
         quiet("benchmark.cost_model", models + ["--raw", raw_all, "--batches", "1," + batched, "--reps", "3",
                                                 "--out", os.path.join(args.out, out), *extra])
 
-    steps = [                                       # by importance: a run cut short keeps the first ones
-        ("exactness", lambda: exactness(args, args.out)),
-        ("speed-b1", lambda: sweep("speed-b1", str(args.b1_prompts), "ar,google,tree", "1")),
-        ("speed-batched", lambda: sweep("speed-batched", samples, "ar,bass,tree", batched)),
-        ("speed-heads", lambda: quiet("benchmark.run_experiment", common + [
+    steps = [                            # (name, its folder or None, run): by importance, a cut run keeps the first
+        ("exactness", None, lambda: exactness(args, args.out)),
+        ("speed-b1", "speed-b1", lambda: sweep("speed-b1", str(args.b1_prompts), "ar,google,tree", "1")),
+        ("speed-batched", "speed-batched", lambda: sweep("speed-batched", samples, "ar,bass,tree", batched)),
+        ("speed-heads", "speed-heads", lambda: quiet("benchmark.run_experiment", common + [
             "--samples", str(args.b1_prompts), "--modes", "ar,bass,tree", "--draft", "mlp", "--batch_sizes", "1,8",
             "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3",
             "--out", os.path.join(args.out, "speed-heads")])),
-        ("host_cost", lambda: quiet("benchmark.host_cost", [
+        ("host_cost", "host_cost", lambda: quiet("benchmark.host_cost", [
             "--device", args.device, "--configs", HOST_CONFIGS, "--hidden", "16" if args.quick else "0",
             "--repeats", "1", "--max_tokens", str(args.max_tokens),      # the counts matter here, not its timing
             "--out", os.path.join(args.out, "host_cost")])),
-        ("launch_model", lambda: launch(args.out)),
-        ("speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
+        ("launch_model", "launch_model", lambda: launch(args.out)),
+        ("speed-compiled", "speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
             "--samples", str(args.b1_prompts), "--modes", "ar,google", "--batch_sizes", "1", "--kv_cache",
             "dynamic,static", "--compile", "--temperatures", "0", "--repeats", "3",      # eager beside compiled
             "--out", os.path.join(args.out, "speed-compiled")])),
-        ("main.py", lambda: write_text(os.path.join(args.out, "main-compare.json"), quiet(
+        ("main.py", None, lambda: write_text(os.path.join(args.out, "main-compare.json"), quiet(
             "main", models + inputs + ["--compare", "--temperature", "0", "--max_tokens", str(args.max_tokens),
                                        "--json"]))),
-        ("eval_dolly.py", lambda: quiet("eval_dolly", common + [
+        ("eval_dolly.py", "eval_dolly", lambda: quiet("eval_dolly", common + [
             "--samples", str(args.b1_prompts), "--modes", "ar,google,deepmind,bass", "--batch", "8",
             "--temperature", "0", "--out", os.path.join(args.out, "eval_dolly")])),
-        ("cost_model", lambda: cost("cost_model", [])),
+        ("cost_model", "cost_model", lambda: cost("cost_model", [])),
     ] + [
-        (f"cost_model {label(t)}", lambda t=t, d=d, k=k: cost(f"cost_{label(t)}", [
+        (f"cost_model {label(t)}", f"cost_{label(t)}", lambda t=t, d=d, k=k: cost(f"cost_{label(t)}", [
             "--target_config", t, "--draft_config", d,
             "--calibration", os.path.join(args.out, "cost_model", "prediction.csv")] + (["--layers", k] if k else [])))
         for t, d, k in args.predict
     ] + [
-        ("device_busy", lambda: device_busy(args, args.out)),
+        ("device_busy", None, lambda: device_busy(args, args.out)),
     ]
     log = []
-    for name, fn in steps:
+    for name, folder, fn in steps:
+        if name in done:
+            log.append(dict(step=name, status="done (earlier run)", seconds=done[name]))
+            continue
+        if folder and os.path.isdir(os.path.join(args.out, folder)):     # copied from a run cut inside this step
+            shutil.rmtree(os.path.join(args.out, folder))
         if not args.compile and name == "speed-compiled":
             log.append(dict(step=name, status="skipped (--no_compile)", seconds=0.0))
             continue
@@ -360,10 +374,14 @@ def parse(argv=None):
                     help="leave out the compiled static cache (its first passes compile for minutes on a CPU)")
     ap.add_argument("--quick", action="store_true", help="the batched sweep at batch 8 over 8 prompts: for the CPU")
     ap.add_argument("--budget_s", type=float, default=330.0, help="skip the steps that would start after this")
+    ap.add_argument("--continue_from", default=None,
+                    help="an earlier run's folder, cut short: copied into --out, the steps it finished not run again")
     ap.add_argument("--out", required=True, help="output folder (must not exist)")
     args = ap.parse_args(argv)
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out} exists: choose a new folder")
+    if args.continue_from is not None and not os.path.isfile(os.path.join(args.continue_from, "env.json")):
+        raise ValueError(f"--continue_from {args.continue_from}: not a gpu_check folder (no env.json)")
     if not os.path.isfile(args.dataset_path):
         raise ValueError(f"--dataset_path {args.dataset_path}: no such file")
     check_at_least_one(args, "max_tokens", "exact_prompts", "main_prompts", "b1_prompts")

@@ -130,6 +130,24 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
     assert agree[agree.tool == "eval_dolly.py"].sweep_speedup.notna().all()       # same prompts in the sweeps
     assert agree.set_index("mode").loc["tree"].sweep_speedup > 0
     assert json.loads((out / "env.json").read_text())["cores"] >= 1
+    # a run cut inside launch_model (its folder half written, no row in steps.csv) is completed by a second run
+    cut = steps[steps.step.isin(["exactness", "speed-b1", "speed-batched", "host_cost"])]
+    cut.to_csv(out / "steps.csv", index=False)
+    (out / "launch_model" / "prediction.csv").write_text("half")
+    again = tmp_path / "again"
+    code, stdout, err = cli(gpu_check, ["--device", "cpu", "--quick", "--no_compile", "--dataset_path", FIXTURE,
+                                        "--max_tokens", "4", "--target_model_name", pair["target"],
+                                        "--approx_model_name", pair["draft"], "--predict", "",
+                                        "--continue_from", str(out), "--out", str(again)], capsys)
+    assert code == 0, err
+    steps = pd.read_csv(again / "steps.csv").set_index("step").status
+    assert (steps[cut.step] == "done (earlier run)").all() and steps["launch_model"] == "done", steps
+    assert steps["main.py"] == "done" and steps["speed-compiled"] == "skipped (--no_compile)"
+    assert pd.read_csv(again / "launch_model" / "prediction.csv").shape[0] > 1      # rewritten, not the half file
+    assert (out / "launch_model" / "prediction.csv").read_text() == "half"         # the earlier folder untouched
+    code, _, err = cli(gpu_check, ["--device", "cpu", "--dataset_path", FIXTURE, "--continue_from", str(tmp_path),
+                                   "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "not a gpu_check folder" in err and "Traceback" not in err
 
 
 def test_host_cost_counts_the_loop_beside_a_baseline(capsys, tmp_path):
