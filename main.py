@@ -81,12 +81,12 @@ def main(argv=None) -> None:
     kwargs = dict(batch_size=args.batch, pad_id=tok.pad_token_id, sort_batch=args.sort_batch,
                   **generate_kwargs(args, tok, vocab))
     if args.compare:
-        runs = timed_runs(target, modes, ids, kwargs, drafts, args.repeats)
+        runs, rounds = timed_runs(target, modes, ids, kwargs, drafts, args.repeats)
         if args.json:
-            print(json.dumps({m: dict(outputs=[tok.decode(t) for t in r.tokens], tokens=r.tokens, stats=r.stats)
-                              for m, r in runs.items()}))
+            print(json.dumps({m: dict(outputs=[tok.decode(t) for t in r.tokens], tokens=r.tokens, stats=r.stats,
+                                      round_speedups=rounds[m]) for m, r in runs.items()}))
         else:
-            print_table(runs, tok, args.repeats)
+            print_table(runs, rounds, tok, args.repeats)
         return
     stream = len(ids) == 1 and not args.json
     if stream:                                             # batch 1: print the text as it is accepted
@@ -110,10 +110,12 @@ def main(argv=None) -> None:
             print(f"  {k}: {v}", file=sys.stderr)
 
 
-def timed_runs(target, modes, ids, kwargs, drafts: dict, repeats: int) -> dict:
+def timed_runs(target, modes, ids, kwargs, drafts: dict, repeats: int) -> tuple[dict, dict]:
     """Each mode once untimed on the same shapes (warm-up), then ``repeats`` timed rounds with the
     modes interleaved (the order rotating); each mode keeps its median run by wall time (generate
-    synchronises the device before reading the clock)."""
+    synchronises the device before reading the clock). Also each mode's speedup over ar round by
+    round: the runs of a round are close in time, so their spread shows how far the machine's noise
+    moves the speedup."""
     runs = {m: [] for m in modes}
     for rep in range(repeats + 1):
         order = [modes[(k + rep) % len(modes)] for k in range(len(modes))]
@@ -121,17 +123,21 @@ def timed_runs(target, modes, ids, kwargs, drafts: dict, repeats: int) -> dict:
             res, _ = generate_many(target, ids, mode=mode, draft_model=drafts[mode], **kwargs)
             if rep:                                        # round 0 is the warm-up
                 runs[mode].append(res)
-    return {m: sorted(r, key=lambda x: x.stats["wall_time_s"])[len(r) // 2] for m, r in runs.items()}
+    rounds = {m: [a.stats["tokens_per_s"] / b.stats["tokens_per_s"] for a, b in zip(r, runs["ar"])]
+              for m, r in runs.items()}
+    return {m: sorted(r, key=lambda x: x.stats["wall_time_s"])[len(r) // 2] for m, r in runs.items()}, rounds
 
 
-def print_table(runs, tok, repeats: int) -> None:
+def print_table(runs, rounds, tok, repeats: int) -> None:
     base = runs["ar"].stats["tokens_per_s"]
-    print(f"each mode: the median of {repeats} timed run(s) after one warm-up run, modes interleaved")
-    print(f"{'mode':<9} {'tokens/s':>9} {'speedup':>8} {'accept':>7} {'tok/call':>9}  text")
+    print(f"each mode: the median of {repeats} timed run(s) after one warm-up run, modes interleaved; "
+          "rounds: the lowest and highest speedup of one round")
+    print(f"{'mode':<9} {'tokens/s':>9} {'speedup':>8} {'rounds':>11} {'accept':>7} {'tok/call':>9}  text")
     for mode, res in runs.items():
         s = res.stats
         text = "".join(c if c.isprintable() else " " for c in tok.decode(res.tokens[0]))[:60]
-        print(f"{mode:<9} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / base:>7.2f}x "
+        spread = f"{min(rounds[mode]):.2f}-{max(rounds[mode]):.2f}"
+        print(f"{mode:<9} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / base:>7.2f}x {spread:>11} "
               f"{s['acceptance_rate']:>7.2f} {s['mean_accepted_tokens']:>9.2f}  {text}")
 
 

@@ -1,21 +1,22 @@
-"""One GPU check, in about 6 minutes: exactness of every mode on the device, the warmed-up speed
-table at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts) for both KV caches, BASS and a
-tree with the embedded MLP speculator at batch 1 and 8, the host's work per decode step
+"""One GPU check: exactness of every mode with both KV caches on the device, the warmed-up eager
+speed table (dynamic cache) at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts), each mode
+with the draft model and with the embedded MLP speculator's heads, the host's work per decode step
 (``benchmark.host_cost`` on the embedded pair: operators and syncs outside the models) and the
-launch-bound model fitted on those eager sweeps (``benchmark.launch_model``), the compiled static
-cache beside the eager one, the printed speedups of main.py and eval_dolly.py against the same
-ratios in the sweeps, the cost curve and the predictions for big targets, and last how much of a
-decode the device is busy (``device_busy.csv``, torch.profiler), eager and compiled, all in one
-folder.
+launch-bound model fitted on the batch-1 sweep (``benchmark.launch_model``), the compiled static
+cache beside the eager one (AR and the heads' tree), the printed speedups of main.py and
+eval_dolly.py against the same ratios in the sweeps, the cost curve and the predictions for big
+targets, and last how much of a decode the device is busy (``device_busy.csv``, torch.profiler),
+eager and compiled, all in one folder.
 
     python -m benchmark.gpu_check --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/gpu/check
 
-Sized from a first run on an H200 (results/gpu/README.md): eager decode there is host-bound, an AR
-step of the embedded pair costs about 9 ms, and a batch-1 sweep of 4 modes x 2 caches over 8
-prompts took about 130 s, so the steps run in order of importance and a step that would start after
-``--budget_s`` is skipped and said so in ``steps.csv``; each step writes its files (and the
-agreement table) before the next starts. On a machine without CUDA it runs the same steps on the
-CPU (``--device cpu``, smaller by ``--quick``), which is how its logic is tested.
+Sized from two runs on an H200 (results/gpu/README.md): eager decode there is host-bound (an AR
+step of the embedded pair costs 6 to 8 ms) and the whole check took 11 minutes in 2026-11's second
+run (the compiled step 2.7 of them, mostly compiling), so the steps run in order of importance, a
+step that would start after ``--budget_s`` is skipped and said so in ``steps.csv``, each step
+writes its files (and the agreement table) before the next starts, and ``--continue_from`` finishes
+a cut run in a second call. On a machine without CUDA it runs the same steps on the CPU
+(``--device cpu``, smaller by ``--quick``), which is how its logic is tested.
 """
 from __future__ import annotations
 
@@ -132,16 +133,6 @@ def log_error(out: str, what: str) -> None:
         f.write(f"--- {what}\n{traceback.format_exc()}\n")
 
 
-def working_caches(out: str) -> str:
-    """The caches every mode ran with in the exactness step (all of them if it did not run)."""
-    path = os.path.join(out, "exactness.csv")
-    if not os.path.exists(path):
-        return "dynamic,static"
-    df = pd.read_csv(path, keep_default_na=False)
-    ok = [kv for kv, g in df.groupby("kv_cache", sort=False) if (g.error == "").all()]
-    return ",".join(ok) or "dynamic"
-
-
 def quiet(module: str, argv: list[str]) -> str:
     """Run a tool's main (``module.main(argv)``), keeping what it prints (returned)."""
     buf = io.StringIO()
@@ -173,11 +164,13 @@ def main(argv=None) -> None:
     inputs = [x for rec in load_dolly(args.dataset_path)[:args.main_prompts] for x in ("--input", render_prompt(rec))]
     raw_all = os.path.join(args.out, "speed-raw.csv")          # both sweeps' rows: the cost model's acceptance
 
-    def sweep(name: str, n: str, modes: str, batch_sizes: str, caches=None, extra=()):
+    heads = args.target_model_name is None          # the embedded heads read the embedded target only
+    drafters = "model,mlp" if heads else "model"
+
+    def sweep(name: str, n: str, modes: str, batch_sizes: str):
         quiet("benchmark.run_experiment", common + [
-            "--samples", n, "--modes", modes, "--batch_sizes", batch_sizes, "--kv_cache",
-            caches or working_caches(args.out), "--temperatures", "0", "--repeats", "3",
-            "--out", os.path.join(args.out, name), *extra])
+            "--samples", n, "--modes", modes, "--draft", drafters, "--batch_sizes", batch_sizes,
+            "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, name)])
         parts = [os.path.join(args.out, d, "raw.csv") for d in SWEEPS]
         write_csv(raw_all, pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""])
                                       for p in parts if os.path.exists(p)], ignore_index=True))
@@ -190,19 +183,15 @@ def main(argv=None) -> None:
         ("exactness", None, lambda: exactness(args, args.out)),
         ("speed-b1", "speed-b1", lambda: sweep("speed-b1", str(args.b1_prompts), "ar,google,tree", "1")),
         ("speed-batched", "speed-batched", lambda: sweep("speed-batched", samples, "ar,bass,tree", batched)),
-        ("speed-heads", "speed-heads", lambda: quiet("benchmark.run_experiment", common + [
-            "--samples", str(args.b1_prompts), "--modes", "ar,bass,tree", "--draft", "mlp", "--batch_sizes", "1,8",
-            "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3",
-            "--out", os.path.join(args.out, "speed-heads")])),
         ("host_cost", "host_cost", lambda: quiet("benchmark.host_cost", [
             "--device", args.device, "--configs", HOST_CONFIGS, "--hidden", "16" if args.quick else "0",
             "--repeats", "1", "--max_tokens", str(args.max_tokens),      # the counts matter here, not its timing
             "--out", os.path.join(args.out, "host_cost")])),
         ("launch_model", "launch_model", lambda: launch(args.out)),
         ("speed-compiled", "speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
-            "--samples", str(args.b1_prompts), "--modes", "ar,google", "--batch_sizes", "1", "--kv_cache",
-            "dynamic,static", "--compile", "--temperatures", "0", "--repeats", "3",      # eager beside compiled
-            "--out", os.path.join(args.out, "speed-compiled")])),
+            "--samples", str(args.b1_prompts), "--batch_sizes", "1", "--kv_cache", "dynamic,static", "--compile",
+            "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, "speed-compiled"),
+            *(("--modes", "ar,tree", "--draft", "mlp") if heads else ("--modes", "ar,google"))])),   # eager beside compiled
         ("main.py", None, lambda: write_text(os.path.join(args.out, "main-compare.json"), quiet(
             "main", models + inputs + ["--compare", "--temperature", "0", "--max_tokens", str(args.max_tokens),
                                        "--json"]))),
@@ -228,10 +217,6 @@ def main(argv=None) -> None:
         if not args.compile and name == "speed-compiled":
             log.append(dict(step=name, status="skipped (--no_compile)", seconds=0.0))
             continue
-        if args.target_model_name is not None and name == "speed-heads":
-            log.append(dict(step=name, status="skipped (the embedded heads read the embedded target only)",
-                            seconds=0.0))
-            continue
         spent = time.monotonic() - t_start
         if spent > args.budget_s:
             log.append(dict(step=name, status=f"skipped: {spent:.0f} s spent of {args.budget_s}", seconds=0.0))
@@ -253,20 +238,19 @@ def main(argv=None) -> None:
 
 SWEEPS = ("speed-b1", "speed-batched")            # the eager sweeps: batch 1, and batches 8 and 32
 SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweeps leave out: the same algorithm's figure
-# host_cost's configurations: the eager batch-1 sweeps' (the launch model's fit) and the batched ones
-HOST_CONFIGS = ("ar:1,google:1,tree:1,ar:1:static,google:1:static,tree:1:static,bass:1:dynamic:mlp,tree:1:dynamic:mlp,"
+# host_cost's configurations: the eager batch-1 sweep's (the launch model's fit) and the batched one's
+HOST_CONFIGS = ("ar:1,google:1,tree:1,google:1:dynamic:mlp,tree:1:dynamic:mlp,"
                 "ar:8,bass:8,tree:8,bass:8:dynamic:mlp,tree:8:dynamic:mlp")
 
 
 def launch(out: str) -> None:
-    """The launch-bound model (``benchmark.launch_model``) fitted on this device's eager sweeps at
-    batch 1 (draft model) and 1 and 8 (MLP heads) against host_cost's counts, predicting every
-    counted configuration with the sweeps' acceptance."""
-    heads = [p for p in [os.path.join(out, "speed-heads", "raw.csv")] if os.path.exists(p)]
+    """The launch-bound model (``benchmark.launch_model``) fitted on this device's eager sweep at
+    batch 1 (its configurations ran side by side; a pass's cost there does not depend on the batch)
+    against host_cost's counts, predicting every counted configuration with both sweeps' acceptance."""
     counts = os.path.join(out, "host_cost", "summary.csv")
-    quiet("benchmark.launch_model", ["--fit_sweep", ",".join([os.path.join(out, "speed-b1", "raw.csv")] + heads),
+    quiet("benchmark.launch_model", ["--fit_sweep", os.path.join(out, "speed-b1", "raw.csv"),
                                      "--fit_counts", counts, "--counts", counts,
-                                     "--acceptance", ",".join([os.path.join(out, "speed-raw.csv")] + heads),
+                                     "--acceptance", os.path.join(out, "speed-raw.csv"),
                                      "--out", os.path.join(out, "launch_model")])
 
 
@@ -275,14 +259,14 @@ def label(path_or_preset: str) -> str:
 
 
 def sweep_rates(out: str) -> pd.DataFrame:
-    """Tokens/s of every (mode, batch, batch_id) of the eager sweeps (dynamic cache), from raw rows:
-    the rows of one batch share its wall time. Each is the median run's."""
+    """Tokens/s of every (mode, batch, batch_id) of the eager sweeps with the draft model (what the
+    tools run), from raw rows: the rows of one batch share its wall time. Each is the median run's."""
     parts = [os.path.join(out, d, "raw.csv") for d in SWEEPS]
     raw = [pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in parts if os.path.exists(p)]
     if not raw:
         return pd.DataFrame(columns=["mode", "batch", "batch_id", "first", "tokens", "wall"])
     r = pd.concat(raw, ignore_index=True)
-    r = r[r.kv_cache == "dynamic"]
+    r = r[r["draft"].isin(["model"]) | r["draft"].isna()]
     return r.groupby(["mode", "batch", "batch_id"]).agg(first=("sample", "min"), tokens=("new_tokens", "sum"),
                                                         wall=("wall_time_s", "first")).reset_index()
 
@@ -327,15 +311,16 @@ def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
 
 
 def compiled_exactness(out: str) -> None:
-    """The compiled static cache's greedy tokens against the dynamic cache's, prompt by prompt."""
-    paths = [os.path.join(out, d, "raw.csv") for d in ("speed-b1", "speed-compiled")]
-    if not all(map(os.path.exists, paths)):
+    """The compiled static cache's greedy tokens against the eager dynamic cache's of the same run,
+    prompt by prompt."""
+    path = os.path.join(out, "speed-compiled", "raw.csv")
+    if not os.path.exists(path):
         return
-    ref, comp = (pd.read_csv(p, keep_default_na=False) for p in paths)
-    ref = ref[(ref.kv_cache == "dynamic") & (ref.batch == 1)].set_index(["mode", "sample"]).tokens
-    comp = comp[comp.kv_cache == "static"]                              # the compiled rows (eager ran beside them)
-    rows = [dict(mode=m, sample=s, equal=t == ref.get((m, s)))
-            for m, s, t in zip(comp["mode"], comp["sample"], comp.tokens)]
+    raw = pd.read_csv(path, keep_default_na=False)
+    ref = raw[raw.kv_cache == "dynamic"].set_index(["mode", "draft", "sample"]).tokens
+    comp = raw[raw.kv_cache == "static"]                                # the compiled rows
+    rows = [dict(mode=m, draft=d, sample=s, equal=t == ref.get((m, d, s)))
+            for m, d, s, t in zip(comp["mode"], comp["draft"], comp["sample"], comp.tokens)]
     write_csv(os.path.join(out, "exactness_compiled.csv"), pd.DataFrame(rows))
 
 

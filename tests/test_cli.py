@@ -55,12 +55,24 @@ def test_compare_table(pair, capsys):
                            "--temperature", "0"] + models(pair), capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0] == "each mode: the median of 3 timed run(s) after one warm-up run, modes interleaved"
+    assert lines[0] == ("each mode: the median of 3 timed run(s) after one warm-up run, modes interleaved; "
+                        "rounds: the lowest and highest speedup of one round")
     lines = lines[1:]
-    assert lines[0].split()[:3] == ["mode", "tokens/s", "speedup"]
+    assert lines[0].split()[:4] == ["mode", "tokens/s", "speedup", "rounds"]
     texts = {line.split()[0]: line.split("  ")[-1] for line in lines[1:]}
     assert set(texts) == {"ar", "google", "deepmind", "bass", "tree"}
     assert len(set(texts.values())) == 1               # greedy: every mode writes the same text
+    spreads = {line.split()[0]: [float(x) for x in line.split()[3].split("-")] for line in lines[1:]}
+    assert spreads["ar"] == [1.0, 1.0] and all(lo <= hi for lo, hi in spreads.values())
+
+
+def test_compare_json_has_each_rounds_speedup(pair, capsys):
+    code, out, err = call(["--input", "Hi", "--max_tokens", "4", "--compare", "--json", "--repeats", "2",
+                           "--temperature", "0"] + models(pair), capsys)
+    assert code == 0, err
+    runs = json.loads(out)
+    assert runs["ar"]["round_speedups"] == [1.0, 1.0]
+    assert all(len(r["round_speedups"]) == 2 and min(r["round_speedups"]) > 0 for r in runs.values())
 
 
 BAD = {
@@ -164,3 +176,17 @@ def test_clock_waits_for_the_device(monkeypatch):
     now(torch.device("cuda", 0))
     now(torch.device("cpu"))
     assert calls == [torch.device("cuda", 0)]
+
+
+def test_round_speedups_pair_the_runs_of_one_round(monkeypatch):
+    """Each round's speedup is that round's run over ar's run of the same round, in round order."""
+    from types import SimpleNamespace
+    pace = {"ar": iter([50, 100, 100, 80]), "google": iter([10, 200, 300, 80])}     # warm-up round first
+
+    def fake(target, ids, mode, **kw):
+        tps = next(pace[mode])
+        return SimpleNamespace(stats=dict(tokens_per_s=tps, wall_time_s=1 / tps), tokens=[[1]]), None
+    monkeypatch.setattr(main_cli, "generate_many", fake)
+    runs, rounds = main_cli.timed_runs(None, ["ar", "google"], None, {}, {"ar": None, "google": None}, 3)
+    assert rounds == {"ar": [1.0, 1.0, 1.0], "google": [2.0, 3.0, 1.0]}
+    assert runs["google"].stats["tokens_per_s"] == 200                  # the median run by wall time
