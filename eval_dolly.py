@@ -12,7 +12,7 @@ import time
 import pandas as pd
 from tqdm import tqdm
 
-from benchmark.metrics import process_throughput, summarise
+from benchmark.metrics import process_throughput, round_throughputs, summarise, upgrade_raw
 from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
                               prepare, run_grid)
 from benchmark.utils_io import write_csv
@@ -25,7 +25,7 @@ from sampling.tree import parse_tree
 COLUMNS = {"mode": "mode", "samples": "samples", "new_tokens": "new tokens", "wall_time_s": "wall s",
            "throughput": "tokens/s", "latency_ms": "ms/token per sequence", "ttft_s": "TTFT s",
            "acceptance_rate": "accept", "tokens_per_call": "tok/call", "target_calls": "target calls",
-           "speedup_vs_ar": "speedup vs ar"}
+           "speedup_vs_ar": "speedup vs ar", "rounds": "per round"}
 
 
 def parse(argv=None):
@@ -93,10 +93,18 @@ def main(argv=None) -> None:
         summary["speedup_vs_ar"] = summary.throughput / float(summary.loc[summary["mode"] == "ar", "throughput"].iloc[0])
     else:
         summary["speedup_vs_ar"] = float("nan")
+    # the same round by round: a mode at ar's batch ran its rounds beside ar's; one at another batch
+    # size ran in another group, after ar's, so its spread also holds the machine's drift between them
+    rounds = round_throughputs(upgrade_raw(raw)).set_index("mode").round_tps
+    paired = [[a / b for a, b in zip(rounds[m], rounds.get("ar", []))] for m in summary["mode"]]
+    summary["speedup_min_round"] = [min(p) if p else float("nan") for p in paired]
+    summary["speedup_max_round"] = [max(p) if p else float("nan") for p in paired]
+    summary["rounds"] = [f"{min(p):.2f}-{max(p):.2f}" if p else "" for p in paired]
     table = summary[list(COLUMNS)].rename(columns=COLUMNS)
     print(f"\n{len(data.prompts)} samples, {args.max_tokens} new tokens max, temperature {args.temperature}, "
           f"gamma {args.gamma} ({args.gamma_schedule}), seed {args.seed}; each batch timed {args.repeats} "
-          f"time(s) after a warm-up run, the median kept, modes interleaved")
+          f"time(s) after a warm-up run, the median kept, modes of one batch size interleaved; per round: the "
+          f"lowest and highest speedup of one round")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if args.temperature == 0 and "ar" in args.modes:
         ref = raw[raw["mode"] == "ar"].set_index("sample")["tokens"]

@@ -85,6 +85,12 @@ def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]
     return written
 
 
+def spread(r) -> str:
+    """A summary row's lowest and highest speedup of one round ("" where not recorded)."""
+    lo, hi = r.get("speedup_min_round", float("nan")), r.get("speedup_max_round", float("nan"))
+    return f"{lo:.2f}-{hi:.2f}" if lo == lo and hi == hi else ""
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
     """The project card's table per temperature: throughput gain and per-sequence latency change
     against AR at the smallest batch size of the sweep (batch 1 when it ran; unsorted before sorted),
@@ -103,10 +109,11 @@ def markdown_table(summary: pd.DataFrame) -> str:
             name = f"ar at batch {base.batch.iloc[0]}" + (", sorted" if base.sort_batch.iloc[0] else "")
             lines.append(f"\n**temperature {temp:g}** (baseline: {name}, {tput:.1f} tokens/s, {lat:.1f} ms/token)\n")
         lines += ["| mode | batch | gamma | throughput (tok/s) | throughput gain | latency (ms/token) | latency change"
-                  " | acceptance | alpha | tokens / target call | speedup vs ar, same batch | decode-phase tok/s"
+                  " | acceptance | alpha | tokens / target call | speedup vs ar, same batch"
+                  " | that speedup per round, lowest-highest | decode-phase tok/s"
                   " | decode speedup vs ar | predicted (Leviathan)"
                   " | efficiency | predicted with verify cost | efficiency (verify-aware) |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         order = [k for k in ("mode", "draft", "batch", "gamma", "gamma_schedule", "sort_batch", "finished_rows") if k in part]
         for _, r in part.sort_values(order).iterrows():
             gamma = "" if r.gamma == 0 else f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
@@ -116,7 +123,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
             lines.append(f"| {name} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {f(r.throughput / tput, '.2f', 'x')} | {r.latency_ms:.1f} | "
                          f"{f(r.latency_ms / lat, '.2f', 'x')} | {f(r.acceptance_rate, '.3f')} | {f(r.alpha, '.3f')} | "
-                         f"{f(r.tokens_per_call, '.2f')} | {f(r.speedup_vs_ar, '.2f')} | "
+                         f"{f(r.tokens_per_call, '.2f')} | {f(r.speedup_vs_ar, '.2f')} | {spread(r)} | "
                          f"{f(r.decode_throughput, '.1f')} | {f(r.decode_speedup_vs_ar, '.2f')} | "
                          f"{f(r.get('predicted_speedup', float('nan')), '.2f')} | "
                          f"{f(r.get('efficiency', float('nan')), '.2f')} | "

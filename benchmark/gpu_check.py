@@ -283,7 +283,9 @@ def sweep_speedup(rates: pd.DataFrame, mode: str, batch: int, ar_batch: int, pro
 def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
     """Each tool's printed speedup beside the same ratio in the warmed-up, interleaved sweeps (dynamic
     cache) on the same prompts: main.py's (batch 1, the first ``main_prompts`` records) and
-    eval_dolly's (each mode at its batch against AR at ``--batch``, the first ``eval_prompts``)."""
+    eval_dolly's (each mode at its batch against AR at ``--batch``, the first ``eval_prompts``), with
+    the lowest and highest of the tool's own speedups round by round, and whether the sweep's figure
+    lies between them."""
     rates = sweep_rates(out)
     if rates.empty:
         return
@@ -292,9 +294,11 @@ def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
     if os.path.exists(path):
         runs = json.loads(open(path).read())
         for mode, run_ in runs.items():
+            spread = run_.get("round_speedups") or [float("nan")]
             rows.append(dict(tool="main.py --compare", mode=mode, batch=1, prompts=main_prompts,
                              sweep_mode=SWEEP_MODE.get(mode, mode),
                              tool_speedup=run_["stats"]["tokens_per_s"] / runs["ar"]["stats"]["tokens_per_s"],
+                             tool_min_round=min(spread), tool_max_round=max(spread),
                              sweep_speedup=sweep_speedup(rates, mode, 1, 1, main_prompts)))
     path = os.path.join(out, "eval_dolly", "summary.csv")
     if os.path.exists(path):
@@ -303,10 +307,14 @@ def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
         for _, row in e.iterrows():
             rows.append(dict(tool="eval_dolly.py", mode=row["mode"], batch=row["batch"], prompts=eval_prompts,
                              sweep_mode=SWEEP_MODE.get(row["mode"], row["mode"]), tool_speedup=row["speedup_vs_ar"],
+                             tool_min_round=row.get("speedup_min_round", float("nan")),
+                             tool_max_round=row.get("speedup_max_round", float("nan")),
                              sweep_speedup=sweep_speedup(rates, row["mode"], row["batch"], ar_batch, eval_prompts)))
     if rows:
         df = pd.DataFrame(rows)
         df["ratio"] = df.tool_speedup / df.sweep_speedup
+        # the sweep's figure inside the range of the tool's rounds: the two differ by no more than the noise
+        df["sweep_within_tool_rounds"] = (df.sweep_speedup >= df.tool_min_round) & (df.sweep_speedup <= df.tool_max_round)
         write_csv(os.path.join(out, "agreement.csv"), df)
 
 

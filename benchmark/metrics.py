@@ -12,7 +12,7 @@ NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.
                  "rows_verified": float("nan"),             # what those runs did or what is unknown
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
                  "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": "",
-                 "kv_cache": "dynamic", "compile": False, "press": "", "process": 0}
+                 "kv_cache": "dynamic", "compile": False, "press": "", "process": 0, "round_walls": ""}
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
@@ -24,8 +24,8 @@ def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
     raw = raw.assign(**{k: v for k, v in NEWER_COLUMNS.items() if k not in raw.columns})
     if "draft" not in raw.columns:                # before drafters: the draft model, or none
         raw = raw.assign(draft=["" if m in ("ar", "hf") else "model" for m in raw["mode"]])
-    text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str) for c in ("tree", "output", "draft", "accepted_hist",
-                                                                               "press")}
+    text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str)
+            for c in ("tree", "output", "draft", "accepted_hist", "press", "round_walls")}
     return raw.assign(**text)
 
 
@@ -61,6 +61,21 @@ def verify_aware_speedup(alpha: float, gamma: float, c: float, v: float) -> floa
 
 def cost_key(batch: int, gamma: int) -> str:
     return f"{batch}x{gamma}"
+
+
+def round_throughputs(raw: pd.DataFrame) -> pd.DataFrame:
+    """KEYS and ``round_tps``: each configuration's new tokens over the summed wall time of its
+    batches in each timed round, a list in round order (empty where the rows lack ``round_walls``,
+    files from before it was recorded)."""
+    per_batch = raw.groupby(KEYS + ["process", "batch_id"], dropna=False).agg(
+        tokens=("new_tokens", "sum"), walls=("round_walls", "first")).reset_index()
+
+    def rates(g: pd.DataFrame) -> list[float]:
+        walls = [[float(w) for w in text.split()] for text in g.walls]
+        if not walls or not walls[0] or any(len(w) != len(walls[0]) for w in walls):
+            return []
+        return [g.tokens.sum() / sum(w[r] for w in walls) for r in range(len(walls[0]))]
+    return pd.DataFrame([dict(zip(KEYS, k), round_tps=rates(g)) for k, g in per_batch.groupby(KEYS, dropna=False)])
 
 
 def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
@@ -110,10 +125,18 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     out["alpha"] = [alpha_from_accepted(a / s_, g_) if d > 0 and s_ > 0 and m != "tree" else float("nan")
                     for a, s_, g_, d, m in zip(out.accepted, steps, out.mean_gamma, out.drafted, out["mode"])]
     # (a chain's alpha; a tree's acceptance follows no geometric law in gamma)
+    out = out.merge(round_throughputs(raw), on=KEYS, how="left")
     same = ["batch", "temperature", "sort_batch", "kv_cache", "compile"]    # ar with the same batching and cache
     ar = out[(out["mode"] == "ar") & (out["press"] == "")].set_index(same)  # (and no press: the model itself)
     for col, name in (("throughput", "speedup_vs_ar"), ("decode_throughput", "decode_speedup_vs_ar")):
         out[name] = [t / ar[col].get(k, float("nan")) for t, k in zip(out[col], zip(*(out[c] for c in same)))]
+    # the same speedup round by round (a round's runs of one batch are close in time): its spread is
+    # how far the machine's noise moves the figure
+    paired = [[a / b for a, b in zip(r, ar["round_tps"].get(k, []))] if isinstance(r, list) else []
+              for r, k in zip(out.round_tps, zip(*(out[c] for c in same)))]
+    out["speedup_min_round"] = [min(p) if p else float("nan") for p in paired]
+    out["speedup_max_round"] = [max(p) if p else float("nan") for p in paired]
+    out = out.drop(columns=["round_tps"])
     if cost:
         nan = float("nan")
         costs = [cost.get(cost_key(b, g_), {}) if d == "model" else {}      # c is the draft model's

@@ -216,7 +216,8 @@ def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, prog
                     runs[k].append(runners[k](idx, bid))
             for k, (cfg, cfg_runs) in enumerate(zip(group, runs)):
                 tokens, st = sorted(cfg_runs, key=lambda r: r[1]["wall_time_s"])[len(cfg_runs) // 2]
-                rows.append((k, bid, _rows(cfg, idx, bid, tokens, st, data)))
+                walls = [r[1]["wall_time_s"] for r in cfg_runs]             # round by round
+                rows.append((k, bid, _rows(cfg, idx, bid, tokens, st, data, walls)))
             if progress is not None:
                 progress.update(len(idx) * len(group) * shard.size)   # the others keep about the same pace
         rows = sorted(shard.gather(rows), key=lambda r: r[:2])
@@ -252,8 +253,9 @@ def _runner(cfg: RunConfig, data: Prepared):
     return once
 
 
-def _rows(cfg: RunConfig, idx, bid, tokens, st, data: Prepared) -> list[dict]:
-    """The raw rows of one timed batch: the configuration, the record, the counts, ids and text."""
+def _rows(cfg: RunConfig, idx, bid, tokens, st, data: Prepared, walls: list[float]) -> list[dict]:
+    """The raw rows of one timed batch: the configuration, the record, the counts, ids and text, the
+    median run's wall time and every round's (``round_walls``, in round order)."""
     trace = st.get("gamma_trace") or [cfg.gamma]
     out = []
     for j, i in enumerate(idx):
@@ -261,6 +263,7 @@ def _rows(cfg: RunConfig, idx, bid, tokens, st, data: Prepared) -> list[dict]:
         out.append(dict(asdict(cfg), **data.meta[i], batch_id=bid, process=data.shard.rank,
                         prompt_tokens=len(data.prompts[i]),
                         new_tokens=len(tokens[j]), wall_time_s=st["wall_time_s"],
+                        round_walls=" ".join(f"{w:.9g}" for w in walls),
                         ttft_s=st["ttft_s"], target_calls=r["target_calls"],
                         accepted=r["accepted"], drafted=r["drafted"],
                         padding_fraction=st.get("padding_fraction", st.get("prompt_padding", 0.0)),

@@ -8,7 +8,7 @@ from tiny import save_tiny_pair
 
 import eval_dolly
 from benchmark import run_experiment
-from benchmark.metrics import leviathan_speedup
+from benchmark.metrics import leviathan_speedup, summarise
 from benchmark.utils_io import load_dolly, render_prompt
 from sampling.cli import run
 
@@ -88,7 +88,10 @@ def test_eval_dolly_table_and_consistency(pair, capsys, tmp_path):
     assert set(pd.read_csv(tmp_path / "raw.csv").query("mode == 'google'").gamma) == {4}   # DEFAULTS.gamma
     table = out[out.index("mode "):].splitlines()
     assert [line.split()[0] for line in table[1:5]] == ["ar", "google", "bass", "hf"]    # the order of --modes
-    assert "ms/token per sequence" in table[0]
+    assert "ms/token per sequence" in table[0] and table[0].split()[-1] == "round"
+    assert table[1].split()[-1] == "1.00-1.00"                       # ar against itself, round by round
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert (summary.speedup_min_round <= summary.speedup_max_round).all() and summary.speedup_min_round.notna().all()
     code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "3",
                                       "--modes", "bass,ar", "--temperature", "0", "--show", "1", "--repeats", "1",
                                       "--target_model_name", pair["target"], "--approx_model_name", pair["draft"],
@@ -384,3 +387,25 @@ def test_tree_fit_writes_its_tables(pair, capsys, tmp_path):
     assert "dynamic:4:4:4 changes every step" in out
     code, out, err = cli(tree_fit, argv, capsys)
     assert code == 2 and "fit.csv exists" in err
+
+
+def test_summary_pairs_the_speedup_round_by_round():
+    """speedup_min_round / _max_round: a configuration's tokens over its batches' summed wall time in
+    each round, over ar's in the same round (the median runs' ratio beside them); nan for rows
+    recorded before round_walls was."""
+    base = dict(draft="", batch=1, gamma=0, gamma_schedule="constant", temperature=0.0, sort_batch=False,
+                finished_rows="drop", max_tokens=4, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0,
+                tree="", kv_cache="dynamic", compile=False, press="", category="x", prompt_tokens=3, ttft_s=0.1,
+                target_calls=4, accepted=0, drafted=0, padding_fraction=0.0, prompt_padding=0.0, rows_verified=1,
+                mean_gamma=0.0, process=0, new_tokens=4)
+    walls = {("ar", 0): "1 1 2", ("ar", 1): "1 1 2", ("google", 0): "0.5 1 1", ("google", 1): "0.5 2 1"}
+    raw = pd.DataFrame([dict(base, mode=m, sample=b, batch_id=b, wall_time_s=sorted(map(float, w.split()))[1],
+                             round_walls=w) for (m, b), w in walls.items()])
+    s = summarise(raw).set_index("mode")
+    # rounds: ar 8 tokens in 2, 2, 4 s; google in 1, 3, 2 s -> 2x, 0.67x, 2x
+    assert s.loc["google", "speedup_min_round"] == pytest.approx(2 / 3)
+    assert s.loc["google", "speedup_max_round"] == pytest.approx(2.0)
+    assert s.loc["ar", "speedup_min_round"] == s.loc["ar", "speedup_max_round"] == 1.0
+    assert s.loc["google", "speedup_vs_ar"] == 1.0          # the median runs: 1 + 1 s against 1 + 1 s
+    old = summarise(raw.drop(columns=["round_walls"]))
+    assert old.speedup_min_round.isna().all() and old.speedup_vs_ar.notna().all()
