@@ -167,53 +167,53 @@ def main(argv=None) -> None:
     heads = args.target_model_name is None          # the embedded heads read the embedded target only
     drafters = "model,mlp" if heads else "model"
 
-    def sweep(name: str, n: str, modes: str, batch_sizes: str):
+    def sweep(folder: str, n: str, modes: str, batch_sizes: str):
         quiet("benchmark.run_experiment", common + [
             "--samples", n, "--modes", modes, "--draft", drafters, "--batch_sizes", batch_sizes,
-            "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, name)])
+            "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3", "--out", folder])
         parts = [os.path.join(args.out, d, "raw.csv") for d in SWEEPS]
         write_csv(raw_all, pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""])
                                       for p in parts if os.path.exists(p)], ignore_index=True))
 
-    def cost(out: str, extra: list[str]):
+    def cost(folder: str, extra: list[str]):
         quiet("benchmark.cost_model", models + ["--raw", raw_all, "--batches", "1," + batched, "--reps", "3",
-                                                "--out", os.path.join(args.out, out), *extra])
+                                                "--out", folder, *extra])
 
-    steps = [                            # (name, its folder or None, run): by importance, a cut run keeps the first
-        ("exactness", None, lambda: exactness(args, args.out)),
-        ("speed-b1", "speed-b1", lambda: sweep("speed-b1", str(args.b1_prompts), "ar,google,tree", "1")),
-        ("speed-batched", "speed-batched", lambda: sweep("speed-batched", samples, "ar,bass,tree", batched)),
-        ("host_cost", "host_cost", lambda: quiet("benchmark.host_cost", [
+    steps = [     # (name, its folder or None, run(the folder's path)): by importance, a cut run keeps the first
+        ("exactness", None, lambda _: exactness(args, args.out)),
+        ("speed-b1", "speed-b1", lambda d: sweep(d, str(args.b1_prompts), "ar,google,tree", "1")),
+        ("speed-batched", "speed-batched", lambda d: sweep(d, samples, "ar,bass,tree", batched)),
+        ("host_cost", "host_cost", lambda d: quiet("benchmark.host_cost", [
             "--device", args.device, "--configs", HOST_CONFIGS, "--hidden", "16" if args.quick else "0",
-            "--repeats", "1", "--max_tokens", str(args.max_tokens),      # the counts matter here, not its timing
-            "--out", os.path.join(args.out, "host_cost")])),
-        ("launch_model", "launch_model", lambda: launch(args.out)),
-        ("speed-compiled", "speed-compiled", lambda: quiet("benchmark.run_experiment", common + [
+            "--repeats", "1", "--max_tokens", str(args.max_tokens), "--out", d])),   # counts matter here, not time
+        ("launch_model", "launch_model", lambda d: launch(args.out, d)),
+        ("speed-compiled", "speed-compiled", lambda d: quiet("benchmark.run_experiment", common + [
             "--samples", str(args.b1_prompts), "--batch_sizes", "1", "--kv_cache", "dynamic,static", "--compile",
-            "--temperatures", "0", "--repeats", "3", "--out", os.path.join(args.out, "speed-compiled"),
+            "--temperatures", "0", "--repeats", "3", "--out", d,
             *(("--modes", "ar,tree", "--draft", "mlp") if heads else ("--modes", "ar,google"))])),   # eager beside compiled
-        ("main.py", None, lambda: write_text(os.path.join(args.out, "main-compare.json"), quiet(
+        ("main.py", None, lambda _: write_text(os.path.join(args.out, "main-compare.json"), quiet(
             "main", models + inputs + ["--compare", "--temperature", "0", "--max_tokens", str(args.max_tokens),
                                        "--json"]))),
-        ("eval_dolly.py", "eval_dolly", lambda: quiet("eval_dolly", common + [
+        ("eval_dolly.py", "eval_dolly", lambda d: quiet("eval_dolly", common + [
             "--samples", str(args.b1_prompts), "--modes", "ar,google,deepmind,bass", "--batch", "8",
-            "--temperature", "0", "--out", os.path.join(args.out, "eval_dolly")])),
-        ("cost_model", "cost_model", lambda: cost("cost_model", [])),
+            "--temperature", "0", "--out", d])),
+        ("cost_model", "cost_model", lambda d: cost(d, [])),
     ] + [
-        (f"cost_model {label(t)}", f"cost_{label(t)}", lambda t=t, d=d, k=k: cost(f"cost_{label(t)}", [
-            "--target_config", t, "--draft_config", d,
+        (f"cost_model {label(t)}", f"cost_{label(t)}", lambda d, t=t, dr=dr, k=k: cost(d, [
+            "--target_config", t, "--draft_config", dr,
             "--calibration", os.path.join(args.out, "cost_model", "prediction.csv")] + (["--layers", k] if k else [])))
-        for t, d, k in args.predict
+        for t, dr, k in args.predict
     ] + [
-        ("device_busy", None, lambda: device_busy(args, args.out)),
+        ("device_busy", None, lambda _: device_busy(args, args.out)),
     ]
     log = []
     for name, folder, fn in steps:
         if name in done:
             log.append(dict(step=name, status="done (earlier run)", seconds=done[name]))
             continue
-        if folder and os.path.isdir(os.path.join(args.out, folder)):     # copied from a run cut inside this step
-            shutil.rmtree(os.path.join(args.out, folder))
+        path = os.path.join(args.out, folder) if folder else None
+        if path and os.path.isdir(path):                                  # copied from a run cut inside this step
+            shutil.rmtree(path)
         if not args.compile and name == "speed-compiled":
             log.append(dict(step=name, status="skipped (--no_compile)", seconds=0.0))
             continue
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
             continue
         t0 = time.monotonic()
         try:
-            fn()
+            fn(path)
             status = "done"
         except Exception as e:             # one failed step must not lose the others' files
             status = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -243,15 +243,14 @@ HOST_CONFIGS = ("ar:1,google:1,tree:1,google:1:dynamic:mlp,tree:1:dynamic:mlp,"
                 "ar:8,bass:8,tree:8,bass:8:dynamic:mlp,tree:8:dynamic:mlp")
 
 
-def launch(out: str) -> None:
+def launch(out: str, folder: str) -> None:
     """The launch-bound model (``benchmark.launch_model``) fitted on this device's eager sweep at
     batch 1 (its configurations ran side by side; a pass's cost there does not depend on the batch)
     against host_cost's counts, predicting every counted configuration with both sweeps' acceptance."""
     counts = os.path.join(out, "host_cost", "summary.csv")
     quiet("benchmark.launch_model", ["--fit_sweep", os.path.join(out, "speed-b1", "raw.csv"),
                                      "--fit_counts", counts, "--counts", counts,
-                                     "--acceptance", os.path.join(out, "speed-raw.csv"),
-                                     "--out", os.path.join(out, "launch_model")])
+                                     "--acceptance", os.path.join(out, "speed-raw.csv"), "--out", folder])
 
 
 def label(path_or_preset: str) -> str:

@@ -271,17 +271,17 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
 
     runs = [(cfg, v) for cfg in configs for v in versions]
     rows, counts = [], {}
-    for run in runs:                                              # warm-up, then the counts (untimed)
-        once(*run)
+    for one in runs:                                              # warm-up, then the counts (untimed)
+        once(*one)
         with OpCount(clock) as ops:
-            stats = once(*run)
+            stats = once(*one)
         if args.device == "cuda":
-            syncs = cuda_syncs(lambda: once(*run), clock)
+            syncs = cuda_syncs(lambda: once(*one), clock)
         else:
             with VirtualDevice(target, parts["model"]) as vd:
-                once(*run)
+                once(*one)
             syncs = len(vd.syncs)
-        counts[run] = (ops, syncs, stats["target_calls"], stats.get("draft_calls", 0))
+        counts[one] = (ops, syncs, stats["target_calls"], stats.get("draft_calls", 0))
     for rep in range(args.repeats):                               # timed rounds, rotating order
         for cfg, v in runs[rep % len(runs):] + runs[:rep % len(runs)]:
             clock.inside = 0.0
