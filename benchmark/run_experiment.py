@@ -115,6 +115,18 @@ def trees_of(args, mode: str, draft: str, loaded: dict) -> list[str]:
     return [t for t in args.tree_list if draft == "model" or not t.startswith("dynamic")]
 
 
+def name_heads_trees(raw: pd.DataFrame, loaded: dict) -> pd.DataFrame:
+    """Rows of mode tree drafted by heads, written before raw.csv named the tree heads ran (empty), ran
+    their drafter's default tree: name it, so that a resumed sweep knows them as done."""
+    if raw.empty:
+        return raw
+    for draft, drafter in loaded.items():
+        unnamed = (raw["mode"] == "tree") & (raw["draft"] == draft) & (raw["tree"] == "")
+        if draft != "model" and unnamed.any():
+            raw = raw.assign(tree=raw["tree"].where(~unnamed, default_tree(drafter)))
+    return raw
+
+
 def configs(args, loaded: dict) -> list[RunConfig]:
     """The grid; one-at-a-time modes run at batch 1 only, ar and hf need no gamma. ``loaded``: the
     drafters by name (their default trees)."""
@@ -166,6 +178,7 @@ def main(argv=None) -> None:
     if resuming:
         check_resume(config_path, identity)
     raw = upgrade_raw(pd.read_csv(raw_path, keep_default_na=False, na_values=[""])) if resuming else pd.DataFrame()
+    raw = name_heads_trees(raw, data.drafts)
     fields = [f.name for f in dataclasses.fields(RunConfig)]       # in RunConfig.key()'s order
     done = set() if raw.empty else {tuple(normalise(v) for v in k)
                                     for k in raw[fields].drop_duplicates().itertuples(index=False)}

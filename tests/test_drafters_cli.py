@@ -70,6 +70,14 @@ def test_sweep_with_drafters_and_the_prompt_lookup_peer(pair, capsys, tmp_path):
     heads = json.load(open(os.path.join(pair["mlp"], "config.json")))["n_heads"]
     expected = str(parse_tree(DEFAULTS.heads_tree).truncated(heads))
     assert set(pd.read_csv(tmp_path / "t" / "raw.csv", keep_default_na=False).tree) == {expected}
+    old = pd.read_csv(tmp_path / "t" / "raw.csv", keep_default_na=False).assign(tree="")   # before trees were named
+    old.to_csv(tmp_path / "t" / "raw.csv", index=False)
+    code, out, err = cli(run_experiment, common + ["--modes", "tree", "--draft", "mlp", "--speculator", pair["mlp"],
+                                                   "--batch_sizes", "1", "--out", str(tmp_path / "t"), "--resume"],
+                         capsys)
+    assert code == 0, err
+    assert "1 configurations, 1 already in" in out                                # known as done: not run again
+    assert len(pd.read_csv(tmp_path / "t" / "raw.csv", keep_default_na=False)) == len(old)
     code, out, err = cli(heads_report, ["--runs", str(tmp_path / "s"), "--out", str(tmp_path / "h"), "--draft",
                                         "model,ngram", "--reps", "2", "--target_model_name", pair["target"],
                                         "--approx_model_name", pair["draft"]], capsys)
