@@ -79,9 +79,9 @@ def main(argv=None) -> None:
             for mode in args.modes]
     shard = data.shard
     t0 = time.perf_counter()
-    with tqdm(total=len(data.prompts) * len(args.modes), desc="eval_dolly", dynamic_ncols=True,
+    with tqdm(total=len(data.prompts) * len(args.modes) * args.repeats, desc="eval_dolly", dynamic_ncols=True,
               disable=not shard.main) as bar:
-        for group in run_grid(cfgs, data, args.repeats, progress=bar):
+        for group in run_grid(cfgs, data, args.repeats, progress=bar, together=True):
             rows += group
     wall = time.perf_counter() - t0
     if not shard.main:                            # the main process reports and writes
@@ -93,8 +93,7 @@ def main(argv=None) -> None:
         summary["speedup_vs_ar"] = summary.throughput / float(summary.loc[summary["mode"] == "ar", "throughput"].iloc[0])
     else:
         summary["speedup_vs_ar"] = float("nan")
-    # the same round by round: a mode at ar's batch ran its rounds beside ar's; one at another batch
-    # size ran in another group, after ar's, so its spread also holds the machine's drift between them
+    # the same round by round (each round runs every mode over every batch, batch sizes interleaved)
     rounds = round_throughputs(upgrade_raw(raw)).set_index("mode").round_tps
     paired = [[a / b for a, b in zip(rounds[m], rounds.get("ar", []))] for m in summary["mode"]]
     summary["speedup_min_round"] = [min(p) if p else float("nan") for p in paired]
@@ -103,8 +102,8 @@ def main(argv=None) -> None:
     table = summary[list(COLUMNS)].rename(columns=COLUMNS)
     print(f"\n{len(data.prompts)} samples, {args.max_tokens} new tokens max, temperature {args.temperature}, "
           f"gamma {args.gamma} ({args.gamma_schedule}), seed {args.seed}; each batch timed {args.repeats} "
-          f"time(s) after a warm-up run, the median kept, modes of one batch size interleaved; per round: the "
-          f"lowest and highest speedup of one round")
+          f"time(s) after a warm-up run, the median kept, modes and batch sizes interleaved round by round; "
+          f"per round: the lowest and highest speedup of one round")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if args.temperature == 0 and "ar" in args.modes:
         ref = raw[raw["mode"] == "ar"].set_index("sample")["tokens"]

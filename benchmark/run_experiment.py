@@ -197,7 +197,7 @@ def main(argv=None) -> None:
     env = dict(env_info(), cost=old.get("cost", {}), processes=shard.size)  # a resumed sweep keeps its costs
     saved, t0 = 0, time.perf_counter()
     try:
-        with tqdm(total=len(todo) * len(data.prompts), desc="sweep", dynamic_ncols=True) as bar:
+        with tqdm(total=len(todo) * len(data.prompts) * args.repeats, desc="sweep", dynamic_ncols=True) as bar:
             for group in run_grid(todo, data, args.repeats, bar, costs=env["cost"]):
                 rows = pd.DataFrame(group)
                 raw = rows if raw.empty else pd.concat([raw, rows], ignore_index=True)

@@ -179,7 +179,7 @@ def batching_of(cfg: RunConfig) -> tuple[int, bool]:
 
 
 def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, progress=None,
-             costs: dict | None = None):
+             costs: dict | None = None, together: bool = False):
     """Yield the raw rows (one per prompt and configuration) of each group of configurations that
     share a batching, one group at a time.
 
@@ -187,8 +187,11 @@ def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, prog
     its shapes). Then the configurations are interleaved: each batch runs once under every
     configuration, ``repeats`` rounds (the order rotating per round), and each configuration keeps
     its median run per batch. Ratios within a group are so measured side by side, and a machine
-    that drifts during a sweep slows every configuration of a group alike. ``costs`` (a dict):
-    the step costs of the group's batch size and gammas are measured after its warm-up, beside it.
+    that drifts during a sweep slows every configuration of a group alike. ``together``: the
+    groups too are interleaved, round by round (each round runs every group's batches, the groups'
+    order rotating), so that ratios across batch sizes are also measured side by side; the rows
+    then come once every round has run. ``costs`` (a dict): the step costs of the group's batch
+    size and gammas are measured after its warm-up, beside it.
     Under ``accelerate launch`` (``data.shard``) each process times its share of the batches (the
     same batches, ids and seeds as one process) and every process gets the group's rows, in the
     order one process makes them; ``progress`` and ``costs`` are then the main process's.
@@ -197,31 +200,55 @@ def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, prog
     for cfg in cfgs:
         groups.setdefault(batching_of(cfg), []).append(cfg)
     shard = data.shard
-    for (batch, sort_batch), group in groups.items():
-        batches = batch_order(data.prompts, batch, sort_batch)
-        mine = shard.mine(list(enumerate(batches)))
-        runners = [_runner(cfg, data) for cfg in group]
-        for cfg, once in zip(group, runners):
-            if mine:
-                once(mine[0][1], mine[0][0])             # warm-up on its shapes, not timed
-        if costs is not None and data.draft is not None and shard.main:
-            for g in sorted({c.gamma for c in group if c.draft == "model" and c.mode != "tree"}):
-                if cost_key(batch, g) not in costs:
-                    costs[cost_key(batch, g)] = measure_cost(data.target, data.draft, batch, g)
-        rows = []                                        # (configuration, batch id, its raw rows)
-        for bid, idx in mine:
-            runs = [[] for _ in group]
-            for rep in range(repeats):
-                for k in [(k + rep) % len(group) for k in range(len(group))]:
-                    runs[k].append(runners[k](idx, bid))
-            for k, (cfg, cfg_runs) in enumerate(zip(group, runs)):
-                tokens, st = sorted(cfg_runs, key=lambda r: r[1]["wall_time_s"])[len(cfg_runs) // 2]
-                walls = [r[1]["wall_time_s"] for r in cfg_runs]             # round by round
-                rows.append((k, bid, _rows(cfg, idx, bid, tokens, st, data, walls)))
-            if progress is not None:
-                progress.update(len(idx) * len(group) * shard.size)   # the others keep about the same pace
-        rows = sorted(shard.gather(rows), key=lambda r: r[:2])
-        yield [r for _, _, batch_rows in rows for r in batch_rows]
+    items = list(groups.items())
+    for unit in ([items] if together else [[item] for item in items]):
+        plans = []                                       # per group: its configurations, batches, runners
+        for (batch, sort_batch), group in unit:
+            mine = shard.mine(list(enumerate(batch_order(data.prompts, batch, sort_batch))))
+            runners = [_runner(cfg, data) for cfg in group]
+            for once in runners:
+                if mine:
+                    once(mine[0][1], mine[0][0])         # warm-up on its shapes, not timed
+            if costs is not None and data.draft is not None and shard.main:
+                for g in sorted({c.gamma for c in group if c.draft == "model" and c.mode != "tree"}):
+                    if cost_key(batch, g) not in costs:
+                        costs[cost_key(batch, g)] = measure_cost(data.target, data.draft, batch, g)
+            plans.append((group, mine, runners))
+        runs: dict[tuple, list] = {}                     # (group, batch id, configuration) -> runs, round order
+        for gi, bid, idx, k in schedule(plans, repeats, together):
+            runs.setdefault((gi, bid, k), []).append(plans[gi][2][k](idx, bid))
+            if progress is not None:                     # prompts x configurations x rounds
+                progress.update(len(idx) * shard.size)   # the others keep about the same pace
+        for gi, (group, mine, _) in enumerate(plans):
+            rows = []                                    # (configuration, batch id, its raw rows)
+            for bid, idx in mine:
+                for k, cfg in enumerate(group):
+                    cfg_runs = runs[gi, bid, k]
+                    tokens, st = sorted(cfg_runs, key=lambda r: r[1]["wall_time_s"])[len(cfg_runs) // 2]
+                    walls = [r[1]["wall_time_s"] for r in cfg_runs]             # round by round
+                    rows.append((k, bid, _rows(cfg, idx, bid, tokens, st, data, walls)))
+            rows = sorted(shard.gather(rows), key=lambda r: r[:2])
+            yield [r for _, _, batch_rows in rows for r in batch_rows]
+
+
+def schedule(plans: list, repeats: int, together: bool):
+    """(group, batch id, prompt indices, configuration) in the order they run: one group alone, each
+    batch's rounds back to back; groups together, round by round over every group's batches."""
+    def rotated(n: int, rep: int) -> list[int]:
+        return [(k + rep) % n for k in range(n)]
+    if not together:
+        for gi, (group, mine, _) in enumerate(plans):
+            for bid, idx in mine:
+                for rep in range(repeats):
+                    for k in rotated(len(group), rep):
+                        yield gi, bid, idx, k
+        return
+    for rep in range(repeats):
+        for gi in rotated(len(plans), rep):
+            group, mine, _ = plans[gi]
+            for bid, idx in mine:
+                for k in rotated(len(group), rep):
+                    yield gi, bid, idx, k
 
 
 def _runner(cfg: RunConfig, data: Prepared):

@@ -253,6 +253,15 @@ def test_run_grid_interleaves_configurations_of_one_batching(monkeypatch):
     assert calls[15:] == [("ar", 1, bid) for bid in range(4) for _ in range(3)]
     assert {r["wall_time_s"] for g in groups for r in g} == {2.0}     # the median of 3, 1, 2
     assert {r["output"] for g in groups for r in g} == {"x"}
+    assert {r["round_walls"] for g in groups for r in g} == {"3 1 2"}
+    calls.clear()                        # together: every group warms up, then round by round over all
+    groups = list(runner.run_grid(cfgs, data, repeats=3, together=True))
+    assert [len(g) for g in groups] == [8, 4] and calls[:3] == ["warm-up"] * 3
+    b2 = [("ar", 2, 0), ("bass", 2, 0), ("ar", 2, 1), ("bass", 2, 1)]
+    b2_turned = [("bass", 2, 0), ("ar", 2, 0), ("bass", 2, 1), ("ar", 2, 1)]
+    b1 = [("ar", 1, bid) for bid in range(4)]
+    assert calls[3:] == b2 + b1 + b1 + b2_turned + b2 + b1      # the groups' order and the turns rotate
+    assert {r["wall_time_s"] for g in groups for r in g} == {2.0}
 
 
 def test_out_of_range_figures_are_flagged_not_printed():
