@@ -190,7 +190,8 @@ def main(argv=None) -> None:
         ("speed-compiled", "speed-compiled", lambda d: quiet("benchmark.run_experiment", common + [
             "--samples", str(args.b1_prompts), "--batch_sizes", "1", "--kv_cache", "dynamic,static", "--compile",
             "--temperatures", "0", "--repeats", "3", "--out", d,
-            *(("--modes", "ar,tree", "--draft", "mlp") if heads else ("--modes", "ar,google"))])),   # eager beside compiled
+            # eager beside compiled: AR and the heads' tree (AR and google where the heads cannot read the target)
+            *(("--modes", "ar,tree", "--draft", "mlp") if heads else ("--modes", "ar,google"))])),
         ("main.py", None, lambda _: write_text(os.path.join(args.out, "main-compare.json"), quiet(
             "main", models + inputs + ["--compare", "--temperature", "0", "--max_tokens", str(args.max_tokens),
                                        "--json"]))),
@@ -230,7 +231,7 @@ def main(argv=None) -> None:
             log_error(args.out, name)
         log.append(dict(step=name, status=status, seconds=round(time.monotonic() - t0, 1)))
         write_csv(os.path.join(args.out, "steps.csv"), pd.DataFrame(log))
-        agreement(args.out, args.main_prompts, args.b1_prompts)         # after every step: a killed run keeps what it has
+        agreement(args.out, args.main_prompts, args.b1_prompts)         # after every step: a cut run keeps it
         compiled_exactness(args.out)
         print(f"{name}: {status} ({log[-1]['seconds']} s)", flush=True)
     write_csv(os.path.join(args.out, "steps.csv"), pd.DataFrame(log))
@@ -238,6 +239,7 @@ def main(argv=None) -> None:
 
 SWEEPS = ("speed-b1", "speed-batched")            # the eager sweeps: batch 1, and batches 8 and 32
 SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweeps leave out: the same algorithm's figure
+SWEEP_COLUMNS = ("sweep_speedup", "sweep_side_by_side")   # agreement.csv: sweep_speedup's two answers
 # host_cost's configurations: the eager batch-1 sweep's (the launch model's fit) and the batched one's
 HOST_CONFIGS = ("ar:1,google:1,tree:1,google:1:dynamic:mlp,tree:1:dynamic:mlp,"
                 "ar:8,bass:8,tree:8,bass:8:dynamic:mlp,tree:8:dynamic:mlp")
@@ -259,24 +261,27 @@ def label(path_or_preset: str) -> str:
 
 def sweep_rates(out: str) -> pd.DataFrame:
     """Tokens/s of every (mode, batch, batch_id) of the eager sweeps with the draft model (what the
-    tools run), from raw rows: the rows of one batch share its wall time. Each is the median run's."""
-    parts = [os.path.join(out, d, "raw.csv") for d in SWEEPS]
-    raw = [pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in parts if os.path.exists(p)]
+    tools run), from raw rows, with the sweep that ran it: the rows of one batch share its wall
+    time. Each is the median run's."""
+    raw = [pd.read_csv(p, keep_default_na=False, na_values=[""]).assign(sweep=d)
+           for d, p in ((d, os.path.join(out, d, "raw.csv")) for d in SWEEPS) if os.path.exists(p)]
     if not raw:
-        return pd.DataFrame(columns=["mode", "batch", "batch_id", "first", "tokens", "wall"])
+        return pd.DataFrame(columns=["mode", "batch", "batch_id", "sweep", "first", "tokens", "wall"])
     r = pd.concat(raw, ignore_index=True)
     r = r[r["draft"].isin(["model"]) | r["draft"].isna()]
-    return r.groupby(["mode", "batch", "batch_id"]).agg(first=("sample", "min"), tokens=("new_tokens", "sum"),
-                                                        wall=("wall_time_s", "first")).reset_index()
+    return r.groupby(["mode", "batch", "batch_id", "sweep"]).agg(
+        first=("sample", "min"), tokens=("new_tokens", "sum"), wall=("wall_time_s", "first")).reset_index()
 
 
-def sweep_speedup(rates: pd.DataFrame, mode: str, batch: int, ar_batch: int, prompts: int) -> float:
-    """The sweep's tokens/s of ``mode`` at ``batch`` over the batches of its first ``prompts`` records,
-    over AR's at ``ar_batch`` on the same records (nan where the sweep lacks one)."""
+def sweep_speedup(rates: pd.DataFrame, mode: str, batch: int, ar_batch: int, prompts: int) -> tuple[float, bool]:
+    """The sweeps' tokens/s of ``mode`` at ``batch`` over the batches of its first ``prompts`` records,
+    over AR's at ``ar_batch`` on the same records (nan where the sweeps lack one), and whether the
+    two came from one sweep (side by side) rather than two run minutes apart."""
     def rate(m, b):
         g = rates[(rates["mode"] == m) & (rates.batch == b) & (rates["first"] < prompts)]
-        return g.tokens.sum() / g.wall.sum() if len(g) else float("nan")
-    return rate(SWEEP_MODE.get(mode, mode), batch) / rate("ar", ar_batch)
+        return (g.tokens.sum() / g.wall.sum() if len(g) else float("nan")), set(g.sweep)
+    (num, a), (den, b) = rate(SWEEP_MODE.get(mode, mode), batch), rate("ar", ar_batch)
+    return num / den, len(a | b) == 1
 
 
 def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
@@ -298,7 +303,7 @@ def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
                              sweep_mode=SWEEP_MODE.get(mode, mode),
                              tool_speedup=run_["stats"]["tokens_per_s"] / runs["ar"]["stats"]["tokens_per_s"],
                              tool_min_round=min(spread), tool_max_round=max(spread),
-                             sweep_speedup=sweep_speedup(rates, mode, 1, 1, main_prompts)))
+                             **dict(zip(SWEEP_COLUMNS, sweep_speedup(rates, mode, 1, 1, main_prompts)))))
     path = os.path.join(out, "eval_dolly", "summary.csv")
     if os.path.exists(path):
         e = pd.read_csv(path)
@@ -308,12 +313,13 @@ def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
                              sweep_mode=SWEEP_MODE.get(row["mode"], row["mode"]), tool_speedup=row["speedup_vs_ar"],
                              tool_min_round=row.get("speedup_min_round", float("nan")),
                              tool_max_round=row.get("speedup_max_round", float("nan")),
-                             sweep_speedup=sweep_speedup(rates, row["mode"], row["batch"], ar_batch, eval_prompts)))
+                             **dict(zip(SWEEP_COLUMNS, sweep_speedup(rates, row["mode"], row["batch"], ar_batch,
+                                                                     eval_prompts)))))
     if rows:
         df = pd.DataFrame(rows)
         df["ratio"] = df.tool_speedup / df.sweep_speedup
         # the sweep's figure inside the range of the tool's rounds: the two differ by no more than the noise
-        df["sweep_within_tool_rounds"] = (df.sweep_speedup >= df.tool_min_round) & (df.sweep_speedup <= df.tool_max_round)
+        df["sweep_within_tool_rounds"] = df.sweep_speedup.between(df.tool_min_round, df.tool_max_round)
         write_csv(os.path.join(out, "agreement.csv"), df)
 
 

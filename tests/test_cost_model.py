@@ -130,6 +130,9 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
     assert agree.set_index("mode").loc["tree"].sweep_speedup > 0
     assert (agree.tool_min_round <= agree.tool_max_round).all() and agree.sweep_within_tool_rounds.dtype == bool
     assert agree.set_index(["tool", "mode"]).loc[("main.py --compare", "ar"), "tool_max_round"] == 1.0
+    side = agree.set_index(["tool", "mode"]).sweep_side_by_side    # eval_dolly: google at 1 against ar at 8
+    assert side[("main.py --compare", "google")] and not side[("eval_dolly.py", "google")]
+    assert side[("eval_dolly.py", "bass")]
     assert json.loads((out / "env.json").read_text())["cores"] >= 1
     # a run cut inside launch_model (its folder half written, no row in steps.csv) is completed by a second run
     cut = steps[steps.step.isin(["exactness", "speed-b1", "speed-batched", "host_cost"])]
