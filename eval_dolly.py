@@ -85,6 +85,7 @@ def main(argv=None) -> None:
             rows += group
     wall = time.perf_counter() - t0
     if not shard.main:                            # the main process reports and writes
+        shard.close()
         return
     raw = pd.DataFrame(rows)
     summary = summarise(raw)
@@ -125,6 +126,7 @@ def main(argv=None) -> None:
         write_csv(os.path.join(args.out, "summary.csv"), summary)
         write_csv(os.path.join(args.out, "processes.csv"), procs)
         print(f"wrote {args.out}/raw.csv, summary.csv and processes.csv")
+    shard.close()
 
 
 def show(raw: pd.DataFrame, data, modes: list[str], n: int) -> None:

@@ -188,6 +188,7 @@ def main(argv=None) -> None:
     if not shard.main:                                  # the others measure their share and leave
         for _ in run_grid(todo, data, args.repeats):
             pass
+        shard.close()
         return
     print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(data.prompts)} prompts, "
           f"{shard.size} process(es)")
@@ -233,6 +234,7 @@ def main(argv=None) -> None:
           f"in {args.out}")
     print("measured step costs (batch x gamma: target step ms, draft step ms, verify ms, c, v): " +
           json.dumps({b: {k: round(v, 3) for k, v in c.items()} for b, c in cost.items()}))
+    shard.close()
 
 
 if __name__ == "__main__":

@@ -62,3 +62,13 @@ class Shard:
         if self.size > 1:
             from accelerate import PartialState
             PartialState().wait_for_everyone()
+
+    def close(self) -> None:
+        """The end of a launched run, in every process: wait for the others, then leave the process
+        group (a process that exits with the group alive can abort, "terminate called without an
+        active exception", and fail the launch)."""
+        if self.size > 1:
+            import torch.distributed as dist
+            self.wait()
+            if dist.is_initialized():
+                dist.destroy_process_group()
