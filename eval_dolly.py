@@ -12,7 +12,7 @@ import time
 import pandas as pd
 from tqdm import tqdm
 
-from benchmark.metrics import process_throughput, round_throughputs, summarise, upgrade_raw
+from benchmark.metrics import process_throughput, round_spread, round_throughputs, spread_label, summarise, upgrade_raw
 from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
                               prepare, run_grid)
 from benchmark.utils_io import write_csv
@@ -96,10 +96,9 @@ def main(argv=None) -> None:
         summary["speedup_vs_ar"] = float("nan")
     # the same round by round (each round runs every mode over every batch, batch sizes interleaved)
     rounds = round_throughputs(upgrade_raw(raw)).set_index("mode").round_tps
-    paired = [[a / b for a, b in zip(rounds[m], rounds.get("ar", []))] for m in summary["mode"]]
-    summary["speedup_min_round"] = [min(p) if p else float("nan") for p in paired]
-    summary["speedup_max_round"] = [max(p) if p else float("nan") for p in paired]
-    summary["rounds"] = [f"{min(p):.2f}-{max(p):.2f}" if p else "" for p in paired]
+    spreads = [round_spread(rounds[m], rounds.get("ar", [])) for m in summary["mode"]]
+    summary["speedup_min_round"], summary["speedup_max_round"] = [s[0] for s in spreads], [s[1] for s in spreads]
+    summary["rounds"] = [spread_label(*s) for s in spreads]
     table = summary[list(COLUMNS)].rename(columns=COLUMNS)
     print(f"\n{len(data.prompts)} samples, {args.max_tokens} new tokens max, temperature {args.temperature}, "
           f"gamma {args.gamma} ({args.gamma_schedule}), seed {args.seed}; each batch timed {args.repeats} "

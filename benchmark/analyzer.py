@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .metrics import spread_label  # noqa: E402
 from .utils_io import save_figure  # noqa: E402
 
 
@@ -85,12 +86,6 @@ def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]
     return written
 
 
-def spread(r) -> str:
-    """A summary row's lowest and highest speedup of one round ("" where not recorded)."""
-    lo, hi = r.get("speedup_min_round", float("nan")), r.get("speedup_max_round", float("nan"))
-    return f"{lo:.2f}-{hi:.2f}" if lo == lo and hi == hi else ""
-
-
 def markdown_table(summary: pd.DataFrame) -> str:
     """The project card's table per temperature: throughput gain and per-sequence latency change
     against AR at the smallest batch size of the sweep (batch 1 when it ran; unsorted before sorted),
@@ -99,6 +94,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
         return "" if x != x else format(x, fmt) + suffix
 
     lines = []
+    nan = float("nan")
     for temp, part in summary.groupby("temperature"):
         base = part[part["mode"] == "ar"].sort_values(["batch", "sort_batch"])
         if base.empty:
@@ -123,7 +119,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
             lines.append(f"| {name} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {f(r.throughput / tput, '.2f', 'x')} | {r.latency_ms:.1f} | "
                          f"{f(r.latency_ms / lat, '.2f', 'x')} | {f(r.acceptance_rate, '.3f')} | {f(r.alpha, '.3f')} | "
-                         f"{f(r.tokens_per_call, '.2f')} | {f(r.speedup_vs_ar, '.2f')} | {spread(r)} | "
+                         f"{f(r.tokens_per_call, '.2f')} | {f(r.speedup_vs_ar, '.2f')} | "
+                         f"{spread_label(r.get('speedup_min_round', nan), r.get('speedup_max_round', nan))} | "
                          f"{f(r.decode_throughput, '.1f')} | {f(r.decode_speedup_vs_ar, '.2f')} | "
                          f"{f(r.get('predicted_speedup', float('nan')), '.2f')} | "
                          f"{f(r.get('efficiency', float('nan')), '.2f')} | "

@@ -78,6 +78,17 @@ def round_throughputs(raw: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([dict(zip(KEYS, k), round_tps=rates(g)) for k, g in per_batch.groupby(KEYS, dropna=False)])
 
 
+def round_spread(rates: list[float], base: list[float]) -> tuple[float, float]:
+    """The lowest and highest of rates / base, round by round (nan where either is missing)."""
+    paired = [a / b for a, b in zip(rates, base)]
+    return (min(paired), max(paired)) if paired else (float("nan"), float("nan"))
+
+
+def spread_label(lo: float, hi: float) -> str:
+    """"lo-hi" for a table ("" where unknown)."""
+    return f"{lo:.2f}-{hi:.2f}" if lo == lo and hi == hi else ""
+
+
 def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     """One row per configuration from the per-sample rows.
 
@@ -132,10 +143,9 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
         out[name] = [t / ar[col].get(k, float("nan")) for t, k in zip(out[col], zip(*(out[c] for c in same)))]
     # the same speedup round by round (a round's runs of one batch are close in time): its spread is
     # how far the machine's noise moves the figure
-    paired = [[a / b for a, b in zip(r, ar["round_tps"].get(k, []))] if isinstance(r, list) else []
-              for r, k in zip(out.round_tps, zip(*(out[c] for c in same)))]
-    out["speedup_min_round"] = [min(p) if p else float("nan") for p in paired]
-    out["speedup_max_round"] = [max(p) if p else float("nan") for p in paired]
+    spreads = [round_spread(r if isinstance(r, list) else [], ar["round_tps"].get(k, []))
+               for r, k in zip(out.round_tps, zip(*(out[c] for c in same)))]
+    out["speedup_min_round"], out["speedup_max_round"] = [s[0] for s in spreads], [s[1] for s in spreads]
     out = out.drop(columns=["round_tps"])
     if cost:
         nan = float("nan")
