@@ -23,8 +23,8 @@ default tree for that drafter):
   the models either way).
 
 ``--baseline DIR`` (a checkout of another version, e.g. ``git worktree add /tmp/old <commit>``)
-runs that version's ``sampling`` package beside this one in the same process, every configuration
-of both interleaved, so that the two are compared under the same machine noise; the ratios of
+runs that version's ``sampling`` package (its loop and its drafters) beside this one in the same
+process, every configuration of both interleaved, so that the two are compared under the same machine noise; the ratios of
 the two are also taken round by round (the two runs of a round are close in time) and their median
 reported (``paired_*_ratio``, on the baseline's rows), which a drifting machine moves less.
 
@@ -49,7 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sampling import generate
+import sampling
 from sampling.generate import DEFAULTS, default_tree
 from sampling.cli import Parser, run
 from sampling.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
@@ -129,13 +129,12 @@ def parse_config(text: str) -> tuple[str, int, str, str]:
     return parts[0], int(parts[1]), cache, "" if parts[0] == "ar" else (parts[3] if len(parts) == 4 else "model")
 
 
-def drafters(names: set, target, draft, hidden: int) -> dict:
+def drafters(names: set, target, draft, hidden: int, package=sampling) -> dict:
     """The drafter of each name: the draft model; speculator heads bound to the target (the
     embedded ones with the embedded pair, random ones of the same kind and count on shrunk models);
-    an n-gram drafter."""
-    from sampling.ngram import NgramDrafter
+    an n-gram drafter. ``package``: the ``sampling`` package whose drafters these are (a baseline's
+    loop runs with its own)."""
     from sampling.models import speculator_path
-    from sampling.speculator import load_speculator, new_speculator
     out = {"": draft, "model": draft}
     for name in names & {"mlp", "medusa"}:
         embedded = speculator_path(None, name)
@@ -143,11 +142,11 @@ def drafters(names: set, target, draft, hidden: int) -> dict:
             with open(os.path.join(embedded, "config.json")) as f:
                 n_heads = json.load(f)["n_heads"]
             with torch.random.fork_rng():
-                out[name] = new_speculator(target, name, n_heads, seed=2)
+                out[name] = package.new_speculator(target, name, n_heads, seed=2)
         else:
-            out[name] = load_speculator(embedded, target)
+            out[name] = package.load_speculator(embedded, target)
     if "ngram" in names:
-        out["ngram"] = NgramDrafter()
+        out["ngram"] = package.NgramDrafter()
     return out
 
 
@@ -163,9 +162,9 @@ def drafter_modules(drafter) -> list:
     return leaves + [drafter.embedding, drafter.lm_head]
 
 
-def baseline_generate(checkout: str, tmp: str):
-    """``generate`` of the ``sampling`` package in another checkout, imported as ``sampling_baseline``
-    (a copy under ``tmp``: its imports are relative, so it stays apart from this one)."""
+def baseline_package(checkout: str, tmp: str):
+    """The ``sampling`` package of another checkout, imported as ``sampling_baseline`` (a copy under
+    ``tmp``: its imports are relative, so it stays apart from this one)."""
     src = os.path.join(checkout, "sampling")
     if not os.path.isfile(os.path.join(src, "__init__.py")):
         raise ValueError(f"--baseline {checkout}: no sampling/ package there")
@@ -174,7 +173,7 @@ def baseline_generate(checkout: str, tmp: str):
         del sys.modules[name]                                     # an earlier baseline of this process
     sys.path.insert(0, tmp)
     try:
-        return importlib.import_module("sampling_baseline").generate
+        return importlib.import_module("sampling_baseline")
     finally:
         sys.path.remove(tmp)
 
@@ -226,8 +225,6 @@ def main(argv=None) -> None:
             raise ValueError(f"--{name} must be >= {low}, got {value}")
     if not configs:
         raise ValueError("--configs is empty")
-    if args.baseline and any(d not in ("", "model") for *_, d in configs):
-        raise ValueError("--baseline compares the loop with the draft model only: drop the configs' drafter")
     if os.path.exists(args.out):
         raise ValueError(f"{args.out} exists; pick another --out")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -238,15 +235,21 @@ def main(argv=None) -> None:
         draft = shrunk(DEFAULT_DRAFT, args.hidden, 1).to(args.device)
     else:
         target, draft = (load_model(None, role, args.device, "float32") for role in ("target", "draft"))
-    parts = drafters({d for *_, d in configs}, target, draft, args.hidden)
-    clock = Clock(target, *{id(m): m for d in parts.values() for m in drafter_modules(d)}.values())
     V = target.config.vocab_size
     prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=torch.Generator().manual_seed(b)).to(args.device)
                for _, b, _, _ in configs}                         # a batch size's prompts: the same in any --configs
+    names = {d for *_, d in configs}
     with tempfile.TemporaryDirectory() as tmp:
-        versions = {"current": generate}
+        versions = {"current": sampling}
         if args.baseline:
-            versions["baseline"] = baseline_generate(args.baseline, tmp)
+            versions["baseline"] = baseline_package(args.baseline, tmp)
+        missing = [n for n in ("new_speculator", "load_speculator", "NgramDrafter")
+                   if args.baseline and names - {"", "model"} and not hasattr(versions["baseline"], n)]
+        if missing:
+            raise ValueError(f"--baseline {args.baseline}: its sampling package has no {', '.join(missing)}; "
+                             f"drop the configs' drafter")
+        parts = {v: drafters(names, target, draft, args.hidden, package) for v, package in versions.items()}
+        clock = Clock(target, *{id(m): m for p in parts.values() for d in p.values() for m in drafter_modules(d)}.values())
         raw, summary = measure(args, configs, versions, target, parts, clock, prompts)
     os.makedirs(args.out)
     write_csv(os.path.join(args.out, "raw.csv"), raw)
@@ -263,11 +266,13 @@ def main(argv=None) -> None:
 
 def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, prompts: dict):
     """Counts (untimed, after a warm-up) and timed rounds of every configuration of every version,
-    interleaved; returns the raw rows and the summary. parts: drafter name -> drafter."""
+    interleaved; returns the raw rows and the summary. versions: name -> its ``sampling`` package;
+    parts: version -> drafter name -> drafter."""
     def once(cfg, version):
         mode, b, kv, d = cfg
-        return versions[version](target, prompts[b], draft_model=parts[d], mode=mode, max_new_tokens=args.max_tokens,
-                                 gamma=args.gamma, temperature=0, kv_cache=kv).stats   # tree: the mode's default
+        return versions[version].generate(target, prompts[b], draft_model=parts[version][d], mode=mode,
+                                          max_new_tokens=args.max_tokens, gamma=args.gamma, temperature=0,
+                                          kv_cache=kv).stats      # tree: the mode's default
 
     runs = [(cfg, v) for cfg in configs for v in versions]
     rows, counts = [], {}
@@ -278,7 +283,10 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
         if args.device == "cuda":
             syncs = cuda_syncs(lambda: once(*one), clock)
         else:
-            with VirtualDevice(target, parts["model"]) as vd:
+            shapes = getattr(getattr(versions[one[1]], "tree", None), "_shape", None)
+            if shapes is not None:                                # tree shapes made afresh inside: their
+                shapes.cache_clear()                              # host tensors known as such (test_devices)
+            with VirtualDevice(target, parts[one[1]]["model"]) as vd:
                 once(*one)
             syncs = len(vd.syncs)
         counts[one] = (ops, syncs, stats["target_calls"], stats.get("draft_calls", 0))
@@ -299,7 +307,7 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
         part = raw[(raw.version == v) & same]
         wall, host = statistics.median(part.wall_s), statistics.median(part.wall_s - part.forward_s)
         out.append(dict(version=v, mode=mode, batch=b, kv_cache=kv, draft=d,
-                        tree=default_tree(parts[d]) if mode == "tree" else "",
+                        tree=default_tree(parts[v][d]) if mode == "tree" else "",
                         gamma=0 if mode in ("ar", "tree") else args.gamma, target_calls=calls, draft_calls=dcalls,
                         new_tokens=int(part.new_tokens.iloc[0]), wall_ms=1000 * wall,
                         host_ms=1000 * host, host_ms_per_pass=1000 * host / calls, host_share=host / wall,

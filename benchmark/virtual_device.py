@@ -12,6 +12,10 @@ CUDA (``syncs``: where each happened): reading a device tensor on the host (``to
 ``bool()``, ``.cpu()``, ``nonzero``, indexing with a boolean mask), and copying host data to the
 device without ``non_blocking`` (``torch.tensor(..., device=)``, ``.to(device)``, indexing a
 device tensor with a host list or tensor), which PyTorch follows with a stream synchronisation.
+A tensor moved to the other side is a new tensor, as on a GPU, so a cached host tensor copied to
+the device every step counts every time. Tensors made before the mode was entered count as the
+device's (inputs, weights): a host tensor cached earlier is only known as such when it is made
+inside (``tests/test_devices.py`` makes tree shapes afresh for that).
 """
 from __future__ import annotations
 
@@ -89,6 +93,13 @@ class VirtualDevice(TorchFunctionMode):
         return out
 
     @staticmethod
+    def _moved(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A tensor moved to the other side is a new tensor, as on a GPU (on the CPU ``to`` may
+        return its source itself, which would then change sides: a cached host tensor moved every
+        step would count as a sync once, not every time)."""
+        return out.clone() if out is source else out
+
+    @staticmethod
     def _target(device) -> bool | None:
         """host? for a device argument (None: no device given)."""
         if device is None:
@@ -123,9 +134,9 @@ class VirtualDevice(TorchFunctionMode):
         if name == "cpu":
             if not self.is_host(args[0]):
                 self._sync(name)
-            return self._tag(func(*args, **kwargs), True)
+            return self._tag(self._moved(args[0], func(*args, **kwargs)), True)
         if name == "cuda":
-            return self._tag(func(*args, **kwargs), False)
+            return self._tag(self._moved(args[0], func(*args, **kwargs)), False)
         if name == "to":
             dev = next((a for a in args[1:] if isinstance(a, (str, torch.device))), None)
             other = next((a for a in args[1:] if isinstance(a, torch.Tensor)), None)
@@ -134,9 +145,11 @@ class VirtualDevice(TorchFunctionMode):
                 args = tuple("cpu" if a is dev else a for a in args)
             if host is None and other is not None:
                 host = self.is_host(other)
-            if host is not None and host != self.is_host(args[0]) and not kwargs.get("non_blocking"):
+            if host is None or host == self.is_host(args[0]):
+                return self._tag(func(*args, **kwargs), self.is_host(args[0]))
+            if not kwargs.get("non_blocking"):
                 self._sync("to(host)" if host else "to(device)")
-            return self._tag(func(*args, **kwargs), self.is_host(args[0]) if host is None else host)
+            return self._tag(self._moved(args[0], func(*args, **kwargs)), host)
         hosts = [t for t in ts if self.is_host(t)]
         devs = [t for t in ts if not self.is_host(t)]
         if name in ("__getitem__", "__setitem__", "index_select", "gather", "take") and ts:

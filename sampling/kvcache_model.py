@@ -97,8 +97,12 @@ def compiled_forward(model):
     """``model.forward`` under ``torch.compile(mode="reduce-overhead")``, one per model (each new
     shape compiles once; on CUDA each is then replayed as a CUDA graph). Target and draft share one
     code object (``forward`` of their class), so the recompile limit is raised to hold every shape
-    of both (1 token, a catch-up, gamma + 1, a tree; each cache growth is a new shape)."""
+    of both (1 token, a catch-up, gamma + 1, a tree; each cache growth is a new shape). Graphs are
+    guarded on the modules' hooks: by default torch reuses a graph compiled without a hook for a
+    model that has one (speculator heads read the target's hidden state through a hook on its
+    lm_head; a graph from a model without it left them drafting from a stale state)."""
     if model not in _COMPILED:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[model] = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
     return _COMPILED[model]

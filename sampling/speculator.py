@@ -94,7 +94,8 @@ class SpeculatorHeads(nn.Module):
         [..., D] and the embedding of the token drafted by it [..., E]; j in 1..n_heads."""
         if self.cfg.kind == "medusa":
             return state, state + F.silu(self.res[j - 1](state))
-        z = self.ln[j - 1](self.a * self.state_proj[j - 1](state) + self.b * self.emb_proj[j - 1](emb))
+        x = torch.add(self.a * self.state_proj[j - 1](state), self.emb_proj[j - 1](emb), alpha=self.b)  # one kernel less
+        z = self.ln[j - 1](x)
         return F.gelu(z), z
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, lm_head) -> list[torch.Tensor]:
@@ -179,10 +180,14 @@ class SpeculatorDrafter:
         self.params = self.params.select(keep)
 
     def law(self, j: int, z: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Filtered law [b, m, V] of stage j's pre-activation z [b, m, D] (j = 0: the target's lm_head)."""
+        """Filtered law [b, m, V] of stage j's pre-activation z [b, m, D] (j = 0: the target's lm_head).
+        Greedy without a repetition penalty: the logits themselves, whose top-k are the law's (no q
+        is kept when greedy, so neither a one-hot nor a softmax is made)."""
         logits = self.spec.lm_head(z)
         if self.vocab is not None:
             logits = logits[..., :self.vocab]
+        if self.greedy and not self.params.uses_prefix:
+            return logits
         if not self.params.uses_prefix:
             return norm_logits(logits, self.params)
         return torch.cat([norm_logits(logits[:, i:i + 1], self.params, seq, mask)   # the prefix: seq only
@@ -202,17 +207,18 @@ class SpeculatorDrafter:
             j, (state, z) = 1, self.heads.stage(1, state, self.spec.embedding(seq[:, -1:]))
         dists = self.law(j, z, seq, mask)                                    # [b, 1, V] the root's law
         tokens, qs = [], []
-        for d, (k, up, pick) in enumerate(shape.picks):
+        for d, (k, up, pick) in enumerate(shape.on(seq.device).picks):       # up, pick: None in a chain
             m, V = dists.shape[1], dists.shape[2]
             flat = dists.reshape(b * m, V)
             top = (flat if self.greedy else gumbel_keys(flat, generator)).topk(k, dim=-1).indices.view(b, m * k)
-            kids = top[:, pick.to(top.device)]                               # [b, w] the level's nodes
-            up = up.to(dists.device)
+            kids = top if pick is None else top[:, pick]                     # [b, w] the level's nodes
             tokens.append(kids)
-            qs.append(dists[:, up])                                          # [b, w, V] the parents' laws
+            if not self.greedy:
+                qs.append(dists if up is None else dists[:, up])             # [b, w, V] the parents' laws
             if d + 1 < shape.depth:
                 j += 1
-                state, z = self.heads.stage(j, state[:, up], self.spec.embedding(kids))   # [b, w, D]
+                state, z = self.heads.stage(j, state if up is None else state[:, up],
+                                            self.spec.embedding(kids))       # [b, w, D]
                 dists = self.law(j, z, seq, mask)                            # [b, w, V]
         tokens = torch.cat(tokens, 1)                                        # [b, n]
         q = None if self.greedy else torch.cat(qs, 1)                        # [b, n, V]
@@ -224,12 +230,19 @@ class SpeculatorDrafter:
         if self.spec.passes != self.seen:                                    # the verifier ran the target
             last = self.spec.last                                            # [b, P + n, D]
             P = last.shape[1] - self.n_drafted                               # pending tokens it fed
+            if P < 0:
+                raise RuntimeError("the target's last pass did not run the lm_head hook the heads read "
+                                   "(a compiled graph without the hook?)")
             hist = torch.cat([self.h.unsqueeze(1), last], 1)                 # [b, 1 + P + n, D]
             k = acc.n
-            lastnode = acc.nodes.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1) \
-                if acc.nodes.shape[1] else torch.zeros_like(k)               # [b]
-            idx = P + torch.where(k > 0, 1 + lastnode, torch.zeros_like(k))  # [b]
-            self.h = hist[torch.arange(len(k), device=k.device), idx]        # [b, D]
+            if self.tree is None:                                            # a chain: draft i is node i
+                idx = P + k                                                  # [b]
+            else:
+                lastnode = acc.nodes.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1) \
+                    if acc.nodes.shape[1] else torch.zeros_like(k)           # [b]
+                idx = P + torch.where(k > 0, 1 + lastnode, torch.zeros_like(k))   # [b]
+            D = hist.shape[2]
+            self.h = hist.gather(1, idx.view(-1, 1, 1).expand(-1, 1, D)).squeeze(1)   # [b, D]
             self.seen = self.spec.passes
         self.pending = 1
 

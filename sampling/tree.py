@@ -136,7 +136,7 @@ class TreeShape:
         return [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
 
     @cached_property
-    def picks(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def pick_lists(self) -> list[tuple[int, list[int], list[int]]]:
         """Per level: the most children any node of the level above has (k), and for each node of
         the level, the index of its parent within that level above and of itself in the parents'
         top-k candidates laid out [parents x k]."""
@@ -145,8 +145,22 @@ class TreeShape:
             above = self.levels[d - 1].start if d else -1
             up = [self.parent[i] - above if d else 0 for i in lvl]
             k = max(self.paths[i][-1] for i in lvl) + 1
-            out.append((k, torch.tensor(up), torch.tensor([u * k + self.paths[i][-1] for u, i in zip(up, lvl)])))
+            out.append((k, up, [u * k + self.paths[i][-1] for u, i in zip(up, lvl)]))
         return out
+
+    def on(self, device) -> "ShapeOnDevice":
+        """The shape's index tensors on ``device``, copied there once per shape and device (without
+        making the host wait: ``to_device``) and kept, so that a step never copies host data to the
+        device: on a GPU a plain ``.to(device)`` of a host tensor is followed by a stream
+        synchronisation (the H200 counted 8 per step of the heads' chain, 10 of their tree)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = ShapeOnDevice(self, device)
+        return self._on_device[device]
+
+    @cached_property
+    def _on_device(self) -> dict:
+        return {}
 
     @cached_property
     def depths(self) -> torch.Tensor:
@@ -154,20 +168,40 @@ class TreeShape:
         return torch.tensor([len(p) for p in self.paths], dtype=torch.long)
 
     @cached_property
-    def ancestors(self) -> torch.Tensor:
-        """[n, n] bool: node j is node i or one of its ancestors."""
-        anc = torch.zeros(self.n, self.n, dtype=torch.bool)
+    def ancestor_lists(self) -> list[list[bool]]:
+        """[n][n]: node j is node i or one of its ancestors."""
+        anc = [[False] * self.n for _ in range(self.n)]
         for i in range(self.n):
             j = i
             while j >= 0:
-                anc[i, j] = True
+                anc[i][j] = True
                 j = self.parent[j]
         return anc
+
+    @cached_property
+    def ancestors(self) -> torch.Tensor:
+        """[n, n] bool: node j is node i or one of its ancestors."""
+        return torch.tensor(self.ancestor_lists, dtype=torch.bool).view(self.n, self.n)
 
     @cached_property
     def children(self) -> dict[int, list[int]]:
         """Children of each node, the root (-1) included, in rank order; leaves have none."""
         return children_of(self.parent)
+
+
+class ShapeOnDevice:
+    """A static tree's index tensors on one device (``TreeShape.on``): ``picks`` per level (k, up,
+    pick) as ``TreeShape.pick_lists``, with up or pick None where it is the identity (nothing to
+    gather: every level of a chain); ``ancestors`` [n, n] and ``depths`` [n]."""
+
+    def __init__(self, shape: TreeShape, device: torch.device):
+        self.picks = []                                               # made from host lists: nothing is read
+        for d, (k, up, pick) in enumerate(shape.pick_lists):
+            m = len(shape.levels[d - 1]) if d else 1                  # nodes of the level above
+            self.picks.append((k, None if up == list(range(m)) else to_device(up, device),
+                               None if pick == list(range(m * k)) else to_device(pick, device)))
+        self.ancestors = to_device(shape.ancestor_lists, device, torch.bool).view(shape.n, shape.n)   # [n, n]
+        self.depths = to_device([len(p) for p in shape.paths], device)                               # [n]
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,18 +324,20 @@ class TreeDrafter(CachedPart):
         if not tree.n:
             return Draft(seq[:, :0], None, tree)
         dists = self.kv.catch_up(seq, mask).unsqueeze(1)                     # [b, 1, V] the root's q
+        on = tree.on(seq.device)                                             # its index tensors, on the device
         tokens, qs = [], []
-        for d, (k, up, pick) in enumerate(tree.picks):
+        for d, (k, up, pick) in enumerate(on.picks):
             b, m, V = dists.shape
             flat = dists.reshape(b * m, V)
             top = (flat if self.greedy else gumbel_keys(flat, generator)).topk(k, dim=-1).indices.view(b, m * k)
-            kids = top[:, pick.to(top.device)]                               # [b, w] each node's rank under its parent
+            kids = top if pick is None else top[:, pick]                     # [b, w] each node's rank under its parent
             tokens.append(kids)                                              # [b, w], w nodes in the level
-            qs.append(dists[:, up.to(dists.device)])                         # [b, w, V] the parents' laws
+            if not self.greedy:
+                qs.append(dists if up is None else dists[:, up])             # [b, w, V] the parents' laws
             if d + 1 < tree.depth:                                           # the last level is not fed
                 lvl = tree.levels[d]
-                dists = self.kv.forward_tree(seq, mask, kids, tree.ancestors[lvl.start:lvl.stop, :lvl.stop],
-                                             tree.depths[lvl.start:lvl.stop])[1]   # [b, m * k, V]
+                dists = self.kv.forward_tree(seq, mask, kids, on.ancestors[lvl.start:lvl.stop, :lvl.stop],
+                                             on.depths[lvl.start:lvl.stop])[1]   # [b, m * k, V]
                 self.cached += 1
         return Draft(torch.cat(tokens, 1), None if self.greedy else torch.cat(qs, 1), tree)
 
@@ -408,7 +444,8 @@ class TreeVerifier(CachedPart):
         tree = draft.tree
         p_root = self.kv.probs[:, -1] if seq.shape[1] == self.kv.length else None    # [b, V]
         if seq.shape[1] > self.kv.length or tree.n:
-            p_chain, p_nodes = self.kv.forward_tree(seq, mask, draft.tokens, tree.ancestors, tree.depths)
+            on = tree if isinstance(tree, RowTrees) else tree.on(seq.device)     # the tree's tensors on the device
+            p_chain, p_nodes = self.kv.forward_tree(seq, mask, draft.tokens, on.ancestors, on.depths)
             p_root = p_chain if p_chain is not None else p_root
         else:
             p_nodes = None

@@ -156,19 +156,21 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
 
 def test_host_cost_counts_the_loop_beside_a_baseline(capsys, tmp_path):
     """The host-cost tool on shrunk copies of the embedded pair, this checkout as its own baseline:
-    both versions measured, the same counts for both, the loop's syncs as the decode test holds them."""
+    both versions measured, each with its own drafters (heads too), the same counts for both, the
+    loop's syncs as the decode test holds them."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(host_cost.__file__)))
     out = tmp_path / "host"
-    code, stdout, err = cli(host_cost, ["--configs", "ar:1,bass:2:static,tree:1", "--max_tokens", "6", "--hidden", "16",
-                                        "--repeats", "1", "--baseline", repo, "--out", str(out)], capsys)
+    code, stdout, err = cli(host_cost, ["--configs", "ar:1,bass:2:static,tree:1,bass:2:dynamic:mlp", "--max_tokens", "6",
+                                        "--hidden", "16", "--repeats", "1", "--baseline", repo, "--out", str(out)],
+                            capsys)
     assert code == 0, err
     s = pd.read_csv(out / "summary.csv")
     cur, base = s[s.version == "current"].reset_index(), s[s.version == "baseline"].reset_index()
-    assert len(cur) == len(base) == 3 and list(cur["mode"]) == ["ar", "bass", "tree"]
+    assert len(cur) == len(base) == 4 and list(cur["mode"]) == ["ar", "bass", "tree", "bass"]
     for col in ("target_calls", "kernels_per_pass", "model_kernels_per_pass", "syncs_per_pass"):
         assert (cur[col] == base[col]).all(), col
     assert (s.kernels_per_pass > 0).all() and (s.model_kernels_per_pass > s.kernels_per_pass).all()
-    assert (s.host_ms_per_pass > 0).all() and len(pd.read_csv(out / "raw.csv")) == 6
+    assert (s.host_ms_per_pass > 0).all() and len(pd.read_csv(out / "raw.csv")) == 8
     assert "->" in (out / "table.md").read_text()
 
 
@@ -210,8 +212,13 @@ def test_host_cost_counts_each_drafter(capsys, tmp_path):
 
 @pytest.mark.parametrize("configs,extra,msg", [("ar:1:dynamic:mlp", [], "bad config 'ar:1:dynamic:mlp'"),
                                                ("google:1:dynamic:beam", [], "bad config"),
-                                               ("google:1:static:mlp", ["--baseline", "."], "draft model only")])
+                                               ("google:1:static:mlp", ["--baseline", "OLD"],
+                                                "has no new_speculator, load_speculator, NgramDrafter")])
 def test_host_cost_bad_drafter(configs, extra, msg, capsys, tmp_path):
+    old = tmp_path / "old" / "sampling"                          # a checkout from before the drafters
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text("def generate(*args, **kwargs):\n    raise AssertionError\n")
+    extra = [str(tmp_path / "old") if e == "OLD" else e for e in extra]
     code, out, err = cli(host_cost, ["--repeats", "1", "--configs", configs, "--out", str(tmp_path / "x"), *extra],
                          capsys)
     assert code == 2 and msg in err and "Traceback" not in err

@@ -6,6 +6,8 @@ import torch
 
 from benchmark.virtual_device import DeviceMismatch, VirtualDevice
 from sampling import generate
+from sampling import new_speculator
+from sampling import tree as tree_module
 from sampling.ngram import NgramDrafter
 from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
@@ -55,7 +57,8 @@ def test_virtual_device_catches_no_host_device_mixing(mode, kv):
 # nodes it fed, a cascade's level decides its own acceptance, the n-gram drafter reads the accepted
 # tokens to look them up, a sampled tree's walk reads the laws with its uniforms, then the tokens
 SYNCS_PER_STEP = {"ar": 1, "google": 1, "deepmind": 1, "bass": 1, "bass-mask": 1, "bass static": 1, "tree": 1,
-                  "dynamic tree": 2, "cascade": 2, "ngram": 2, "tree sampled": 2, "bass sampled": 1}
+                  "dynamic tree": 2, "cascade": 2, "ngram": 2, "tree sampled": 2, "bass sampled": 1,
+                  "bass heads": 1, "tree heads": 1, "bass heads sampled": 1}
 
 
 @pytest.mark.parametrize("mode", SYNCS_PER_STEP)
@@ -64,18 +67,24 @@ def test_a_decode_step_makes_the_host_wait_once(mode):
     target: every draft is accepted, the rows finish together; the n-gram drafter's rows too, here):
     each extra step costs exactly the
     syncs listed, so nothing else in a step reads the device (a boolean-mask index, a host list copied
-    to the device without pinned memory, an early exit on ``.any()``)."""
+    to the device without pinned memory, an early exit on ``.any()``). Tree shapes are made afresh
+    inside the virtual device, so that their host tensors are known as such (a shape's index tensors
+    copied to the device every step made 8 syncs a step of the heads' chain on an H200)."""
     target = tiny_model("llama", seed=81)
     ids, mask = left_padded_batch(97, (5, 9, 7), seed=83)
     kw = dict(gamma=3, temperature=0, mode=mode.split()[0], draft_model=target)
+    heads = new_speculator(target, "mlp", n_heads=3, seed=1, noise=0.05) if "heads" in mode else None
     kw.update({"bass-mask": dict(mode="bass", finished_rows="mask"), "bass static": dict(kv_cache="static"),
                "tree": dict(tree="2,1,1"), "dynamic tree": dict(mode="tree", tree="dynamic:6:3:2"),
                "tree sampled": dict(tree="2,1,1", temperature=1.0, seed=0), "bass sampled": dict(temperature=1.0, seed=0),
                "cascade": dict(draft_model=[target, target]),
-               "ngram": dict(mode="bass", draft_model=NgramDrafter())}.get(mode, {}))
+               "ngram": dict(mode="bass", draft_model=NgramDrafter()),
+               "bass heads": dict(draft_model=heads), "tree heads": dict(draft_model=heads, tree="2,2,1"),
+               "bass heads sampled": dict(mode="bass", draft_model=heads, temperature=1.0, seed=0)}.get(mode, {}))
     counts = []
     for n in (12, 24):
-        generate(target, ids, mask, max_new_tokens=n, **kw)                   # cached shapes (trees) built
+        generate(target, ids, mask, max_new_tokens=n, **kw)                   # warm-up
+        tree_module._shape.cache_clear()                                      # shapes made inside, below
         with VirtualDevice(target) as vd:
             out = generate(target, ids, mask, max_new_tokens=n, **kw)
         counts.append((len(vd.syncs), out.stats["target_calls"], vd.syncs))

@@ -131,17 +131,24 @@ def test_compiled_static_cache_equals_greedy():
 
 def test_compiled_passes_with_speculator_heads_equal_greedy():
     """Heads read the target's hidden state through a hook on its lm_head, which runs inside the
-    compiled pass: chains and trees of heads give AR's tokens under compilation too."""
+    compiled pass: chains and trees of heads give AR's tokens under compilation too, and draft what
+    they draft eagerly (the same acceptance), also after a model of the same class without the hook
+    was compiled (torch reused that graph, without the hook, until its hook guards were switched on)."""
     from sampling import new_speculator
-    target = tiny_model("llama", seed=76, layers=1, dim=16)
+    other = tiny_model("llama", seed=75, layers=1, dim=16)
     ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(77))
+    for mode in ("google", "tree"):                               # the heads' shapes: gamma 2, a 4,2 tree
+        generate(other, ids, draft_model=noisy_copy(other, 0.1, seed=74), mode=mode, gamma=2, tree="4,2",
+                 max_new_tokens=8, temperature=0, kv_cache="static", compile=True)
+    target = tiny_model("llama", seed=76, layers=1, dim=16)
     ref = greedy_reference(target, ids, torch.ones_like(ids), 8)
     for kind in ("mlp", "medusa"):
         heads = new_speculator(target, kind, 2, seed=78)
         for mode in ("google", "tree"):
-            res = generate(target, ids, draft_model=heads, mode=mode, max_new_tokens=8, temperature=0,
-                           kv_cache="static", compile=True)
+            kw = dict(draft_model=heads, mode=mode, max_new_tokens=8, temperature=0, kv_cache="static")
+            res, eager = generate(target, ids, compile=True, **kw), generate(target, ids, **kw)
             assert res.tokens == ref, (kind, mode)
+            assert res.stats["accepted_hist"] == eager.stats["accepted_hist"], (kind, mode)
         heads.close()
 
 
