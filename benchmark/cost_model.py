@@ -205,9 +205,11 @@ def verify_width(cfg: pd.Series) -> int:
     return 1 if cfg["mode"] == "ar" else int(round(cfg["mean_gamma"])) + 1
 
 
-def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) -> tuple[float, float, int]:
+def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) -> tuple[float, float, int, int]:
     """Seconds of the model passes of one measured batch (its rows of raw.csv) under the given pass
-    costs, the prefills' share of them, and the loop's iterations (steps after the prefill)."""
+    costs, the share of them before the first hand-out (the prefills; a speculative loop's first
+    step too, which TTFT holds), the loop's iterations (steps after the prefill) and those after
+    the first hand-out."""
     cfg = rows.iloc[0]
     B, T = len(rows), int(rows.prompt_tokens.max())
     steps = (rows.target_calls - 1).clip(lower=0).astype(int).tolist()    # passes after the prefill
@@ -215,13 +217,17 @@ def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) 
     q, widths = verify_width(cfg), draft_passes(cfg)
     use_draft = draft is not None and cfg["draft"] == "model"
     ms = pre = target.prefill_ms(B, T) + (draft.prefill_ms(B, T) if use_draft else 0.0)
+    speculative = cfg["mode"] != "ar"                  # its first hand-out follows its first step
     for s in range(1, max(steps, default=0) + 1):
-        live = B if cfg["finished_rows"] == "mask" and cfg["mode"] != "ar" else sum(n >= s for n in steps)
+        live = B if cfg["finished_rows"] == "mask" and speculative else sum(n >= s for n in steps)
         cache = T + s * tokens_per_step
         ms += target.ms(live, q, cache)
         if use_draft:
             ms += sum(draft.ms(live, w, cache) for w in widths)
-    return ms / 1000, pre / 1000, max(steps, default=0)
+        if s == 1 and speculative:
+            pre = ms
+    iterations = max(steps, default=0)
+    return ms / 1000, pre / 1000, iterations, max(0, iterations - speculative)
 
 
 def modeled(raw: pd.DataFrame, kv_cache: str) -> pd.DataFrame:
@@ -242,13 +248,14 @@ def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache
 
     A step is its model passes plus the loop's host work (sampling, the rule, bookkeeping), which
     the pass costs do not hold. ``overhead`` None: each configuration's host work per iteration,
-    measured decode time (wall - TTFT) less the predicted decode passes, per iteration, is
+    measured decode time (wall - TTFT) less the predicted passes after the first hand-out, per
+    iteration after it (a speculative loop's first step is in TTFT), is
     calibrated leave-one-out: each batch is predicted with the host work of the configuration's
     other batches (its own when it has one), so no batch checks its own calibration;
     ``overhead_ms`` reports the mean over all batches. A dict {(mode, batch, tree): ms}: used as
     given, on every batch (another model's costs, the embedded pair's host work).
     """
-    from .metrics import KEYS
+    from .metrics import KEYS, decode_tokens
     raw = modeled(raw, kv_cache)
     keys = [k for k in KEYS if k in raw.columns]
     out = []
@@ -259,9 +266,9 @@ def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache
         passes = {bid: predict_batch(b, target, draft) for bid, b in g.groupby("batch_id")}
         ids = sorted(passes)
 
-        def host_work(cal):                   # seconds per iteration not spent in the predicted passes
+        def host_work(cal):                   # seconds per decode iteration not spent in the predicted passes
             return sum(walls[i] - ttfts[i] - passes[i][0] + passes[i][1] for i in cal) / \
-                max(1, sum(passes[i][2] for i in cal))
+                max(1, sum(passes[i][3] for i in cal))
 
         if overhead is None:
             ov = {i: host_work([j for j in ids if j != i] or ids) for i in ids}
@@ -269,14 +276,16 @@ def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache
         else:
             mean_ov = overhead.get(tuple(str(cfg[k]) for k in CALIBRATION_KEY), 0.0) / 1000
             ov = {i: mean_ov for i in ids}
-        tokens, later = g.new_tokens.sum(), g.new_tokens.sum() - len(g)   # the prefill gives each row's first
+        per_batch = g.groupby("batch_id").agg(tokens=("new_tokens", "sum"), rows=("new_tokens", "size"),
+                                              ttft_tokens=("ttft_tokens", "first"))
+        tokens, later = g.new_tokens.sum(), decode_tokens(per_batch.tokens, per_batch.rows, per_batch.ttft_tokens).sum()
         out.append(dict(cfg, new_tokens=tokens, tokens_per_call=tokens / g.target_calls.sum(),
                         batches=len(ids), overhead_ms=1000 * mean_ov,
                         measured_tps=tokens / walls.sum(),
                         predicted_tps=tokens / sum(passes[i][0] + ov[i] * passes[i][2] for i in ids),
                         passes_only_tps=tokens / sum(passes[i][0] for i in ids),
                         measured_decode_tps=later / (walls - ttfts).sum(),
-                        predicted_decode_tps=later / sum(passes[i][0] - passes[i][1] + ov[i] * passes[i][2]
+                        predicted_decode_tps=later / sum(passes[i][0] - passes[i][1] + ov[i] * passes[i][3]
                                                          for i in ids)))
     df = pd.DataFrame(out)
     return df.assign(error=df.predicted_tps / df.measured_tps - 1,
@@ -320,7 +329,8 @@ def costs_of(name: str, model, measured: int | None, s: CostSettings, device, dt
 def parse(argv=None):
     ap = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, drafters=False)
-    ap.add_argument("--raw", required=True, help="raw.csv of a run_experiment sweep: the acceptance to replay")
+    ap.add_argument("--raw", required=True,
+                    help="raw.csv of a run_experiment sweep, or a comma list of them: the acceptance to replay")
     ap.add_argument("--target_config", default=None,
                     help=f"a target to predict for: a preset ({', '.join(PRESETS)}) or a config.json folder "
                          "(default: the loaded target, which checks the model against the sweep)")
@@ -344,8 +354,9 @@ def parse(argv=None):
     ap.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     args = ap.parse_args(argv)
     for flag in ("raw", "calibration", "passes"):
-        if getattr(args, flag) is not None and not os.path.isfile(getattr(args, flag)):
-            raise ValueError(f"--{flag} {getattr(args, flag)}: no such file")
+        for path in (getattr(args, flag) or "").split(",") if flag == "raw" else [getattr(args, flag)]:
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"--{flag} {path}: no such file")
     for name in ("batches", "news", "caches", "prefills"):
         try:
             vals = tuple(int(x) for x in getattr(args, name).split(",") if x.strip())
@@ -370,7 +381,8 @@ def parse(argv=None):
 def main(argv=None) -> None:
     args = parse(argv)
     s = CostSettings(args.batches, args.news, args.caches, args.prefills, args.reps, args.kv_cache)
-    raw = pd.read_csv(args.raw, keep_default_na=False, na_values=[""])
+    raw = pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in args.raw.split(",")],
+                    ignore_index=True)
     if modeled(raw, s.kv_cache).empty:
         raise ValueError(f"--raw {args.raw} has no configuration of ar or the draft model with kv_cache {s.kv_cache}")
     from sampling.cli import load_pair

@@ -43,8 +43,10 @@ CONFIG = ["mode", "draft", "batch", "kv_cache", "gamma", "tree"]      # what nam
 
 def decode_passes(raw: pd.DataFrame) -> pd.DataFrame:
     """Per eager, greedy configuration of a sweep: decode ms per target pass (wall less time to first
-    token, over the passes after the prefill; a batch's passes are its longest row's) and tokens per
-    decode pass (a batch's new tokens after the first, over those passes)."""
+    token, over the passes after it: AR's first token comes from the prefill, a speculative loop's
+    after the prefill and its first verify; a batch's passes are its longest row's) and tokens per
+    decode pass (the tokens the passes after the prefill gave, over those passes: every new token of
+    a speculative loop, all but each row's first for AR)."""
     raw = upgrade_raw(raw)
     raw = raw[(raw.temperature == 0) & ~raw["compile"].astype(str).isin(["True", "true", "1"])
               & ~raw["mode"].str.startswith("hf")]
@@ -53,17 +55,21 @@ def decode_passes(raw: pd.DataFrame) -> pd.DataFrame:
                      tree=raw["tree"].where(raw["mode"] == "tree", ""))
     per_batch = raw.groupby(CONFIG + ["batch_id"], dropna=False).agg(
         decode_s=("wall_time_s", "first"), ttft_s=("ttft_s", "first"), passes=("target_calls", "max"),
-        tokens=("new_tokens", "sum"), rows=("new_tokens", "size"))
-    per_batch = per_batch.assign(decode_s=per_batch.decode_s - per_batch.ttft_s, passes=per_batch.passes - 1,
-                                 tokens=per_batch.tokens - per_batch.rows)
-    return pool(per_batch.reset_index())
+        tokens=("new_tokens", "sum"), rows=("new_tokens", "size")).reset_index()
+    ar = per_batch["mode"] == "ar"
+    per_batch = per_batch.assign(decode_s=per_batch.decode_s - per_batch.ttft_s,
+                                 passes=per_batch.passes - 1 - (~ar),            # after the first hand-out
+                                 token_passes=per_batch.passes - 1,              # after the prefill
+                                 tokens=per_batch.tokens - per_batch.rows.where(ar, 0))
+    return pool(per_batch)
 
 
 def pool(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration: decode seconds, passes and tokens summed, then ms per pass and tokens per pass."""
-    g = rows.groupby(CONFIG, dropna=False)[["decode_s", "passes", "tokens"]].sum().reset_index()
-    g = g[g.passes > 0]
-    return g.assign(ms_per_pass=1000 * g.decode_s / g.passes, tokens_per_pass=g.tokens / g.passes)
+    """Per configuration: decode seconds, passes and tokens summed, then ms per pass (over the passes
+    after the first hand-out) and tokens per pass (over the passes after the prefill)."""
+    g = rows.groupby(CONFIG, dropna=False)[["decode_s", "passes", "tokens", "token_passes"]].sum().reset_index()
+    g = g[(g.passes > 0) & (g.token_passes > 0)]
+    return g.assign(ms_per_pass=1000 * g.decode_s / g.passes, tokens_per_pass=g.tokens / g.token_passes)
 
 
 def read_counts(path: str, version: str, flag: str) -> pd.DataFrame:
@@ -113,8 +119,8 @@ def acceptance_for(counts: pd.DataFrame, acc: pd.DataFrame) -> pd.DataFrame:
     slowest row, so another batch size's figure does not carry over), pooled over their caches and
     files; none there: NaN, and no prediction."""
     keys = ["mode", "draft", "gamma", "tree", "batch"]
-    pooled = acc.groupby(keys)[["passes", "tokens"]].sum()
-    tpp = [pooled.loc[k].tokens / pooled.loc[k].passes if k in pooled.index else np.nan
+    pooled = acc.groupby(keys)[["token_passes", "tokens"]].sum()
+    tpp = [pooled.loc[k].tokens / pooled.loc[k].token_passes if k in pooled.index else np.nan
            for k in counts[keys].itertuples(index=False, name=None)]
     return counts.reset_index(drop=True).assign(tokens_per_pass=tpp)
 

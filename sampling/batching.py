@@ -57,6 +57,7 @@ def merge_stats(per_batch: list[dict]) -> dict:
     out.update(acceptance_rate=out["accepted"] / out["drafted"] if out["drafted"] else 0.0,
                mean_accepted_tokens=out["new_tokens"] / max(row_calls, 1e-9),
                ttft_s=sum(s["ttft_s"] for s in per_batch) / len(per_batch),
+               ttft_tokens=sum(s["ttft_tokens"] for s in per_batch),   # every batch's first hand-out
                tokens_per_s=out["new_tokens"] / max(out["wall_time_s"], 1e-9),
                prompt_padding_fraction=sum(s["prompt_padding_fraction"] for s in per_batch) / len(per_batch))
     if any("padding_fraction" in s for s in per_batch):

@@ -257,7 +257,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     passes = sum(s["rows"][0]["target_calls"] for s in per_row)
     stats.update(acceptance_rate=stats["accepted"] / max(1, stats["drafted"]),
                  mean_accepted_tokens=stats["new_tokens"] / max(1, passes),
-                 wall_time_s=now(device) - t0, ttft_s=per_row[0]["ttft_s"],
+                 wall_time_s=now(device) - t0, ttft_s=per_row[0]["ttft_s"], ttft_tokens=per_row[0]["ttft_tokens"],
                  gamma_trace=[g for s in per_row for g in s["gamma_trace"]],
                  accepted_hist=sum_hists([s["accepted_hist"] for s in per_row]),
                  rows=[s["rows"][0] for s in per_row])

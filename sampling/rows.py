@@ -53,6 +53,8 @@ class Rows:
         self.steps, self.accepted, self.drafted = [0] * B, [0] * B, [0] * B   # per original row
         self.accepted_lengths: list[int] = []                # drafts accepted per row and verify
         self.t0, self.ttft = now(device), None
+        self.ttft_tokens = 0                 # tokens handed out by the first hand-out (AR: one per row; a
+                                             # speculative loop's first step: each row's accepted drafts + 1)
         self._done_dev: tuple[tuple[bool, ...], torch.Tensor] | None = None   # done, as last copied to the device
 
     @property
@@ -96,6 +98,7 @@ class Rows:
             self.done[j] = len(self.out[r]) == self.budget[r] or toks[-1] == self.eos or stopped
         if self.ttft is None:
             self.ttft = now(self.device) - self.t0
+            self.ttft_tokens = sum(map(len, self.out))
 
     def take_new(self) -> list[NewRow]:
         """Requests the row streamer admits now (none without ``admit``, or once every row is done),
@@ -138,6 +141,7 @@ class Rows:
                      # new tokens per target pass a row took part in (the prefill included): 1.0 for AR
                      mean_accepted_tokens=new_tokens / max(1, sum(passes)),
                      wall_time_s=now(self.device) - self.t0, ttft_s=self.ttft or 0.0,
+                     ttft_tokens=self.ttft_tokens,
                      rows=[dict(new_tokens=len(self.out[r]), target_calls=passes[r],
                                 drafted=self.drafted[r], accepted=self.accepted[r]) for r in range(B)])
         if gamma_trace is not None:

@@ -4,7 +4,7 @@ import os
 
 import pandas as pd
 import pytest
-from tiny import save_tiny_pair
+from tiny import left_padded_batch, save_tiny_pair, tiny_model
 
 import eval_dolly
 from benchmark import run_experiment
@@ -418,3 +418,39 @@ def test_summary_pairs_the_speedup_round_by_round():
     assert s.loc["google", "speedup_vs_ar"] == 1.0          # the median runs: 1 + 1 s against 1 + 1 s
     old = summarise(raw.drop(columns=["round_walls"]))
     assert old.speedup_min_round.isna().all() and old.speedup_vs_ar.notna().all()
+
+
+def test_decode_phase_counts_the_tokens_after_the_first_hand_out():
+    """decode_throughput: the tokens after each batch's first hand-out over the time after it. A
+    speculative loop hands out its first step's accepted drafts with its first token (``ttft_tokens``),
+    so counting one token per row there (what files without the column assume) inflates it."""
+    base = dict(draft="", batch=2, gamma=0, gamma_schedule="constant", temperature=0.0, sort_batch=False,
+                finished_rows="drop", max_tokens=9, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0,
+                tree="", kv_cache="dynamic", compile=False, press="", category="x", prompt_tokens=3,
+                target_calls=4, accepted=0, drafted=0, padding_fraction=0.0, prompt_padding=0.0, rows_verified=1,
+                mean_gamma=0.0, process=0, new_tokens=9, batch_id=0, wall_time_s=2.0, round_walls="2")
+    raw = pd.DataFrame([dict(base, mode="ar", sample=0, ttft_s=0.2, ttft_tokens=2),
+                        dict(base, mode="ar", sample=1, ttft_s=0.2, ttft_tokens=2),
+                        dict(base, mode="google", sample=0, ttft_s=0.5, ttft_tokens=8),
+                        dict(base, mode="google", sample=1, ttft_s=0.5, ttft_tokens=8)])
+    s = summarise(raw).set_index("mode")
+    assert s.loc["ar", "decode_throughput"] == pytest.approx(16 / 1.8)
+    assert s.loc["google", "decode_throughput"] == pytest.approx(10 / 1.5)     # 18 tokens, 8 of them at TTFT
+    old = summarise(raw.drop(columns=["ttft_tokens"])).set_index("mode")      # a file from before the column
+    assert old.loc["google", "decode_throughput"] == pytest.approx(16 / 1.5)
+
+
+def test_stats_count_the_tokens_of_the_first_hand_out():
+    """ttft_tokens: one per row for AR (the prefill's), the first step's accepted drafts + 1 per row
+    for a speculative loop (the draft is the target: all gamma accepted), summed over batches."""
+    from sampling import generate, generate_many
+    target = tiny_model("llama", seed=3)
+    ids, mask = left_padded_batch(97, (4, 6, 3), seed=4)
+    assert generate(target, ids, mask, mode="ar", max_new_tokens=8, temperature=0).stats["ttft_tokens"] == 3
+    for mode in ("bass", "google"):                                         # google: the first row's
+        st = generate(target, ids, mask, draft_model=target, mode=mode, gamma=3, max_new_tokens=8,
+                      temperature=0).stats
+        assert st["ttft_tokens"] == (4 if mode == "google" else 3 * 4), mode        # gamma + 1 per row
+    res, per_batch = generate_many(target, [[5, 6, 7], [8, 9], [10]], batch_size=2, pad_id=0, mode="ar",
+                                   max_new_tokens=4, temperature=0)
+    assert res.stats["ttft_tokens"] == 3 and [s["ttft_tokens"] for s in per_batch] == [2, 1]

@@ -61,9 +61,33 @@ def test_replay_adds_up_the_recorded_passes():
     for s, live in ((1, 2), (2, 1), (3, 1)):
         L = 10 + s * per_step
         want += target.ms(live, 3, L) + 2 * draft.ms(live, 1, L)
-    assert predict_batch(rows, target, draft) == pytest.approx((want / 1000, pre / 1000, 3))
+        first = want if s == 1 else first                        # TTFT holds the first step
+    assert predict_batch(rows, target, draft) == pytest.approx((want / 1000, first / 1000, 3, 2))
     mask = rows.assign(finished_rows="mask")                     # masked rows keep costing
     assert predict_batch(mask, target, draft)[0] > predict_batch(rows, target, draft)[0]
+    ar = rows.assign(mode="ar", draft="", mean_gamma=0.0)        # AR's first token: the prefill's
+    assert predict_batch(ar, target, None)[1:] == pytest.approx((target.prefill_ms(2, 10) / 1000, 3, 3))
+
+
+def test_replay_recovers_a_sweep_that_follows_it():
+    """Batches whose wall time is their passes plus 2 ms of host work per step, TTFT the prefill and
+    the first step with its host work (as a speculative loop hands out): the host work calibrated
+    leave-one-out is 2 ms and the whole-generation and decode rates come out as measured."""
+    from benchmark.cost_model import replay
+    target, draft = PassCost(synthetic()), PassCost(synthetic(a=0.5))
+    rows = []
+    for bid, (c0, c1) in enumerate(((4, 2), (5, 3), (3, 3))):
+        batch = pd.DataFrame([dict(mode="bass", draft="model", tree="", mean_gamma=2.0, finished_rows="drop",
+                                   prompt_tokens=10, target_calls=c, new_tokens=2 * c, ttft_tokens=2 * 3)
+                              for c in (c0, c1)])
+        total, first, steps, _ = predict_batch(batch, target, draft)
+        rows += [dict(r, batch_id=bid, batch=2, gamma=2, temperature=0.0, kv_cache="dynamic", compile=False,
+                      sample=2 * bid + j, wall_time_s=total + 0.002 * steps, ttft_s=first + 0.002)
+                 for j, r in enumerate(batch.to_dict("records"))]
+    out = replay(pd.DataFrame(rows), target, draft, "dynamic").iloc[0]
+    assert out.overhead_ms == pytest.approx(2.0)
+    assert out.predicted_tps == pytest.approx(out.measured_tps)
+    assert out.predicted_decode_tps == pytest.approx(out.measured_decode_tps)
 
 
 def test_cost_model_cli_checks_itself_on_a_sweep(pair, capsys, tmp_path):
@@ -237,17 +261,18 @@ def launch_counts(version="current"):
 
 def launch_sweep(us_model=20.0, us_loop=10.0, per_pass={"ar": 1.0, "google": 2.5, "tree": 4.0}):
     """raw.csv rows whose decode time follows the launch-bound model exactly: 2 batches of 8 rows per
-    configuration, each row 11 target passes after its prefill."""
+    configuration, each row 10 target passes after its prefill (a 0.5 s prefill); AR hands its first
+    token out after the prefill, a speculative loop after its first verify (TTFT one pass later)."""
     rows, counts = [], launch_counts().set_index(["mode", "batch"])
     for (mode, b), c in counts.iterrows():
         ms = us_model * c.model_kernels_per_pass / 1000 + us_loop * c.kernels_per_pass / 1000
         for batch_id in range(2):
             for r in range(b):
-                tokens = 1 + per_pass[mode] * 10 * (1 if b == 1 else 0.8)        # batched: rows end unevenly
+                tokens = (mode == "ar") + per_pass[mode] * 10 * (1 if b == 1 else 0.8)   # batched: rows end unevenly
                 rows.append(dict(mode=mode, draft=c.draft, batch=b, gamma=c.gamma, tree=c.tree, temperature=0.0,
                                  kv_cache="dynamic", compile=False, batch_id=batch_id, sample=batch_id * b + r,
-                                 wall_time_s=0.5 + 10 * ms / 1000, ttft_s=0.5, target_calls=11,
-                                 new_tokens=tokens))
+                                 wall_time_s=0.5 + 10 * ms / 1000, ttft_s=0.5 + (mode != "ar") * ms / 1000,
+                                 target_calls=11, new_tokens=tokens))
     return pd.DataFrame(rows)
 
 
