@@ -276,9 +276,7 @@ def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache
         else:
             mean_ov = overhead.get(tuple(str(cfg[k]) for k in CALIBRATION_KEY), 0.0) / 1000
             ov = {i: mean_ov for i in ids}
-        per_batch = g.groupby("batch_id").agg(tokens=("new_tokens", "sum"), rows=("new_tokens", "size"),
-                                              ttft_tokens=("ttft_tokens", "first"))
-        tokens, later = g.new_tokens.sum(), decode_tokens(per_batch.tokens, per_batch.rows, per_batch.ttft_tokens).sum()
+        tokens, later = g.new_tokens.sum(), decode_tokens(g, "batch_id").sum()
         out.append(dict(cfg, new_tokens=tokens, tokens_per_call=tokens / g.target_calls.sum(),
                         batches=len(ids), overhead_ms=1000 * mean_ov,
                         measured_tps=tokens / walls.sum(),

@@ -30,14 +30,25 @@ def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
     return raw.assign(**text)
 
 
-def decode_tokens(tokens: pd.Series, rows: pd.Series, ttft_tokens: pd.Series) -> pd.Series:
-    """New tokens of each batch after its first hand-out (the decode phase: wall time less TTFT).
-    A speculative loop's first hand-out, after the prefill and the first verify, gives each row
-    its accepted drafts and one token; AR's one token. ``ttft_tokens`` (NaN in files written before
-    it was recorded): counted at that hand-out; unknown, one token per row is assumed, which counts
-    a speculative mode's first-step drafts as decode tokens (its decode rate then runs high by about
-    (tokens per pass - 1) / (new tokens per row - 1): 5% to 9% at 32 tokens)."""
-    return tokens - ttft_tokens.where(ttft_tokens.notna(), rows)
+def first_step_tokens(raw: pd.DataFrame) -> pd.Series:
+    """Per raw row, the tokens its first hand-out is expected to give when the file does not say
+    (``ttft_tokens`` NaN: written before it was recorded): AR's one; a speculative row's mean tokens
+    per verify (its new tokens over its target passes after the prefill); unknown passes: one."""
+    steps = raw.target_calls - 1
+    est = (raw.new_tokens / steps).where((raw["mode"] != "ar") & (steps > 0), 1.0)
+    return est.fillna(1.0)
+
+
+def decode_tokens(raw: pd.DataFrame, by) -> pd.Series:
+    """New tokens of each batch (raw rows grouped by ``by``, a batch's keys) after its first
+    hand-out (the decode phase: wall time less TTFT). A speculative loop's first hand-out, after the
+    prefill and the first verify, gives each row its accepted drafts and one token; AR's one token.
+    ``ttft_tokens`` counts them; NaN (files written before it was recorded): the sum of
+    ``first_step_tokens``, an expectation (one token per row there put a speculative mode's decode
+    rate high by about (tokens per pass - 1) / (new tokens per row - 1): 4% to 9% at 32 tokens)."""
+    g = raw.assign(first_estimate=first_step_tokens(raw)).groupby(by, dropna=False)
+    known = g.ttft_tokens.first()
+    return g.new_tokens.sum() - known.where(known.notna(), g.first_estimate.sum())
 
 
 def expected_tokens_per_call(alpha: float, gamma: float) -> float:
@@ -125,11 +136,10 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     # one row per timed batch; the decode phase is what follows its first token (TTFT holds the
     # prefill, which padding inflates)
     per_batch = raw.groupby(KEYS + ["batch_id"], dropna=False).agg(
-        tokens=("new_tokens", "sum"), rows=("sample", "count"), wall=("wall_time_s", "first"),
-        ttft=("ttft_s", "first"), ttft_tokens=("ttft_tokens", "first"), padding=("padding_fraction", "first"),
-        prompt_padding=("prompt_padding", "first"), rows_verified=("rows_verified", "first")).reset_index()
-    per_batch = per_batch.assign(dec_tokens=decode_tokens(per_batch.tokens, per_batch.rows, per_batch.ttft_tokens),
-                                 dec_time=per_batch.wall - per_batch.ttft)
+        wall=("wall_time_s", "first"), ttft=("ttft_s", "first"), padding=("padding_fraction", "first"),
+        prompt_padding=("prompt_padding", "first"), rows_verified=("rows_verified", "first"))
+    per_batch = per_batch.assign(dec_tokens=decode_tokens(raw, KEYS + ["batch_id"]),
+                                 dec_time=per_batch.wall - per_batch.ttft).reset_index()
     walls = per_batch.groupby(KEYS, dropna=False).agg(
         wall_time_s=("wall", "sum"), ttft_s=("ttft", "mean"), padding_fraction=("padding", "mean"),
         prompt_padding=("prompt_padding", "mean"), rows_verified=("rows_verified", nan_sum),
