@@ -44,8 +44,9 @@ def decode_tokens(raw: pd.DataFrame, by) -> pd.Series:
     hand-out (the decode phase: wall time less TTFT). A speculative loop's first hand-out, after the
     prefill and the first verify, gives each row its accepted drafts and one token; AR's one token.
     ``ttft_tokens`` counts them; NaN (files written before it was recorded): the sum of
-    ``first_step_tokens``, an expectation (one token per row there put a speculative mode's decode
-    rate high by about (tokens per pass - 1) / (new tokens per row - 1): 4% to 9% at 32 tokens)."""
+    ``first_step_tokens``, an expectation that runs low where the first step accepts more than the
+    others (one token per row there put BASS with the heads' decode rate at batch 8 12% high,
+    results/heads/b8-first-hand-out)."""
     g = raw.assign(first_estimate=first_step_tokens(raw)).groupby(by, dropna=False)
     known = g.ttft_tokens.first()
     return g.new_tokens.sum() - known.where(known.notna(), g.first_estimate.sum())
