@@ -91,7 +91,9 @@ def fit(sweep: pd.DataFrame, counts: pd.DataFrame) -> tuple[float, float, pd.Dat
     m = sweep.merge(counts[CONFIG + ["model_kernels_per_pass", "kernels_per_pass"]], on=CONFIG)
     if len(m) < 3:
         raise ValueError(f"the sweep and the counts share {len(m)} configurations; the fit needs 3 or more "
-                         f"(count the sweep's: the same mode, drafter, batch, cache, draft length and tree)")
+                         f"(count the sweep's: the same mode, drafter, batch, cache, draft length and tree; a "
+                         f"configuration needs passes after its first hand-out, i.e. generations longer than "
+                         f"one speculative step)")
     A = m[["model_kernels_per_pass", "kernels_per_pass"]].to_numpy(float)
     a, b = nonnegative_fit(A, m.ms_per_pass.to_numpy(float))
     m = m.assign(fitted_ms_per_pass=A @ np.array([a, b]))
