@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import statistics
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -205,11 +206,16 @@ def verify_width(cfg: pd.Series) -> int:
     return 1 if cfg["mode"] == "ar" else int(round(cfg["mean_gamma"])) + 1
 
 
-def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) -> tuple[float, float, int, int]:
-    """Seconds of the model passes of one measured batch (its rows of raw.csv) under the given pass
-    costs, the share of them before the first hand-out (the prefills; a speculative loop's first
-    step too, which TTFT holds), the loop's iterations (steps after the prefill) and those after
-    the first hand-out."""
+class BatchPasses(NamedTuple):
+    """One measured batch replayed under pass costs (``predict_batch``)."""
+    seconds: float             # all its model passes
+    before_first: float        # those before its first hand-out: the prefills (a speculative loop's first step too)
+    iterations: int            # loop steps after the prefill
+    decode_iterations: int     # loop steps after the first hand-out
+
+
+def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) -> BatchPasses:
+    """The model passes of one measured batch (its rows of raw.csv) under the given pass costs."""
     cfg = rows.iloc[0]
     B, T = len(rows), int(rows.prompt_tokens.max())
     steps = (rows.target_calls - 1).clip(lower=0).astype(int).tolist()    # passes after the prefill
@@ -227,7 +233,7 @@ def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) 
         if s == 1 and speculative:
             pre = ms
     iterations = max(steps, default=0)
-    return ms / 1000, pre / 1000, iterations, max(0, iterations - speculative)
+    return BatchPasses(ms / 1000, pre / 1000, iterations, max(0, iterations - speculative))
 
 
 def modeled(raw: pd.DataFrame, kv_cache: str) -> pd.DataFrame:
@@ -267,8 +273,8 @@ def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache
         ids = sorted(passes)
 
         def host_work(cal):                   # seconds per decode iteration not spent in the predicted passes
-            return sum(walls[i] - ttfts[i] - passes[i][0] + passes[i][1] for i in cal) / \
-                max(1, sum(passes[i][3] for i in cal))
+            return sum(walls[i] - ttfts[i] - passes[i].seconds + passes[i].before_first for i in cal) / \
+                max(1, sum(passes[i].decode_iterations for i in cal))
 
         if overhead is None:
             ov = {i: host_work([j for j in ids if j != i] or ids) for i in ids}
@@ -280,11 +286,11 @@ def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache
         out.append(dict(cfg, new_tokens=tokens, tokens_per_call=tokens / g.target_calls.sum(),
                         batches=len(ids), overhead_ms=1000 * mean_ov,
                         measured_tps=tokens / walls.sum(),
-                        predicted_tps=tokens / sum(passes[i][0] + ov[i] * passes[i][2] for i in ids),
-                        passes_only_tps=tokens / sum(passes[i][0] for i in ids),
+                        predicted_tps=tokens / sum(passes[i].seconds + ov[i] * passes[i].iterations for i in ids),
+                        passes_only_tps=tokens / sum(passes[i].seconds for i in ids),
                         measured_decode_tps=later / (walls - ttfts).sum(),
-                        predicted_decode_tps=later / sum(passes[i][0] - passes[i][1] + ov[i] * passes[i][3]
-                                                         for i in ids)))
+                        predicted_decode_tps=later / sum(passes[i].seconds - passes[i].before_first
+                                                         + ov[i] * passes[i].decode_iterations for i in ids)))
     df = pd.DataFrame(out)
     return df.assign(error=df.predicted_tps / df.measured_tps - 1,
                      error_decode=df.predicted_decode_tps / df.measured_decode_tps - 1,

@@ -243,11 +243,12 @@ def main(argv=None) -> None:
         versions = {"current": sampling}
         if args.baseline:
             versions["baseline"] = baseline_package(args.baseline, tmp)
-        missing = [n for n in ("new_speculator", "load_speculator", "NgramDrafter")
-                   if args.baseline and names - {"", "model"} and not hasattr(versions["baseline"], n)]
-        if missing:
-            raise ValueError(f"--baseline {args.baseline}: its sampling package has no {', '.join(missing)}; "
-                             f"drop the configs' drafter")
+        if args.baseline and names - {"", "model"}:              # the baseline drafts with its own drafters
+            missing = [n for n in ("new_speculator", "load_speculator", "NgramDrafter")
+                       if not hasattr(versions["baseline"], n)]
+            if missing:
+                raise ValueError(f"--baseline {args.baseline}: its sampling package has no {', '.join(missing)}; "
+                                 f"drop the configs' drafter")
         parts = {v: drafters(names, target, draft, args.hidden, package) for v, package in versions.items()}
         clock = Clock(target, *{id(m): m for p in parts.values() for d in p.values() for m in drafter_modules(d)}.values())
         raw, summary = measure(args, configs, versions, target, parts, clock, prompts)
@@ -276,19 +277,19 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
 
     runs = [(cfg, v) for cfg in configs for v in versions]
     rows, counts = [], {}
-    for one in runs:                                              # warm-up, then the counts (untimed)
+    for one in runs:                                              # the counts (untimed), warmed up
+        if args.device != "cuda":                                 # syncs on the virtual device, first: tree shapes
+            shapes = getattr(getattr(versions[one[1]], "tree", None), "_shape", None)   # made afresh inside, their
+            if shapes is not None:                                # host tensors known as such (test_devices); the
+                shapes.cache_clear()                              # warm-up below rebuilds them for the timed runs
+            with VirtualDevice(target, parts[one[1]]["model"]) as vd:
+                once(*one)
+            syncs = len(vd.syncs)
         once(*one)
         with OpCount(clock) as ops:
             stats = once(*one)
         if args.device == "cuda":
             syncs = cuda_syncs(lambda: once(*one), clock)
-        else:
-            shapes = getattr(getattr(versions[one[1]], "tree", None), "_shape", None)
-            if shapes is not None:                                # tree shapes made afresh inside: their
-                shapes.cache_clear()                              # host tensors known as such (test_devices)
-            with VirtualDevice(target, parts[one[1]]["model"]) as vd:
-                once(*one)
-            syncs = len(vd.syncs)
         counts[one] = (ops, syncs, stats["target_calls"], stats.get("draft_calls", 0))
     for rep in range(args.repeats):                               # timed rounds, rotating order
         for cfg, v in runs[rep % len(runs):] + runs[:rep % len(runs)]:

@@ -186,10 +186,8 @@ class SpeculatorDrafter:
         logits = self.spec.lm_head(z)
         if self.vocab is not None:
             logits = logits[..., :self.vocab]
-        if self.greedy and not self.params.uses_prefix:
-            return logits
         if not self.params.uses_prefix:
-            return norm_logits(logits, self.params)
+            return logits if self.greedy else norm_logits(logits, self.params)
         return torch.cat([norm_logits(logits[:, i:i + 1], self.params, seq, mask)   # the prefix: seq only
                           for i in range(logits.shape[1])], 1)
 

@@ -274,6 +274,10 @@ class RowTrees:
     depths: torch.Tensor            # [b, n] depth below the root, 1 for the root's children
     fed: torch.Tensor               # [b, n] the node's slot in the draft's tree cache, -1: not fed
 
+    def on(self, device) -> "RowTrees":
+        """Itself: made on the device already (as ``TreeShape.on``)."""
+        return self
+
     @cached_property
     def ancestors(self) -> torch.Tensor:
         """[b, n, n] bool: node j is node i or one of its ancestors."""
@@ -444,7 +448,7 @@ class TreeVerifier(CachedPart):
         tree = draft.tree
         p_root = self.kv.probs[:, -1] if seq.shape[1] == self.kv.length else None    # [b, V]
         if seq.shape[1] > self.kv.length or tree.n:
-            on = tree if isinstance(tree, RowTrees) else tree.on(seq.device)     # the tree's tensors on the device
+            on = tree.on(seq.device)                                         # the tree's tensors on the device
             p_chain, p_nodes = self.kv.forward_tree(seq, mask, draft.tokens, on.ancestors, on.depths)
             p_root = p_chain if p_chain is not None else p_root
         else:
