@@ -22,6 +22,10 @@ from .utils import norm_logits
 class BatchedKVCacheModel(KVCacheModel):
     """KVCacheModel whose rows may accept different numbers of drafts."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots: dict[int, torch.Tensor] = {}       # n -> arange(n) on the models' device
+
     def realign(self, start: int, accepted: torch.Tensor, mask: torch.Tensor, n_max: int) -> torch.Tensor:
         """Rows accepted ``accepted`` [b] of the drafts placed from slot ``start`` on; n_max = max(accepted)
         (the caller has it on the host already).
@@ -30,10 +34,14 @@ class BatchedKVCacheModel(KVCacheModel):
         [b, start + n_max] with every row's rejected slots masked out.
         """
         self.rollback(start + n_max)
-        mask = mask[:, :start + n_max].clone()
-        holes = torch.arange(n_max, device=mask.device) >= accepted.unsqueeze(1)  # [b, n_max]
-        mask[:, start:].masked_fill_(holes, 0)                                   # no host sync, unlike mask[holes]
-        return mask
+        kept = self.slots(n_max, mask.device) < accepted.unsqueeze(1)            # [b, n_max]; no host sync
+        return torch.cat([mask[:, :start], kept.to(mask.dtype)], dim=1)         # the drafts' slots were all real
+
+    def slots(self, n: int, device: torch.device) -> torch.Tensor:
+        """arange(n) on the device, made once per n (a kernel fewer each step)."""
+        if n not in self._slots:
+            self._slots[n] = torch.arange(n, device=device)
+        return self._slots[n]
 
     # --- trees: tree slots sit after the chain until keep_tree copies the accepted path into place ---
 
@@ -68,7 +76,7 @@ class BatchedKVCacheModel(KVCacheModel):
         logits = self._run(torch.cat([seq[:, L:], tokens], dim=1), mask4.unsqueeze(1), pos, P + n)  # [b, P + n, V]
         p_chain = None
         if P:
-            p_chain = norm_logits(logits[:, :P], self.params, seq, mask)[:, -1]      # [b, V]
+            p_chain = norm_logits(logits[:, :P], self.params, seq, mask, law=False)[:, -1]   # [b, V]
         self.mask = mask
         self._hist = None
         past = self.tree_tokens if T else tokens[:, :0]
@@ -85,11 +93,11 @@ class BatchedKVCacheModel(KVCacheModel):
                     anc = al[j].nonzero().squeeze(1).to(dev)              # tree slots, in order
                     pre = torch.cat([seq[r], all_tokens[r][:, anc]], dim=1)
                     pm = torch.cat([mask[r], mask[r].new_ones(len(pre), len(anc))], dim=1)
-                    nodes.append(norm_logits(logits[r, P + j:P + j + 1], self.params, pre, pm))
+                    nodes.append(norm_logits(logits[r, P + j:P + j + 1], self.params, pre, pm, law=False))
                 rows.append(torch.cat(nodes, 1))
             p_nodes = torch.cat(rows, 0)
         else:
-            p_nodes = norm_logits(logits[:, P:], self.params)             # [b, n, V]
+            p_nodes = norm_logits(logits[:, P:], self.params, law=False)  # [b, n, V]
         self.tree_len, self.tree_tokens = T + n, all_tokens
         return p_chain, p_nodes
 

@@ -36,7 +36,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .press import PressSpec, QueryCapture, scores, select
-from .utils import RowParams, SamplingParams, norm_logits, row_params
+from .utils import RowParams, SamplingParams, norm_logits, one_hot_argmax, row_params
 
 CACHES = ("dynamic", "static")
 SLOT_BLOCK = 64          # a static cache's length is rounded up to this, so prompts of similar lengths share shapes
@@ -109,8 +109,11 @@ def compiled_forward(model):
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions of a left-padded batch from its mask [B, T]: real tokens count from 0."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+    """Positions of a left-padded batch from its mask [B, T]: real tokens count from 0; a masked
+    slot (padding, a hole) takes the count of real tokens before it (never attended: any position
+    would do; this one costs two kernels)."""
+    m = mask.long()
+    return m.cumsum(-1) - m
 
 
 class KVCacheModel:
@@ -143,7 +146,8 @@ class KVCacheModel:
     @property
     def probs(self) -> torch.Tensor:
         """[B, H, V] history: next-token probs of the positions the last forward pass fed and the
-        position before them, less what ``rollback`` trimmed."""
+        position before them, less what ``rollback`` trimmed. Greedy (every row): the filtered
+        logits instead, whose argmax is the token (``norm_logits(law=False)``)."""
         if self._hist is None or self._hist.shape[1] == 0:
             raise RuntimeError("no history: rolled back past the last forward pass")
         return self._hist
@@ -207,7 +211,7 @@ class KVCacheModel:
         self._evict_over_budget(mask)
         logits = self._run(seq[:, -n:], self.slot_mask(mask), position_ids(mask)[:, -n:], keep)   # [B, keep, V]
         self.mask = mask
-        new = norm_logits(logits, self.params, seq, mask)                 # [B, keep, V]
+        new = norm_logits(logits, self.params, seq, mask, law=False)      # [B, keep, V] (greedy: logits)
         prev = self._hist[:, -1:] if self._hist is not None else new[:, :0]
         self._hist = torch.cat([prev, new], dim=1)                        # [B, <= keep + 1, V]
 
@@ -332,10 +336,13 @@ class KVCacheModel:
                 both[:b, :, pad:], both[b:] = old, add
                 setattr(layer, name, both)
         w = min(1, self._hist.shape[1])                 # the next pass reads the last position's law at most
-        self._hist = torch.cat([self._hist[:, self._hist.shape[1] - w:], new._hist[:, new._hist.shape[1] - w:]])
+        both = row_params(self.params.per_row(b) + list(params))
+        old_hist, new_hist = (h._hist[:, h._hist.shape[1] - w:] if both.greedy or not h.params.greedy
+                              else one_hot_argmax(h._hist[:, h._hist.shape[1] - w:]) for h in (self, new))
+        self._hist = torch.cat([old_hist, new_hist])    # greedy logits become laws in a batch that samples
         self.mask = torch.cat([F.pad(self.mask, (pad, 0)), new.mask])
         self.filled, self.final = self.filled + pad, self.final + pad
-        self.params = row_params(self.params.per_row(b) + list(params))
+        self.params = both
         self.calls += 1
 
     # --- presses (sampling.press): evict final positions, keep the rest in order after them ---

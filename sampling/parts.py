@@ -21,7 +21,7 @@ from .utils import SamplingParams, accept_reject, sample
 @dataclass
 class Draft:
     tokens: torch.Tensor             # [b, g] proposed tokens (a chain; a tree: its nodes in level order)
-    q: torch.Tensor | None           # [b, g, V] the law each was drawn from; None: deterministic drafts
+    q: torch.Tensor | None           # [b, g, V] the law each was drawn from; None: deterministic drafts (greedy too)
     tree: object = None              # a tree's TreeShape (sampling.tree); None: a chain
 
 
@@ -65,7 +65,13 @@ class CachedPart:
     def __init__(self, model, params: SamplingParams, vocab: int | None = None, cache: CacheSpec = CacheSpec(),
                  role: str | None = None):
         self.kv = BatchedKVCacheModel(model, params, vocab, cache, role or self.role)
-        self.greedy = params.greedy
+
+    @property
+    def greedy(self) -> bool:
+        """Every current row is greedy: read from the cache's parameters, which follow the rows that
+        leave (``select_rows``) and join (``admit``), so the argmax shortcuts agree with what the
+        cache keeps (greedy: the logits, ``norm_logits(law=False)``; else laws)."""
+        return self.kv.params.greedy
 
     @property
     def calls(self) -> int:
@@ -80,7 +86,6 @@ class CachedPart:
     def admit(self, ids: torch.Tensor, mask: torch.Tensor, pad: int, params: list[SamplingParams]) -> None:
         """New rows join between steps (``KVCacheModel.admit``)."""
         self.kv.admit(ids, mask, pad, params)
-        self.greedy = self.greedy and all(p.greedy for p in params)
 
 
 class ModelDrafter(CachedPart):
@@ -98,7 +103,8 @@ class ModelDrafter(CachedPart):
             mask = torch.cat([mask, mask.new_ones(len(seq), 1)], dim=1)
         if not g:
             return Draft(tokens=seq[:, :0], q=None)
-        return Draft(tokens=torch.stack(xs, 1), q=torch.stack(qs, 1))          # [b, g], [b, g, V]
+        return Draft(tokens=torch.stack(xs, 1),                               # [b, g]
+                     q=None if self.greedy else torch.stack(qs, 1))           # [b, g, V]; greedy: never read
 
     def commit(self, acc: Accepted) -> None:
         """Keep the accepted slots of the cache: the chain's prefix up to the longest row."""
@@ -123,7 +129,7 @@ class ChainVerifier(CachedPart):
         self.padding = (mask.sum(), len(seq) * g, self.mask.numel())         # real slots: a device count + g per row
         p = self.kv.probs[:, -(g + 1):]                                      # [b, g + 1, V]
         n, nxt = accept_reject(p, draft.q, draft.tokens, generator, sequential=self.sequential, greedy=self.greedy)
-        nodes = torch.arange(g, device=n.device).expand(len(n), -1)          # [b, g]
+        nodes = self.kv.slots(g, n.device).expand(len(n), -1)                # [b, g]
         return Accepted(n, nxt, draft.tokens, nodes, S)
 
     def commit(self, acc: Accepted) -> torch.Tensor:

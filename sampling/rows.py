@@ -55,7 +55,7 @@ class Rows:
         self.t0, self.ttft = now(device), None
         self.ttft_tokens = 0                 # tokens handed out by the first hand-out (AR: one per row; a
                                              # speculative loop's first step: each row's accepted drafts + 1)
-        self._done_dev: tuple[tuple[bool, ...], torch.Tensor] | None = None   # done, as last copied to the device
+        self._done_dev: tuple | None = None  # (done, as last copied to the device; it there; live as a mask column)
 
     @property
     def all_done(self) -> bool:
@@ -71,8 +71,15 @@ class Rows:
         no row finishes or joins reuses the last one."""
         key = tuple(self.done)
         if self._done_dev is None or self._done_dev[0] != key:
-            self._done_dev = key, to_device(list(key), self.device, torch.bool)
+            done = to_device(list(key), self.device, torch.bool)
+            self._done_dev = key, done, (~done).long().unsqueeze(1)
         return self._done_dev[1]
+
+    def live_column(self) -> torch.Tensor:
+        """[b, 1] long on the models' device, 1 where a row still runs: the mask of the slot each
+        row's next token takes (made with ``done_mask``, when the rows change, not every step)."""
+        self.done_mask()
+        return self._done_dev[2]
 
     def hand_out(self, new: list[list[int]], accepted: list[int] | None = None, drafted: int = 0) -> None:
         """Append each unfinished row's new tokens, cut at the budget and after an EOS; a row that

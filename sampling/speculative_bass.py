@@ -56,7 +56,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
         mask = verifier.commit(acc)                                           # [b, S + n_max], S: the old length
         drafter.commit(acc)
         seq = torch.cat([seq, acc.tokens, acc.next.unsqueeze(1)], dim=1)     # [b, S + n_max + 1]
-        mask = torch.cat([mask, (~done).to(mask.dtype).unsqueeze(1)], dim=1)
+        mask = torch.cat([mask, rows.live_column().to(mask.dtype)], dim=1)
         # 5. hand out the new tokens; rows that met EOS or the budget are finished
         rows.hand_out([d[:n_j] + [x] for d, n_j, x in zip(drafts, n_list, nxt_list)], n_list,
                       draft.tokens.shape[1])

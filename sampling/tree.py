@@ -318,9 +318,13 @@ class TreeDrafter(CachedPart):
         check_tree_model(model, "draft")
         rank = SamplingParams(temperature=1.0, repetition_penalty=params.repetition_penalty) if params.greedy else params
         super().__init__(model, rank, vocab, cache)
-        self.greedy = params.greedy
+        self._greedy = params.greedy                    # the caller's, not the ranking cache's
         self.shape = shape
         self.cached = 0                                  # levels of this step's tree in the draft cache
+
+    @property
+    def greedy(self) -> bool:
+        return self._greedy
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         tree = self.shape.truncated(g)

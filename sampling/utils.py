@@ -149,7 +149,7 @@ def row_params(rows: list[SamplingParams]) -> "SamplingParams | RowParams":
 
 
 def norm_logits(logits: torch.Tensor, params: SamplingParams | RowParams, seq: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, law: bool = True) -> torch.Tensor:
     """Filtered next-token probabilities [B, n, V] from the logits [B, n, V] of the last n
     positions of seq [B, S] (mask [B, S]); each position is filtered with its own prefix, as
     assisted generation does. seq and mask are needed only when ``params.uses_prefix``; masked
@@ -157,14 +157,17 @@ def norm_logits(logits: torch.Tensor, params: SamplingParams | RowParams, seq: t
 
     Greedy is a one-hot distribution on the argmax, so the same accept/reject rule serves
     greedy and sampled decoding alike, and rows with their own parameters (``RowParams``) share
-    one batch. Computed in float32 (float64 stays float64).
+    one batch. Computed in float32 (float64 stays float64). ``law=False``: when every row is greedy,
+    the filtered logits themselves, whose argmax is all that a greedy consumer reads (``sample``,
+    ``accept_reject``, ``tree_accept`` with ``greedy``): no one-hot is made (three kernels a pass).
     """
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     if isinstance(params, RowParams):                 # each group of rows with its own filters
         out = torch.empty_like(logits)
         for p, i in params.groups(logits.device):
-            out[i] = norm_logits(logits[i], p, None if seq is None else seq[i], None if mask is None else mask[i])
+            out[i] = norm_logits(logits[i], p, None if seq is None else seq[i], None if mask is None else mask[i],
+                                 law or not params.greedy)      # a mixed batch: every row a law
         return out
     procs = params.processors
     if procs:
@@ -180,14 +183,20 @@ def norm_logits(logits: torch.Tensor, params: SamplingParams | RowParams, seq: t
             logits = torch.stack(cols, 1)                                 # [B, n, V]
         else:
             logits = procs(None, logits.reshape(B * n, V)).view(B, n, V)
-    if params.greedy:                                 # one-hot, made in logits' dtype at once
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.softmax(logits, dim=-1)
+    if params.greedy and not law:                     # only the argmax is read
+        return logits
+    return one_hot_argmax(logits) if params.greedy else torch.softmax(logits, dim=-1)
+
+
+def one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy law: one-hot on the argmax of the last dim, made in logits' dtype at once."""
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None, greedy: bool = False) -> torch.Tensor:
-    """One draw per row of probs [N, V] -> [N]. ``greedy``: the rows are one-hot (``norm_logits``
-    at temperature 0), so the draw is their argmax, without the cost of ``multinomial``."""
+    """One draw per row of probs [N, V] -> [N]. ``greedy``: the rows are one-hot or the greedy
+    logits themselves (``norm_logits`` at temperature 0), so the draw is their argmax, without the
+    cost of ``multinomial``."""
     if greedy:
         return probs.argmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -215,7 +224,8 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor,
     draft; a row stops at its first rejection; the loop does not stop early when every row has,
     which would read the device on the host once per draft); otherwise all g uniforms are drawn
     at once and n is the first rejection (Leviathan et al.). Both give the same law.
-    ``greedy``: every row of p is one-hot on the target's argmax t (temperature 0); whatever q is,
+    ``greedy``: every row of p is one-hot on the target's argmax t (temperature 0; or p is the
+    target's logits, ``norm_logits(law=False)``, and only t is read); whatever q is,
     a draft is then accepted exactly when it is t (p_x / q_x is 0, or >= 1) and the residual
     max(0, p_n - q_n) is one-hot on t (or empty, and its fallback p_n is), so the rule reduces to
     comparing tokens, with no uniform drawn.

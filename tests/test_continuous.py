@@ -93,3 +93,38 @@ def test_admission_is_refused_where_it_is_not_built():
                     (dict(mode="bass", finished_rows="mask"), "finished_rows=mask")):
         with pytest.raises(ValueError, match=f"rows cannot join a running batch with .*{msg}"):
             generate(target, ids, mask, draft_model=target, max_new_tokens=4, streamer=Joining({}), **kw)
+
+
+def test_a_greedy_cache_keeps_laws_once_sampled_rows_join():
+    """A greedy batch's cache keeps the target's logits (norm_logits(law=False): only their argmax
+    is read); once sampled rows join, its history is read as laws, so every row's last entry must
+    be one: the greedy rows' one-hot on their argmax, the sampled row's a distribution."""
+    from sampling.kvcache_model import KVCacheModel
+    target = tiny_model("llama")
+    ids, mask = left_padded_batch(97, (5, 3), seed=3)
+    kv = KVCacheModel(target, GREEDY)
+    logits = kv.prefill(ids, mask)                                       # [2, V]: greedy, the logits
+    assert (logits < 0).any()
+    new, new_mask = left_padded_batch(97, (5,), seed=4)
+    kv.admit(new, new_mask, 0, [SamplingParams(temperature=0.8)])
+    law = kv.probs[:, -1]                                                # [3, V]
+    assert torch.allclose(law.sum(-1), torch.ones(3, dtype=law.dtype)) and (law >= 0).all()
+    assert torch.equal(law[:2].argmax(-1), logits.argmax(-1)) and torch.equal(law[:2].max(-1).values, torch.ones(2, dtype=law.dtype))
+
+
+@pytest.mark.parametrize("mode", ("bass", "bass-heads", "tree", "tree-dynamic"))
+def test_greedy_rows_stay_exact_once_the_sampled_rows_leave(mode):
+    """A batch of greedy and sampled rows (a server's); the sampled rows' budgets end first, so the
+    batch turns greedy mid-generation and the parts switch to the greedy shortcuts (logits kept,
+    argmax compared): the greedy rows still equal plain greedy decoding of their prompts."""
+    from sampling import new_speculator
+    target = tiny_model("llama")
+    draft = new_speculator(target, "mlp", 3, seed=2) if mode == "bass-heads" else noisy_copy(target, 0.1)
+    mode, tree = {"tree": ("tree", "2,2"), "tree-dynamic": ("tree", "dynamic:6:3:3")}.get(mode, ("bass", None))
+    ids, mask = left_padded_batch(97, (5, 3, 4, 6), seed=3)
+    budgets, temps = [12, 2, 12, 3], [0.0, 0.9, 0.0, 1.2]
+    res = generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=budgets, gamma=3,
+                   temperature=temps, seed=5, **({"tree": tree} if tree else {}))
+    want = greedy_reference(target, ids, mask, 12)
+    assert [res.tokens[i] for i in (0, 2)] == [want[0], want[2]]
+    assert [len(t) for t in res.tokens] == budgets
