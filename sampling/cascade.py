@@ -51,7 +51,7 @@ class CascadeDrafter:
             draft = self.inner.propose(seq, mask, k, generator)                  # [1, k]
             acc = self.level.verify(seq, mask, draft, generator)
             p = self.level.kv.probs[:, -(k + 1):]                                # [1, k + 1, V]
-            n, _, _ = acc.to_host(live)                                          # the level's one sync
+            n = acc.to_host(live)                                                # the level's one sync
             self.schedule.update(n, k)
             # 3. both caches keep what was accepted; the tokens and their law join the draft
             mask = self.level.commit(acc)                                        # [1, S + n]

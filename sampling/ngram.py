@@ -34,7 +34,9 @@ class NgramDrafter:
         return NgramDrafter(self.max_ngram, self.min_ngram)
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """The prompts' real tokens, read once (afterwards each step's come with ``commit``)."""
         self.rows, self.seen = [[] for _ in range(len(input_ids))], 0
+        self._read(input_ids, mask)
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.rows = [self.rows[i] for i in keep.tolist()]
@@ -46,7 +48,20 @@ class NgramDrafter:
             self.rows.append([t for t, m in zip(r, k) if m])
 
     def commit(self, acc) -> None:
-        pass
+        """The step's accepted drafts and next token join each row's text: the loop has them on the
+        host already (``Accepted.taken``), so the drafter reads nothing from the device."""
+        for row, t in zip(self.rows, acc.taken):
+            row.extend(t)
+        self.seen = acc.start + acc.tokens.shape[1] + 1   # the slots seq has once the step's tokens join
+
+    def _read(self, seq: torch.Tensor, mask: torch.Tensor) -> None:
+        """Read the slots of seq [b, S] not yet in self.rows (one transfer; padding and holes are not
+        text, and a slot's mask never changes once it is in seq)."""
+        k = seq.shape[1] - self.seen
+        host = torch.cat([seq[:, self.seen:], mask[:, self.seen:].to(seq.dtype)], 1).tolist()
+        for row, h in zip(self.rows, host):
+            row.extend(t for t, m in zip(h[:k], h[k:]) if m)
+        self.seen = seq.shape[1]
 
     def lookup(self, row: list[int], g: int) -> list[int]:
         """g drafts for one row's real tokens (the latest match of the longest n-gram that has one)."""
@@ -59,14 +74,10 @@ class NgramDrafter:
         return [row[-1]] * g
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
-        """g drafts after seq [b, S] (mask [b, S]: padding and holes are not text) for every row.
-        Only the slots added since the last call cross to the host (a slot's mask never changes
-        once it is in seq)."""
-        k = seq.shape[1] - self.seen
-        host = torch.cat([seq[:, self.seen:], mask[:, self.seen:].to(seq.dtype)], 1).tolist()   # one transfer
-        for row, h in zip(self.rows, host):
-            row.extend(t for t, m in zip(h[:k], h[k:]) if m)
-        self.seen = seq.shape[1]
+        """g drafts after seq [b, S] (mask [b, S]) for every row, from the rows' texts on the host
+        (slots that reached seq by another way than ``commit``, if any, are read first)."""
+        if seq.shape[1] > self.seen:
+            self._read(seq, mask)
         if not g:
             return Draft(tokens=seq[:, :0], q=None)
         drafts = [self.lookup(r, g) for r in self.rows]

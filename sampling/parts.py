@@ -33,21 +33,23 @@ class Accepted:
     nodes: torch.Tensor              # [b, n_max] which draft position (chain) or node (tree) each came from
     start: int                       # the slot the drafts begin at; the new length is start + n_max
     host: list[list[int]] | None = None   # per row [n, next, *tokens] when the verifier decided on the host
+    taken: list[list[int]] | None = None  # per row, once on the host (to_host): its accepted drafts + next
 
-    def to_host(self, done: torch.Tensor, done_rows: list[bool] | None = None
-                ) -> tuple[list[int], list[int], list[list[int]]]:
+    def to_host(self, done: torch.Tensor, done_rows: list[bool] | None = None) -> list[int]:
         """Finished rows (done [b], and as host values ``done_rows``) keep nothing; tokens and nodes
-        are trimmed to the longest row. Returns n, next and the drafts as lists: the step's one
-        device-to-host transfer, or none when the verifier has them on the host already (a tree's walk)."""
+        are trimmed to the longest row. Returns n as a list and keeps what each row took in
+        ``taken``: the step's one device-to-host transfer, or none when the verifier has them on
+        the host already (a tree's walk)."""
         self.n = self.n.masked_fill(done, 0)
         if self.host is None:
             host = torch.cat([self.n.unsqueeze(1), self.next.unsqueeze(1), self.tokens], 1).tolist()   # [b, 2 + g]
         else:
             host = [[0 if d else h[0]] + h[1:] for h, d in zip(self.host, done_rows)]
         n, nxt, drafts = [h[0] for h in host], [h[1] for h in host], [h[2:] for h in host]
+        self.taken = [d[:k] + [x] for d, k, x in zip(drafts, n, nxt)]
         n_max = max(n)
         self.tokens, self.nodes = self.tokens[:, :n_max], self.nodes[:, :n_max]
-        return n, nxt, drafts
+        return n
 
 
 def is_drafter(obj) -> bool:

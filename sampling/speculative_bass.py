@@ -50,7 +50,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
         padding.append(verifier.padding)              # (real slots on the device, + real on the host, all slots)
         rows_verified += len(seq)
         done = rows.done_mask()                                               # [b]
-        n_list, nxt_list, drafts = acc.to_host(done, rows.done)               # the step's one sync
+        n_list = acc.to_host(done, rows.done)                                 # the step's one sync
         schedule.update([a for a, d in zip(n_list, rows.done) if not d], g)
         # 4. realign (BASS-PAD): both caches keep the accepted slots, the others' holes are masked
         mask = verifier.commit(acc)                                           # [b, S + n_max], S: the old length
@@ -58,8 +58,7 @@ def speculative_decode(drafter, verifier, input_ids: torch.Tensor, mask: torch.T
         seq = torch.cat([seq, acc.tokens, acc.next.unsqueeze(1)], dim=1)     # [b, S + n_max + 1]
         mask = torch.cat([mask, rows.live_column().to(mask.dtype)], dim=1)
         # 5. hand out the new tokens; rows that met EOS or the budget are finished
-        rows.hand_out([d[:n_j] + [x] for d, n_j, x in zip(drafts, n_list, nxt_list)], n_list,
-                      draft.tokens.shape[1])
+        rows.hand_out(acc.taken, n_list, draft.tokens.shape[1])
         if finished_rows == "drop":                   # finished rows leave both caches
             keep = rows.drop_finished()
             if keep is not None and len(keep):

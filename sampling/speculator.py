@@ -206,9 +206,8 @@ class SpeculatorDrafter:
         dists = self.law(j, z, seq, mask)                                    # [b, 1, V] the root's law
         tokens, qs = [], []
         for d, (k, up, pick) in enumerate(shape.on(seq.device).picks):       # up, pick: None in a chain
-            m, V = dists.shape[1], dists.shape[2]
-            flat = dists.reshape(b * m, V)
-            top = (flat if self.greedy else gumbel_keys(flat, generator)).topk(k, dim=-1).indices.view(b, m * k)
+            m = dists.shape[1]
+            top = (dists if self.greedy else gumbel_keys(dists, generator)).topk(k, dim=-1).indices.view(b, m * k)
             kids = top if pick is None else top[:, pick]                     # [b, w] the level's nodes
             tokens.append(kids)
             if not self.greedy:

@@ -335,9 +335,8 @@ class TreeDrafter(CachedPart):
         on = tree.on(seq.device)                                             # its index tensors, on the device
         tokens, qs = [], []
         for d, (k, up, pick) in enumerate(on.picks):
-            b, m, V = dists.shape
-            flat = dists.reshape(b * m, V)
-            top = (flat if self.greedy else gumbel_keys(flat, generator)).topk(k, dim=-1).indices.view(b, m * k)
+            b, m = dists.shape[:2]
+            top = (dists if self.greedy else gumbel_keys(dists, generator)).topk(k, dim=-1).indices.view(b, m * k)
             kids = top if pick is None else top[:, pick]                     # [b, w] each node's rank under its parent
             tokens.append(kids)                                              # [b, w], w nodes in the level
             if not self.greedy:
