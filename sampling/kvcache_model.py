@@ -336,13 +336,13 @@ class KVCacheModel:
                 both[:b, :, pad:], both[b:] = old, add
                 setattr(layer, name, both)
         w = min(1, self._hist.shape[1])                 # the next pass reads the last position's law at most
-        both = row_params(self.params.per_row(b) + list(params))
-        old_hist, new_hist = (h._hist[:, h._hist.shape[1] - w:] if both.greedy or not h.params.greedy
+        joined = row_params(self.params.per_row(b) + list(params))
+        old_hist, new_hist = (h._hist[:, h._hist.shape[1] - w:] if joined.greedy or not h.params.greedy
                               else one_hot_argmax(h._hist[:, h._hist.shape[1] - w:]) for h in (self, new))
         self._hist = torch.cat([old_hist, new_hist])    # greedy logits become laws in a batch that samples
         self.mask = torch.cat([F.pad(self.mask, (pad, 0)), new.mask])
         self.filled, self.final = self.filled + pad, self.final + pad
-        self.params = both
+        self.params = joined
         self.calls += 1
 
     # --- presses (sampling.press): evict final positions, keep the rest in order after them ---

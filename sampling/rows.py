@@ -55,7 +55,7 @@ class Rows:
         self.t0, self.ttft = now(device), None
         self.ttft_tokens = 0                 # tokens handed out by the first hand-out (AR: one per row; a
                                              # speculative loop's first step: each row's accepted drafts + 1)
-        self._done_dev: tuple | None = None  # (done, as last copied to the device; it there; live as a mask column)
+        self._done_dev: tuple | None = None  # done as last copied to the device, that copy, the live column
 
     @property
     def all_done(self) -> bool:
