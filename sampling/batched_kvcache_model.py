@@ -34,14 +34,18 @@ class BatchedKVCacheModel(KVCacheModel):
         [b, start + n_max] with every row's rejected slots masked out.
         """
         self.rollback(start + n_max)
-        kept = self.slots(n_max, mask.device) < accepted.unsqueeze(1)            # [b, n_max]; no host sync
-        return torch.cat([mask[:, :start], kept.to(mask.dtype)], dim=1)         # the drafts' slots were all real
+        return torch.cat([mask[:, :start], self.kept(n_max, accepted, mask)], dim=1)   # the drafts' slots were all real
 
     def slots(self, n: int, device: torch.device) -> torch.Tensor:
         """arange(n) on the device, made once per n (a kernel fewer each step)."""
         if n not in self._slots:
             self._slots[n] = torch.arange(n, device=device)
         return self._slots[n]
+
+    def kept(self, n: int, accepted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The mask [b, n] (mask's dtype) of n accepted-draft slots: a row's first ``accepted`` [b]
+        are real, the rest holes (no host sync, unlike indexing with a boolean mask)."""
+        return (self.slots(n, accepted.device) < accepted.unsqueeze(1)).to(mask.dtype)
 
     # --- trees: tree slots sit after the chain until keep_tree copies the accepted path into place ---
 
@@ -113,7 +117,6 @@ class BatchedKVCacheModel(KVCacheModel):
                 idx = nodes.view(len(nodes), 1, k, 1).expand(-1, t.shape[1], -1, t.shape[3])
                 t[:, :, C:C + k] = t[:, :, C:self.filled].gather(2, idx)  # gather copies first: safe in place
         self.truncate(C + k)                                              # the rest of the tree is dropped
-        holes = torch.arange(k, device=self.mask.device) >= accepted.unsqueeze(1)   # [b, k]
-        self.mask = torch.cat([self.mask, (~holes).to(self.mask.dtype)], dim=1)
+        self.mask = torch.cat([self.mask, self.kept(k, accepted, self.mask)], dim=1)
         self.tree_len, self.tree_tokens, self._hist = 0, None, None
         self.final = self.length

@@ -163,9 +163,14 @@ class TreeShape:
         return {}
 
     @cached_property
+    def depth_list(self) -> list[int]:
+        """Depth of each node below the root (1: a child of the prefix's last token)."""
+        return [len(p) for p in self.paths]
+
+    @cached_property
     def depths(self) -> torch.Tensor:
-        """[n] depth of each node below the root (1: a child of the prefix's last token)."""
-        return torch.tensor([len(p) for p in self.paths], dtype=torch.long)
+        """[n] ``depth_list`` as a tensor."""
+        return torch.tensor(self.depth_list, dtype=torch.long)
 
     @cached_property
     def ancestor_lists(self) -> list[list[bool]]:
@@ -201,7 +206,7 @@ class ShapeOnDevice:
             self.picks.append((k, None if up == list(range(m)) else to_device(up, device),
                                None if pick == list(range(m * k)) else to_device(pick, device)))
         self.ancestors = to_device(shape.ancestor_lists, device, torch.bool).view(shape.n, shape.n)   # [n, n]
-        self.depths = to_device([len(p) for p in shape.paths], device)                               # [n]
+        self.depths = to_device(shape.depth_list, device)                                            # [n]
 
 
 @functools.lru_cache(maxsize=None)
@@ -434,7 +439,7 @@ class DynamicTreeDrafter(TreeDrafter):
         has them (a row's last node may not have been fed; it is fed with the next step)."""
         if self.kv.tree_len:
             slots = self._tree.fed.gather(1, acc.nodes) if acc.nodes.shape[1] else acc.nodes   # [b, n_max]
-            ok = (slots >= 0) | (torch.arange(slots.shape[1], device=slots.device) >= acc.n.unsqueeze(1))
+            ok = (slots >= 0) | (self.kv.slots(slots.shape[1], slots.device) >= acc.n.unsqueeze(1))
             keep = int(ok.all(0).long().cumprod(0).sum()) if slots.shape[1] else 0
             self.kv.keep_tree(slots[:, :keep].clamp(min=0), acc.n.clamp(max=keep))
 
