@@ -34,6 +34,7 @@ class Accepted:
     start: int                       # the slot the drafts begin at; the new length is start + n_max
     host: list[list[int]] | None = None   # per row [n, next, *tokens] when the verifier decided on the host
     taken: list[list[int]] | None = None  # per row, once on the host (to_host): its accepted drafts + next
+    carried: list[list[int]] | None = None  # per row, a dynamic tree's fed slots of its accepted nodes (the walk's)
 
     def to_host(self, done: torch.Tensor, done_rows: list[bool] | None = None) -> list[int]:
         """Finished rows (done [b], and as host values ``done_rows``) keep nothing; tokens and nodes

@@ -439,8 +439,9 @@ class DynamicTreeDrafter(TreeDrafter):
         has them (a row's last node may not have been fed; it is fed with the next step)."""
         if self.kv.tree_len:
             slots = self._tree.fed.gather(1, acc.nodes) if acc.nodes.shape[1] else acc.nodes   # [b, n_max]
-            ok = (slots >= 0) | (self.kv.slots(slots.shape[1], slots.device) >= acc.n.unsqueeze(1))
-            keep = int(ok.all(0).long().cumprod(0).sum()) if slots.shape[1] else 0
+            # on the host (the walk brought the path's slots): the columns every row's path has fed
+            keep = min([next((j for j, s in enumerate(fed[:len(t) - 1]) if s < 0), slots.shape[1])
+                        for fed, t in zip(acc.carried, acc.taken)], default=0)
             self.kv.keep_tree(slots[:, :keep].clamp(min=0), acc.n.clamp(max=keep))
 
 
@@ -464,10 +465,12 @@ class TreeVerifier(CachedPart):
         b = len(seq)
         self.padding = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))   # real slots: device count + nodes
         # a tree per row: its parents on the device, read by the walk with the tokens (one transfer)
-        links = tree.parent if isinstance(tree, RowTrees) else tree.children
-        n, nxt, nodes, host = tree_accept(p_root, p_nodes, draft.q, draft.tokens, links, generator, self.greedy)
+        # and which nodes the dynamic drafter fed, which its commit needs on the host
+        rows = isinstance(tree, RowTrees)
+        n, nxt, nodes, host, fed = tree_accept(p_root, p_nodes, draft.q, draft.tokens, tree.parent if rows else tree.children,
+                                               generator, self.greedy, tree.fed if rows else None)
         tokens = draft.tokens.gather(1, nodes) if tree.n else draft.tokens  # [b, depth]
-        return Accepted(n, nxt, tokens, nodes, seq.shape[1], host)
+        return Accepted(n, nxt, tokens, nodes, seq.shape[1], host, carried=fed)
 
     def commit(self, acc) -> torch.Tensor:
         """Keep the accepted path in the target cache; returns the mask [b, start + n_max]."""

@@ -266,18 +266,18 @@ def children_of(parent: list[int]) -> dict[int, list[int]]:
     return out
 
 
-def host_laws(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor, n: int,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sampled tree walk's inputs on the host, in one transfer: the laws [b, 1 + 2n, V] (p_root,
-    then p and q of each node) and n + 1 uniforms per row [b, n + 1], drawn on the device (a walk
-    tests each node at most once, then draws once)."""
-    b, V = p_root.shape
-    u = torch.rand(b, n + 1, generator=generator, device=p_root.device, dtype=p_root.dtype)   # [b, n + 1]
-    laws = [p_root.unsqueeze(1)] + ([p, q] if n else [])
-    if n + 1 > V:                                   # more uniforms than a row holds: a second transfer
-        return torch.cat(laws, 1).cpu(), u.cpu()
-    host = torch.cat(laws + [F.pad(u, (0, V - n - 1)).unsqueeze(1)], 1).cpu()   # [b, 2 + 2n, V]
-    return host[:, :-1], host[:, -1, :n + 1]
+def fetch(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Device tensors of one batch ([b, ...] each, any dtypes) on the host in one transfer (the host
+    waits once, not once a tensor): each row's bytes side by side, every part padded to 8 bytes so
+    that it views back as its dtype and shape without a copy."""
+    b = len(tensors[0])
+    parts = [t.contiguous().view(b, -1).view(torch.uint8) for t in tensors]           # [b, bytes] each
+    parts = [F.pad(x, (0, -x.shape[1] % 8)) for x in parts]
+    host, at, out = torch.cat(parts, 1).cpu(), 0, []                                 # the one transfer
+    for t, x in zip(tensors, parts):
+        out.append(host[:, at:at + t[0].numel() * t.element_size()].view(t.dtype).view(t.shape))
+        at += x.shape[1]
+    return out
 
 
 def inverse_cdf(r: torch.Tensor, u: float) -> int:
@@ -292,7 +292,8 @@ def inverse_cdf(r: torch.Tensor, u: float) -> int:
 
 def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None, tokens: torch.Tensor,
                 children: dict[int, list[int]] | list | torch.Tensor, generator: torch.Generator | None = None,
-                greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+                greedy: bool = False, carry: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]], list[list[int]] | None]:
     """Walk a draft tree from the root, row by row (Sequoia's verification of siblings drawn
     without replacement).
 
@@ -300,7 +301,8 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     of each node's parent, which its children were drawn from without replacement, in order;
     tokens: [b, n]; children: node -> its children (-1 is the root), one dict for every row or a
     list of one per row, or each row's tree as its nodes' parents [b, n] on the device (-1: the
-    root), fetched with the tokens.
+    root), fetched with the tokens; carry: [b, n] integers a node (a drafter's, on the device)
+    whose values along the accepted path the caller needs on the host, fetched with them.
     Sampling: at a node with target law r and draft law q, each child x in turn is accepted with
     probability min(1, r(x) / q(x)); a rejection replaces r by norm(max(0, r - q)) and then q by
     q without x, renormalised; a child with q(x) = 0 (the draft had fewer tokens than children) is
@@ -308,27 +310,34 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     from the leaf's p (the bonus). That keeps the target's law exactly (Sequoia, Chen et al. 2024,
     on sampling without replacement; tests/test_tree.py checks it by chi-square). Greedy: the child
     equal to the target's argmax, else the argmax itself.
-    The walk runs on the host over what one transfer brings (a GPU's host waits once, not once per
-    child): greedy, the argmaxes; sampled, the laws and n + 1 uniforms per row drawn up front
-    (``host_laws``), the final draw by inverse CDF.
-    Returns n [b] accepted nodes, next [b], path [b, max(n)] the accepted nodes (padded with 0), and
-    the same on the host: per row [n, next, *the path's tokens] (``Accepted.host``).
+    The walk runs on the host over what one transfer brings (a GPU's host waits once a step, not
+    once per child): greedy, the argmaxes; sampled, the laws and n + 1 uniforms per row drawn up
+    front, the final draw by inverse CDF.
+    Returns n [b] accepted nodes, next [b], path [b, max(n)] the accepted nodes (padded with 0), the
+    same on the host: per row [n, next, *the path's tokens] (``Accepted.host``), and per row the
+    carried values of the path's nodes (None without ``carry``).
     """
     b, n = tokens.shape
-    if not greedy:                  # the laws and the walk's uniforms cross to the host at once
-        law, uniforms = host_laws(p_root, p, q, n, generator)       # [b, 1 + 2n, V], [b, n + 1]
-    parts = [tokens] + [children] * torch.is_tensor(children)                # [b, n] each
+    ints = [tokens] + [children] * torch.is_tensor(children) + [carry] * (carry is not None)   # [b, n] each
     if greedy:                      # every position's argmax too: the walk is then on host lists
-        parts += [p_root.argmax(-1, keepdim=True)] + [p.argmax(-1)] * (p is not None)   # [b, 1], [b, n]
-    host = torch.cat(parts, 1).tolist()                             # the walk's device-to-host transfer
-    toks = [h[:n] for h in host]
+        ints += [p_root.argmax(-1, keepdim=True)] + [p.argmax(-1)] * (p is not None)   # [b, 1], [b, n]
+        host = torch.cat(ints, 1).tolist()                          # the walk's one device-to-host transfer
+    else:                           # the laws, the walk's uniforms and the integers in one transfer
+        u = torch.rand(b, n + 1, generator=generator, device=p_root.device, dtype=p_root.dtype)   # [b, n + 1]
+        laws = torch.cat([p_root.unsqueeze(1)] + ([p, q] if n else []), 1)          # [b, 1 + 2n, V]
+        law, uniforms, host = fetch(laws, u, torch.cat(ints, 1))
+        host = host.tolist()
+
+    toks = [h[:n] for h in host]                    # each row: tokens, [parents], [carried], [argmaxes]
     if torch.is_tensor(children):
         kids_of = [children_of(h[n:2 * n]) for h in host]
-        host = [h[n:] for h in host]
     else:
         kids_of = children if isinstance(children, list) else [children] * b
+    at = n * (1 + torch.is_tensor(children) + (carry is not None))  # where the argmaxes begin
+    carried = [h[at - n:at] for h in host] if carry is not None else None
+    host = [h[at:] for h in host]
     if greedy:
-        best_root, best = [h[n] for h in host], [h[n + 1:] for h in host]
+        best_root, best = [h[0] for h in host], [h[1:] for h in host]
     ns, nexts, paths = [], [], []
     for i in range(b):
         u, steps, children = -1, [], kids_of[i]
@@ -359,8 +368,9 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
                 r = law[i, 1 + u]
         ns.append(len(steps))
         paths.append(steps)
+    carried = carried and [[c[x] for x in s] for c, s in zip(carried, paths)]   # before the padding
     depth = max(ns)
     paths = [s + [0] * (depth - len(s)) for s in paths]
     out = to_device([[k, x] + s for k, x, s in zip(ns, nexts, paths)], tokens.device).view(b, 2 + depth)  # one copy
     host = [[k, x] + [toks[i][c] for c in s] for i, (k, x, s) in enumerate(zip(ns, nexts, paths))]
-    return out[:, 0], out[:, 1], out[:, 2:], host
+    return out[:, 0], out[:, 1], out[:, 2:], host, carried

@@ -52,13 +52,12 @@ def test_virtual_device_catches_no_host_device_mixing(mode, kv):
 
 
 # host-device synchronisations per decode step: the read of what the step accepted (the one that
-# decides; a tree's walk reads the target's argmaxes and the tree, and decides on the host), and
-# where the host needs more of the device's values: the dynamic tree's drafter reads which accepted
-# nodes it fed, a cascade's level decides its own acceptance, a sampled tree's walk reads the laws
-# with its uniforms, then the tokens (the n-gram drafter looks up the accepted tokens the loop has
-# read already: Accepted.taken)
+# decides; a tree's walk reads the target's argmaxes (sampled: the laws and its uniforms) and the
+# tree, with the dynamic drafter's fed slots, and decides on the host, all in one transfer), and
+# where the host needs more of the device's values: a cascade's level decides its own acceptance
+# (the n-gram drafter looks up the accepted tokens the loop has read already: Accepted.taken)
 SYNCS_PER_STEP = {"ar": 1, "google": 1, "deepmind": 1, "bass": 1, "bass-mask": 1, "bass static": 1, "tree": 1,
-                  "dynamic tree": 2, "cascade": 2, "ngram": 1, "tree sampled": 2, "bass sampled": 1,
+                  "dynamic tree": 1, "cascade": 2, "ngram": 1, "tree sampled": 1, "dynamic tree sampled": 1, "bass sampled": 1,
                   "bass heads": 1, "tree heads": 1, "bass heads sampled": 1}
 
 
@@ -77,7 +76,8 @@ def test_a_decode_step_makes_the_host_wait_once(mode):
     heads = new_speculator(target, "mlp", n_heads=3, seed=1, noise=0.05) if "heads" in mode else None
     kw.update({"bass-mask": dict(mode="bass", finished_rows="mask"), "bass static": dict(kv_cache="static"),
                "tree": dict(tree="2,1,1"), "dynamic tree": dict(mode="tree", tree="dynamic:6:3:2"),
-               "tree sampled": dict(tree="2,1,1", temperature=1.0, seed=0), "bass sampled": dict(temperature=1.0, seed=0),
+               "tree sampled": dict(tree="2,1,1", temperature=1.0, seed=0),
+               "dynamic tree sampled": dict(mode="tree", tree="dynamic:6:3:2", temperature=1.0, seed=0), "bass sampled": dict(temperature=1.0, seed=0),
                "cascade": dict(draft_model=[target, target]),
                "ngram": dict(mode="bass", draft_model=NgramDrafter()),
                "bass heads": dict(draft_model=heads), "tree heads": dict(draft_model=heads, tree="2,2,1"),
@@ -92,6 +92,22 @@ def test_a_decode_step_makes_the_host_wait_once(mode):
     (s12, c12, _), (s24, c24, syncs) = counts
     assert c24 > c12
     assert s24 - s12 == SYNCS_PER_STEP[mode] * (c24 - c12), syncs
+
+
+def test_fetch_brings_tensors_of_any_dtype_in_one_transfer():
+    """sampling.utils.fetch: every tensor back with its dtype, shape and values (odd byte counts
+    padded, a row's parts side by side), one synchronisation for all of them."""
+    from sampling.utils import fetch
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.rand(3, 5, 7, generator=g).half(), torch.rand(3, 2, generator=g, dtype=torch.float64),
+             torch.randint(-9, 40000, (3, 5), generator=g), torch.rand(3, 1, generator=g) > 0.5,
+             torch.randint(0, 9, (3, 0), generator=g), torch.rand(3, generator=g)]
+    with VirtualDevice() as vd:
+        on = [p.clone() for p in parts]                          # from tensors made before: the device's
+        back = fetch(*on)
+    assert len(vd.syncs) == 1
+    for p, b in zip(parts, back):
+        assert b.dtype == p.dtype and b.shape == p.shape and torch.equal(b, p)
 
 
 def test_virtual_device_raises_on_the_old_ar_bug():

@@ -142,9 +142,12 @@ def test_cache_after_compaction_equals_a_fresh_pass(kind):
             torch.testing.assert_close(got[live], want[live])
 
 
-def test_dynamic_drafter_keeps_its_fed_path():
+@pytest.mark.parametrize("row1", ("fed at depth 2", "unfed at depth 3"))
+def test_dynamic_drafter_keeps_its_fed_path(row1):
     """After a step the draft's cache holds the accepted nodes it fed, copied into place, as a
-    plain forward over the accepted sequence would make them (rows of different path lengths)."""
+    plain forward over the accepted sequence would make them (rows of different path lengths); a
+    path that ends in a node the draft did not feed keeps, in every row, only the columns before
+    it (the drafter knows from the fed slots the walk brought to the host)."""
     from sampling.kvcache_model import position_ids
     from sampling.parts import Accepted
     from sampling.tree import DynamicTreeDrafter
@@ -156,14 +159,19 @@ def test_dynamic_drafter_keeps_its_fed_path():
     draft = drafter.propose(ids, mask, 4, None)
     tree = draft.tree
     paths = []                                                # all 30 candidates kept
-    for i, want in enumerate((3, 2)):                         # row 0 a fed node at depth 3, row 1 at depth 2
-        j = next(j for j in range(tree.n) if tree.fed[i, j] >= 0 and tree.depths[i, j] == want)
+    fed_at = ((0, 3, True), (1, 2, True) if row1.startswith("fed") else (1, 3, False))   # (row, depth, fed)
+    for i, want, fed in fed_at:
+        j = next(j for j in range(tree.n) if (tree.fed[i, j] >= 0) == fed and tree.depths[i, j] == want)
         paths.append(tree.ancestors[i, j].nonzero().squeeze(1).tolist())
-    nodes = torch.tensor([paths[0], paths[1] + [0]])
-    n = torch.tensor([3, 2])
-    drafter.commit(Accepted(n, torch.zeros(2, dtype=torch.long), draft.tokens.gather(1, nodes), nodes, ids.shape[1]))
-    kept = torch.cat([ids, draft.tokens.gather(1, nodes)], 1)
-    kept_mask = torch.cat([mask, torch.tensor([[1, 1, 1], [1, 1, 0]])], 1)
+    nodes = torch.tensor([p + [0] * (3 - len(p)) for p in paths])
+    n = torch.tensor([len(p) for p in paths])
+    acc = Accepted(n, torch.zeros(2, dtype=torch.long), draft.tokens.gather(1, nodes), nodes, ids.shape[1],
+                   carried=[tree.fed[i, p].tolist() for i, p in enumerate(paths)])   # as the walk brings them
+    acc.to_host(torch.zeros(2, dtype=torch.bool))
+    drafter.commit(acc)
+    keep = 3 if row1.startswith("fed") else 2                 # the unfed node's column goes in every row
+    kept = torch.cat([ids, draft.tokens.gather(1, nodes)[:, :keep]], 1)
+    kept_mask = torch.cat([mask, torch.tensor([[1, 1, 1], [1, 1, 0]])[:, :keep]], 1)
     assert drafter.kv.mask.tolist() == kept_mask.tolist() and drafter.kv.tree_len == 0
     with torch.no_grad():
         ref = model(input_ids=kept, attention_mask=kept_mask, position_ids=position_ids(kept_mask), use_cache=True)
