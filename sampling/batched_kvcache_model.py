@@ -111,11 +111,9 @@ class BatchedKVCacheModel(KVCacheModel):
         after the chain and drop the rest of the tree; slots past a row's ``accepted`` [b] are holes.
         The chain and the kept path are final (a press may evict among them)."""
         C, k = self.length - self.dropped, nodes.shape[1]                 # C: the chain's slots
-        for layer in self.cache.layers if k else ():                     # nothing kept: no copies
-            for name in ("keys", "values"):
-                t = getattr(layer, name)                                  # [b, heads, >= C + tree_len, head_dim]
-                idx = nodes.view(len(nodes), 1, k, 1).expand(-1, t.shape[1], -1, t.shape[3])
-                t[:, :, C:C + k] = t[:, :, C:self.filled].gather(2, idx)  # gather copies first: safe in place
+        for t in self.kv_tensors() if k else ():                         # nothing kept: no copies
+            idx = nodes[:, None, :, None].expand(t.shape[:-2] + (k, t.shape[-1]))   # [..., b, heads, k, head_dim]
+            t[..., C:C + k, :] = t[..., C:self.filled, :].gather(-2, idx)  # gather copies first: safe in place
         self.truncate(C + k)                                              # the rest of the tree is dropped
         self.mask = torch.cat([self.mask, self.kept(k, accepted, self.mask)], dim=1)
         self.tree_len, self.tree_tokens, self._hist = 0, None, None

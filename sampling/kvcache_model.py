@@ -13,7 +13,9 @@ Two caches (``CacheSpec.kind``), the same tokens from both:
   ones (a copy of the whole cache per layer and step); rollback slices.
 * ``static``: preallocated for the prompt plus the generation's room and addressed by position:
   a pass writes its keys in place and rollback is a change of the write position (nothing is
-  copied). Eager, the model attends over the filled slots only (``SlotLayer`` hands it a view);
+  copied). Eager, the model attends over the filled slots only (``SlotLayer`` hands it a view),
+  and every layer's keys and values are views of one buffer (``SlotCache``: a tree's accepted path
+  moves into place in one gather and one copy, where the dynamic cache takes two per layer and tensor);
   compiled (``CacheSpec.compile``: ``torch.compile(mode="reduce-overhead")``, CUDA graphs on a
   GPU) it is transformers' ``StaticCache``: every decode pass has the same shapes, the whole
   buffer with the unused slots masked, and the write position lives on the device.
@@ -88,6 +90,37 @@ class SlotLayer(StaticLayer):
 
     def get_seq_length(self) -> int:
         return self.filled
+
+
+class SlotCache(Cache):
+    """The eager static cache: ``SlotLayer``s whose keys and values are views of one buffer ``kv``
+    [layers, 2, B, H, W, D] (made at the first write, from that layer's shapes), so what every layer
+    undergoes at once (a tree's accepted path moved into place, rows kept, the buffer grown) is one
+    operation on ``kv``, not one per layer and tensor."""
+
+    def __init__(self, layers: int, width: int):
+        super().__init__(layers=[SlotLayer(max_cache_len=width) for _ in range(layers)])
+        self.kv: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.kv is None:
+            b, h, _, d = key_states.shape
+            self.set(key_states.new_zeros(len(self.layers), 2, b, h, self.layers[0].max_cache_len, d))
+        if key_states.shape[1:2] + key_states.shape[3:] != self.kv.shape[3:4] + self.kv.shape[5:] or \
+                value_states.shape[-1] != self.kv.shape[-1]:
+            raise ValueError(f"the static cache needs every layer's keys and values alike; layer {layer_idx} has "
+                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}, layer 0 "
+                             f"{tuple(self.kv.shape[2:4])} x {self.kv.shape[-1]}: use kv_cache='dynamic'")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def set(self, kv: torch.Tensor) -> None:
+        """Make ``kv`` [layers, 2, B, H, W, D] the buffer: every layer's keys and values its views."""
+        self.kv = kv
+        for i, layer in enumerate(self.layers):
+            layer.keys, layer.values = kv[i, 0], kv[i, 1]                 # [B, H, W, D] each
+            layer.batch_size, layer.num_heads, layer.max_cache_len, layer.k_head_dim = kv.shape[2:]
+            layer.v_head_dim, layer.dtype, layer.device = kv.shape[-1], kv.dtype, kv.device
+            layer.is_initialized = True
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> its compiled forward
@@ -191,6 +224,9 @@ class KVCacheModel:
         if slots <= layer.max_cache_len or not layer.is_initialized:
             return
         width = slot_width(max(slots, 2 * layer.max_cache_len), self.spec.compile)
+        if isinstance(self.cache, SlotCache):
+            self.cache.set(F.pad(self.cache.kv, (0, 0, 0, width - self.cache.kv.shape[4])))
+            return
         for layer in self.cache.layers:
             layer.max_cache_len = width
             for name in ("keys", "values"):
@@ -223,8 +259,7 @@ class KVCacheModel:
             if self.spec.compile:
                 self.cache = StaticCache(config=self.model.config, max_cache_len=width)
             else:
-                layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
-                self.cache = Cache(layers=[SlotLayer(max_cache_len=width) for _ in range(layers)])
+                self.cache = SlotCache(self.model.config.get_text_config(decoder=True).num_hidden_layers, width)
         else:
             self.cache = DynamicCache(config=self.model.config)
         self.filled = self.final = self.frozen = 0
@@ -298,7 +333,9 @@ class KVCacheModel:
     @torch.inference_mode()
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing compute)."""
-        if self.static:
+        if isinstance(self.cache, SlotCache):
+            self.cache.set(self.cache.kv[:, :, rows])
+        elif self.static:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[rows], layer.values[rows]
                 layer.batch_size = len(rows)
@@ -344,6 +381,13 @@ class KVCacheModel:
         self.filled, self.final = self.filled + pad, self.final + pad
         self.params = joined
         self.calls += 1
+
+    def kv_tensors(self) -> list[torch.Tensor]:
+        """The cache's tensors [..., B, heads, slots, head_dim]: the static cache's one buffer (every
+        layer's keys and values), else each layer's keys and values."""
+        if isinstance(self.cache, SlotCache) and self.cache.kv is not None:
+            return [self.cache.kv]
+        return [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
 
     # --- presses (sampling.press): evict final positions, keep the rest in order after them ---
 

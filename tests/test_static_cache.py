@@ -94,6 +94,27 @@ def test_static_cache_grows_past_its_room():
     assert width == 64 < kv.cache.layers[0].max_cache_len
 
 
+def test_static_layers_are_views_of_one_buffer():
+    """The eager static cache keeps every layer's keys and values in one buffer (a tree's accepted
+    path moves into place with one gather for all of them); layers of different shapes are refused
+    with a one-line error rather than written into a buffer of the wrong shape."""
+    from sampling.kvcache_model import SlotCache
+    target = tiny_model("llama", seed=51)
+    ids, mask = left_padded_batch(97, (4, 6), seed=52)
+    kv = KVCacheModel(target, SamplingParams(temperature=1.0), cache=CacheSpec("static", room=8))
+    kv.prefill(ids, mask)
+    buf = kv.cache.kv                                          # [layers, 2, B, H, W, D]
+    assert isinstance(kv.cache, SlotCache) and kv.kv_tensors() == [buf]
+    assert all(l.keys.data_ptr() == buf[i, 0].data_ptr() and l.values.data_ptr() == buf[i, 1].data_ptr()
+               for i, l in enumerate(kv.cache.layers))
+    kv.select_rows(torch.tensor([1]))
+    assert kv.cache.kv.shape[2] == 1 and kv.cache.layers[-1].keys.data_ptr() == kv.cache.kv[-1, 0].data_ptr()
+    cache = SlotCache(2, 64)
+    cache.update(torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8), 0)
+    with pytest.raises(ValueError, match="layer 1 has .* use kv_cache='dynamic'"):
+        cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 1)
+
+
 @pytest.mark.parametrize("mode", ("google", "bass-mask", "tree"))
 def test_static_cache_keeps_the_target_law(mode):
     mode, tree, finished = RUNS[mode]
