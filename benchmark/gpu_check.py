@@ -2,7 +2,8 @@
 speed table (dynamic cache) at batch 1 (8 prompts) and at batch 8 and 32 (32 prompts), each mode
 with the draft model and with the embedded MLP speculator's heads, the host's work per decode step
 (``benchmark.host_cost`` on the embedded pair: operators and syncs outside the models) and the
-launch-bound model fitted on the batch-1 sweep (``benchmark.launch_model``), the compiled static
+launch-bound model fitted on the batch-1 sweep (``benchmark.launch_model``), the eager static cache
+beside the dynamic one at batch 8 (AR, BASS and the tree with the heads), the compiled static
 cache beside the eager one (AR and the heads' tree), the printed speedups of main.py and
 eval_dolly.py against the same ratios in the sweeps, the cost curve and the predictions for big
 targets, and last how much of a decode the device is busy (``device_busy.csv``, torch.profiler),
@@ -187,6 +188,11 @@ def main(argv=None) -> None:
             "--device", args.device, "--configs", HOST_CONFIGS, "--hidden", "16" if args.quick else "0",
             "--repeats", "1", "--max_tokens", str(args.max_tokens), "--out", d])),   # counts matter here, not time
         ("launch_model", "launch_model", lambda d: launch(args.out, d)),
+        # both caches side by side at batch 8 (the static one moves a tree's path with one gather)
+        ("speed-static", "speed-static", lambda d: quiet("benchmark.run_experiment", common + [
+            "--samples", str(args.b1_prompts), "--modes", "ar,bass,tree", "--draft", "mlp" if heads else "model",
+            "--batch_sizes", "8", "--kv_cache", "dynamic,static", "--temperatures", "0", "--repeats", "3",
+            "--out", d])),
         ("speed-compiled", "speed-compiled", lambda d: quiet("benchmark.run_experiment", common + [
             "--samples", str(args.b1_prompts), "--batch_sizes", "1", "--kv_cache", "dynamic,static", "--compile",
             "--temperatures", "0", "--repeats", "3", "--out", d,

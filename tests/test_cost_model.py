@@ -138,9 +138,12 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
                                         f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
-    assert steps.status.tolist() == ["done"] * 5 + ["skipped (--no_compile)"] + ["done"] * 5, steps
+    assert steps.status.tolist() == ["done"] * 6 + ["skipped (--no_compile)"] + ["done"] * 5, steps
     assert (out / "launch_model" / "prediction.csv").exists()
     assert (out / "host_cost" / "summary.csv").exists()
+    static = pd.read_csv(out / "speed-static" / "raw.csv")                   # both caches, the same tokens
+    assert set(static.kv_cache) == {"dynamic", "static"} and set(static["mode"]) == {"ar", "bass", "tree"}
+    assert (static.groupby(["mode", "sample"]).tokens.nunique() == 1).all()
     busy = pd.read_csv(out / "device_busy.csv")                           # eager only (--no_compile); no device here
     assert list(busy["mode"]) == ["ar", "google", "tree"] and (busy.device_events == 0).all()
     assert (busy.host_ops > 0).all() and busy.busy_fraction.isna().all() and (busy.new_tokens == 4).all()
