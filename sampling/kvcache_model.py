@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from .models import spans_devices
 from .press import PressSpec, QueryCapture, scores, select
 from .utils import RowParams, SamplingParams, norm_logits, one_hot_argmax, row_params
 
@@ -259,7 +260,10 @@ class KVCacheModel:
             if self.spec.compile:
                 self.cache = StaticCache(config=self.model.config, max_cache_len=width)
             else:
-                self.cache = SlotCache(self.model.config.get_text_config(decoder=True).num_hidden_layers, width)
+                layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
+                # a model split over GPUs (--device_map) keeps each layer's slots where the layer runs
+                self.cache = Cache(layers=[SlotLayer(max_cache_len=width) for _ in range(layers)]) \
+                    if spans_devices(self.model) else SlotCache(layers, width)
         else:
             self.cache = DynamicCache(config=self.model.config)
         self.filled = self.final = self.frozen = 0

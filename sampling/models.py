@@ -162,6 +162,12 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def spans_devices(model) -> bool:
+    """Whether a model's layers run on more than one device (accelerate split it over GPUs; layers
+    offloaded to the CPU or the disk run on the main device)."""
+    return len({d for d in (getattr(model, "hf_device_map", None) or {}).values() if d not in ("cpu", "disk")}) > 1
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

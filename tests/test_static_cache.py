@@ -115,6 +115,32 @@ def test_static_layers_are_views_of_one_buffer():
         cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 1)
 
 
+@pytest.mark.parametrize("run", ("bass", "tree", "tree-dynamic"))
+def test_a_model_split_over_gpus_keeps_its_static_slots_per_layer(run, monkeypatch):
+    """A model whose layers run on several devices (accelerate's device map over GPUs) keeps one
+    buffer per layer, where the layer runs, not one for all: the same greedy tokens through the
+    per-layer path (emulated on the CPU by the map alone; offloading to the CPU or disk is one
+    device)."""
+    from sampling.kvcache_model import SlotCache
+    from sampling.models import spans_devices
+    target = tiny_model("llama", seed=31)
+    ids, mask = left_padded_batch(97, LENGTHS, seed=32)
+    eos = greedy_reference(target, ids, mask, 12)[1][3]
+    ref, draft = greedy_reference(target, ids, mask, 12, eos_token_id=eos), noisy_copy(target, 0.1, seed=33)
+    assert not spans_devices(target)
+    monkeypatch.setattr(target, "hf_device_map", {"model.embed_tokens": "cpu", "model.layers.0": 0,
+                                                  "model.layers.1": 1, "lm_head": "disk"}, raising=False)
+    assert spans_devices(target)
+    made = []
+    init = SlotCache.__init__
+    monkeypatch.setattr(SlotCache, "__init__", lambda self, *a: made.append(1) or init(self, *a))
+    mode, tree, finished = RUNS[run]
+    res = generate(target, ids, mask, draft_model=draft, mode=mode, tree=tree, finished_rows=finished,
+                   max_new_tokens=12, gamma=4, temperature=0, eos_token_id=eos, kv_cache="static")
+    assert res.tokens == ref
+    assert len(made) == 1                                      # the draft's (unsplit) cache only
+
+
 @pytest.mark.parametrize("mode", ("google", "bass-mask", "tree"))
 def test_static_cache_keeps_the_target_law(mode):
     mode, tree, finished = RUNS[mode]
