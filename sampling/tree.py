@@ -466,9 +466,8 @@ class TreeVerifier(CachedPart):
         self.padding = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))   # real slots: device count + nodes
         # a tree per row: its parents on the device, read by the walk with the tokens (one transfer)
         # and which nodes the dynamic drafter fed, which its commit needs on the host
-        rows = isinstance(tree, RowTrees)
-        n, nxt, nodes, host, fed = tree_accept(p_root, p_nodes, draft.q, draft.tokens, tree.parent if rows else tree.children,
-                                               generator, self.greedy, tree.fed if rows else None)
+        links, fed = (tree.parent, tree.fed) if isinstance(tree, RowTrees) else (tree.children, None)
+        n, nxt, nodes, host, fed = tree_accept(p_root, p_nodes, draft.q, draft.tokens, links, generator, self.greedy, fed)
         tokens = draft.tokens.gather(1, nodes) if tree.n else draft.tokens  # [b, depth]
         return Accepted(n, nxt, tokens, nodes, seq.shape[1], host, carried=fed)
 

@@ -57,8 +57,8 @@ def test_virtual_device_catches_no_host_device_mixing(mode, kv):
 # where the host needs more of the device's values: a cascade's level decides its own acceptance
 # (the n-gram drafter looks up the accepted tokens the loop has read already: Accepted.taken)
 SYNCS_PER_STEP = {"ar": 1, "google": 1, "deepmind": 1, "bass": 1, "bass-mask": 1, "bass static": 1, "tree": 1,
-                  "dynamic tree": 1, "cascade": 2, "ngram": 1, "tree sampled": 1, "dynamic tree sampled": 1, "bass sampled": 1,
-                  "bass heads": 1, "tree heads": 1, "bass heads sampled": 1}
+                  "dynamic tree": 1, "cascade": 2, "ngram": 1, "tree sampled": 1, "dynamic tree sampled": 1,
+                  "bass sampled": 1, "bass heads": 1, "tree heads": 1, "bass heads sampled": 1}
 
 
 @pytest.mark.parametrize("mode", SYNCS_PER_STEP)
