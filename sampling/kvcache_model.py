@@ -107,11 +107,11 @@ class SlotCache(Cache):
         if self.kv is None:
             b, h, _, d = key_states.shape
             self.set(key_states.new_zeros(len(self.layers), 2, b, h, self.layers[0].max_cache_len, d))
-        if key_states.shape[1:2] + key_states.shape[3:] != self.kv.shape[3:4] + self.kv.shape[5:] or \
-                value_states.shape[-1] != self.kv.shape[-1]:
+        h, d = self.kv.shape[3], self.kv.shape[5]
+        if (key_states.shape[1], key_states.shape[3], value_states.shape[3]) != (h, d, d):   # else copy_ broadcasts
             raise ValueError(f"the static cache needs every layer's keys and values alike; layer {layer_idx} has "
-                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}, layer 0 "
-                             f"{tuple(self.kv.shape[2:4])} x {self.kv.shape[-1]}: use kv_cache='dynamic'")
+                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}, layer 0 {h} heads of "
+                             f"{d}: use kv_cache='dynamic'")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def set(self, kv: torch.Tensor) -> None:

@@ -441,7 +441,7 @@ class DynamicTreeDrafter(TreeDrafter):
             slots = self._tree.fed.gather(1, acc.nodes) if acc.nodes.shape[1] else acc.nodes   # [b, n_max]
             # on the host (the walk brought the path's slots): the columns every row's path has fed
             keep = min([next((j for j, s in enumerate(fed[:len(t) - 1]) if s < 0), slots.shape[1])
-                        for fed, t in zip(acc.carried, acc.taken)], default=0)
+                        for fed, t in zip(acc.carried, acc.taken)])
             self.kv.keep_tree(slots[:, :keep].clamp(min=0), acc.n.clamp(max=keep))
 
 

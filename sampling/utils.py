@@ -368,7 +368,8 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
                 r = law[i, 1 + u]
         ns.append(len(steps))
         paths.append(steps)
-    carried = carried and [[c[x] for x in s] for c, s in zip(carried, paths)]   # before the padding
+    if carry is not None:                            # the path's values, before the padding
+        carried = [[c[x] for x in s] for c, s in zip(carried, paths)]
     depth = max(ns)
     paths = [s + [0] * (depth - len(s)) for s in paths]
     out = to_device([[k, x] + s for k, x, s in zip(ns, nexts, paths)], tokens.device).view(b, 2 + depth)  # one copy
