@@ -5,9 +5,10 @@ with the draft model and with the embedded MLP speculator's heads, the host's wo
 launch-bound model fitted on the batch-1 sweep (``benchmark.launch_model``), the eager static cache
 beside the dynamic one at batch 8 (AR, BASS and the tree with the heads), the compiled static
 cache beside the eager one (AR and the heads' tree), the printed speedups of main.py and
-eval_dolly.py against the same ratios in the sweeps, the cost curve and the predictions for big
-targets, and last how much of a decode the device is busy (``device_busy.csv``, torch.profiler),
-eager and compiled, all in one folder.
+eval_dolly.py against the same ratios in a sweep of their configurations (batch sizes interleaved
+too, so that eval_dolly's google at batch 1 against AR at batch 8 is one run's ratio), the cost
+curve and the predictions for big targets, and last how much of a decode the device is busy
+(``device_busy.csv``, torch.profiler), eager and compiled, all in one folder.
 
     python -m benchmark.gpu_check --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/gpu/check
 
@@ -198,6 +199,11 @@ def main(argv=None) -> None:
             "--temperatures", "0", "--repeats", "3", "--out", d,
             # eager beside compiled: AR and the heads' tree (AR and google where the heads cannot read the target)
             *(("--modes", "ar,tree", "--draft", "mlp") if heads else ("--modes", "ar,google"))])),
+        # the tools' configurations side by side, batch sizes too: the agreement's references
+        ("speed-tools", "speed-tools", lambda d: quiet("benchmark.run_experiment", common + [
+            "--samples", str(args.b1_prompts), "--modes", "ar,google,bass,tree", "--draft", "model",
+            "--batch_sizes", "1,8", "--together", "--kv_cache", "dynamic", "--temperatures", "0", "--repeats", "3",
+            "--out", d])),
         ("main.py", None, lambda _: write_text(os.path.join(args.out, "main-compare.json"), quiet(
             "main", models + inputs + ["--compare", "--temperature", "0", "--max_tokens", str(args.max_tokens),
                                        "--json"]))),
@@ -244,6 +250,7 @@ def main(argv=None) -> None:
 
 
 SWEEPS = ("speed-b1", "speed-batched")            # the eager sweeps: batch 1, and batches 8 and 32
+REFERENCES = ("speed-tools",) + SWEEPS     # the agreement's references, first choice first
 SWEEP_MODE = {"deepmind": "google"}          # tools' modes the sweeps leave out: the same algorithm's figure
 SWEEP_COLUMNS = ("sweep_speedup", "sweep_side_by_side")   # agreement.csv: sweep_speedup's two answers
 # host_cost's configurations: the eager batch-1 sweep's (the launch model's fit) and the batched one's
@@ -266,11 +273,11 @@ def label(path_or_preset: str) -> str:
 
 
 def sweep_rates(out: str) -> pd.DataFrame:
-    """Tokens/s of every (mode, batch, batch_id) of the eager sweeps with the draft model (what the
-    tools run), from raw rows, with the sweep that ran it: the rows of one batch share its wall
+    """Tokens/s of every (mode, batch, batch_id) of the reference sweeps with the draft model (what
+    the tools run), from raw rows, with the sweep that ran it: the rows of one batch share its wall
     time. Each is the median run's."""
     raw = [pd.read_csv(p, keep_default_na=False, na_values=[""]).assign(sweep=d)
-           for d, p in ((d, os.path.join(out, d, "raw.csv")) for d in SWEEPS) if os.path.exists(p)]
+           for d, p in ((d, os.path.join(out, d, "raw.csv")) for d in REFERENCES) if os.path.exists(p)]
     if not raw:
         return pd.DataFrame(columns=["mode", "batch", "batch_id", "sweep", "first", "tokens", "wall"])
     r = pd.concat(raw, ignore_index=True)
@@ -280,22 +287,29 @@ def sweep_rates(out: str) -> pd.DataFrame:
 
 
 def sweep_speedup(rates: pd.DataFrame, mode: str, batch: int, ar_batch: int, prompts: int) -> tuple[float, bool]:
-    """The sweeps' tokens/s of ``mode`` at ``batch`` over the batches of its first ``prompts`` records,
-    over AR's at ``ar_batch`` on the same records (nan where the sweeps lack one), and whether the
-    two came from one sweep (side by side) rather than two run minutes apart."""
-    def rate(m, b):
-        g = rates[(rates["mode"] == m) & (rates.batch == b) & (rates["first"] < prompts)]
-        return (g.tokens.sum() / g.wall.sum() if len(g) else float("nan")), set(g.sweep)
-    (num, a), (den, b) = rate(SWEEP_MODE.get(mode, mode), batch), rate("ar", ar_batch)
-    return num / den, len(a | b) == 1
+    """The tokens/s of ``mode`` at ``batch`` over the batches of its first ``prompts`` records, over
+    AR's at ``ar_batch`` on the same records, and whether the two were measured side by side: from
+    the first of ``REFERENCES`` that ran both, else each from the first that ran it (runs minutes
+    apart; nan where none did)."""
+    def rate(m, b, sweep):
+        g = rates[(rates["mode"] == m) & (rates.batch == b) & (rates["first"] < prompts) & (rates.sweep == sweep)]
+        return g.tokens.sum() / g.wall.sum() if len(g) else float("nan")
+    m = SWEEP_MODE.get(mode, mode)
+    pairs = [(rate(m, batch, s), rate("ar", ar_batch, s)) for s in REFERENCES]
+    both = [num / den for num, den in pairs if num == num and den == den]
+    if both:
+        return both[0], True
+    first = [next((x[i] for x in pairs if x[i] == x[i]), float("nan")) for i in (0, 1)]
+    return first[0] / first[1], False
 
 
 def agreement(out: str, main_prompts: int, eval_prompts: int) -> None:
     """Each tool's printed speedup beside the same ratio in the warmed-up, interleaved sweeps (dynamic
-    cache) on the same prompts: main.py's (batch 1, the first ``main_prompts`` records) and
-    eval_dolly's (each mode at its batch against AR at ``--batch``, the first ``eval_prompts``), with
-    the lowest and highest of the tool's own speedups round by round, and whether the sweep's figure
-    lies between them."""
+    cache) on the same prompts, side by side where one sweep ran both (``speed-tools`` runs the
+    tools' configurations, batch sizes interleaved): main.py's (batch 1, the first ``main_prompts``
+    records) and eval_dolly's (each mode at its batch against AR at ``--batch``, the first
+    ``eval_prompts``), with the lowest and highest of the tool's own speedups round by round, and
+    whether the sweep's figure lies between them."""
     rates = sweep_rates(out)
     if rates.empty:
         return

@@ -41,7 +41,8 @@ def int_list(text: str, name: str) -> list[int]:
 
 
 IDENTITY = ("fingerprint", "dataset_path", "samples", "skip_bad_lines", "target_model_name", "approx_model_name",
-            "device", "dtype", "speculator", "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "repeats")
+            "device", "dtype", "speculator", "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
+            "repeats", "together")
 
 
 def parse(argv=None):
@@ -62,6 +63,10 @@ def parse(argv=None):
     ap.add_argument("--repetition_penalty", type=float, default=DEFAULTS.repetition_penalty,
                     help="repetition penalty > 0 (1: off)")
     ap.add_argument("--max_tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
+    ap.add_argument("--together", action="store_true",
+                    help="interleave the batch sizes too, round by round, so that ratios across batch sizes (bass "
+                         "at 8 against ar at 1) are measured side by side (default: one batch size after another; "
+                         "the rows are then written once every round has run)")
     ap.add_argument("--sort_batch", default="off", choices=("off", "on", "both"),
                     help="sorted batching for the batched modes")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows,
@@ -186,7 +191,7 @@ def main(argv=None) -> None:
     shard = data.shard
     shard.wait()                                        # every process has read raw.csv before it changes
     if not shard.main:                                  # the others measure their share and leave
-        for _ in run_grid(todo, data, args.repeats):
+        for _ in run_grid(todo, data, args.repeats, together=args.together):
             pass
         shard.close()
         return
@@ -199,7 +204,7 @@ def main(argv=None) -> None:
     saved, t0 = 0, time.perf_counter()
     try:
         with tqdm(total=len(todo) * len(data.prompts) * args.repeats, desc="sweep", dynamic_ncols=True) as bar:
-            for group in run_grid(todo, data, args.repeats, bar, costs=env["cost"]):
+            for group in run_grid(todo, data, args.repeats, bar, costs=env["cost"], together=args.together):
                 rows = pd.DataFrame(group)
                 raw = rows if raw.empty else pd.concat([raw, rows], ignore_index=True)
                 write_csv(raw_path, raw)               # an interrupted sweep keeps the groups that finished
@@ -222,7 +227,7 @@ def main(argv=None) -> None:
                        "decode_throughput", "decode_speedup_vs_ar"] + \
         (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify", "flagged"] if cost else [])
     print(f"each figure: per batch, the median of {args.repeats} timed run(s) after one warm-up run, the "
-          f"configurations of a batch size interleaved")
+          f"configurations of a batch size interleaved" + (", batch sizes too" if args.together else ""))
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     if summary.processes.max() > 1:
         print(f"{shard.size} processes: throughput is one process's rate, throughput_total the sum of theirs "

@@ -199,6 +199,29 @@ def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
     assert len(pd.read_csv(out_dir / "raw.csv")) == len(grown)
 
 
+def test_sweep_together_interleaves_batch_sizes(pair, capsys, tmp_path, monkeypatch):
+    """--together reaches run_grid (which interleaves the groups: test_run_grid_*), its rows are
+    every batch size's, config.json keeps it, and a resume without it is refused."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("together"))
+        yield from runner_run_grid(*args, **kwargs)
+    from benchmark.runner import run_grid as runner_run_grid
+    monkeypatch.setattr(run_experiment, "run_grid", spy)
+    argv = ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "3", "--modes", "ar,bass", "--gammas", "2",
+            "--batch_sizes", "1,2", "--repeats", "1", "--target_model_name", pair["target"],
+            "--approx_model_name", pair["draft"], "--out", str(tmp_path / "t")]
+    code, out, err = cli(run_experiment, argv + ["--together"], capsys)
+    assert code == 0, err
+    assert seen == [True] and "batch sizes too" in out
+    raw = pd.read_csv(tmp_path / "t" / "raw.csv")
+    assert sorted(set(zip(raw["mode"], raw.batch))) == [("ar", 1), ("ar", 2), ("bass", 1), ("bass", 2)]
+    assert json.load(open(tmp_path / "t" / "config.json"))["together"] is True
+    code, out, err = cli(run_experiment, argv + ["--resume"], capsys)
+    assert code == 2 and err.startswith("error: --resume: together is True in ") and seen == [True], err
+
+
 def test_interrupted_sweep_says_how_to_resume(pair, capsys, tmp_path, monkeypatch):
     from benchmark import runner
 

@@ -138,7 +138,7 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
                                         f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
-    assert steps.status.tolist() == ["done"] * 6 + ["skipped (--no_compile)"] + ["done"] * 5, steps
+    assert steps.status.tolist() == ["done"] * 6 + ["skipped (--no_compile)"] + ["done"] * 6, steps
     assert (out / "launch_model" / "prediction.csv").exists()
     assert (out / "host_cost" / "summary.csv").exists()
     static = pd.read_csv(out / "speed-static" / "raw.csv")                   # both caches, the same tokens
@@ -157,9 +157,10 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
     assert agree.set_index("mode").loc["tree"].sweep_speedup > 0
     assert (agree.tool_min_round <= agree.tool_max_round).all() and agree.sweep_within_tool_rounds.dtype == bool
     assert agree.set_index(["tool", "mode"]).loc[("main.py --compare", "ar"), "tool_max_round"] == 1.0
-    side = agree.set_index(["tool", "mode"]).sweep_side_by_side    # eval_dolly: google at 1 against ar at 8
-    assert side[("main.py --compare", "google")] and not side[("eval_dolly.py", "google")]
-    assert side[("eval_dolly.py", "bass")]
+    assert agree.sweep_side_by_side.all()      # speed-tools: eval_dolly's google at 1 and ar at 8 too
+    tools = pd.read_csv(out / "speed-tools" / "raw.csv")
+    assert sorted(set(zip(tools["mode"], tools.batch))) == [("ar", 1), ("ar", 8), ("bass", 1), ("bass", 8),
+                                                            ("google", 1), ("tree", 1), ("tree", 8)]
     assert json.loads((out / "env.json").read_text())["cores"] >= 1
     # a run cut inside launch_model (its folder half written, no row in steps.csv) is completed by a second run
     cut = steps[steps.step.isin(["exactness", "speed-b1", "speed-batched", "host_cost"])]
@@ -328,6 +329,24 @@ def test_launch_model_costs_are_never_negative():
     a, b, fitted = launch_model.fit(launch_model.decode_passes(launch_sweep(us_model=-2.0, us_loop=40.0)),
                                     launch_counts())
     assert a == 0 and b > 0 and fitted.error.abs().max() > 0.01
+
+
+def test_agreement_takes_both_figures_from_one_sweep():
+    """A tool's ratio is set against a sweep that ran both configurations (the first of REFERENCES),
+    never one figure from each of two runs while one run has both; with no such sweep, each comes
+    from the first that ran it, flagged as not side by side."""
+    def rows(sweep, rates):                    # {(mode, batch): tokens/s}, one batch of 8 prompts each
+        return [dict(mode=m, batch=b, batch_id=0, sweep=sweep, first=0, tokens=tps, wall=1.0)
+                for (m, b), tps in rates.items()]
+    rates = pd.DataFrame(rows("speed-tools", {("google", 1): 30.0, ("ar", 8): 300.0, ("ar", 1): 100.0})
+                         + rows("speed-b1", {("google", 1): 50.0, ("ar", 1): 40.0, ("tree", 1): 60.0})
+                         + rows("speed-batched", {("ar", 8): 200.0, ("bass", 8): 100.0}))
+    assert gpu_check.sweep_speedup(rates, "deepmind", 1, 8, 8) == (0.1, True)       # not 50 / 300, nor 30 / 200
+    assert gpu_check.sweep_speedup(rates, "bass", 8, 8, 8) == (0.5, True)           # speed-batched has both
+    assert gpu_check.sweep_speedup(rates, "tree", 1, 1, 8) == (1.5, True)           # not 60 / 100
+    assert gpu_check.sweep_speedup(rates, "tree", 1, 8, 8) == (0.2, False)          # 60 / 300: two runs
+    num, side = gpu_check.sweep_speedup(rates, "cascade", 1, 1, 8)
+    assert num != num and not side
 
 
 def test_gpu_check_compares_the_compiled_rows_only(tmp_path):
