@@ -229,7 +229,16 @@ def main(argv=None) -> None:
         raise ValueError(f"{args.out} exists; pick another --out")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here")
+    before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        collect(args, configs)
+    finally:                              # run in-process (gpu_check): the caller's steps keep their threads
+        torch.set_num_threads(before)
+
+
+def collect(args, configs: list) -> None:
+    """Build the models, measure every configuration of every version, write the folder."""
     if args.hidden:
         target = shrunk(DEFAULT_TARGET, args.hidden, 0).to(args.device)
         draft = shrunk(DEFAULT_DRAFT, args.hidden, 1).to(args.device)

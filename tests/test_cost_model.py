@@ -132,10 +132,15 @@ def test_cost_model_bad_flags(flag, value, msg, capsys, tmp_path):
 
 def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
     out = tmp_path / "check"
-    code, stdout, err = cli(gpu_check, ["--device", "cpu", "--quick", "--no_compile", "--dataset_path", FIXTURE,
-                                        "--max_tokens", "4", "--exact_prompts", "3", "--target_model_name",
-                                        pair["target"], "--approx_model_name", pair["draft"], "--predict",
-                                        f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                   # tests run on one thread (conftest); host_cost runs on one
+    try:
+        code, stdout, err = cli(gpu_check, ["--device", "cpu", "--quick", "--no_compile", "--dataset_path", FIXTURE,
+                                            "--max_tokens", "4", "--exact_prompts", "3", "--target_model_name",
+                                            pair["target"], "--approx_model_name", pair["draft"], "--predict",
+                                            f"{pair['target']}:{pair['draft']}:1", "--out", str(out)], capsys)
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, err
     steps = pd.read_csv(out / "steps.csv")
     assert steps.status.tolist() == ["done"] * 6 + ["skipped (--no_compile)"] + ["done"] * 6, steps
@@ -162,6 +167,8 @@ def test_gpu_check_steps_run_on_the_cpu(pair, capsys, tmp_path):
     assert sorted(set(zip(tools["mode"], tools.batch))) == [("ar", 1), ("ar", 8), ("bass", 1), ("bass", 8),
                                                             ("google", 1), ("tree", 1), ("tree", 8)]
     assert json.loads((out / "env.json").read_text())["cores"] >= 1
+    threads = {p.parent.name: json.loads(p.read_text()).get("torch_threads") for p in out.glob("*/env.json")}
+    assert threads.pop("host_cost") == 1 and set(threads.values()) - {None} == {2}, threads   # the steps after it too
     # a run cut inside launch_model (its folder half written, no row in steps.csv) is completed by a second run
     cut = steps[steps.step.isin(["exactness", "speed-b1", "speed-batched", "host_cost"])]
     cut.to_csv(out / "steps.csv", index=False)
@@ -188,10 +195,17 @@ def test_host_cost_counts_the_loop_beside_a_baseline(capsys, tmp_path):
     loop's syncs as the decode test holds them."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(host_cost.__file__)))
     out = tmp_path / "host"
-    code, stdout, err = cli(host_cost, ["--configs", "ar:1,bass:2:static,tree:1,bass:2:dynamic:mlp", "--max_tokens", "6",
-                                        "--hidden", "16", "--repeats", "1", "--baseline", repo, "--out", str(out)],
-                            capsys)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code, stdout, err = cli(host_cost, ["--configs", "ar:1,bass:2:static,tree:1,bass:2:dynamic:mlp",
+                                            "--max_tokens", "6", "--hidden", "16", "--repeats", "1", "--threads", "1",
+                                            "--baseline", repo, "--out", str(out)], capsys)
+        assert torch.get_num_threads() == 2     # its --threads left behind, gpu_check's later steps ran on one
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, err
+    assert json.loads((out / "env.json").read_text())["torch_threads"] == 1
     s = pd.read_csv(out / "summary.csv")
     cur, base = s[s.version == "current"].reset_index(), s[s.version == "baseline"].reset_index()
     assert len(cur) == len(base) == 4 and list(cur["mode"]) == ["ar", "bass", "tree", "bass"]
