@@ -65,8 +65,8 @@ def parse(argv=None):
     ap.add_argument("--max_tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
     ap.add_argument("--together", action="store_true",
                     help="interleave the batch sizes too, round by round, so that ratios across batch sizes (bass "
-                         "at 8 against ar at 1) are measured side by side (default: one batch size after another; "
-                         "the rows are then written once every round has run)")
+                         "at 8 against ar at 1) are measured side by side; raw.csv is then written once every round "
+                         "has run (default: one batch size after another, each written when it is done)")
     ap.add_argument("--sort_batch", default="off", choices=("off", "on", "both"),
                     help="sorted batching for the batched modes")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows,
