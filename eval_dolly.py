@@ -13,14 +13,37 @@ import pandas as pd
 from tqdm import tqdm
 
 from benchmark.metrics import process_throughput, round_spread, round_throughputs, spread_label, summarise, upgrade_raw
-from benchmark.runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, parse_modes,
-                              prepare, run_grid)
+from benchmark.runner import (
+    ALL_MODES,
+    HF_MODES,
+    SEQUENTIAL_MODES,
+    RunConfig,
+    add_bench_args,
+    check_out,
+    drafts_of,
+    parse_modes,
+    prepare,
+    reads,
+    run_grid,
+)
 from benchmark.utils_io import write_csv
-from sampling import check_args
-from sampling.cli import (Parser, add_model_args, add_sampling_args, check_at_least_one, check_speculator_flag,
-                          params_of, parse_caches, parse_drafts, presses_of, run, schedule_of)
+from sampling import MODES, check_args
+from sampling.app.cli import (
+    Parser,
+    add_model_args,
+    add_sampling_args,
+    check_at_least_one,
+    check_mode_draft,
+    check_speculator_flag,
+    params_of,
+    parse_caches,
+    parse_drafts,
+    presses_of,
+    run,
+    schedule_of,
+)
 from sampling.generate import default_gamma
-from sampling.tree import parse_tree
+from sampling.tree_shapes import parse_tree
 
 COLUMNS = {"mode": "mode", "samples": "samples", "new_tokens": "new tokens", "wall_time_s": "wall s",
            "throughput": "tokens/s", "latency_ms": "ms/token per sequence", "ttft_s": "TTFT s",
@@ -43,8 +66,9 @@ def parse(argv=None):
     args.modes = parse_modes(args.modes)
     args.drafts = parse_drafts(args.draft)
     check_speculator_flag(args.speculator, args.drafts)
-    if args.drafts == ["ngram"] and "tree" in args.modes:
-        raise ValueError("--draft ngram drafts chains; mode tree needs a draft model or speculator heads")
+    for mode in args.modes:
+        if mode in MODES:
+            check_mode_draft(mode, args.drafts[0])
     check_at_least_one(args, "samples", "batch", "repeats")
     if args.show < 0:
         raise ValueError(f"--show must be >= 0, got {args.show}")
@@ -66,14 +90,13 @@ def main(argv=None) -> None:
     args.seed = data.shard.agree(args.seed)           # one seed for every process of a launch
     rows = []
     cfgs = [RunConfig(mode=mode, batch=1 if mode in SEQUENTIAL_MODES else args.batch,
-                      gamma=0 if mode in ("ar", "hf", "tree") else args.gamma,
+                      gamma=args.gamma if reads(mode, "gamma") else 0,
                       gamma_schedule=args.gamma_schedule, temperature=args.temperature,
                       sort_batch=args.sort_batch and mode not in SEQUENTIAL_MODES,
                       max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, seed=args.seed,
-                      finished_rows=args.finished_rows, tree=args.tree if mode == "tree" else "",
-                      draft="" if mode in DRAFTLESS_MODES else "model" if mode == "hf_assisted" else
-                      "cascade" if mode == "cascade" else args.drafts[0],
+                      finished_rows=args.finished_rows, tree=args.tree if reads(mode, "tree") else "",
+                      draft=drafts_of(mode, args.drafts)[0],
                       kv_cache=args.kv_cache, compile=args.compile,
                       press=args.press_label if mode not in HF_MODES else "")
             for mode in args.modes]
@@ -91,7 +114,8 @@ def main(argv=None) -> None:
     summary = summarise(raw)
     summary = summary.set_index("mode").loc[args.modes].reset_index()    # the order of --modes
     if "ar" in args.modes:                        # speedup over this run's ar, whatever its batch
-        summary["speedup_vs_ar"] = summary.throughput / float(summary.loc[summary["mode"] == "ar", "throughput"].iloc[0])
+        ar = float(summary.loc[summary["mode"] == "ar", "throughput"].iloc[0])
+        summary["speedup_vs_ar"] = summary.throughput / ar
     else:
         summary["speedup_vs_ar"] = float("nan")
     # the same round by round (each round runs every mode over every batch, batch sizes interleaved)
@@ -130,7 +154,7 @@ def main(argv=None) -> None:
 
 def show(raw: pd.DataFrame, data, modes: list[str], n: int) -> None:
     """The first n prompts and what each mode wrote after them."""
-    for k, (ids, meta) in enumerate(zip(data.prompts[:n], data.meta[:n])):
+    for ids, meta in zip(data.prompts[:n], data.meta[:n]):
         print(f"\n=== sample {meta['sample']} ({meta['category']}) ===\n{data.tokenizer.decode(ids)}")
         for mode in modes:
             text = raw[(raw["mode"] == mode) & (raw["sample"] == meta["sample"])]["output"].iloc[0]

@@ -10,11 +10,27 @@ import json
 import sys
 
 from sampling import MODES, check_args, generate_many
-from sampling.cli import (Parser, add_model_args, add_sampling_args, check_at_least_one, check_speculator_flag,
-                          generate_kwargs, load_pair, params_of, parse_caches, parse_drafts, placement_of, presses_of,
-                          run, schedule_of)
+from sampling.app.cli import (
+    Parser,
+    add_model_args,
+    add_sampling_args,
+    check_at_least_one,
+    check_mode_draft,
+    check_speculator_flag,
+    generate_kwargs,
+    load_pair,
+    needs_draft,
+    params_of,
+    parse_caches,
+    parse_drafts,
+    placement_of,
+    presses_of,
+    run,
+    schedule_of,
+    takes_draft,
+)
 from sampling.generate import DEFAULTS, default_gamma
-from sampling.tree import parse_tree
+from sampling.tree_shapes import parse_tree
 
 
 def parse(argv=None):
@@ -41,8 +57,10 @@ def parse(argv=None):
     args = ap.parse_args(argv)
     if args.bass:
         args.mode = "bass"
-    if args.mode is None:
-        args.mode = DEFAULTS.mode if args.draft == "ngram" else DEFAULTS.main_mode
+    check_speculator_flag(args.speculator, [parse_drafts(args.draft)[0]])
+    args.draft = parse_drafts(args.draft)[0]
+    if args.mode is None:                                  # the fastest mode the drafter can draft for
+        args.mode = DEFAULTS.main_mode if takes_draft(DEFAULTS.main_mode, args.draft) else DEFAULTS.mode
     if not args.input or any(not p.strip() for p in args.input):
         raise ValueError("empty prompt: give a non-empty --input")
     check_at_least_one(args, "batch", "repeats")
@@ -50,31 +68,30 @@ def parse(argv=None):
     check_args(args.mode, args.max_tokens, gamma, params_of(args), schedule_of(args), args.finished_rows)
     if args.tree is not None:
         parse_tree(args.tree)
-    check_speculator_flag(args.speculator, parse_drafts(args.draft))
     parse_caches(args.kv_cache, args.compile)
     presses_of(args)
     if args.cascade_gamma is not None and args.cascade_gamma <= 0:
         raise ValueError(f"--cascade_gamma must be >= 1, got {args.cascade_gamma}")
-    if args.draft == "ngram" and args.mode == "tree" and not args.compare:
-        raise ValueError("--draft ngram drafts chains; mode tree needs a draft model or speculator heads")
+    if not args.compare:                                   # --compare runs the modes the drafter drafts for
+        check_mode_draft(args.mode, args.draft)
     return args
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     cascade = args.cascade is not None or args.target_model_name is None   # its drafts fit this target
-    modes = tuple(m for m in MODES if not (m == "tree" and args.draft == "ngram") and (m != "cascade" or cascade)) \
+    modes = tuple(m for m in MODES if takes_draft(m, args.draft) and (m != "cascade" or cascade)) \
         if args.compare else (args.mode,)
-    target, draft, tok, vocab = load_pair(args, need_draft=any(m not in ("ar", "cascade") for m in modes))
+    target, draft, tok, vocab = load_pair(args, need_draft=any(needs_draft(m) for m in modes))
     prompts = list(args.input)
     while len(prompts) < args.batch:                       # fill one batch with copies
         prompts.append(args.input[len(prompts) % len(args.input)])
     ids = [tok(p)["input_ids"] for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise ValueError("empty prompt: a prompt encodes to no tokens")
-    drafts = {m: draft for m in modes}
+    drafts = {m: draft if needs_draft(m) else None for m in modes}
     if "cascade" in modes:                                 # mode cascade drafts with its own models
-        from sampling.models import load_cascade
+        from sampling.app.models import load_cascade
         drafts["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype,
                                                         placement_of(args))
         vocab = vocab or cascade_vocab

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sampling.scheduler import SERVE_MODES, QueueFull, Scheduler, SchedulerConfig, ServeRequest, warm_up
+from sampling.app.scheduler import SERVE_MODES, QueueFull, Scheduler, SchedulerConfig, ServeRequest, warm_up
 
 MAX_N = 4                 # choices per request at most (each one a row of its own)
 MAX_STOPS = 4             # stop strings per request at most (OpenAI's limit)
@@ -112,7 +112,8 @@ class Completion:
         self.req = ServeRequest(ids=ids, max_tokens=fields["max_tokens"], temperature=fields["temperature"],
                                 top_p=fields["top_p"], top_k=fields["top_k"], seed=seed,
                                 on_tokens=lambda t: loop.call_soon_threadsafe(self.events.put_nowait, ("tokens", t)),
-                                on_done=lambda s, e: loop.call_soon_threadsafe(self.events.put_nowait, ("done", (s, e))))
+                                on_done=lambda s, e: loop.call_soon_threadsafe(self.events.put_nowait,
+                                                                               ("done", (s, e))))
 
     async def next_delta(self) -> str | None:
         """The text added since the last call (None: finished)."""
@@ -271,8 +272,8 @@ def sse(obj: dict) -> str:
 
 def build(args):
     """Scheduler (started, warmed up), tokenizer and limits from the flags."""
-    from sampling.cli import load_pair, presses_of
-    from sampling.generate import max_positions
+    from sampling.app.cli import load_pair, presses_of
+    from sampling.utils import max_positions
     target, draft, tok, vocab = load_pair(args, need_draft=args.serve_mode != "ar")
     cfg = SchedulerConfig(args.serve_mode, args.max_batch, args.max_wait_ms, args.queue_size, args.gamma,
                           args.continuous == "on")
@@ -283,7 +284,7 @@ def build(args):
 
 
 def parse(argv=None):
-    from sampling.cli import CACHES, Parser, add_model_args, add_press_args
+    from sampling.app.cli import CACHES, Parser, add_model_args, add_press_args
     d = SchedulerConfig()
     ap = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, placement=True)
@@ -329,5 +330,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from sampling.cli import run
+    from sampling.app.cli import run
     run(main)

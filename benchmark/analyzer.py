@@ -110,9 +110,11 @@ def markdown_table(summary: pd.DataFrame) -> str:
                   " | decode speedup vs ar | predicted (Leviathan)"
                   " | efficiency | predicted with verify cost | efficiency (verify-aware) |",
                   "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        order = [k for k in ("mode", "draft", "batch", "gamma", "gamma_schedule", "sort_batch", "finished_rows") if k in part]
+        order = [k for k in ("mode", "draft", "batch", "gamma", "gamma_schedule", "sort_batch", "finished_rows")
+                 if k in part]
         for _, r in part.sort_values(order).iterrows():
-            gamma = "" if r.gamma == 0 else f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
+            gamma = "" if r.gamma == 0 else \
+                f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
             name = r["mode"] + (f" {r.draft}" if r.get("draft") not in (None, "", "model") else "") + \
                 (f" {r.tree}" if r.get("tree") else "") + (" sorted" if r.sort_batch else "") + \
                 (" masked" if r.get("finished_rows") == "mask" else "") + cache_label(r)

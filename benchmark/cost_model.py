@@ -35,11 +35,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sampling.cli import Parser, add_model_args, run
-from sampling.kvcache_model import CacheSpec, KVCacheModel
-from sampling.rows import now
-from sampling.tree import DynamicTree, parse_tree
-from sampling.utils import SamplingParams
+from sampling.app.cli import Parser, add_model_args, run
+from sampling.cache.spec import CacheSpec
+from sampling.kvcache_model import KVCacheModel
+from sampling.modes import MODES_TABLE
+from sampling.params import SamplingParams
+from sampling.tree_shapes import DynamicTree, parse_tree
+from sampling.utils import now
 
 from .utils_io import save_figure, write_csv, write_text
 
@@ -86,10 +88,32 @@ def full_layers(name_or_path: str) -> int:
 
 
 @torch.inference_mode()
+def random_cache(model, spec: CacheSpec, batch: int, length: int, generator: torch.Generator) -> KVCacheModel:
+    """A wrapper whose cache holds ``length`` random keys and values per row, as if a prompt had been
+    run: passes are timed against a cache length without paying its prefill. Built through the
+    wrapper's backend (``sampling.cache.backends``) after a one-token prefill."""
+    kv = KVCacheModel(model, SamplingParams(temperature=1.0), cache=spec)
+    cfg = model.config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    p = next(model.parameters())
+    one = torch.ones(batch, 1, dtype=torch.long, device=p.device)
+    kv.prefill(one, one)                                                  # makes the backend
+    kv.truncate(0)
+    kv.backend.reserve(length)
+    keys = torch.randn(batch, heads, length, dim, generator=generator, dtype=p.dtype).to(p.device)
+    for i in range(len(kv.cache.layers)):
+        kv.cache.update(keys, keys, i)
+    kv.backend.filled = length
+    kv.mask = torch.ones(batch, length, dtype=torch.long, device=p.device)
+    return kv
+
+
+@torch.inference_mode()
 def measure_passes(model, s: CostSettings) -> pd.DataFrame:
     """Median ms of cached passes over the grid (batch, new, cache) and of prefills (batch, prompt):
     one warm-up round, then ``reps`` rounds with the points in rotating order. The caches are
-    filled with random keys once (``KVCacheModel.fill_random``); each pass is rolled back."""
+    filled with random keys once (``random_cache``); each pass is rolled back."""
     device = next(model.parameters()).device
     V = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
@@ -97,8 +121,7 @@ def measure_passes(model, s: CostSettings) -> pd.DataFrame:
     caches = {}
     for b in s.batches:
         for L in s.caches:
-            caches[b, L] = KVCacheModel(model, SamplingParams(temperature=1.0), cache=spec)
-            caches[b, L].fill_random(b, L, gen)
+            caches[b, L] = random_cache(model, spec, b, L, gen)
     fresh = KVCacheModel(model, SamplingParams(temperature=1.0), cache=spec)
     points = [("step", b, n, L) for b in s.batches for L in s.caches for n in s.news] + \
              [("prefill", b, T, 0) for b in s.batches for T in s.prefills]
@@ -192,18 +215,21 @@ class PassCost:
 def draft_passes(cfg: pd.Series) -> list[int]:
     """Widths (tokens) of the draft's passes in one step: gamma passes of 1 token for a chain; one
     per level for a tree, as wide as the nodes it expands (a dynamic tree: K, the first level 1)."""
-    if cfg["mode"] == "tree":
+    mode = MODES_TABLE[cfg["mode"]]
+    if mode.verifier == "tree":
         shape = parse_tree(cfg["tree"])
         if isinstance(shape, DynamicTree):
             return [1] + [shape.k] * (shape.depth - 1)
         return [1] + [int((shape.depths == d).sum()) for d in range(1, int(shape.depths.max()))]
-    return [1] * int(round(cfg["mean_gamma"])) if cfg["mode"] != "ar" else []
+    return [1] * int(round(cfg["mean_gamma"])) if mode.speculative else []
 
 
 def verify_width(cfg: pd.Series) -> int:
-    if cfg["mode"] == "tree":
+    """Tokens of the target's pass in one step: a tree's nodes or a chain's drafts, and the pending token."""
+    mode = MODES_TABLE[cfg["mode"]]
+    if mode.verifier == "tree":
         return parse_tree(cfg["tree"]).n + 1
-    return 1 if cfg["mode"] == "ar" else int(round(cfg["mean_gamma"])) + 1
+    return int(round(cfg["mean_gamma"])) + 1 if mode.speculative else 1
 
 
 class BatchPasses(NamedTuple):
@@ -223,7 +249,7 @@ def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) 
     q, widths = verify_width(cfg), draft_passes(cfg)
     use_draft = draft is not None and cfg["draft"] == "model"
     ms = pre = target.prefill_ms(B, T) + (draft.prefill_ms(B, T) if use_draft else 0.0)
-    speculative = cfg["mode"] != "ar"                  # its first hand-out follows its first step
+    speculative = MODES_TABLE[cfg["mode"]].speculative   # its first hand-out follows its first step
     for s in range(1, max(steps, default=0) + 1):
         live = B if cfg["finished_rows"] == "mask" and speculative else sum(n >= s for n in steps)
         cache = T + s * tokens_per_step
@@ -272,9 +298,9 @@ def replay(raw: pd.DataFrame, target: PassCost, draft: PassCost | None, kv_cache
         passes = {bid: predict_batch(b, target, draft) for bid, b in g.groupby("batch_id")}
         ids = sorted(passes)
 
-        def host_work(cal):                   # seconds per decode iteration not spent in the predicted passes
-            return sum(walls[i] - ttfts[i] - passes[i].seconds + passes[i].before_first for i in cal) / \
-                max(1, sum(passes[i].decode_iterations for i in cal))
+        def host_work(cal, walls=walls, ttfts=ttfts, passes=passes):   # seconds per decode iteration not
+            return sum(walls[i] - ttfts[i] - passes[i].seconds + passes[i].before_first    # spent in the
+                       for i in cal) / max(1, sum(passes[i].decode_iterations for i in cal))   # predicted passes
 
         if overhead is None:
             ov = {i: host_work([j for j in ids if j != i] or ids) for i in ids}
@@ -389,7 +415,7 @@ def main(argv=None) -> None:
                     ignore_index=True)
     if modeled(raw, s.kv_cache).empty:
         raise ValueError(f"--raw {args.raw} has no configuration of ar or the draft model with kv_cache {s.kv_cache}")
-    from sampling.cli import load_pair
+    from sampling.app.cli import load_pair
     if args.passes:
         costs = {role: g.drop(columns="model") for role, g in pd.read_csv(args.passes).groupby("model")}
         if set(costs) != {"target", "draft"}:

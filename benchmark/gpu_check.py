@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from sampling import generate, pad_left
-from sampling.cli import Parser, add_model_args, check_at_least_one, load_pair, run
+from sampling.app.cli import Parser, add_model_args, check_at_least_one, load_pair, run
 
 from .utils_io import env_info, write_csv, write_json, write_text
 
@@ -56,11 +56,12 @@ def exactness(args, out: str) -> pd.DataFrame:
     target, drafts, tok, vocab = load_pair(exact, drafts=["model"])
     modes = dict(MODES)
     if args.target_model_name is None:             # the embedded target: its cascade drafts are embedded too
-        from sampling.models import load_cascade
+        from sampling.app.models import load_cascade
         cascade, _ = load_cascade(None, tok, target, exact.device, exact.dtype)
         modes["cascade"] = dict(mode="cascade", draft_model=cascade)
+    from sampling.app.dolly import load_dolly
+
     from .runner import encode_records
-    from .utils_io import load_dolly
     prompts, _ = encode_records(load_dolly(args.dataset_path), tok, None, args.max_tokens)
     ids, mask = pad_left(prompts[:args.exact_prompts], tok.pad_token_id, next(target.parameters()).device)
     kw = dict(max_new_tokens=args.max_tokens, temperature=0, vocab_size=vocab, eos_token_id=tok.eos_token_id)
@@ -93,7 +94,7 @@ def busy_us(events) -> float:
 
 
 def device_busy(args, out: str) -> pd.DataFrame:
-    """How much of a decode the device works (issue 13: eager decode on an H100 left the GPU idle
+    """How much of a decode the device works (results/gpu: eager decode on an H100 left the GPU idle
     nine tenths of the time). Per configuration, one prompt: a warm-up generation (it compiles the
     compiled path's shapes), one timed, one under torch.profiler; the device's busy time is the
     union of its kernels' and copies' intervals, set against the profiled run's wall time (the
@@ -101,8 +102,9 @@ def device_busy(args, out: str) -> pd.DataFrame:
     On a CPU the device columns are empty; the step then checks only its own logic."""
     from torch.profiler import ProfilerActivity, profile
     target, drafts, tok, vocab = load_pair(args, drafts=["model"])
+    from sampling.app.dolly import load_dolly
+
     from .runner import encode_records
-    from .utils_io import load_dolly
     prompts, _ = encode_records(load_dolly(args.dataset_path), tok, None, args.max_tokens)
     device = next(target.parameters()).device
     ids = torch.tensor([prompts[0]], device=device)
@@ -162,7 +164,7 @@ def main(argv=None) -> None:
     common = models + ["--dataset_path", args.dataset_path, "--max_tokens", str(args.max_tokens)]
     batched = "8" if args.quick else "8,32"
     samples = "8" if args.quick else "32"           # a full batch of 32
-    from .utils_io import load_dolly, render_prompt
+    from sampling.app.dolly import load_dolly, render_prompt
     inputs = [x for rec in load_dolly(args.dataset_path)[:args.main_prompts] for x in ("--input", render_prompt(rec))]
     raw_all = os.path.join(args.out, "speed-raw.csv")          # both sweeps' rows: the cost model's acceptance
 

@@ -24,8 +24,8 @@ default tree for that drafter):
 
 ``--baseline DIR`` (a checkout of another version, e.g. ``git worktree add /tmp/old <commit>``)
 runs that version's ``sampling`` package (its loop and its drafters) beside this one in the same
-process, every configuration of both interleaved, so that the two are compared under the same machine noise; the ratios of
-the two are also taken round by round (the two runs of a round are close in time) and their median
+process, every configuration of both interleaved, so that the two are compared under the same machine
+noise; the ratios of the two are also taken round by round (the two runs of a round are close in time) and their median
 reported (``paired_*_ratio``, on the baseline's rows), which a drifting machine moves less.
 
 Writes raw.csv (one row per timed run), summary.csv, table.md and env.json to ``--out``; the
@@ -50,9 +50,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import sampling
+from sampling.app.cli import Parser, run
+from sampling.app.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 from sampling.generate import DEFAULTS, default_tree
-from sampling.cli import Parser, run
-from sampling.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 
 from .utils_io import env_info, write_csv, write_json, write_text
 from .virtual_device import VirtualDevice
@@ -134,7 +134,7 @@ def drafters(names: set, target, draft, hidden: int, package=sampling) -> dict:
     embedded ones with the embedded pair, random ones of the same kind and count on shrunk models);
     an n-gram drafter. ``package``: the ``sampling`` package whose drafters these are (a baseline's
     loop runs with its own)."""
-    from sampling.models import speculator_path
+    from sampling.app.models import speculator_path
     out = {"": draft, "model": draft}
     for name in names & {"mlp", "medusa"}:
         embedded = speculator_path(None, name)
@@ -259,7 +259,8 @@ def collect(args, configs: list) -> None:
                 raise ValueError(f"--baseline {args.baseline}: its sampling package has no {', '.join(missing)}; "
                                  f"drop the configs' drafter")
         parts = {v: drafters(names, target, draft, args.hidden, package) for v, package in versions.items()}
-        clock = Clock(target, *{id(m): m for p in parts.values() for d in p.values() for m in drafter_modules(d)}.values())
+        modules = {id(m): m for p in parts.values() for d in p.values() for m in drafter_modules(d)}
+        clock = Clock(target, *modules.values())
         raw, summary = measure(args, configs, versions, target, parts, clock, prompts)
     os.makedirs(args.out)
     write_csv(os.path.join(args.out, "raw.csv"), raw)
@@ -288,9 +289,11 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
     rows, counts = [], {}
     for one in runs:                                              # the counts (untimed), warmed up
         if args.device != "cuda":                                 # syncs on the virtual device, first: tree shapes
-            shapes = getattr(getattr(versions[one[1]], "tree", None), "_shape", None)   # made afresh inside, their
-            if shapes is not None:                                # host tensors known as such (test_devices); the
-                shapes.cache_clear()                              # warm-up below rebuilds them for the timed runs
+            package = versions[one[1]]                            # tree shapes made afresh inside, their host
+            module = getattr(package, "tree_shapes", None) or getattr(package, "tree", None)   # tensors known as
+            shapes = getattr(module, "_shape", None)              # such (test_devices); the warm-up below
+            if shapes is not None:                                # rebuilds them for the timed runs (an earlier
+                shapes.cache_clear()                              # version kept them in sampling.tree)
             with VirtualDevice(target, parts[one[1]]["model"]) as vd:
                 once(*one)
             syncs = len(vd.syncs)
@@ -298,7 +301,7 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
         with OpCount(clock) as ops:
             stats = once(*one)
         if args.device == "cuda":
-            syncs = cuda_syncs(lambda: once(*one), clock)
+            syncs = cuda_syncs(lambda one=one: once(*one), clock)
         counts[one] = (ops, syncs, stats["target_calls"], stats.get("draft_calls", 0))
     for rep in range(args.repeats):                               # timed rounds, rotating order
         for cfg, v in runs[rep % len(runs):] + runs[:rep % len(runs)]:
@@ -337,7 +340,8 @@ def table(summary: pd.DataFrame) -> str:
     cols = [("target passes", "target_calls", "{:.0f}"), ("draft passes", "draft_calls", "{:.0f}"),
             ("wall ms", "wall_ms", "{:.1f}"), ("host ms per target pass", "host_ms_per_pass", "{:.3f}"),
             ("host share of wall", "host_share", "{:.0%}"), ("loop kernels per pass", "kernels_per_pass", "{:.1f}"),
-            ("models' kernels per pass", "model_kernels_per_pass", "{:.0f}"), ("syncs per pass", "syncs_per_pass", "{:.2f}")]
+            ("models' kernels per pass", "model_kernels_per_pass", "{:.0f}"),
+            ("syncs per pass", "syncs_per_pass", "{:.2f}")]
     cur = summary[summary.version == "current"].reset_index(drop=True)
     base = summary[summary.version == "baseline"].reset_index(drop=True)
     head = "| mode | drafter | batch | cache | " + \

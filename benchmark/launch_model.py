@@ -9,8 +9,8 @@ acceptance of any sweep of the same pair (acceptance does not depend on the devi
         --acceptance results/heads/t0/raw.csv,results/static/sweep/raw.csv --out results/host/launch
 
 When the models are as small as the embedded pair, an eager decode step on a GPU costs what the
-host takes to issue its operators, not their arithmetic (issue 13: the device busy a tenth of the
-time). The model: the decode time per target pass is
+host takes to issue its operators, not their arithmetic (results/gpu: the device busy a tenth of
+the time). The model: the decode time per target pass is
 
     ms = a * (the models' kernels per pass) + b * (the loop's kernels per pass)
 
@@ -32,7 +32,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from sampling.cli import Parser, run
+from sampling.app.cli import Parser, run
 
 from .cost_model import markdown
 from .metrics import upgrade_raw

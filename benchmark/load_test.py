@@ -2,10 +2,11 @@
 
     python -m benchmark.load_test --dataset_path ../shared/dolly/dolly-sample.jsonl --out results/serving
 
-For each serving mode (``--serve_modes``: bass batching, ar batching, google one request at a
-time; the batched ones with and without continuous batching, ``--continuous``) a server is started as a subprocess on a free loopback port with the embedded pair (or the
-model flags), warmed up, and driven by ``concurrency`` asyncio clients (httpx) that each send
-streamed completions of Dolly prompts back to back until ``--requests`` have been sent; then the
+For each serving mode (``--serve_modes``: bass batching, ar batching, google one request at a time;
+the batched ones with and without continuous batching, ``--continuous``) a server is started as a
+subprocess on a free loopback port with the embedded pair (or the model flags), warmed up, and
+driven by ``concurrency`` asyncio clients (httpx) that each send streamed completions of Dolly
+prompts back to back until ``--requests`` have been sent; then the
 next concurrency. Each request records its time to the first streamed token (TTFT), its latency
 and its completion tokens (raw.csv), aggregated per mode and concurrency (summary.csv: tokens/s
 over the level's wall time, TTFT and latency p50 / p95 / p99) and plotted. Bounded: at most
@@ -25,9 +26,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from sampling.cli import Parser, add_model_args, check_at_least_one, run
+from sampling.app.cli import Parser, add_model_args, check_at_least_one, run
+from sampling.app.dolly import load_dolly, render_prompt
 
-from .utils_io import load_dolly, render_prompt, save_figure, write_csv, write_text
+from .utils_io import save_figure, write_csv, write_text
 
 
 def free_port() -> int:
@@ -42,7 +44,8 @@ class Server:
     def __init__(self, mode: str, args, continuous: bool = True):
         self.port = free_port()
         flags = ["--device", args.device, "--dtype", args.dtype] + \
-            [x for f in ("target_model_name", "approx_model_name") if getattr(args, f) for x in ("--" + f, getattr(args, f))]
+            [x for f in ("target_model_name", "approx_model_name") if getattr(args, f)
+             for x in ("--" + f, getattr(args, f))]
         self.proc = subprocess.Popen([sys.executable, "serving.py", "--port", str(self.port), "--serve_mode", mode,
                                       "--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms),
                                       "--queue_size", "256", "--continuous", "on" if continuous else "off", *flags],
@@ -176,7 +179,7 @@ async def drive(args, prompts: list[str]) -> pd.DataFrame:
     try:
         for s in servers.values():
             await s.ready()
-        for m, s in servers.items():                       # warm-up: every batch size the levels reach
+        for s in servers.values():                         # warm-up: every batch size the levels reach
             for c in args.concurrency:
                 await level(s.url, "bass-embedded", prompts, c, c, args.max_tokens, args.timeout_s)
         rows, names = [], list(labels)
@@ -205,7 +208,8 @@ def summarise(raw: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (m, c), g in raw.groupby(["serve_mode", "concurrency"], sort=False):
         ok = g[g.status.astype(str) == "200"]
-        q = lambda col, p: float(np.percentile(ok[col].dropna(), p)) if ok[col].notna().any() else float("nan")  # noqa: E731
+        def q(col, p, ok=ok):
+            return float(np.percentile(ok[col].dropna(), p)) if ok[col].notna().any() else float("nan")
         per_round = ok.groupby("round").completion_tokens.sum() / g.groupby("round").level_wall_s.first()
         out.append(dict(serve_mode=m, concurrency=c, requests=len(g), failed=len(g) - len(ok), rounds=len(per_round),
                         tokens=int(ok.completion_tokens.sum()), wall_s=g.groupby("round").level_wall_s.first().sum(),
@@ -260,7 +264,8 @@ def main(argv=None) -> None:
     if not rel.empty:
         write_csv(os.path.join(args.out, "reliability.csv"), rel)
         g = rel.groupby("kind").ok
-        table += (f"\nReliability ({next(iter(configurations(args)))} server, {len(rel)} requests, 8 at a time): good answered "
+        table += (f"\nReliability ({next(iter(configurations(args)))} server, {len(rel)} requests, 8 at a time): "
+                  f"good answered "
                   f"correctly {int(g.sum().get('good', 0))} / {int(g.size().get('good', 0))}, bad refused with a 4xx "
                   f"{int(g.sum().get('bad', 0))} / {int(g.size().get('bad', 0))}, alive after: "
                   f"{bool(rel.alive_after.iloc[0])}\n")
@@ -270,7 +275,7 @@ def main(argv=None) -> None:
 
 
 def parse(argv=None):
-    from sampling.scheduler import SERVE_MODES, SchedulerConfig
+    from sampling.app.scheduler import SERVE_MODES, SchedulerConfig
     d = SchedulerConfig()
     ap = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, drafters=False)

@@ -116,12 +116,12 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     """One row per configuration from the per-sample rows.
 
     throughput: new tokens / the summed wall time of the config's batches (in a sharded run, the
-    rate of one process; throughput_total adds the processes', ``process_throughput``); latency: the mean over
-    sequences of (its batch's wall time / its new tokens); decode_throughput: new tokens after each
-    batch's first hand-out / the wall time after it (TTFT, which holds the prefill and a speculative
-    loop's first step, excluded; ``decode_tokens``); speedup:
-    throughput over ``ar`` at the same batch size, temperature and sorting; alpha: the per-token acceptance probability estimated from the
-    accepted drafts per verification (``alpha_from_accepted``; acceptance_rate, accepted / drafted,
+    rate of one process; throughput_total adds the processes', ``process_throughput``); latency: the
+    mean over sequences of (its batch's wall time / its new tokens); decode_throughput: new tokens
+    after each batch's first hand-out / the wall time after it (TTFT, which holds the prefill and a
+    speculative loop's first step, excluded; ``decode_tokens``); speedup: throughput over ``ar`` at
+    the same batch size, temperature and sorting; alpha: the per-token acceptance probability
+    estimated from the accepted drafts per verification (``alpha_from_accepted``; acceptance_rate, accepted / drafted,
     is lower, since drafts after a rejection are counted but never tested); predicted: Leviathan
     et al. from alpha, the mean draft length and the cost ratio c measured at that batch size and
     gamma (``cost``, keyed by ``cost_key``); predicted_verify: the same with the measured verify cost.

@@ -18,13 +18,15 @@ import os
 import pandas as pd
 import torch
 
-from sampling.cli import Parser, add_model_args, check_at_least_one, run
-from sampling.kvcache_model import CacheSpec, KVCacheModel
-from sampling.press import PRESSES, PressSpec
-from sampling.utils import SamplingParams
+from sampling.app.cli import Parser, add_model_args, check_at_least_one, run
+from sampling.app.dolly import load_dolly
+from sampling.cache.press import PRESSES, PressSpec
+from sampling.cache.spec import CacheSpec
+from sampling.kvcache_model import KVCacheModel
+from sampling.params import SamplingParams
 
 from .runner import filler_text
-from .utils_io import load_dolly, save_figure, write_csv, write_text
+from .utils_io import save_figure, write_csv, write_text
 
 
 @torch.inference_mode()
@@ -44,7 +46,7 @@ def window_nll(model, windows: torch.Tensor, press: PressSpec) -> torch.Tensor:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    from sampling.models import load_model, load_tokenizer
+    from sampling.app.models import load_model, load_tokenizer
     tok = load_tokenizer(args.target_model_name)
     model = load_model(args.target_model_name, "target", args.device, args.dtype)
     device = next(model.parameters()).device

@@ -21,9 +21,16 @@ import pstats
 import torch
 
 from sampling import generate
-from sampling.cli import (Parser, add_model_args, add_sampling_args, check_speculator_flag, generate_kwargs, parse_drafts,
-                          run)
-from sampling.generate import MODES
+from sampling.app.cli import (
+    Parser,
+    add_model_args,
+    add_sampling_args,
+    check_speculator_flag,
+    generate_kwargs,
+    parse_drafts,
+    run,
+)
+from sampling.modes import MODES
 
 from .runner import prepare
 from .utils_io import write_text

@@ -16,17 +16,39 @@ import pandas as pd
 from tqdm import tqdm
 
 from sampling import DEFAULTS, SCHEDULES, PressSpec, SamplingParams, check_args
-from sampling.cli import (Parser, add_cache_args, add_model_args, add_press_args, check_at_least_one,
-                          check_speculator_flag, parse_caches, parse_drafts, presses_of, run)
-from sampling.generate import FINISHED_ROWS, default_tree
+from sampling.app.cli import (
+    Parser,
+    add_cache_args,
+    add_model_args,
+    add_press_args,
+    check_at_least_one,
+    check_speculator_flag,
+    parse_caches,
+    parse_drafts,
+    presses_of,
+    run,
+)
+from sampling.generate import default_tree
+from sampling.modes import FINISHED_ROWS, MODES_TABLE
+from sampling.tree_shapes import parse_tree
 from sampling.utils_bass import ScheduleParams
-
-from sampling.tree import parse_tree
 
 from .analyzer import markdown_table, plot_all
 from .metrics import KEYS, process_throughput, summarise, upgrade_raw
-from .runner import (ALL_MODES, DRAFTLESS_MODES, HF_MODES, SEQUENTIAL_MODES, RunConfig, add_bench_args, check_out, normalise, parse_modes,
-                     prepare, run_grid)
+from .runner import (
+    ALL_MODES,
+    HF_MODES,
+    SEQUENTIAL_MODES,
+    RunConfig,
+    add_bench_args,
+    check_out,
+    drafts_of,
+    normalise,
+    parse_modes,
+    prepare,
+    reads,
+    run_grid,
+)
 from .utils_io import env_info, peak_memory, write_csv, write_json, write_text
 
 
@@ -72,9 +94,9 @@ def parse(argv=None):
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows,
                     help=f"comma list, bass and tree: what becomes of finished rows ({', '.join(FINISHED_ROWS)})")
     ap.add_argument("--trees", default=None,
-                    help=f"mode tree: tree shapes separated by ';', each branching factors per depth or dynamic:N[:D[:K]] "
-                         f"(4,2,1,1;2,2,2;dynamic:16); default {DEFAULTS.tree} for the draft model, {DEFAULTS.heads_tree} "
-                         f"for heads")
+                    help=f"mode tree: tree shapes separated by ';', each branching factors per depth or "
+                         f"dynamic:N[:D[:K]] (4,2,1,1;2,2,2;dynamic:16); default {DEFAULTS.tree} for the draft model, "
+                         f"{DEFAULTS.heads_tree} for heads")
     add_cache_args(ap, many=True)
     add_press_args(ap, many=True)
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
@@ -113,7 +135,7 @@ def trees_of(args, mode: str, draft: str, loaded: dict) -> list[str]:
     static trees), or the default tree of its drafter as ``generate`` picks it (``loaded``: the
     drafters by name, so that raw.csv names the tree heads ran; heads' default cut to their depth);
     "" off mode tree."""
-    if mode != "tree":
+    if not reads(mode, "tree"):
         return [""]
     if not args.tree_list:
         return [default_tree(loaded.get(draft))]
@@ -139,15 +161,14 @@ def configs(args, loaded: dict) -> list[RunConfig]:
     out = []
     for temp, mode in itertools.product(args.temperatures, args.modes):
         batches = [1] if mode in SEQUENTIAL_MODES else args.batch_sizes
-        gammas = [0] if mode in ("ar", "hf", "tree") else args.gammas
-        schedules = ["constant"] if mode in ("ar", "hf", "tree") or mode.startswith("hf_") else args.schedules
-        finished = args.finished if mode in ("bass", "tree") else [DEFAULTS.finished_rows]
-        drafts = [""] if mode in DRAFTLESS_MODES else ["model"] if mode == "hf_assisted" else \
-            ["cascade"] if mode == "cascade" else \
-            [d for d in args.drafts if not (mode == "tree" and d == "ngram")]      # ngram drafts chains only
+        gammas = args.gammas if reads(mode, "gamma") else [0]
+        schedules = args.schedules if reads(mode, "schedule") else ["constant"]
+        finished = args.finished if reads(mode, "finished_rows") else [DEFAULTS.finished_rows]
+        drafts = drafts_of(mode, args.drafts)                            # those that can draft for it
         caches = [DEFAULTS.kv_cache] if mode in HF_MODES else args.kv_caches     # hf: its own cache
         presses = [""] if mode in HF_MODES else list(dict.fromkeys(   # ar: only a press on the target matters
-            p if mode != "ar" or PressSpec.from_label(p).applies_to("target") else "" for p in args.presses))
+            p if MODES_TABLE[mode].drafters or PressSpec.from_label(p).applies_to("target") else ""
+            for p in args.presses))
         for b, g, s, srt, f, d, kv, pr in itertools.product(batches, gammas, schedules, sorts, finished, drafts, caches,
                                                             presses):
             for tree in trees_of(args, mode, d, loaded):

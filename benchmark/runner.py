@@ -11,18 +11,40 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sampling import DEFAULTS, PressSpec, generate, pad_left
-from sampling.batching import batch_order
-from sampling.models import model_device
+from sampling.app.batching import batch_order
+from sampling.app.cli import DRAFT_KINDS
+from sampling.modes import MODES, MODES_TABLE
+from sampling.utils import model_device
 
 from .metrics import cost_key
 from .runner_support import HF_MODES, hf_generate, measure_cost
 from .shard import Shard
 
-SEQUENTIAL_MODES = ("google", "deepmind", "cascade") + HF_MODES   # one prompt at a time: always batch 1
-DRAFTLESS_MODES = ("ar", "hf", "hf_prompt_lookup")       # no drafter of the toolkit's (RunConfig.draft "")
-ALL_MODES = ("ar", "google", "deepmind", "bass", "tree", "cascade") + HF_MODES
+HF_OPTIONS = {"hf": (), "hf_assisted": ("gamma",), "hf_prompt_lookup": ("gamma",)}   # what transformers' modes read
+ALL_MODES = MODES + HF_MODES
+SEQUENTIAL_MODES = tuple(m for m in MODES if MODES_TABLE[m].one_row) + HF_MODES   # one prompt at a time: batch 1
+DRAFTLESS_MODES = tuple(m for m in MODES if not MODES_TABLE[m].drafters) + ("hf", "hf_prompt_lookup")   # draft ""
 REPEATS = 3          # timed runs of each batch under each configuration (the median is kept)
 SAMPLES = 32         # records from the top of the dataset
+
+
+def reads(mode: str, option: str) -> bool:
+    """Whether a mode reads one of generate's options (gamma, schedule, tree, finished_rows,
+    cascade_gamma): the table of modes (``sampling.modes``), or what transformers' modes take."""
+    return option in (MODES_TABLE[mode].options if mode in MODES_TABLE else HF_OPTIONS[mode])
+
+
+def drafts_of(mode: str, drafts: list[str]) -> list[str]:
+    """The drafters (``RunConfig.draft``) a mode runs with, of the --draft names ``drafts``: "" for a
+    mode without one, "model" for hf_assisted, "cascade" for mode cascade (its --cascade models),
+    else those of ``drafts`` that can draft for it."""
+    if mode in DRAFTLESS_MODES:
+        return [""]
+    if mode == "hf_assisted":
+        return ["model"]
+    if MODES_TABLE[mode].drafters == ("cascade",):
+        return ["cascade"]
+    return [d for d in drafts if DRAFT_KINDS[d] in MODES_TABLE[mode].drafters]
 
 
 def parse_modes(text: str) -> list[str]:
@@ -64,7 +86,7 @@ class Prepared:
     prompts: list[list[int]]    # token ids of each kept record's prompt
     meta: list[dict]            # sample (the record's index in the dataset) and category of each
     target: object
-    drafts: dict                # drafter name (sampling.cli.DRAFTS) -> drafter; empty when no mode needs one
+    drafts: dict                # drafter name (sampling.app.cli.DRAFTS) -> drafter; empty when no mode needs one
     tokenizer: object
     vocab: int | None           # the shared vocabulary (generate's vocab_size)
     fingerprint: str            # sha256 of the prompts' token ids: the same data, tokenizer and template
@@ -79,22 +101,21 @@ class Prepared:
 def prepare(args, modes, drafts: list[str]) -> Prepared:
     """Dataset, models, drafters and encoded prompts for eval_dolly and run_experiment (their shared
     flags). The draft model's tokenizer is checked before any mode runs, hf_assisted included."""
-    from sampling.cli import load_pair, placement_of
-    from sampling.generate import max_positions
-
-    from .utils_io import load_dolly
+    from sampling.app.cli import load_pair, placement_of
+    from sampling.app.dolly import load_dolly
+    from sampling.utils import max_positions
     shard = Shard.launched(args)                                 # before loading: the process's GPU
     records = all_records = load_dolly(args.dataset_path, args.skip_bad_lines)
     if args.samples > len(records) and shard.main:
         print(f"note: --samples {args.samples} is more than the {len(records)} records; using all of them")
     records = records[:args.samples]
-    drafts = [d for d in drafts if any(m not in DRAFTLESS_MODES + ("hf_assisted", "cascade") for m in modes)]
+    drafts = [d for d in drafts if any(drafts_of(m, [d]) == [d] for m in modes)]
     if "hf_assisted" in modes and "model" not in drafts:
         drafts.append("model")                                  # the assistant
     target, loaded, tok, vocab = load_pair(args, need_draft=bool(drafts), drafts=drafts or None)
     loaded = loaded or {}
     if "cascade" in modes:                                      # its drafts, smallest first (--cascade)
-        from sampling.models import load_cascade
+        from sampling.app.models import load_cascade
         loaded["cascade"], cascade_vocab = load_cascade(args.cascade, tok, target, args.device, args.dtype,
                                                        placement_of(args))
         vocab = vocab or cascade_vocab
@@ -126,7 +147,7 @@ def encode_records(records: list[dict], tokenizer, limit: int | None, reserve: i
     """Token ids and meta (sample, category) of each record's prompt; records whose prompt plus
     ``reserve`` positions exceed the model's ``limit`` are skipped and counted. ``length``: every
     prompt cut to exactly that many tokens from the left, after its record's ``filler`` text."""
-    from .utils_io import render_prompt
+    from sampling.app.dolly import render_prompt
     prompts, meta, skipped = [], [], 0
     for i, rec in enumerate(records):
         ids = tokenizer(render_prompt(rec))["input_ids"]
@@ -158,7 +179,7 @@ class RunConfig:
     seed: int = 0             # seed of batch i is seed + i, the same in every repeat
     finished_rows: str = DEFAULTS.finished_rows  # bass, tree: drop finished rows or keep them masked
     tree: str = ""            # tree: branching factors per depth ("" for the other modes)
-    draft: str = "model"      # the drafter (sampling.cli.DRAFTS; "cascade" for mode cascade); "" for the modes without one
+    draft: str = "model"      # the drafter (--draft's names; "cascade" for mode cascade); "" for modes without one
     kv_cache: str = DEFAULTS.kv_cache   # dynamic | static (the hf modes: their own cache)
     compile: bool = DEFAULTS.compile    # static cache: decode passes compiled
     press: str = ""           # KV-cache press, PressSpec.label() ("" none; sampling.press)

@@ -7,9 +7,8 @@ import statistics
 import torch
 
 from sampling.kvcache_model import KVCacheModel
-from sampling.rows import now
-from sampling.utils import SamplingParams
-from sampling.models import model_device
+from sampling.params import SamplingParams
+from sampling.utils import model_device, now
 
 HF_MODES = ("hf", "hf_assisted", "hf_prompt_lookup")
 

@@ -17,13 +17,13 @@ class Shard:
     size: int = 1        # processes in the run
 
     @classmethod
-    def launched(cls, args) -> "Shard":
+    def launched(cls, args) -> Shard:
         """This process's place in the launch. On the CPU (``--device cpu``, or auto without CUDA) the
         processes talk over gloo; on GPUs each process takes the GPU of its local rank (``args.device``
         becomes it). A model split over devices (``--device_map``) takes one process."""
         from accelerate import PartialState
 
-        from sampling.models import resolve_device
+        from sampling.app.models import resolve_device
         state = PartialState(cpu=resolve_device(args.device).type == "cpu")
         shard = cls(state.process_index, state.num_processes)
         if shard.size > 1:

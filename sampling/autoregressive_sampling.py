@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from .kvcache_model import CacheSpec, KVCacheModel
-from .rows import Rows, admit_rows
-from .utils import SamplingParams, sample
+from .cache.spec import CacheSpec
+from .kvcache_model import KVCacheModel
+from .params import RowParams, SamplingParams, sample
+from .rows import Rows
 
 
 @torch.inference_mode()
-def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
-                            max_new_tokens: int, eos_token_id: int | None, generator: torch.Generator | None,
-                            vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec()):
-    """Sample up to ``max_new_tokens`` for each row of a left-padded batch [B, T].
+def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams | RowParams,
+                            max_new_tokens: int | list[int], eos_token_id: int | None,
+                            generator: torch.Generator | None, vocab: int | None = None, streamer=None,
+                            cache: CacheSpec = CacheSpec()) -> tuple[list[list[int]], dict]:
+    """Sample up to ``max_new_tokens`` for each row of a left-padded batch [B, T] (mask [B, T]).
 
     A row stops after its EOS and is dropped from the cache, so finished rows cost nothing.
     Returns (tokens: list[list[int]], stats: dict).
@@ -28,11 +30,7 @@ def autoregressive_sampling(target, input_ids: torch.Tensor, mask: torch.Tensor,
             break
         seq = torch.cat([seq, x.unsqueeze(1)], dim=1)                    # [b, S + 1]
         mask = torch.cat([mask, mask.new_ones(len(seq), 1)], dim=1)
-        keep = rows.drop_finished()                                      # finished rows leave the cache
-        if keep is not None:
-            seq, mask = seq[keep], mask[keep]
-            model.select_rows(keep)
-        seq, mask = admit_rows(rows, seq, mask, [model])                 # requests joining (a server)
+        seq, mask = rows.advance(seq, mask, [model])                     # finished rows leave; requests join
         p = model.catch_up(seq, mask)                                    # [b, V]
         model.rollback(model.length)                                     # nothing to undo: all final (a press)
     return rows.out, rows.finish(model.calls)

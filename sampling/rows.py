@@ -1,19 +1,22 @@
 """What every decode loop shares: which rows still generate, what each has produced, the budget and
-EOS, finished rows leaving the batch, the streamer, the clock and the statistics.
+EOS, finished rows leaving the batch and requests joining it, the streamer, and the statistics of
+one generation and of several (``merge_stats``).
 
 Bookkeeping lives in Python lists; every tensor this module hands back (row indices, masks) is
 made on the models' device, so the loops never mix host and device tensors.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .utils import SamplingParams, to_device
-from .utils_bass import histogram
+from .params import SamplingParams
+from .utils import now, to_device
+
+SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")   # counts that add up
 
 
 @dataclass
@@ -25,11 +28,17 @@ class NewRow:
     params: SamplingParams        # its sampling parameters
 
 
-def now(device: torch.device) -> float:
-    """The clock, read after the device has finished its queued work (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class Live(NamedTuple):
+    """Which rows of the current batch are finished, as a step reads it."""
+    done: torch.Tensor               # [b] bool on the models' device
+    rows: list[bool]                 # the same on the host
+    column: torch.Tensor             # [b, 1] long on the device, 1 where a row still runs: the next token's mask
+
+    @staticmethod
+    def all(b: int, device: torch.device) -> Live:
+        """b rows that all run (a cascade's level: its one row is never finished there)."""
+        return Live(torch.zeros(b, dtype=torch.bool, device=device), [False] * b,
+                    torch.ones(b, 1, dtype=torch.long, device=device))
 
 
 class Rows:
@@ -75,11 +84,10 @@ class Rows:
             self._done_dev = key, done, (~done).long().unsqueeze(1)
         return self._done_dev[1]
 
-    def live_column(self) -> torch.Tensor:
-        """[b, 1] long on the models' device, 1 where a row still runs: the mask of the slot each
-        row's next token takes (made with ``done_mask``, when the rows change, not every step)."""
-        self.done_mask()
-        return self._done_dev[2]
+    def live(self) -> Live:
+        """The finished rows on the host and the device (copied only when they changed: ``done_mask``)."""
+        done = self.done_mask()
+        return Live(done, list(self.done), self._done_dev[2])
 
     def hand_out(self, new: list[list[int]], accepted: list[int] | None = None, drafted: int = 0) -> None:
         """Append each unfinished row's new tokens, cut at the budget and after an EOS; a row that
@@ -123,6 +131,17 @@ class Rows:
             self.drafted.append(0)
         return new
 
+    def advance(self, seq: torch.Tensor, mask: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Between two steps: finished rows leave seq [b, S], mask [b, S] and every part (a cache, a
+        drafter, a verifier: ``select_rows``), then requests the row streamer admits join them
+        (``admit_rows``). Returns the new seq and mask."""
+        keep = self.drop_finished()
+        if keep is not None and len(keep):
+            seq, mask = seq[keep], mask[keep]
+            for part in parts:
+                part.select_rows(keep)
+        return admit_rows(self, seq, mask, parts)
+
     def drop_finished(self) -> torch.Tensor | None:
         """Forget finished rows; returns the indices of the rows that go on, on the models' device,
         for the caches and the loop's tensors (None when no row finished)."""
@@ -134,9 +153,9 @@ class Rows:
         return to_device(keep, self.device)
 
     def finish(self, target_calls: int, draft_calls: int = 0, gamma_trace: list[int] | None = None) -> dict:
-        """End the stream (if any) and return the statistics every loop returns (README: Python API). ``gamma_trace`` None: AR, whose
-        prefill gives the first token (a row's passes = its tokens); speculative loops verify after
-        the prefill (a row's passes = its steps + 1)."""
+        """End the stream (if any) and return the statistics every loop returns (README: Python API).
+        ``gamma_trace`` None: AR, whose prefill gives the first token (a row's passes = its tokens);
+        speculative loops verify after the prefill (a row's passes = its steps + 1)."""
         if self.streamer is not None:
             self.streamer.end()
         B, new_tokens = len(self.out), sum(map(len, self.out))
@@ -155,6 +174,48 @@ class Rows:
             stats.update(gamma_trace=gamma_trace,
                          accepted_hist=histogram(self.accepted_lengths, max(gamma_trace + [0]) + 1))
         return stats
+
+
+def histogram(values: list[int], size: int) -> list[int]:
+    """Counts of 0 .. size - 1 in values."""
+    counts = [0] * size
+    for v in values:
+        counts[v] += 1
+    return counts
+
+
+def sum_hists(hists: list[list[int]]) -> list[int]:
+    """Element-wise sum of histograms of different lengths."""
+    out = [0] * max(map(len, hists), default=0)
+    for h in hists:
+        for i, c in enumerate(h):
+            out[i] += c
+    return out
+
+
+def merge_stats(parts: list[dict], one_generation: bool = False, wall_time_s: float | None = None) -> dict:
+    """The statistics of several runs of a loop as one: counts and histograms added, traces and rows
+    concatenated, rates recomputed. ``one_generation``: the parts are one generation's rows decoded
+    one after another (TTFT is the first part's, ``wall_time_s`` the whole generation's); otherwise
+    separate generations, such as batches (TTFT the mean of theirs, wall time the sum)."""
+    out = {k: sum(s[k] for s in parts) for k in SUM_STATS}
+    passes = sum(r["target_calls"] for s in parts for r in s["rows"])     # target passes of every row
+    out.update(acceptance_rate=out["accepted"] / max(1, out["drafted"]),
+               mean_accepted_tokens=out["new_tokens"] / max(1, passes),
+               wall_time_s=sum(s["wall_time_s"] for s in parts) if wall_time_s is None else wall_time_s)
+    if one_generation:
+        out.update(ttft_s=parts[0]["ttft_s"], ttft_tokens=parts[0]["ttft_tokens"])
+    else:
+        out.update(ttft_s=sum(s["ttft_s"] for s in parts) / len(parts),
+                   ttft_tokens=sum(s["ttft_tokens"] for s in parts))     # every generation's first hand-out
+    mean = lambda xs: sum(xs) / len(xs)                                   # noqa: E731
+    for key, empty, join in (("padding_fraction", 0.0, mean), ("prompt_padding_fraction", 0.0, mean),
+                             ("rows_verified", 0, sum), ("gamma_trace", [], lambda xs: [g for x in xs for g in x]),
+                             ("accepted_hist", [], sum_hists)):
+        if any(key in s for s in parts):
+            out[key] = join([s.get(key, empty) for s in parts])
+    out["rows"] = [r for s in parts for r in s["rows"]]
+    return out
 
 
 def admit_rows(rows: Rows, seq: torch.Tensor, mask: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,9 @@
-"""Draft-length schedules for speculative decoding (BASS, Qiu et al. 2024; AIMD) and BASS stats."""
+"""Draft-length schedules of BASS (Qiu et al. 2024): the draft length of the next step from how
+many drafts each row accepted; constant, BASS's own rule, or additive-increase / multiplicative-decrease."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-
 
 SCHEDULES = ("constant", "bass", "aimd")
 
@@ -50,10 +49,3 @@ class GammaSchedule:
         else:                                         # aimd
             self.gamma = min(g + 1, k.gamma_max) if full else max(k.gamma_min, g // 2)
 
-
-def histogram(values: list[int], size: int) -> list[int]:
-    """Counts of 0 .. size - 1 in values."""
-    counts = [0] * size
-    for v in values:
-        counts[v] += 1
-    return counts

@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
+from tiny import left_padded_batch, noisy_copy, tiny_model  # noqa: E402
 
 import sampling  # noqa: E402
-from tiny import left_padded_batch, noisy_copy, tiny_model  # noqa: E402
 
 RECORD = os.path.join(HERE, "fixtures", "guard.json")
 LENGTHS = (5, 9, 3, 7)             # a left-padded batch of mixed lengths
@@ -37,7 +37,7 @@ CACHES = ("dynamic", "static")
 TEMPS = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0, seed=SEED)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def models(arch: str = "llama"):
     """(target, draft, smaller draft) in float32: the drafts agree with the target part of the time."""
     target = tiny_model(arch, seed=0, dtype=torch.float32)
@@ -142,8 +142,7 @@ class Joining:
 
     def __init__(self, prompts: list[list[int]], temperature: float):
         from sampling.rows import NewRow
-        from sampling.utils import SamplingParams
-        params = SamplingParams(temperature=temperature)
+        params = sampling.SamplingParams(temperature=temperature)
         self.later = {2: [NewRow(prompts[0], 8, params), NewRow(prompts[1], 5, params)],
                       4: [NewRow(prompts[2], 6, params)]}
         self.step = 0

@@ -17,7 +17,8 @@ from benchmark.load_test import free_port
 from benchmark.metrics import process_throughput, summarise
 from benchmark.shard import Shard
 from sampling import generate, pad_left
-from sampling.models import Placement, load_model, model_device, save_int8
+from sampling.app.models import Placement, load_model, save_int8
+from sampling.utils import model_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "dolly-fixture.jsonl")

@@ -1,10 +1,10 @@
 """BASS-PAD specifics: batch 8, rows finishing early, draft-length schedules, sorted batching."""
 import pytest
 import torch
+from tiny import ARCHS, greedy_reference, left_padded_batch, never_agreeing_pair, noisy_copy, tiny_model
 
 from sampling import ScheduleParams, generate, generate_many
 from sampling.utils_bass import GammaSchedule
-from tiny import ARCHS, greedy_reference, left_padded_batch, never_agreeing_pair, noisy_copy, tiny_model
 
 LENGTHS8 = (3, 11, 6, 1, 9, 4, 12, 7)
 

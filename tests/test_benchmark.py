@@ -9,8 +9,8 @@ from tiny import left_padded_batch, save_tiny_pair, tiny_model
 import eval_dolly
 from benchmark import run_experiment
 from benchmark.metrics import leviathan_speedup, summarise
-from benchmark.utils_io import load_dolly, render_prompt
-from sampling.cli import run
+from sampling.app.cli import run
+from sampling.app.dolly import load_dolly, render_prompt
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dolly-fixture.jsonl")
 
@@ -109,7 +109,7 @@ def test_eval_dolly_table_and_consistency(pair, capsys, tmp_path):
 def test_offline_hub_id_fails_at_once(monkeypatch):
     import time
 
-    from sampling import models
+    from sampling.app import models
     monkeypatch.setattr(models, "hub_reachable", lambda: False)
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="the hub is out of reach .* and it is not in the local cache"):
@@ -234,7 +234,8 @@ def test_interrupted_sweep_says_how_to_resume(pair, capsys, tmp_path, monkeypatc
                                           "--out", str(tmp_path / "s")], capsys)
     assert code == 130
     assert err.strip().splitlines()[-1] == (f"error: interrupted; 0 group(s) of configurations were saved in "
-                                            f"{tmp_path / 's'}/raw.csv; to continue, run the same command with --resume")
+                                            f"{tmp_path / 's'}/raw.csv; to continue, run the same command with "
+                                            f"--resume")
     assert runner.run_grid is not interrupted
 
 
@@ -316,7 +317,7 @@ def test_hf_assisted_leaves_the_draft_config_alone():
 
 
 def test_memory_probe_runs(capsys):
-    from benchmark import memory_probe
+    from benchmark.studies import memory_probe
     code, out, err = cli(memory_probe, ["--vocab", "300", "--batch", "2", "--max_tokens", "6", "--draft_noise", "0"],
                          capsys)
     assert code == 0, err
@@ -345,7 +346,7 @@ def test_tree_mode_in_eval_dolly_and_a_sweep(pair, capsys, tmp_path):
 
 
 def test_tree_cost_writes_csv_and_plot(pair, capsys, tmp_path):
-    from benchmark import tree_cost
+    from benchmark.studies import tree_cost
     argv = ["--batch_sizes", "1,2", "--prefixes", "8", "--tokens", "2,3", "--reps", "1", "--target_model_name",
             pair["target"], "--out", str(tmp_path)]
     code, out, err = cli(tree_cost, argv, capsys)
@@ -371,8 +372,8 @@ def _ordered_trees(n: int, depth: int):
 
 
 def test_best_trees_beat_every_tree_of_their_size():
-    from benchmark.tree_fit import best_trees, expected_accepted
-    from sampling.tree import TreeShape
+    from benchmark.studies.tree_fit import best_trees, expected_accepted
+    from sampling.tree_shapes import TreeShape
     r = [0.55, 0.2, 0.1, 0.05]
 
     def paths(kids, prefix=()):
@@ -393,7 +394,8 @@ def test_sampled_ranks_match_the_exact_first_acceptance():
     """The simulated rule accepts the first draw with probability sum min(p, q) (exact), and the
     greedy rank counts where the target's argmax sits in the draft's order."""
     import torch
-    from benchmark.tree_fit import greedy_ranks, sampled_ranks
+
+    from benchmark.studies.tree_fit import greedy_ranks, sampled_ranks
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(3, 12, generator=g) * 2, -1)
     q = torch.softmax(torch.randn(3, 12, generator=g) * 2, -1)
@@ -405,7 +407,7 @@ def test_sampled_ranks_match_the_exact_first_acceptance():
 
 
 def test_tree_fit_writes_its_tables(pair, capsys, tmp_path):
-    from benchmark import tree_fit
+    from benchmark.studies import tree_fit
     argv = ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "4", "--repeats", "1", "--ranks", "4",
             "--trials", "4", "--sizes", "2,3", "--max_depth", "3", "--shapes", "1,1;2,1;dynamic:4",
             "--target_model_name", pair["target"], "--approx_model_name", pair["draft"], "--out", str(tmp_path)]

@@ -1,11 +1,11 @@
-"""Mode cascade: drafts verifying drafts (seed 003). Greedy equals greedy AR, the sampled joint law
+"""Mode cascade: drafts verifying drafts. Greedy equals greedy AR, the sampled joint law
 is the target's (chi-square against enumeration), and bad cascades are one-line errors."""
 import pytest
 import torch
 from test_distribution import ALPHA, CASES, joint_pvalue, peaked_models
+from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
 from sampling import generate
-from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -55,8 +55,9 @@ def test_main_mode_cascade_on_the_embedded_models(capsys):
     """main.py --mode cascade with the embedded draft_small -> draft -> target: greedy AR's tokens."""
     import json
 
-    import main
     from test_benchmark import cli
+
+    import main
     argv = ["--input", "The quick brown fox", "--temperature", "0", "--max_tokens", "12", "--json", "--device", "cpu"]
     outs = {}
     for mode in ("ar", "cascade"):
@@ -72,11 +73,11 @@ def test_cascade_in_a_sweep(capsys, tmp_path):
     """run_experiment and eval_dolly run mode cascade with the drafts of --cascade (draft column
     "cascade"), greedy outputs equal to AR's."""
     import pandas as pd
+    from test_benchmark import FIXTURE, cli
+    from tiny import save_tiny_pair
 
     import eval_dolly
     from benchmark import run_experiment
-    from test_benchmark import FIXTURE, cli
-    from tiny import save_tiny_pair
     pair = save_tiny_pair(tmp_path / "pair", positions=512)
     common = ["--dataset_path", FIXTURE, "--samples", "3", "--max_tokens", "6", "--target_model_name", pair["target"],
               "--cascade", f"{pair['draft']},{pair['target']}", "--repeats", "1"]

@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from tiny import save_tiny_pair
 
 import main as main_cli
-from sampling.cli import run
-from tiny import save_tiny_pair
+from sampling.app.cli import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,8 @@ BAD = {
     "too long": (["--input", "fox " * 200], "exceeds the target model's maximum of 64 positions"),
     "tokenizer mismatch": (["--approx_model_name", "BAD"], "the draft's tokenizer (280 tokens) differs from the "
                                                            "target's (300 tokens)"),
-    "infinite temperature": (["--temperature", "inf"], "temperature must be a finite number >= 0 (0 is greedy), got inf"),
+    "infinite temperature": (["--temperature", "inf"],
+                             "temperature must be a finite number >= 0 (0 is greedy), got inf"),
     "min_p 1": (["--min_p", "1"], "min_p must be in [0, 1) (0 switches it off), got 1.0"),
     "repetition_penalty 0": (["--repetition_penalty", "0"], "repetition_penalty must be a finite number > 0"),
     "repeats 0": (["--repeats", "0"], "--repeats must be >= 1, got 0"),
@@ -142,7 +143,8 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main_cli.parse(["-h"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)", "decoding mode (default tree, the fastest lossless one measured",
+    for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)",
+                 "decoding mode (default tree, the fastest lossless one measured",
                  "(default 4 for constant, 7 for bass/aimd)", "--repeats REPEATS", "(default: 3)"):
         assert text in out, text
 
@@ -170,7 +172,7 @@ def test_clock_waits_for_the_device(monkeypatch):
     """Timings read the clock only after the device's queued work is done."""
     import torch
 
-    from sampling.rows import now
+    from sampling.utils import now
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
     now(torch.device("cuda", 0))

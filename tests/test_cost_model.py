@@ -57,11 +57,12 @@ def test_replay_adds_up_the_recorded_passes():
     rows = pd.DataFrame([dict(mode="bass", draft="model", tree="", mean_gamma=2.0, finished_rows="drop",
                               prompt_tokens=t, target_calls=c, new_tokens=n) for t, c, n in ((10, 4, 8), (6, 2, 3))])
     per_step = 11 / 6                                            # new tokens per row-pass, prefill included
-    pre = want = target.prefill_ms(2, 10) + draft.prefill_ms(2, 10)
+    want = target.prefill_ms(2, 10) + draft.prefill_ms(2, 10)
     for s, live in ((1, 2), (2, 1), (3, 1)):
         L = 10 + s * per_step
         want += target.ms(live, 3, L) + 2 * draft.ms(live, 1, L)
-        first = want if s == 1 else first                        # TTFT holds the first step
+        if s == 1:
+            first = want                                         # TTFT holds the first step
     assert predict_batch(rows, target, draft) == pytest.approx((want / 1000, first / 1000, 3, 2))
     mask = rows.assign(finished_rows="mask")                     # masked rows keep costing
     assert predict_batch(mask, target, draft)[0] > predict_batch(rows, target, draft)[0]
@@ -277,7 +278,10 @@ def launch_counts(version="current"):
     return pd.DataFrame(rows)
 
 
-def launch_sweep(us_model=20.0, us_loop=10.0, per_pass={"ar": 1.0, "google": 2.5, "tree": 4.0}):
+PER_PASS = {"ar": 1.0, "google": 2.5, "tree": 4.0}
+
+
+def launch_sweep(us_model=20.0, us_loop=10.0, per_pass=PER_PASS):
     """raw.csv rows whose decode time follows the launch-bound model exactly: 2 batches of 8 rows per
     configuration, each row 10 target passes after its prefill (a 0.5 s prefill); AR hands its first
     token out after the prefill, a speculative loop after its first verify (TTFT one pass later)."""

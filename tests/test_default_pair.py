@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from sampling import DEFAULTS, generate, load_speculator, pad_left
-from sampling.models import DEFAULT_TARGET, is_int8_folder, load_model, load_tokenizer
+from sampling.app.models import DEFAULT_TARGET, is_int8_folder, load_model, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The quick brown fox",

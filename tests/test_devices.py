@@ -3,13 +3,12 @@ catches host/device mixing on the CPU (the crash AR once had on CUDA when a row 
 counts the points where a GPU's host would wait for the device."""
 import pytest
 import torch
+from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
 from benchmark.virtual_device import DeviceMismatch, VirtualDevice
-from sampling import generate
-from sampling import new_speculator
-from sampling import tree as tree_module
-from sampling.ngram import NgramDrafter
-from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
+from sampling import generate, new_speculator
+from sampling import tree_shapes as tree_module
+from sampling.drafters.ngram import NgramDrafter
 
 MODES = ("ar", "google", "deepmind", "bass", "bass-mask", "tree", "cascade")
 CACHES = ("dynamic", "static")

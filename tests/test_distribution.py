@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from sampling import SamplingParams, accept_reject, generate
 from stats import chi_square_pvalue
 from tiny import tiny_model
+
+from sampling import SamplingParams, accept_reject, generate
 
 ALPHA = 1e-3                     # reject the null (exact law) below this p-value
 
@@ -124,7 +124,7 @@ FILTERS = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_p
 def test_filters_equal_the_hand_written_reference(params):
     """norm_logits (transformers' processors) against reference_law on random logits, every position
     with its own prefix, left padding excluded from the prefix."""
-    from sampling.utils import norm_logits
+    from sampling.params import norm_logits
     gen = torch.Generator().manual_seed(5)
     B, S, n, V = 6, 9, 3, 12
     logits = 3 * torch.randn(B, n, V, generator=gen, dtype=torch.float64)
@@ -171,17 +171,19 @@ def test_whole_loop_joint_law(mode, case):
 
 class CopyDrafter:
     """A deterministic drafter (q = None, as an n-gram table would be): it proposes the last
-    token again, g times."""
+    token again, g times (sampling.contracts.Drafter, written from its contract alone)."""
     calls = 0
+    reads_target = False
+    max_draft = None
 
-    def prefill(self, ids, mask):
+    def prefill(self, ids, mask, hidden):
         pass
 
     def propose(self, seq, mask, g, generator):
-        from sampling.parts import Draft
+        from sampling.contracts import Draft
         return Draft(tokens=seq[:, -1:].expand(-1, g).contiguous(), q=None)
 
-    def commit(self, length):
+    def commit(self, acc):
         pass
 
     def select_rows(self, keep):
@@ -191,10 +193,10 @@ class CopyDrafter:
 @pytest.mark.parametrize("case", ("t1", "t0.7-topk3"))
 def test_deterministic_drafter_keeps_the_target_law(case):
     """Drafts with no law of their own (q is one-hot on them) go through the same rule exactly."""
-    from sampling.parts import ChainVerifier
+    from sampling.decode import speculative_decode
     from sampling.rows import Rows
-    from sampling.speculative_bass import speculative_decode
     from sampling.utils_bass import GammaSchedule, ScheduleParams
+    from sampling.verify.chain import ChainVerifier
     V, K, N = 5, 3, 3000
     params = CASES[case]
     target, = peaked_models(11)
@@ -214,7 +216,7 @@ MIXED = [SamplingParams(temperature=0.0), CASES["t0.7-topk3"], CASES["t1.3-topp0
 def test_row_params_filter_each_row_with_its_own():
     """norm_logits with one parameter set per row (RowParams) against reference_law row by row;
     the greedy rows one-hot on their argmax."""
-    from sampling.utils import norm_logits, row_params
+    from sampling.params import norm_logits, row_params
     gen = torch.Generator().manual_seed(6)
     B, V = 6, 12
     logits = 3 * torch.randn(B, 2, V, generator=gen, dtype=torch.float64)

@@ -8,14 +8,15 @@ import pytest
 import torch
 from test_benchmark import FIXTURE, cli
 from tiny import save_tiny_pair
+from transformers import AutoModelForCausalLM
 
 import eval_dolly
 import main as main_py
-from benchmark import heads_report, profile_step, run_experiment
-from sampling.speculator import save_speculator
+from benchmark import profile_step, run_experiment
+from benchmark.studies import heads_report
 from sampling import DEFAULTS, new_speculator
-from sampling.tree import parse_tree
-from transformers import AutoModelForCausalLM
+from sampling.drafters.heads import save_speculator
+from sampling.tree_shapes import parse_tree
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,9 @@ def test_sweep_with_drafters_and_the_prompt_lookup_peer(pair, capsys, tmp_path):
                                                pair["mlp"], "--temperature", "0", "--batch", "2"], capsys)
     assert code == 0, err
     assert "consistency: google equals ar on 3/3" in out and "consistency: tree equals ar on 3/3" in out
-    code, out, err = cli(run_experiment, common + ["--modes", "ar,google,tree,hf_prompt_lookup", "--draft", "model,ngram",
-                                                   "--batch_sizes", "1", "--gammas", "3", "--out", str(tmp_path / "s")],
+    code, out, err = cli(run_experiment, common + ["--modes", "ar,google,tree,hf_prompt_lookup",
+                                                   "--draft", "model,ngram", "--batch_sizes", "1", "--gammas", "3",
+                                                   "--out", str(tmp_path / "s")],
                          capsys)
     assert code == 0, err
     raw = pd.read_csv(tmp_path / "s" / "raw.csv", keep_default_na=False)

@@ -1,8 +1,8 @@
 """Greedy exactness: every mode equals plain greedy decoding token for token."""
 import pytest
+from tiny import ARCHS, greedy_reference, left_padded_batch, never_agreeing_pair, noisy_copy, tiny_model
 
 from sampling import generate
-from tiny import ARCHS, greedy_reference, left_padded_batch, never_agreeing_pair, noisy_copy, tiny_model
 
 SPEC_MODES = ("google", "deepmind", "bass")
 LENGTHS = (5, 9, 3, 7)          # a left-padded batch of mixed lengths
@@ -103,7 +103,7 @@ def test_kvcache_history_follows_catch_up_rollback_and_select_rows():
     import torch
 
     from sampling.kvcache_model import KVCacheModel, position_ids
-    from sampling.utils import SamplingParams
+    from sampling.params import SamplingParams
     model = tiny_model("llama", seed=61)
     params = SamplingParams(temperature=0.8)
     ids, mask = left_padded_batch(97, (5, 2, 7), seed=62)
@@ -186,3 +186,29 @@ def test_streamer_gets_the_tokens_as_they_are_accepted():
     ids2, mask2 = left_padded_batch(97, (6, 3), seed=68)
     with pytest.raises(ValueError, match="a streamer takes one sequence; got a batch of 2"):
         generate(target, ids2, mask2, mode="ar", streamer=Collect())
+
+
+@pytest.mark.parametrize("mode", ("ar", "google", "deepmind", "bass", "tree", "cascade"))
+def test_right_padded_batch_equals_greedy_decoding(mode):
+    """A right-padded batch (a tokenizer's default padding side) decodes the real tokens of each row,
+    in every mode: rows [5, 9, 13, 17, 21, 25] and [7, 1, 2] padded on the right to 6 give what
+    greedy decoding of the unpadded prompts gives."""
+    import torch
+    target = tiny_model("llama", seed=91)
+    rows = [[5, 9, 13, 17, 21, 25], [7, 1, 2]]
+    ids = torch.tensor([rows[0], rows[1] + [0, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    want = [greedy_reference(target, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), 8)[0]
+            for r in rows]
+    draft = [noisy_copy(target, 0.2, seed=3), noisy_copy(target, 0.1, seed=4)] if mode == "cascade" \
+        else noisy_copy(target, 0.1, seed=4)
+    res = generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=8, gamma=3, temperature=0)
+    assert res.tokens == want, mode
+
+
+def test_a_mask_with_gaps_is_refused():
+    import torch
+    target = tiny_model("llama", seed=91)
+    ids = torch.tensor([[5, 9, 13, 17]])
+    with pytest.raises(ValueError, match="real tokens must be contiguous"):
+        generate(target, ids, torch.tensor([[1, 0, 1, 1]]), mode="ar", max_new_tokens=2, temperature=0)

@@ -3,7 +3,6 @@ alters outputs on purpose re-records them (``python tests/guard.py --record``) a
 import json
 
 import pytest
-
 from guard import RECORD, configurations, run
 
 CONFIGS = configurations()

@@ -5,10 +5,11 @@ explicit mask, no cache), rollback stays correct in a compressed cache, bad sett
 import pytest
 import torch
 from test_distribution import ALPHA, CASES, joint_pvalue, peaked_models
+from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
 from sampling import PressSpec, SamplingParams, generate
-from sampling.kvcache_model import CacheSpec, KVCacheModel
-from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
+from sampling.cache.spec import CacheSpec
+from sampling.kvcache_model import KVCacheModel
 
 KINDS = ("streaming", "knorm", "snapkv", "hybrid")
 LENGTHS = (30, 41, 25, 37)
@@ -126,7 +127,7 @@ def test_rollback_in_a_compressed_cache():
     b.catch_up(*grow(extra[:, :1]))
     b.rollback(21)
     pb = b.catch_up(seq, m)
-    assert a.evictions == b.evictions >= 2                         # the budget evicted before the last pass
+    assert a.press.evictions == b.press.evictions >= 2                         # the budget evicted before the last pass
     torch.testing.assert_close(pa, pb, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="compressed part"):
         a.rollback(20)
@@ -183,7 +184,8 @@ def test_sweep_over_presses_and_long_prompts(pair, capsys, tmp_path):
     from benchmark import run_experiment
     out = tmp_path / "sweep"
     code, stdout, err = cli(run_experiment, [
-        "--dataset_path", FIXTURE, "--samples", "3", "--prompt_tokens", "60", "--max_tokens", "6", "--modes", "ar,google",
+        "--dataset_path", FIXTURE, "--samples", "3", "--prompt_tokens", "60", "--max_tokens", "6",
+        "--modes", "ar,google",
         "--press", "none,hybrid", "--press_on", "draft,target", "--press_ratio", "0.5", "--press_window", "8",
         "--batch_sizes", "1", "--temperatures", "0", "--repeats", "1", "--target_model_name", pair["target"],
         "--approx_model_name", pair["draft"], "--out", str(out)], capsys)
@@ -242,10 +244,10 @@ def test_perplexity_cli_writes_its_table(pair, capsys, tmp_path):
 def test_bad_press_flags_are_one_line_errors(tool, argv, msg, capsys, tmp_path):
     import re
 
-    import eval_dolly
-    import main as main_py
     from test_benchmark import FIXTURE, cli
 
+    import eval_dolly
+    import main as main_py
     from benchmark import perplexity, run_experiment
     module = {"main": main_py, "eval_dolly": eval_dolly, "run_experiment": run_experiment,
               "perplexity": perplexity}[tool]
@@ -257,7 +259,7 @@ def test_bad_press_flags_are_one_line_errors(tool, argv, msg, capsys, tmp_path):
 def test_press_cost_writes_its_tables(pair, capsys, tmp_path):
     from test_benchmark import cli
 
-    from benchmark import press_cost
+    from benchmark.studies import press_cost
     out = tmp_path / "cost"
     code, stdout, err = cli(press_cost, ["--caches", "16,32", "--reps", "1", "--target_model_name", pair["target"],
                                          "--approx_model_name", pair["draft"], "--out", str(out)], capsys)

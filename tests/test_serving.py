@@ -15,7 +15,7 @@ from tiny import noisy_copy, tiny_model, tiny_tokenizer
 import serving
 from benchmark.load_test import free_port
 from sampling import generate
-from sampling.scheduler import QueueFull, Scheduler, SchedulerConfig, ServeRequest
+from sampling.app.scheduler import QueueFull, Scheduler, SchedulerConfig, ServeRequest
 
 PROMPTS = ["Pack my box", "with five dozen liquor jugs and more words here", "jugs", "box with"]
 
@@ -157,7 +157,8 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
     assert got[2] == done[2][0]["tokens"] and 1 <= len(got[2]) <= 10
     for i in (0, 3):
         ids = torch.tensor([tok(PROMPTS[i])["input_ids"]])
-        ref = generate(target, ids, mode="ar", max_new_tokens=10, temperature=0, eos_token_id=tok.eos_token_id).tokens[0]
+        ref = generate(target, ids, mode="ar", max_new_tokens=10, temperature=0,
+                       eos_token_id=tok.eos_token_id).tokens[0]
         assert got[i] == ref == done[i][0]["tokens"]
 
 

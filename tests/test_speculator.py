@@ -4,10 +4,10 @@ enumeration, saving and loading, and the refusals."""
 import pytest
 import torch
 from test_distribution import ALPHA, CASES, joint_pvalue, peaked_models
+from tiny import ARCHS, greedy_reference, left_padded_batch, tiny_model
 
 from sampling import generate, load_speculator, new_speculator
-from sampling.speculator import SpeculatorDrafter, save_speculator
-from tiny import ARCHS, greedy_reference, left_padded_batch, tiny_model
+from sampling.drafters.heads import SpeculatorDrafter, save_speculator
 
 KINDS = ("mlp", "medusa")
 
@@ -125,15 +125,15 @@ def test_training_forward_matches_the_drafter(kind):
     """The teacher-forced forward the training script optimises gives, at position t, the very laws
     the drafter draws from when its drafts are the sequence's next tokens: training and drafting
     read the same hidden state and align stage j with token t + 1 + j."""
-    from sampling.speculator import SpeculatorDrafter
-    from sampling.utils import SamplingParams
+    from sampling.drafters.heads import SpeculatorDrafter
+    from sampling.params import SamplingParams
     target = tiny_model("gpt2", seed=5)
     spec = new_speculator(target, kind, n_heads=3, seed=6, noise=0.1)
     prefix = torch.tensor([[5, 9, 14, 3, 7, 22]])                    # t = 4: h_t, pending token x_5 = 22
     with torch.no_grad():
-        target(input_ids=prefix[:, :-1])                            # the hidden state of slot 4 (the hook)
+        h = target(input_ids=prefix[:, :-1], output_hidden_states=-1).hidden_states[-1][:, -1]   # slot 4's
     d = SpeculatorDrafter(spec, SamplingParams(temperature=1.0), None)
-    d.prefill(prefix[:, :-1], torch.ones_like(prefix[:, :-1]))
+    d.prefill(prefix[:, :-1], torch.ones_like(prefix[:, :-1]), h)
     d.pending = 1
     draft = d.propose(prefix, torch.ones_like(prefix), 3, torch.Generator().manual_seed(0))   # tokens [1, 3]
     x = torch.cat([prefix, draft.tokens, torch.tensor([[1]])], 1)   # the drafts are the next tokens

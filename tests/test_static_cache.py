@@ -4,11 +4,12 @@ law; ``compile`` (torch.compile over the static cache's fixed shapes) gives the 
 import pytest
 import torch
 from test_distribution import ALPHA, CASES, joint_pvalue, peaked_models
+from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
 from sampling import generate
-from sampling.kvcache_model import CacheSpec, KVCacheModel
-from sampling.utils import SamplingParams
-from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
+from sampling.cache.spec import CacheSpec
+from sampling.kvcache_model import KVCacheModel
+from sampling.params import SamplingParams
 
 LENGTHS = (5, 9, 3, 7)
 RUNS = {                      # name: (mode, tree, finished_rows)
@@ -90,7 +91,8 @@ def test_static_cache_grows_past_its_room():
     width = kv.cache.layers[0].max_cache_len
     seq = torch.cat([ids, torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(63))], 1)
     for t in range(61, 71):
-        torch.testing.assert_close(kv.catch_up(seq[:, :t], torch.ones(1, t)), ref.catch_up(seq[:, :t], torch.ones(1, t)))
+        ones = torch.ones(1, t)
+        torch.testing.assert_close(kv.catch_up(seq[:, :t], ones), ref.catch_up(seq[:, :t], ones))
     assert width == 64 < kv.cache.layers[0].max_cache_len
 
 
@@ -98,15 +100,15 @@ def test_static_layers_are_views_of_one_buffer():
     """The eager static cache keeps every layer's keys and values in one buffer (a tree's accepted
     path moves into place with one gather for all of them); layers of different shapes are refused
     with a one-line error rather than written into a buffer of the wrong shape."""
-    from sampling.kvcache_model import SlotCache
+    from sampling.cache.backends import SlotCache
     target = tiny_model("llama", seed=51)
     ids, mask = left_padded_batch(97, (4, 6), seed=52)
     kv = KVCacheModel(target, SamplingParams(temperature=1.0), cache=CacheSpec("static", room=8))
     kv.prefill(ids, mask)
     buf = kv.cache.kv                                          # [layers, 2, B, H, W, D]
     assert isinstance(kv.cache, SlotCache) and kv.kv_tensors() == [buf]
-    assert all(l.keys.data_ptr() == buf[i, 0].data_ptr() and l.values.data_ptr() == buf[i, 1].data_ptr()
-               for i, l in enumerate(kv.cache.layers))
+    assert all(layer.keys.data_ptr() == buf[i, 0].data_ptr() and layer.values.data_ptr() == buf[i, 1].data_ptr()
+               for i, layer in enumerate(kv.cache.layers))
     kv.select_rows(torch.tensor([1]))
     assert kv.cache.kv.shape[2] == 1 and kv.cache.layers[-1].keys.data_ptr() == kv.cache.kv[-1, 0].data_ptr()
     cache = SlotCache(2, 64)
@@ -121,8 +123,8 @@ def test_a_model_split_over_gpus_keeps_its_static_slots_per_layer(run, monkeypat
     buffer per layer, where the layer runs, not one for all: the same greedy tokens through the
     per-layer path (emulated on the CPU by the map alone; offloading to the CPU or disk is one
     device)."""
-    from sampling.kvcache_model import SlotCache
-    from sampling.models import spans_devices
+    from sampling.cache.backends import SlotCache
+    from sampling.utils import spans_devices
     target = tiny_model("llama", seed=31)
     ids, mask = left_padded_batch(97, LENGTHS, seed=32)
     eos = greedy_reference(target, ids, mask, 12)[1][3]
@@ -196,7 +198,7 @@ def test_compiled_passes_with_speculator_heads_equal_greedy():
             res, eager = generate(target, ids, compile=True, **kw), generate(target, ids, **kw)
             assert res.tokens == ref, (kind, mode)
             assert res.stats["accepted_hist"] == eager.stats["accepted_hist"], (kind, mode)
-        heads.close()
+
 
 
 def test_compiled_passes_compile_once_per_shape():

@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import greedy_reference, left_padded_batch, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sampling import generate
-from sampling.models import INT8_WEIGHTS, dequantize_int8, is_int8_folder, load_model, quantize_int8, save_int8
-from tiny import greedy_reference, left_padded_batch, tiny_model
+from sampling.app.models import INT8_WEIGHTS, is_int8_folder, load_model, save_int8
+from sampling.storage import dequantize_int8, quantize_int8
 
 
 def tied_llama():

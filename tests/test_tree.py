@@ -3,10 +3,10 @@ early, the cache after compaction, the joint law under sampling, bad values."""
 import pytest
 import torch
 from test_distribution import ALPHA, CASES, joint_pvalue, peaked_models
+from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 
 from sampling import generate
-from sampling.tree import DynamicTree, TreeShape, parse_tree
-from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
+from sampling.tree_shapes import DynamicTree, TreeShape, parse_tree
 
 TREE_ARCHS = ("llama", "gpt_neox", "gpt2", "opt")
 LENGTHS = (5, 9, 3, 7, 1, 6)
@@ -30,14 +30,16 @@ def test_shape_structure():
 def test_dynamic_tree_spec():
     assert parse_tree("dynamic:16") == DynamicTree(16, 5, 4) and str(parse_tree("dynamic:3")) == "dynamic:3:3:3"
     assert str(parse_tree(" dynamic:20:6:3 ")) == "dynamic:20:6:3" and parse_tree("2,1").n == 4
-    assert parse_tree("dynamic:8:4:3:2.5").sharpen == 2.5 and str(parse_tree("dynamic:8:4:3:2.5")) == "dynamic:8:4:3:2.5"
+    sharp = parse_tree("dynamic:8:4:3:2.5")
+    assert sharp.sharpen == 2.5 and str(sharp) == "dynamic:8:4:3:2.5"
 
 
 def test_dynamic_tree_keeps_the_best_paths():
     """Row trees from a draft equal to the target: every kept node's parent is kept, the nodes are in
     level order, and the ancestor matrix follows the parent pointers."""
-    from sampling.tree import DynamicTreeDrafter
-    from sampling.utils import SamplingParams, children_of
+    from sampling.drafters.tree import DynamicTreeDrafter
+    from sampling.params import SamplingParams
+    from sampling.tree_shapes import children_of
     model = tiny_model("llama", seed=14)
     ids, mask = left_padded_batch(97, (4, 7, 2), seed=15)
     drafter = DynamicTreeDrafter(model, SamplingParams(temperature=0), None, parse_tree("dynamic:10:4:3"))
@@ -117,12 +119,13 @@ def test_draft_equal_to_target_accepts_whole_paths(tree):
 @pytest.mark.parametrize("kind", ("dynamic", "static"))
 def test_cache_after_compaction_equals_a_fresh_pass(kind):
     """keep_tree leaves the KV entries a plain forward over the accepted sequence would make."""
-    from sampling.batched_kvcache_model import BatchedKVCacheModel
-    from sampling.kvcache_model import CacheSpec, position_ids
-    from sampling.utils import SamplingParams
+    from sampling.cache.spec import CacheSpec
+    from sampling.cache.tree import TreeKVCacheModel
+    from sampling.kvcache_model import position_ids
+    from sampling.params import SamplingParams
     model = tiny_model("llama", seed=11)
     ids, mask = left_padded_batch(97, (4, 7), seed=12)
-    kv = BatchedKVCacheModel(model, SamplingParams(temperature=1.0), cache=CacheSpec(kind, room=12))
+    kv = TreeKVCacheModel(model, SamplingParams(temperature=1.0), cache=CacheSpec(kind, room=12))
     kv.prefill(ids, mask)
     tree = TreeShape.parse("3,2")
     tokens = torch.randint(3, 97, (2, tree.n), generator=torch.Generator().manual_seed(13))
@@ -148,10 +151,10 @@ def test_dynamic_drafter_keeps_its_fed_path(row1):
     plain forward over the accepted sequence would make them (rows of different path lengths); a
     path that ends in a node the draft did not feed keeps, in every row, only the columns before
     it (the drafter knows from the fed slots the walk brought to the host)."""
+    from sampling.contracts import HostVerdict, Verified
+    from sampling.drafters.tree import DynamicTreeDrafter
     from sampling.kvcache_model import position_ids
-    from sampling.parts import Accepted
-    from sampling.tree import DynamicTreeDrafter
-    from sampling.utils import SamplingParams
+    from sampling.params import SamplingParams
     model = tiny_model("llama", seed=16)
     ids, mask = left_padded_batch(97, (4, 7), seed=17)
     drafter = DynamicTreeDrafter(model, SamplingParams(temperature=0), None, parse_tree("dynamic:30:4:3"))
@@ -165,10 +168,11 @@ def test_dynamic_drafter_keeps_its_fed_path(row1):
         paths.append(tree.ancestors[i, j].nonzero().squeeze(1).tolist())
     nodes = torch.tensor([p + [0] * (3 - len(p)) for p in paths])
     n = torch.tensor([len(p) for p in paths])
-    acc = Accepted(n, torch.zeros(2, dtype=torch.long), draft.tokens.gather(1, nodes), nodes, ids.shape[1],
-                   carried=[tree.fed[i, p].tolist() for i, p in enumerate(paths)])   # as the walk brings them
-    acc.to_host(torch.zeros(2, dtype=torch.bool))
-    drafter.commit(acc)
+    tokens = draft.tokens.gather(1, nodes)
+    host = HostVerdict([[k, 0] + t[:k] for k, t in zip(n.tolist(), tokens.tolist())],
+                       [tree.fed[i, p].tolist() for i, p in enumerate(paths)])   # as the walk brings them
+    verified = Verified(n, torch.zeros(2, dtype=torch.long), tokens, nodes, ids.shape[1], tree.n, (None, 0), host=host)
+    drafter.commit(verified.settle(torch.zeros(2, dtype=torch.bool), [False, False]))
     keep = 3 if row1.startswith("fed") else 2                 # the unfed node's column goes in every row
     kept = torch.cat([ids, draft.tokens.gather(1, nodes)[:, :keep]], 1)
     kept_mask = torch.cat([mask, torch.tensor([[1, 1, 1], [1, 1, 0]])[:, :keep]], 1)
@@ -203,8 +207,9 @@ def test_tree_joint_law(tree, case):
 def test_a_pass_without_nodes_under_the_repetition_penalty():
     """A budget that leaves a static tree no room for nodes in its last step, with a filter that
     needs each node's prefix: the pass feeds only the chain (it once asserted)."""
-    from sampling import generate
     from tiny import left_padded_batch, noisy_copy, tiny_model
+
+    from sampling import generate
     target = tiny_model("llama", seed=81)
     draft = noisy_copy(target, 0.1, seed=82)
     ids, mask = left_padded_batch(97, (5, 9, 3, 7), seed=83)

@@ -174,7 +174,7 @@ def llama(cfg: TrainConfig, layers: int, dim: int, ffn: int, heads: int, eos_id:
 
 
 def load_target(path: str):
-    from sampling.models import load_model          # reads the int8 folder training.store_int8 writes
+    from sampling.app.models import load_model  # reads the int8 folder training.store_int8 writes
     return load_model(path, device="cpu", dtype="float32")
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sampling.speculator import KINDS, SpeculatorConfig, SpeculatorHeads, save_speculator, target_dims
+from sampling.drafters.heads import KINDS, SpeculatorConfig, SpeculatorHeads, save_speculator, target_dims
 
 from .train_default_pair import EOS, load_corpus, load_target, lr_at, target_continuations, windows
 
@@ -59,7 +59,7 @@ class SpecTrainConfig:
     eval_tokens: int = 32              # greedy tokens the target writes per prompt
     threads: int = 0                   # torch threads (0: torch's default)
     init: str = ""                     # continue from the heads in <init>/<kind> (e.g. more phase 2: --phase1_steps 0)
-    eval_only: bool = False            # evaluate the heads in --init on Dolly and print it; no training, nothing written
+    eval_only: bool = False            # evaluate the heads in --init on Dolly and print it; nothing trained or written
     storage: str = "int8"              # int8 (per-row scales, a quarter of float32's bytes) or float16
 
 
@@ -106,8 +106,8 @@ def head_losses(heads, h, emb, logits, x, phase: int, lm_head):
 def evaluate(heads_by_kind, target, tap, tokenizer, cfg) -> dict:
     """Per-head top-1 / top-5 accuracy on the target's greedy answers to Dolly prompts: head j at
     position t against the token the target wrote at t + 1 + j, every answer position."""
-    from benchmark.utils_io import load_dolly, render_prompt
     from sampling import generate
+    from sampling.app.dolly import load_dolly, render_prompt
     records = load_dolly(cfg.dolly)[:cfg.eval_prompts]
     eos = tokenizer.eos_token_id
     hits = {k: torch.zeros(2, cfg.n_heads) for k in heads_by_kind}
@@ -171,7 +171,7 @@ def main(argv=None):
     dims = target_dims(target)
     heads = {k: SpeculatorHeads(SpeculatorConfig(kind=k, n_heads=cfg.n_heads, **dims)).train() for k in kinds}
     if cfg.init:                                                         # continue training saved heads
-        from sampling.speculator import load_speculator
+        from sampling.drafters.heads import load_speculator
         for k in kinds:
             heads[k].load_state_dict(load_speculator(os.path.join(cfg.init, k), target).heads.float().state_dict())
     if cfg.eval_only:
@@ -225,7 +225,8 @@ def main(argv=None):
         hd.eval()
     acc = evaluate(heads, target, tap, tokenizer, cfg)
     summary = dict(config=asdict(cfg), train_wall_s=round(train_s), wall_s=round(time.time() - t0),
-                   train_tokens=len(train), params={k: sum(p.numel() for p in h.parameters()) for k, h in heads.items()},
+                   train_tokens=len(train),
+                   params={k: sum(p.numel() for p in h.parameters()) for k, h in heads.items()},
                    dolly_accuracy=acc)
     for k, hd in heads.items():
         before = None

@@ -10,24 +10,33 @@ transformers' own cache classes):
   Norm-Based Strategy for KV Cache Compression").
 * ``snapkv``: SnapKV (Li et al. 2024): the tokens the last ``window`` queries attend to most
   (average over heads and queries, smoothed by a 1-D average pool of width 5); the window is kept.
-* ``hybrid``: seed 003's "hybrid conservative": the sinks and a recent ``window`` kept, the rest of
+* ``hybrid``: a "hybrid conservative" press: the sinks and a recent ``window`` kept, the rest of
   the budget filled with the middle tokens of smallest key norm.
 
 How much is kept: at prefill ``ratio`` of the prompt's slots is evicted; with a ``budget`` the
 committed part of the cache is evicted down to ``budget`` slots before any pass that finds it
 larger (drafts in flight and the pass's own tokens come on top, and are never evicted: a rejected
-draft is rolled back past them, never into the compressed part). The selection is per layer and
+draft is rolled back past them, never into the compressed part). A position is committed once a
+rollback has kept it: in the speculative modes after each step's verification (so eviction runs at
+most once a step), in AR after each token. The selection is per layer and
 per row, one set of tokens for all heads of a layer (``kvpress`` selects per head); every row keeps
 the same number of slots, padding and BASS-PAD holes evicted first. No key is re-rotated: keys are
 cached after their rotary embedding, and the wrapper feeds new tokens their true positions from the
 full mask, so a compressed cache is the same model attending over fewer tokens (StreamingLLM's own
 re-rotation to cache positions is for running past the trained context, which this toolkit does not).
+Under a budget that holds for the keys and values the model reads; what it evicts, though, depends
+on when eviction runs (per step or per token, above) and, for snapkv, on the queries of the last
+pass, which in a speculative mode include those of drafts that were then rejected: a pressed target
+is a different model in each mode and with each drafter, not one fixed compressed model.
 
 Compressing the draft's cache only changes what is proposed, so the output law stays the target's;
 compressing the target's cache changes the model (``benchmark.perplexity`` measures by how much).
+``Press`` applies a ``PressSpec`` to one wrapper's cache (``sampling.kvcache_model``), whatever its
+backend (``sampling.cache.backends``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -81,7 +90,7 @@ class PressSpec:
                f"{self.window}"
 
     @classmethod
-    def from_label(cls, label: str) -> "PressSpec":
+    def from_label(cls, label: str) -> PressSpec:
         if not label:
             return cls()
         kind, ratio, budget, on, sinks, window = label.split(":")
@@ -189,3 +198,81 @@ class QueryCapture:
             q = m.q_norm(q)
         rotate = sys.modules[type(m).__module__].apply_rotary_pos_emb
         return rotate(q, q, cos, sin)[0]
+
+
+class Press:
+    """A press at work on one wrapper's cache: the positions made final (which it may evict), those
+    it has pressed and the slots they went to, and the queries snapkv scores with. Every row keeps
+    the same number of slots, so one count of evicted positions holds for the whole batch."""
+
+    def __init__(self, spec: PressSpec, model):
+        self.spec = spec
+        self.capture = QueryCapture(model, spec.window) if spec.kind == "snapkv" else None
+        self.evictions = 0                               # times it ran
+        self.reset()
+
+    def reset(self) -> None:
+        """A new prompt: nothing final, nothing pressed."""
+        self.final = 0                                   # positions made final by a rollback
+        self.frozen = 0                                  # positions before this went through the press ...
+        self.frozen_mask: torch.Tensor | None = None     # [B, frozen - dropped] ... into these slots
+
+    @property
+    def dropped(self) -> int:
+        """Positions evicted (the same count in every row)."""
+        return 0 if self.frozen_mask is None else self.frozen - self.frozen_mask.shape[1]
+
+    def capturing(self):
+        """The context of a model pass: snapkv keeps the pass's last queries."""
+        return self.capture if self.capture is not None else contextlib.nullcontext()
+
+    def slot_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The mask of the cache's slots (and any new ones) from the mask of the whole sequence
+        [B, L (+ n)]: the pressed slots' own mask, then the positions after them."""
+        if self.frozen_mask is None:
+            return mask
+        return torch.cat([self.frozen_mask, mask[:, self.frozen:]], dim=1)
+
+    def commit(self, final: int) -> None:
+        """Positions before ``final`` are final (a rollback kept them); a rollback never reaches into
+        the pressed part."""
+        if final < self.frozen:
+            raise RuntimeError(f"rollback to {final} reaches into the compressed part (before {self.frozen})")
+        self.final = final
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the given batch rows (finished rows left the cache)."""
+        if self.frozen_mask is not None:
+            self.frozen_mask = self.frozen_mask[rows]
+        if self.capture is not None:
+            self.capture.select_rows(rows)
+
+    def before_pass(self, backend, mask: torch.Tensor) -> None:
+        """Before a pass: if the final part of the cache holds more than the budget, press it."""
+        if self.spec.budget is not None and self.final - self.dropped > self.spec.budget:
+            self.evict(backend, self.spec.budget, mask)
+
+    @torch.inference_mode()
+    def evict(self, backend, keep: int, mask: torch.Tensor) -> None:
+        """Evict among the final positions down to ``keep`` slots, by the scores, layer by layer; the
+        slots after them (drafts in flight) move down behind the kept ones. ``backend``: the
+        wrapper's (``sampling.cache.backends``); mask: of the whole sequence [B, >= final]."""
+        C = self.final - self.dropped                                     # final slots
+        if keep >= C:
+            return
+        smask = self.slot_mask(mask)[:, :C]                               # [B, C]
+        U = backend.filled - C                                            # slots in flight after them
+        kept_mask = None
+        for i, (keys, values) in enumerate(backend.layers()):
+            q = self.capture.queries(i) if self.capture is not None else None
+            idx = select(scores(self.spec, keys[:, :, :C], smask, q), smask, keep)   # [B, keep]
+            if kept_mask is None:
+                kept_mask = smask.gather(1, idx)                          # the same in every layer
+            for t in (keys, values):                                      # [B, H, >= C + U, D], written in place
+                g = t[:, :, :C].gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                tail = t[:, :, C:C + U].clone()
+                t[:, :, :keep].copy_(g)
+                t[:, :, keep:keep + U].copy_(tail)
+        backend.truncate(keep + U)
+        self.frozen_mask, self.frozen = kept_mask, self.final             # dropped: C - keep more
+        self.evictions += 1

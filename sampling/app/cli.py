@@ -5,11 +5,12 @@ import argparse
 import signal
 import sys
 
-from .generate import DEFAULTS, FINISHED_ROWS
-from .kvcache_model import CACHES, CacheSpec
-from .press import PRESSES, PressSpec
-from .utils import SamplingParams
-from .utils_bass import SCHEDULES, ScheduleParams
+from ..cache.press import PRESSES, PressSpec
+from ..cache.spec import CACHES, CacheSpec
+from ..generate import DEFAULTS
+from ..modes import FINISHED_ROWS, get_mode
+from ..params import SamplingParams
+from ..utils_bass import SCHEDULES, ScheduleParams
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -32,7 +33,25 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-DRAFTS = ("model", "ngram", "mlp", "medusa")   # the draft model, prompt lookup, speculator heads of two kinds
+DRAFT_KINDS = {"model": "model", "ngram": "ngram", "mlp": "heads", "medusa": "heads"}   # --draft -> its kind
+DRAFTS = tuple(DRAFT_KINDS)     # the draft model, prompt lookup, speculator heads of two kinds (sampling.modes)
+
+
+def needs_draft(mode: str) -> bool:
+    """Whether a mode drafts with what --draft names (mode cascade drafts with --cascade's models,
+    mode ar with nothing)."""
+    return get_mode(mode).drafters not in ((), ("cascade",))
+
+
+def takes_draft(mode: str, draft: str) -> bool:
+    """Whether --draft ``draft`` can draft for ``mode`` (the table of modes, ``sampling.modes``)."""
+    return not needs_draft(mode) or DRAFT_KINDS[draft] in get_mode(mode).drafters
+
+
+def check_mode_draft(mode: str, draft: str) -> None:
+    """The one-line refusal of a mode that --draft cannot draft for (``sampling.modes.Mode.check_drafter``)."""
+    if not takes_draft(mode, draft):
+        get_mode(mode).check_drafter(DRAFT_KINDS[draft])
 
 
 def add_model_args(ap: argparse.ArgumentParser, many_drafts: bool = False, drafters: bool = True,
@@ -100,8 +119,9 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
     ap.add_argument("--sort_batch", action="store_true",
                     help="group prompts of similar length into the same batch (output keeps input order)")
     ap.add_argument("--tree", default=None,
-                    help=f"(default {DEFAULTS.tree} with a draft model, {DEFAULTS.heads_tree} with heads) mode tree: branching factors per depth, e.g. 4,2,1,1 (1,1,1,1 is the chain of gamma 4); "
-                         "rank paths, e.g. paths:0,1,0.0 (any static tree, as benchmark.tree_fit writes them); or "
+                    help=f"(default {DEFAULTS.tree} with a draft model, {DEFAULTS.heads_tree} with heads) mode tree: "
+                         "branching factors per depth, e.g. 4,2,1,1 (1,1,1,1 is the chain of gamma 4); rank paths, "
+                         "e.g. paths:0,1,0.0 (any static tree, as benchmark.studies.tree_fit writes them); or "
                          "dynamic:N[:D[:K[:S]]], EAGLE-2's tree of N draft tokens over D levels, K children per "
                          "expanded node, ranked by q**S (D, K, S default 5, 4, 1)")
     ap.add_argument("--finished_rows", default=DEFAULTS.finished_rows, choices=FINISHED_ROWS,
@@ -240,11 +260,11 @@ def load_pair(args, need_draft: bool = True, drafts: list[str] | None = None):
             out[name] = load_model(args.approx_model_name, "draft", args.device, args.dtype, placement)
             vocab = shared_vocab(tokenizer, load_tokenizer(args.approx_model_name, "draft"), target, out[name])
         elif name == "ngram":
-            from .ngram import NgramDrafter
+            from ..drafters.ngram import NgramDrafter
             out[name] = NgramDrafter()
         else:
+            from ..drafters.heads import load_speculator
             from .models import speculator_path
-            from .speculator import load_speculator
             spec = load_speculator(speculator_path(args.speculator, name), target)
             if spec.heads.cfg.kind != name:
                 raise ValueError(f"--speculator {args.speculator} holds {spec.heads.cfg.kind} heads, not {name}")

@@ -2,7 +2,8 @@
 against a chain pass of the same k tokens and against k passes of one token each (verifying a
 one-level tree of k candidates path by path). Writes tree_cost.csv and tree_cost.png.
 
-    python -m benchmark.tree_cost --batch_sizes 1,4,16 --prefixes 64,512,900 --tokens 4,16,64 --out results/trees
+    python -m benchmark.studies.tree_cost --batch_sizes 1,4,16 --prefixes 64,512,900 --tokens 4,16,64 \
+        --out results/trees
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from sampling.batched_kvcache_model import BatchedKVCacheModel  # noqa: E402
-from sampling.cli import Parser, add_model_args, run  # noqa: E402
-from sampling.rows import now  # noqa: E402
-from sampling.tree import TreeShape  # noqa: E402
-from sampling.utils import SamplingParams  # noqa: E402
+from sampling.app.cli import Parser, add_model_args, run  # noqa: E402
+from sampling.cache.tree import TreeKVCacheModel  # noqa: E402
+from sampling.params import SamplingParams  # noqa: E402
+from sampling.tree_shapes import TreeShape  # noqa: E402
+from sampling.utils import now  # noqa: E402
 
-from .run_experiment import int_list  # noqa: E402
-from .utils_io import env_info, save_figure, write_csv, write_json  # noqa: E402
+from ..run_experiment import int_list  # noqa: E402
+from ..utils_io import env_info, save_figure, write_csv, write_json  # noqa: E402
 
 
 @torch.inference_mode()
@@ -33,7 +34,7 @@ def pass_times(target, batch: int, prefix: int, k: int, reps: int, gen, ways=("t
     V = target.get_output_embeddings().weight.shape[0]
     ids = torch.randint(0, V, (batch, prefix), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    kv = BatchedKVCacheModel(target, SamplingParams(temperature=1.0))
+    kv = TreeKVCacheModel(target, SamplingParams(temperature=1.0))
     kv.prefill(ids, mask)
     wide = TreeShape.from_branching((k,))
     times = {name: [] for name in ways}
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
     path = os.path.join(args.out, "tree_cost.csv")
     if os.path.exists(path) and not args.overwrite:
         raise ValueError(f"{path} exists; pass --overwrite to replace it, or another --out")
-    from sampling.models import load_model
+    from sampling.app.models import load_model
     target = load_model(args.target_model_name, "target", args.device, args.dtype)
     limit = getattr(target.config, "max_position_embeddings", None)
     if limit is not None and max(prefixes) + max(ks) > limit:

@@ -3,7 +3,7 @@
 Two kinds of heads read the hidden state h_t that the target's output embedding (lm_head) turns
 into the law of token t + 1, and draft the tokens after it:
 
-* ``mlp``: IBM's multi-stage MLP speculator (Wertheimer et al. 2024, arXiv 2404.19124; seed 004).
+* ``mlp``: IBM's multi-stage MLP speculator (Wertheimer et al. 2024, arXiv 2404.19124).
   Stage j takes the previous stage's state and the embedding of the token drafted before it:
   ``s_j = gelu(LN_j(a W_j s_{j-1} + b U_j E(x_j)))`` with ``s_0 = h_t``, so each draft is
   conditioned on the ones before it. E is the target's input embedding and the logits of stage j
@@ -17,25 +17,27 @@ keeps the target's law. ``load_speculator(path, target)`` returns a ``Speculator
 ``generate(..., draft_model=speculator)`` accepts in google, deepmind, bass and tree modes (a
 static tree: the children of a node are the top-k, or k draws without replacement, of its law).
 
-The hidden states are read with a forward pre-hook on the target's output embedding (public
-module hooks, any Hugging Face causal LM): the verify pass's kept positions pass through it.
+The drafter says it reads the target (``reads_target``); the verifier then asks the target's
+passes for their last hidden states (transformers' ``output_hidden_states``) and returns those of
+the positions it fed with its verdict (``Verified.hidden``), the lm_head's inputs exactly.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import weakref
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import dequantize_int8, quantize_int8
-from .parts import Draft
-from .tree import DynamicTree, TreeShape, gumbel_keys, parse_tree
-from .utils import SamplingParams, norm_logits
+from ..contracts import Accepted, Draft
+from ..params import RowParams, SamplingParams, norm_logits
+from ..storage import dequantize_int8, quantize_int8
+from ..tree_shapes import DynamicTree, TreeShape, parse_tree
+from .tree import draft_levels
 
 KINDS = ("mlp", "medusa")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -94,7 +96,7 @@ class SpeculatorHeads(nn.Module):
         [..., D] and the embedding of the token drafted by it [..., E]; j in 1..n_heads."""
         if self.cfg.kind == "medusa":
             return state, state + F.silu(self.res[j - 1](state))
-        x = torch.add(self.a * self.state_proj[j - 1](state), self.emb_proj[j - 1](emb), alpha=self.b)  # one kernel less
+        x = torch.add(self.a * self.state_proj[j - 1](state), self.emb_proj[j - 1](emb), alpha=self.b)  # one kernel
         z = self.ln[j - 1](x)
         return F.gelu(z), z
 
@@ -112,32 +114,23 @@ class SpeculatorHeads(nn.Module):
 
 
 class Speculator:
-    """Trained heads bound to their target: a ready drafter source for ``generate``.
+    """Trained heads bound to their target: a drafter source for ``generate``
+    (``sampling.contracts.DrafterSource``); ``drafter(params, vocab, tree)`` makes each generation's."""
 
-    ``drafter(params, vocab, tree)`` makes the per-call drafter; ``close()`` removes the hook."""
-
-    supports_tree = True
+    kind = "heads"
 
     def __init__(self, heads: SpeculatorHeads, target):
         self.heads, self.target = heads, target
         self.embedding, self.lm_head = target.get_input_embeddings(), target.get_output_embeddings()
-        self.last: torch.Tensor | None = None           # lm_head's input in the target's last pass
-        self.passes = 0                                 # target passes seen
-        ref = weakref.ref(self)
-
-        def capture(module, args):
-            me = ref()
-            if me is not None:
-                me.last, me.passes = args[0], me.passes + 1
-        self._hook = self.lm_head.register_forward_pre_hook(capture)
-        weakref.finalize(self, self._hook.remove)
 
     @property
     def n_heads(self) -> int:
         return self.heads.cfg.n_heads
 
     def close(self) -> None:
-        self._hook.remove()
+        """Nothing to release: the heads no longer hook the target (kept for earlier callers)."""
+        warnings.warn("Speculator.close() is no longer needed: the heads hold no hook on the target",
+                      DeprecationWarning, stacklevel=2)
 
     def check_target(self, target) -> None:
         """ValueError unless ``target`` is the model these heads were trained on and bound to."""
@@ -145,15 +138,18 @@ class Speculator:
             raise ValueError("this speculator is bound to another target model; load it with "
                              "sampling.load_speculator(path, target) for the target you generate with")
 
-    def drafter(self, params: SamplingParams, vocab: int | None, tree=None) -> "SpeculatorDrafter":
+    def drafter(self, params: SamplingParams | RowParams, vocab: int | None, tree=None) -> SpeculatorDrafter:
         return SpeculatorDrafter(self, params, vocab, tree)
 
 
 class SpeculatorDrafter:
-    """The drafter contract of ``sampling.parts`` on speculator heads: a chain of g tokens or a
-    static tree per step, from the target hidden state of each row's last accepted position."""
+    """A drafter (``sampling.contracts.Drafter``) on speculator heads: a chain of g tokens or a static
+    tree per step, from the target's hidden state at each row's last accepted position, which the
+    verifier returns with its verdict (``Verified.hidden``)."""
 
-    def __init__(self, spec: Speculator, params: SamplingParams, vocab: int | None, tree=None):
+    reads_target = True                                   # the verifier returns the target's hidden states
+
+    def __init__(self, spec: Speculator, params: SamplingParams | RowParams, vocab: int | None, tree=None):
         self.spec, self.heads, self.vocab = spec, spec.heads, vocab
         self.greedy = params.greedy
         # greedy trees rank children by the law at temperature 1 (as TreeDrafter); chains sample q
@@ -170,10 +166,11 @@ class SpeculatorDrafter:
         self.calls = 0                                    # model passes: none (the heads are counted in time)
         self.h: torch.Tensor | None = None                # [b, D] target hidden state of each row's last slot
         self.pending = 0                                  # tokens of seq after that slot (0 after prefill, else 1)
+        self.n_drafted = 0                                # nodes of the last proposal
 
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """After the verifier's prefill: the hidden state of the prompt's last slot."""
-        self.h, self.pending, self.seen = self.spec.last[:, -1], 0, self.spec.passes
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """The target's hidden state at each prompt's last slot [b, D] (from the verifier's prefill)."""
+        self.h, self.pending = hidden, 0
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.h = self.h[keep]
@@ -193,43 +190,33 @@ class SpeculatorDrafter:
 
     @torch.inference_mode()
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
-        """g drafts after seq [b, S] (a chain), or the tree cut to g levels."""
+        """g drafts after seq [b, S] (a chain), or the tree cut to g levels: stage j drafts level j."""
         shape = self.tree.truncated(g) if self.tree is not None else TreeShape.from_branching((1,) * g)
         self.n_drafted = shape.n
         if not shape.n:
             return Draft(seq[:, :0], None, shape if self.tree is not None else None)
-        b = len(seq)
         state = self.h.unsqueeze(1)                                          # [b, 1, D]
         j, z = 0, state
         if self.pending:                                                     # the bonus token is not fed yet
             j, (state, z) = 1, self.heads.stage(1, state, self.spec.embedding(seq[:, -1:]))
-        dists = self.law(j, z, seq, mask)                                    # [b, 1, V] the root's law
-        tokens, qs = [], []
-        for d, (k, up, pick) in enumerate(shape.on(seq.device).picks):       # up, pick: None in a chain
-            m = dists.shape[1]
-            top = (dists if self.greedy else gumbel_keys(dists, generator)).topk(k, dim=-1).indices.view(b, m * k)
-            kids = top if pick is None else top[:, pick]                     # [b, w] the level's nodes
-            tokens.append(kids)
-            if not self.greedy:
-                qs.append(dists if up is None else dists[:, up])             # [b, w, V] the parents' laws
-            if d + 1 < shape.depth:
-                j += 1
-                state, z = self.heads.stage(j, state if up is None else state[:, up],
-                                            self.spec.embedding(kids))       # [b, w, D]
-                dists = self.law(j, z, seq, mask)                            # [b, w, V]
-        tokens = torch.cat(tokens, 1)                                        # [b, n]
-        q = None if self.greedy else torch.cat(qs, 1)                        # [b, n, V]
+
+        def expand(d: int, kids: torch.Tensor, up) -> torch.Tensor:          # the next stage on level d's nodes
+            nonlocal j, state
+            j += 1
+            state, z = self.heads.stage(j, state if up is None else state[:, up],
+                                        self.spec.embedding(kids))           # [b, w, D]
+            return self.law(j, z, seq, mask)                                 # [b, w, V]
+
+        tokens, q = draft_levels(shape, self.law(j, z, seq, mask), shape.on(seq.device), self.greedy, generator,
+                                 expand)                                     # [b, n], [b, n, V]
         return Draft(tokens, q, shape if self.tree is not None else None)
 
-    def commit(self, acc) -> None:
-        """The hidden state of each row's last accepted position, from the verify pass's kept
-        positions (P pending chain tokens, then the drafts or nodes)."""
-        if self.spec.passes != self.seen:                                    # the verifier ran the target
-            last = self.spec.last                                            # [b, P + n, D]
+    def commit(self, acc: Accepted) -> None:
+        """The hidden state of each row's last accepted position, from the verify pass's positions
+        (P pending chain tokens, then the drafts or nodes); none when no pass ran."""
+        last = acc.verified.hidden                                           # [b, P + n, D]
+        if last is not None:
             P = last.shape[1] - self.n_drafted                               # pending tokens it fed
-            if P < 0:
-                raise RuntimeError("the target's last pass did not run the lm_head hook the heads read "
-                                   "(a compiled graph without the hook?)")
             hist = torch.cat([self.h.unsqueeze(1), last], 1)                 # [b, 1 + P + n, D]
             k = acc.n
             if self.tree is None:                                            # a chain: draft i is node i
@@ -240,7 +227,6 @@ class SpeculatorDrafter:
                 idx = P + torch.where(k > 0, 1 + lastnode, torch.zeros_like(k))   # [b]
             D = hist.shape[2]
             self.h = hist.gather(1, idx.view(-1, 1, 1).expand(-1, 1, D)).squeeze(1)   # [b, D]
-            self.seen = self.spec.passes
         self.pending = 1
 
 

@@ -17,7 +17,7 @@
 Writes ranks.csv, costs.csv, fit.csv (the best tree for each n and temperature), expected.csv
 (the given ``--shapes``), calibration.csv and fit.png under --out:
 
-    python -m benchmark.tree_fit --dataset_path ../shared/dolly/dolly-sample.jsonl --samples 24 \\
+    python -m benchmark.studies.tree_fit --dataset_path ../shared/dolly/dolly-sample.jsonl --samples 24 \\
         --shapes "1,1,1,1;3,2,1" --out results/trees/fit
 """
 from __future__ import annotations
@@ -34,13 +34,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from sampling import generate  # noqa: E402
-from sampling.cli import Parser, add_model_args, run  # noqa: E402
-from sampling.tree import MAX_NODES, TreeShape, gumbel_keys, parse_tree  # noqa: E402
-from sampling.utils import SamplingParams, max_fn, norm_logits  # noqa: E402
+from sampling.app.cli import Parser, add_model_args, run  # noqa: E402
+from sampling.params import SamplingParams, gumbel_keys, norm_logits  # noqa: E402
+from sampling.tree_shapes import MAX_NODES, TreeShape, parse_tree  # noqa: E402
+from sampling.verify.rules import max_fn
 
-from .runner import add_bench_args, prepare  # noqa: E402
+from ..runner import add_bench_args, prepare  # noqa: E402
+from ..utils_io import env_info, save_figure, write_csv, write_json  # noqa: E402
 from .tree_cost import pass_times  # noqa: E402
-from .utils_io import env_info, save_figure, write_csv, write_json  # noqa: E402
 
 
 @torch.inference_mode()
@@ -115,7 +116,7 @@ def best_trees(r: list[float], sizes, max_depth: int) -> dict[int, tuple[float, 
     """For each n in sizes, the tree of n nodes, at most max_depth deep, with the most expected
     accepted drafts, and that expectation."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def h(j: int, m: int, d: int):
         # m nodes under one parent, as children of ranks j, j+1, ... and their subtrees, d levels left
         if m == 0:

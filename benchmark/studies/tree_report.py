@@ -1,7 +1,8 @@
 """The draft-efficiency tables and plots of the tree study, from run_experiment folders and the
 positional acceptance ``tree_fit`` measured for the same pair and temperature.
 
-    python -m benchmark.tree_report --run "embedded, greedy=results/trees/study/pair_t0@results/trees/fit/pair" \\
+    python -m benchmark.studies.tree_report \\
+        --run "embedded, greedy=results/trees/study/pair_t0@results/trees/fit/pair" \\
         --run "embedded, t=1=results/trees/study/pair_t1@results/trees/fit/pair" --out results/trees/study
 
 Each ``--run`` is ``label=RUN_FOLDER@FIT_FOLDER``; the run's temperature picks the fit's column.
@@ -21,11 +22,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sampling.cli import Parser, run  # noqa: E402
-from sampling.tree import TreeShape, parse_tree  # noqa: E402
+from sampling.app.cli import Parser, run  # noqa: E402
+from sampling.tree_shapes import TreeShape, parse_tree  # noqa: E402
 
+from ..utils_io import save_figure, write_text  # noqa: E402
 from .tree_fit import expected_accepted  # noqa: E402
-from .utils_io import save_figure, write_text  # noqa: E402
 
 FAMILIES = ("chain", "wide-shallow", "narrow-deep", "binary", "sequoia (fitted)", "dynamic", "dynamic, sharpened",
             "other")
@@ -84,7 +85,8 @@ def markdown(label: str, df: pd.DataFrame) -> str:
     for _, r in df.iterrows():
         tree = r.tree if len(r.tree) <= 24 else r.tree[:21] + "..."
         analytic = "" if pd.isna(r.analytic_length) else f"{r.analytic_length:.2f}"
-        lines.append(f"| {r.family} | `{tree}` | {r.draft_tokens} | {r.acceptance_rate:.3f} | {r.acceptance_length:.2f} | "
+        lines.append(f"| {r.family} | `{tree}` | {r.draft_tokens} | {r.acceptance_rate:.3f} | "
+                     f"{r.acceptance_length:.2f} | "
                      f"{analytic} | {r.tokens_per_call:.2f} | {r.throughput:.1f} | {r.speedup_vs_ar:.2f}x | "
                      f"{r.speedup_vs_chain:.2f}x |")
     return f"### {label}\n\n" + head + "\n".join(lines) + "\n"

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .generate import GenerationResult, generate, sum_hists
-from .models import model_device
+from ..generate import GenerationResult, generate
+from ..rows import merge_stats
+from ..utils import model_device
 
 
 def pad_left(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,29 +47,8 @@ def generate_many(target_model, prompts: list[list[int]], *, batch_size: int, pa
         res.stats["prompt_padding_fraction"] = 1.0 - mask.float().mean().item()
         res.stats["indices"] = idx
         per_batch.append(res.stats)
-    return GenerationResult(tokens, merge_stats(per_batch)), per_batch
-
-
-def merge_stats(per_batch: list[dict]) -> dict:
-    """Overall stats of several batches run one after another."""
-    out = {k: sum(s[k] for s in per_batch) for k in
-           ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted", "wall_time_s")}
-    row_calls = sum(s["new_tokens"] / max(s["mean_accepted_tokens"], 1e-9) for s in per_batch)
-    out.update(acceptance_rate=out["accepted"] / out["drafted"] if out["drafted"] else 0.0,
-               mean_accepted_tokens=out["new_tokens"] / max(row_calls, 1e-9),
-               ttft_s=sum(s["ttft_s"] for s in per_batch) / len(per_batch),
-               ttft_tokens=sum(s["ttft_tokens"] for s in per_batch),   # every batch's first hand-out
-               tokens_per_s=out["new_tokens"] / max(out["wall_time_s"], 1e-9),
-               prompt_padding_fraction=sum(s["prompt_padding_fraction"] for s in per_batch) / len(per_batch))
-    if any("padding_fraction" in s for s in per_batch):
-        out["padding_fraction"] = sum(s.get("padding_fraction", 0.0) for s in per_batch) / len(per_batch)
-    if any("rows_verified" in s for s in per_batch):
-        out["rows_verified"] = sum(s.get("rows_verified", 0) for s in per_batch)
-    if any("gamma_trace" in s for s in per_batch):
-        out["gamma_trace"] = [g for s in per_batch for g in s.get("gamma_trace", [])]
-    if any("accepted_hist" in s for s in per_batch):
-        out["accepted_hist"] = sum_hists([s.get("accepted_hist", []) for s in per_batch])
-    if all("rows" in s and "indices" in s for s in per_batch):     # per-row stats in the caller's order
-        rows = {i: r for s in per_batch for i, r in zip(s["indices"], s["rows"])}
-        out["rows"] = [rows[i] for i in sorted(rows)]
-    return out
+    merged = merge_stats(per_batch)                   # batches one after another: separate generations
+    merged["tokens_per_s"] = merged["new_tokens"] / max(merged["wall_time_s"], 1e-9)
+    rows = {i: r for s in per_batch for i, r in zip(s["indices"], s["rows"])}
+    merged["rows"] = [rows[i] for i in sorted(rows)]  # per-row stats in the caller's order
+    return GenerationResult(tokens, merged), per_batch

@@ -4,7 +4,7 @@ A worker thread owns the models. ``Scheduler.submit`` puts a request in a bounde
 ``QueueFull`` at once, the server answers 429). The worker waits for a first request, collects
 more for up to ``max_wait_ms`` or until ``max_batch``, groups them by what one ``generate`` call
 must share (the seed of its random generator) and decodes each group as one batch: prompts of any
-length, each row its own budget, temperature, top-p and top-k (``sampling.utils.RowParams``). With
+length, each row its own budget, temperature, top-p and top-k (``sampling.params.RowParams``). With
 ``continuous`` (bass and ar), requests that arrive while a batch runs join it between two steps,
 up to ``max_batch`` live rows (continuous batching: ``sampling.rows.admit_rows``), instead of
 waiting for the whole batch to end. Every row's tokens reach its request as they are accepted (a row
@@ -20,15 +20,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cache.press import PressSpec
+from ..cache.spec import CacheSpec
+from ..generate import generate
+from ..modes import MODES_TABLE, drafter_kind
+from ..params import SamplingParams
+from ..rows import NewRow
+from ..utils import model_device
 from .batching import pad_left
-from .generate import check_admission, generate
-from .kvcache_model import CacheSpec
-from .models import model_device
-from .press import PressSpec
-from .rows import NewRow
-from .utils import SamplingParams
 
-SERVE_MODES = ("bass", "ar", "google")   # batched speculative, batched AR, one request at a time (speculative)
+SERVE_MODES = tuple(m.name for m in MODES_TABLE.values() if m.serves)   # ar, google, bass
 
 
 class QueueFull(Exception):
@@ -75,7 +76,7 @@ class _JoiningRows(_Rows):
     """The row streamer of a batch that admits waiting requests between steps (continuous batching):
     those of its group, while fewer than ``max_batch`` rows are live. Row B + k is requests[B + k]."""
 
-    def __init__(self, requests: list[ServeRequest], scheduler: "Scheduler"):
+    def __init__(self, requests: list[ServeRequest], scheduler: Scheduler):
         super().__init__(requests)
         self.scheduler = scheduler
 
@@ -124,15 +125,16 @@ class Scheduler:
         self.batches = 0                                 # generate() calls made
         self.rows = 0                                    # requests decoded
         self.held: list[ServeRequest] = []               # taken from the queue, waiting for a batch of their group
-        self.joining = cfg.continuous and cfg.mode in ("ar", "bass")
+        self.joining = cfg.continuous and MODES_TABLE[cfg.mode].joins
         if self.joining:                                 # a bad setting fails at start, not per batch
             try:
-                check_admission(cfg.mode, draft, CacheSpec(generate_kw.get("kv_cache", "dynamic"),
-                                                           press=generate_kw.get("press") or PressSpec()), "drop")
+                MODES_TABLE[cfg.mode].check_admission(
+                    drafter_kind(draft), CacheSpec(generate_kw.get("kv_cache", "dynamic"),
+                                                   press=generate_kw.get("press") or PressSpec()), "drop")
             except ValueError as e:
                 raise ValueError(f"{e}; serve with continuous batching off (--continuous off)") from None
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self._thread.start()
         return self
 
@@ -199,8 +201,9 @@ class Scheduler:
         rows = _JoiningRows(reqs, self) if self.joining else _Rows(reqs)
         reqs = rows.requests                              # grows as requests join
         try:
-            res = generate(self.target, ids, mask, draft_model=None if self.cfg.mode == "ar" else self.draft,
-                           mode=self.cfg.mode, max_new_tokens=[r.max_tokens for r in reqs], gamma=self.cfg.gamma,
+            draft = self.draft if MODES_TABLE[self.cfg.mode].drafters else None
+            res = generate(self.target, ids, mask, draft_model=draft, mode=self.cfg.mode,
+                           max_new_tokens=[r.max_tokens for r in reqs], gamma=self.cfg.gamma,
                            temperature=[r.temperature for r in reqs], top_p=[r.top_p for r in reqs],
                            top_k=[r.top_k for r in reqs], seed=reqs[0].seed,
                            eos_token_id=self.tok.eos_token_id, vocab_size=self.vocab, streamer=rows,

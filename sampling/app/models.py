@@ -13,36 +13,17 @@ from urllib.parse import urlparse
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from ..storage import dequantize_int8, quantize_int8
+from ..utils import vocab_size
+
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TARGET = REPO / "models" / "target"
 DEFAULT_DRAFT = REPO / "models" / "draft"
 DEFAULT_SPECULATOR = REPO / "models" / "speculator"     # <kind>/ under it: mlp, medusa
 DEFAULT_CASCADE = (REPO / "models" / "draft_small", DEFAULT_DRAFT)   # mode cascade: smallest first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-INT8_SCALE = ".int8_scale"        # suffix of the per-row scales of a matrix stored in int8
 WEIGHTS = "model.safetensors"
 INT8_WEIGHTS = "model.int8.safetensors"   # a name from_pretrained does not read (it would cast int8 to float)
-
-
-def quantize_int8(state: dict) -> dict:
-    """Tensors to store: each matrix as int8 with one float16 scale per output row (max |w| / 127,
-    a quarter of float32's bytes), every other tensor in float16. ``dequantize_int8`` inverts it."""
-    out = {}
-    for k, v in state.items():
-        v = v.detach().float()
-        if v.dim() == 2:
-            scale = (v.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)                  # [rows, 1]
-            out[k] = (v / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
-            out[k + INT8_SCALE] = scale.to(torch.float16).contiguous()
-        else:
-            out[k] = v.to(torch.float16).contiguous()
-    return out
-
-
-def dequantize_int8(stored: dict, dtype=torch.float32) -> dict:
-    """The state dict of ``quantize_int8``'s tensors (or of plain ones), in ``dtype``."""
-    return {k: (v.float() * stored[k + INT8_SCALE].float() if k + INT8_SCALE in stored else v).to(dtype)
-            for k, v in stored.items() if not k.endswith(INT8_SCALE)}
 
 
 def is_int8_folder(src) -> bool:
@@ -150,24 +131,6 @@ def dispatch(model, placement: Placement, dtype: torch.dtype):
     return dispatch_model(model, device_map, offload_dir=placement.folder() if "disk" in device_map.values() else None)
 
 
-def model_device(model) -> torch.device:
-    """Where a model takes its inputs: its device, or for a model that accelerate split, the device
-    its first layers run on (layers offloaded to the CPU or the disk run on that main device)."""
-    device_map = getattr(model, "hf_device_map", None)
-    if device_map:
-        run_on = [d for d in device_map.values() if d not in ("cpu", "disk")]
-        if not run_on:
-            return torch.device("cpu")
-        return torch.device(f"cuda:{run_on[0]}" if isinstance(run_on[0], int) else run_on[0])
-    return next(model.parameters()).device
-
-
-def spans_devices(model) -> bool:
-    """Whether a model's layers run on more than one device (accelerate split it over GPUs; layers
-    offloaded to the CPU or the disk run on the main device)."""
-    return len({d for d in (getattr(model, "hf_device_map", None) or {}).values() if d not in ("cpu", "disk")}) > 1
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,7 +196,7 @@ def load_model(name: str | None, role: str = "target", device: str = "auto", dty
     """A causal LM in eval mode. BLOOM gets eager attention (its SDPA path mishandles padding).
     A folder written by ``save_int8`` is dequantized to the dtype asked for. ``placement`` with a
     device_map: the layers spread over devices and offloaded by accelerate (``Placement``); the
-    model's inputs then go to ``model_device(model)``."""
+    model's inputs then go to ``sampling.utils.model_device(model)``."""
     from transformers import AutoConfig, AutoModelForCausalLM
     src = _source(name, DEFAULT_TARGET if role == "target" else DEFAULT_DRAFT, role)
     dev = resolve_device(device)
@@ -269,7 +232,6 @@ def shared_vocab(target_tok, draft_tok, target, draft) -> int | None:
     """Check that draft and target share a tokenizer (the same token -> id map); returns the
     vocabulary to restrict both to (``generate(vocab_size=)``): None when their output embeddings
     have the same size, else the tokenizer's size (real pairs pad embeddings differently)."""
-    from .generate import vocab_size
     t, d = target_tok.get_vocab(), draft_tok.get_vocab()
     if t != d:
         diff = sorted(set(t.items()) ^ set(d.items()), key=lambda kv: kv[1])[:1]

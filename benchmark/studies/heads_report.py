@@ -2,7 +2,7 @@
 target call and speedup for every drafter (draft model, MLP speculator, Medusa heads, n-gram), from
 run_experiment sweeps, plus the measured cost of one draft step of each drafter.
 
-    python -m benchmark.heads_report --runs results/heads/t0,results/heads/t1 --out results/heads
+    python -m benchmark.studies.heads_report --runs results/heads/t0,results/heads/t1 --out results/heads
 
 Per-position acceptance r_j = P(a step accepts >= j drafts | it accepted >= j - 1), from the
 accepted-length histograms of the raw rows (chains and trees alike: a tree's j is the depth of
@@ -17,14 +17,16 @@ import statistics
 import pandas as pd
 import torch
 
-from sampling.cli import Parser, add_model_args, load_pair, run
-from sampling.parts import ChainVerifier, ModelDrafter, is_drafter
-from sampling.rows import now
-from sampling.utils import SamplingParams
+from sampling.app.cli import Parser, add_model_args, load_pair, run
+from sampling.cache.spec import CacheSpec
+from sampling.drafters import build_drafter
+from sampling.params import SamplingParams
+from sampling.utils import now
+from sampling.verify.chain import ChainVerifier
 
-from .analyzer import _save
-from .metrics import summarise, upgrade_raw
-from .utils_io import write_csv, write_text
+from ..analyzer import _save
+from ..metrics import summarise, upgrade_raw
+from ..utils_io import write_csv, write_text
 
 
 @torch.inference_mode()
@@ -41,9 +43,9 @@ def draft_costs(target, drafters: dict, vocab, g: int, prompt_len: int = 64, rep
     verifier = ChainVerifier(target, params, vocab)
     parts = {}
     for name, d in drafters.items():                     # as mid-generation: the prompt's last token is
-        verifier.prefill(ids[:, :-1], mask[:, :-1])      # the pending bonus token; heads read this prefill
-        parts[name] = d.drafter(params, vocab) if is_drafter(d) else ModelDrafter(d, params, vocab)
-        parts[name].prefill(ids[:, :-1], mask[:, :-1])
+        parts[name] = build_drafter(d, params, vocab, CacheSpec())    # the pending bonus token; heads read
+        reader = ChainVerifier(target, params, vocab, hidden=parts[name].reads_target)   # the target's prefill
+        parts[name].prefill(ids[:, :-1], mask[:, :-1], reader.prefill(ids[:, :-1], mask[:, :-1]))
         if hasattr(parts[name], "pending"):
             parts[name].pending = 1
     verifier.prefill(ids, mask)
@@ -56,7 +58,7 @@ def draft_costs(target, drafters: dict, vocab, g: int, prompt_len: int = 64, rep
 
     def propose(part):
         part.propose(ids, mask, g, gen)
-        if isinstance(part, ModelDrafter):
+        if hasattr(part, "kv"):                           # a draft model: back to its prefill
             part.kv.rollback(prompt_len - 1)
     jobs = {"target step (1 token)": lambda: target_pass(1), f"verify ({g + 1} tokens)": lambda: target_pass(g + 1)}
     jobs.update({f"draft {name} ({g} tokens)": (lambda p=p: propose(p)) for name, p in parts.items()})
@@ -141,11 +143,12 @@ def markdown(tab: pd.DataFrame) -> str:
     lines = []
     for temp, part in tab.groupby("temperature"):
         lines += [f"\n**temperature {temp:g}**\n",
-                  "| mode | drafter | draft length / tree | tokens/s | speedup vs AR | tokens / target call | acceptance"
-                  " | r1 | r2 | r3 | r4 | draft cost c (x target step) |",
+                  "| mode | drafter | draft length / tree | tokens/s | speedup vs AR | tokens / target call "
+                  "| acceptance | r1 | r2 | r3 | r4 | draft cost c (x target step) |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for _, r in part.iterrows():
-            lines.append(f"| {r['mode']} | {r.draft} | {r['shape']} | {r.tokens_per_s:.1f} | {f(r.speedup_vs_ar, '.2f')}x"
+            lines.append(f"| {r['mode']} | {r.draft} | {r['shape']} | {r.tokens_per_s:.1f} | "
+                         f"{f(r.speedup_vs_ar, '.2f')}x"
                          f" | {f(r.tokens_per_call, '.2f')} | {f(r.acceptance, '.3f')} | {f(r.r1, '.2f')} |"
                          f" {f(r.r2, '.2f')} | {f(r.r3, '.2f')} | {f(r.r4, '.2f')} | {f(r.draft_cost_c, '.3f')} |")
     return "\n".join(lines) + "\n"
@@ -160,7 +163,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=15, help="timed rounds of the cost measurement")
     ap.add_argument("--overwrite", action="store_true", help="replace table.md and costs.csv in --out")
     args = ap.parse_args(argv)
-    from sampling.cli import check_speculator_flag, parse_drafts
+    from sampling.app.cli import check_speculator_flag, parse_drafts
     drafts = parse_drafts(args.draft, many=True)
     check_speculator_flag(args.speculator, drafts)
     if os.path.exists(os.path.join(args.out, "table.md")) and not args.overwrite:

@@ -1,7 +1,7 @@
 """Peak memory of one BASS generation with a large vocabulary, on a random-init Llama built here
 (nothing is downloaded): what the KV wrapper's probability history costs.
 
-    python -m benchmark.memory_probe --vocab 128000 --batch 16 --max_tokens 256
+    python -m benchmark.studies.memory_probe --vocab 128000 --batch 16 --max_tokens 256
 
 The model is tiny (hidden size 32) so that the [B, positions, V] probability tensors dominate.
 Prints the peak resident memory of the process and how far it rose during the generation.
@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sampling import generate
-from sampling.cli import Parser, check_at_least_one, run
+from sampling.app.cli import Parser, check_at_least_one, run
 
 
 def rss_mib() -> float:

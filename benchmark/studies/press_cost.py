@@ -1,6 +1,6 @@
 """Where the time goes with a press: a pass's cost against cache length, and the press's own cost.
 
-    python -m benchmark.press_cost --out results/kvpress/cost
+    python -m benchmark.studies.press_cost --out results/kvpress/cost
 
 For the target and the draft: the median ms of a cached pass of 1 and of gamma + 1 new tokens over
 caches of each ``--caches`` length (``benchmark.cost_model.measure_passes``: random-filled caches,
@@ -16,14 +16,14 @@ import statistics
 import pandas as pd
 import torch
 
-from sampling.cli import Parser, add_model_args, load_pair, run
-from sampling.kvcache_model import CacheSpec, KVCacheModel
-from sampling.press import PRESSES, PressSpec
-from sampling.rows import now
-from sampling.utils import SamplingParams
+from sampling.app.cli import Parser, add_model_args, load_pair, run
+from sampling.cache.press import PRESSES, Press, PressSpec
+from sampling.kvcache_model import KVCacheModel
+from sampling.params import SamplingParams
+from sampling.utils import now
 
-from .cost_model import CostSettings, measure_passes
-from .utils_io import write_csv, write_text
+from ..cost_model import CostSettings, measure_passes
+from ..utils_io import write_csv, write_text
 
 
 @torch.inference_mode()
@@ -34,14 +34,14 @@ def press_ms(model, kind: str, length: int, reps: int) -> float:
     gen = torch.Generator().manual_seed(0)
     times = []
     for rep in range(reps + 1):
-        spec = CacheSpec(press=PressSpec(kind, ratio=0.5, on="target"))
-        kv = KVCacheModel(model, SamplingParams(temperature=1.0), cache=spec, role="target")   # hooks in place
+        kv = KVCacheModel(model, SamplingParams(temperature=1.0))
+        press = Press(PressSpec(kind, ratio=0.5, on="target"), model)
         ids = torch.randint(0, V, (1, length), generator=gen).to(device)
-        press, kv.press = kv.press, None                       # the prefill unpressed ...
-        kv.prefill(ids, torch.ones_like(ids))
-        kv.press = press                                       # ... then the press alone, timed
+        with press.capturing():                                # the prefill unpressed (snapkv: its queries) ...
+            kv.prefill(ids, torch.ones_like(ids))
+        press.commit(kv.length)                                # ... its positions final, then the press alone
         t0 = now(device)
-        kv.press_final(press.prefill_keep(length), kv.mask)
+        press.evict(kv.backend, press.spec.prefill_keep(length), kv.mask)
         t1 = now(device)
         if rep:
             times.append(1000 * (t1 - t0))

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from .parts import Draft
-from .utils import to_device
+from ..contracts import Accepted, Draft
+from ..utils import to_device
 
 
 class NgramDrafter:
-    """The drafter contract of ``sampling.parts`` (propose, commit, prefill, select_rows, admit, calls)
-    without a model: ``generate(..., draft_model=NgramDrafter())`` in google, deepmind and bass."""
+    """A drafter without a model (``sampling.contracts.Drafter``, rows may join it), and its own
+    source (``DrafterSource``): ``generate(..., draft_model=NgramDrafter())`` in google, deepmind and bass."""
 
-    supports_tree = False                                # drafts chains only
+    kind = "ngram"
+    reads_target = False
+    max_draft = None
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -29,11 +31,14 @@ class NgramDrafter:
         self.rows: list[list[int]] = []                  # each row's real tokens so far (host lists)
         self.seen = 0                                    # slots of seq already in self.rows
 
-    def drafter(self, params=None, vocab=None, tree=None) -> "NgramDrafter":
-        """A fresh drafter for one generation (the parts contract: the loop's own copy)."""
+    def drafter(self, params=None, vocab=None, tree=None) -> NgramDrafter:
+        """A fresh drafter for one generation (the loop's own copy)."""
         return NgramDrafter(self.max_ngram, self.min_ngram)
 
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def check_target(self, target) -> None:
+        """Any target: the drafts are its own tokens."""
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """The prompts' real tokens, read once (afterwards each step's come with ``commit``)."""
         self.rows, self.seen = [[] for _ in range(len(input_ids))], 0
         self._read(input_ids, mask)
@@ -47,7 +52,7 @@ class NgramDrafter:
         for r, k in zip(ids[:, :self.seen].tolist(), mask[:, :self.seen].tolist()):
             self.rows.append([t for t, m in zip(r, k) if m])
 
-    def commit(self, acc) -> None:
+    def commit(self, acc: Accepted) -> None:
         """The step's accepted drafts and next token join each row's text: the loop has them on the
         host already (``Accepted.taken``), so the drafter reads nothing from the device."""
         for row, t in zip(self.rows, acc.taken):

@@ -1,0 +1,327 @@
+"""Where a wrapper's keys and values live: four backends behind one contract (``CacheBackend``),
+chosen by ``make_backend`` from a ``CacheSpec``; the same tokens from every one.
+
+* ``DynamicBackend``: transformers' ``DynamicCache``. Every pass concatenates the new keys to the
+  old ones (a copy of the whole cache per layer and step); truncating slices.
+* ``SlotBackend`` (static, eager, one device): preallocated for the prompt plus the generation's
+  room and addressed by position: a pass writes its keys in place and truncating moves the write
+  position (nothing is copied). The model attends over the filled slots only (``SlotLayer`` hands
+  it a view), and every layer's keys and values are views of one buffer (``SlotCache``): a tree's
+  accepted path moves into place in one gather and one copy, where a per-layer cache takes two per
+  layer and tensor.
+* ``LayerSlotsBackend`` (static, eager, a model split over devices): the same slots, each layer's
+  on the device where the layer runs.
+* ``CompiledBackend`` (static, ``CacheSpec.compile``): transformers' ``StaticCache`` with the
+  decode passes under ``torch.compile(mode="reduce-overhead")``, CUDA graphs on a GPU: every
+  decode pass has the same shapes, the whole buffer with the unused slots masked, and the write
+  position lives on the device.
+
+Every backend's tensors may be written in place (a tree's path moved into place, a press's kept
+slots), followed by ``truncate``.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+
+from ..utils import spans_devices
+from .spec import CacheSpec, slot_width
+
+
+class CacheBackend(Protocol):
+    """The keys and values of one wrapper's model (``sampling.kvcache_model.KVCacheModel``)."""
+
+    cache: Cache                     # what the model's forward takes as past_key_values
+    filled: int                      # slots written so far (a host count: reading it never waits on the device)
+
+    def forward(self, model, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, keep: int,
+                hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass of ``model`` over input_ids [B, n] after the filled slots (mask [B, filled + n] or
+        additive [B, 1, n, filled + n]), its keys and values written after them; returns the logits of
+        the last ``keep`` tokens [B, keep, V] and, with ``hidden``, their lm_head inputs [B, keep, D]."""
+
+    def reserve(self, slots: int) -> None:
+        """Room for ``slots`` slots (a static backend grows by a copy; a dynamic one needs none)."""
+
+    def truncate(self, slots: int) -> None:
+        """Keep the first ``slots`` slots (no-op when it holds fewer)."""
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows ``rows`` [b']."""
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values [B, H, >= filled, D], writable in place."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The fewest tensors [..., B, H, >= filled, D] that hold every layer's keys and values,
+        writable in place (one buffer for ``SlotBackend``)."""
+
+    def join(self, other: CacheBackend, pad: int) -> None:
+        """Continuous batching: the rows of ``other`` (prefilled over the batch's slots after a shift of
+        ``pad``) join; this one's slots move right by ``pad``. ValueError where the backend cannot."""
+
+
+class DynamicBackend:
+    """transformers' ``DynamicCache``."""
+
+    def __init__(self, model):
+        self.cache = DynamicCache(config=model.config)
+        self.filled = 0
+
+    def forward(self, model, input_ids, mask, position_ids, keep, hidden):
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
+                    use_cache=True, logits_to_keep=keep, **hidden_kwargs(hidden))
+        self.filled += input_ids.shape[1]
+        return out.logits, last_hidden(out, keep, hidden)
+
+    def reserve(self, slots: int) -> None:
+        pass
+
+    def truncate(self, slots: int) -> None:
+        if slots < self.filled:
+            self.cache.crop(slots - self.filled)
+            self.filled = slots
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for kv in self.layers() for t in kv]
+
+    def join(self, other: DynamicBackend, pad: int) -> None:
+        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            raise ValueError(f"rows join a running batch with full-attention cache layers only, not "
+                             f"{type(self.cache.layers[0]).__name__}")
+        for layer, new in zip(self.cache.layers, other.cache.layers):
+            for name in ("keys", "values"):
+                old, add = getattr(layer, name), getattr(new, name)       # [b, H, L - pad, D], [n, H, L, D]
+                both = old.new_zeros(len(old) + len(add), old.shape[1], old.shape[2] + pad, old.shape[3])
+                both[:len(old), :, pad:], both[len(old):] = old, add      # one copy of each
+                setattr(layer, name, both)
+        self.filled += pad
+
+
+class SlotLayer(StaticLayer):
+    """A preallocated layer for eager passes: new keys are copied into the slots after the filled
+    ones and the model gets a view of the filled slots (no attention over empty ones). ``filled``
+    is a host count, so neither the write nor the mask needs the device."""
+
+    filled = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        f, n = self.filled, key_states.shape[-2]
+        self.keys[:, :, f:f + n].copy_(key_states)
+        self.values[:, :, f:f + n].copy_(value_states)
+        self.filled = f + n
+        return self.keys[:, :, :f + n], self.values[:, :, :f + n]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.filled + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+
+class SlotCache(Cache):
+    """The eager static cache: ``SlotLayer``s whose keys and values are views of one buffer ``kv``
+    [layers, 2, B, H, W, D] (made at the first write, from that layer's shapes), so what every layer
+    undergoes at once (a tree's accepted path moved into place, rows kept, the buffer grown) is one
+    operation on ``kv``, not one per layer and tensor."""
+
+    def __init__(self, layers: int, width: int):
+        super().__init__(layers=[SlotLayer(max_cache_len=width) for _ in range(layers)])
+        self.kv: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.kv is None:
+            b, h, _, d = key_states.shape
+            self.set(key_states.new_zeros(len(self.layers), 2, b, h, self.layers[0].max_cache_len, d))
+        h, d = self.kv.shape[3], self.kv.shape[5]
+        if (key_states.shape[1], key_states.shape[3], value_states.shape[3]) != (h, d, d):   # else copy_ broadcasts
+            raise ValueError(f"the static cache needs every layer's keys and values alike; layer {layer_idx} has "
+                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}, layer 0 {h} heads of "
+                             f"{d}: use kv_cache='dynamic'")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def set(self, kv: torch.Tensor) -> None:
+        """Make ``kv`` [layers, 2, B, H, W, D] the buffer: every layer's keys and values its views."""
+        self.kv = kv
+        for i, layer in enumerate(self.layers):
+            layer.keys, layer.values = kv[i, 0], kv[i, 1]                 # [B, H, W, D] each
+            layer.batch_size, layer.num_heads, layer.max_cache_len, layer.k_head_dim = kv.shape[2:]
+            layer.v_head_dim, layer.dtype, layer.device = kv.shape[-1], kv.dtype, kv.device
+            layer.is_initialized = True
+
+
+class _Static:
+    """What the static backends share: slots addressed by position, grown by a copy when a pass would
+    overflow them, rows kept per layer."""
+
+    cache: Cache
+    filled = 0
+    compiled = False
+
+    def forward(self, model, input_ids, mask, position_ids, keep, hidden):
+        self.reserve(self.filled + input_ids.shape[1])
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
+                    use_cache=True, logits_to_keep=keep, **hidden_kwargs(hidden))
+        self.filled += input_ids.shape[1]
+        return out.logits, last_hidden(out, keep, hidden)
+
+    @property
+    def width(self) -> int:
+        return self.cache.layers[0].max_cache_len
+
+    def reserve(self, slots: int) -> None:
+        """Grow the slots so that ``slots`` fit (a copy; ``CacheSpec.room`` sets the length at first)."""
+        if slots <= self.width or not self.cache.layers[0].is_initialized:
+            return
+        self.grow(slot_width(max(slots, 2 * self.width), self.compiled))
+
+    def grow(self, width: int) -> None:
+        for layer in self.cache.layers:
+            layer.max_cache_len = width
+            for name in ("keys", "values"):
+                t = getattr(layer, name)                                  # [B, heads, old width, head_dim]
+                setattr(layer, name, F.pad(t, (0, 0, 0, width - t.shape[2])))
+
+    def truncate(self, slots: int) -> None:
+        if slots < self.filled:
+            for layer in self.cache.layers:
+                layer.filled = slots
+            self.filled = slots
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            layer.batch_size = len(rows)
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for kv in self.layers() for t in kv]
+
+    def join(self, other, pad: int) -> None:
+        raise ValueError("rows join a running batch with the dynamic cache and no press only")
+
+
+class LayerSlotsBackend(_Static):
+    """Static slots per layer, each where its layer runs (a model split over GPUs by ``--device_map``)."""
+
+    def __init__(self, model, width: int):
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.cache = Cache(layers=[SlotLayer(max_cache_len=width) for _ in range(layers)])
+
+
+class SlotBackend(_Static):
+    """Static slots in one buffer (``SlotCache``): a model on one device."""
+
+    def __init__(self, model, width: int):
+        self.cache = SlotCache(model.config.get_text_config(decoder=True).num_hidden_layers, width)
+
+    def grow(self, width: int) -> None:
+        self.cache.set(F.pad(self.cache.kv, (0, 0, 0, width - self.cache.kv.shape[4])))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.set(self.cache.kv[:, :, rows])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.cache.kv] if self.cache.kv is not None else super().tensors()
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> its compiled forward
+
+
+def compiled_forward(model):
+    """``model.forward`` under ``torch.compile(mode="reduce-overhead")``, one per model (each new
+    shape compiles once; on CUDA each is then replayed as a CUDA graph). Target and draft share one
+    code object (``forward`` of their class), so the recompile limit is raised to hold every shape
+    of both (1 token, a catch-up, gamma + 1, a tree; each cache growth is a new shape). Graphs are
+    guarded on the modules' hooks (snapkv's query capture, transformers' own capture of hidden
+    states): by default torch reuses a graph compiled without a hook for a model that has one."""
+    if model not in _COMPILED:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED[model] = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+    return _COMPILED[model]
+
+
+class CompiledBackend(_Static):
+    """transformers' ``StaticCache``, decode passes compiled (the prefill stays eager): every pass
+    attends over the whole buffer, the unused slots masked."""
+
+    compiled = True
+
+    def __init__(self, model, width: int):
+        self.cache = StaticCache(config=model.config, max_cache_len=width)
+
+    def forward(self, model, input_ids, mask, position_ids, keep, hidden):
+        self.reserve(self.filled + input_ids.shape[1])
+        fill = 0 if mask.dim() == 2 else torch.finfo(mask.dtype).min
+        mask = F.pad(mask, (0, self.width - mask.shape[-1]), value=fill)
+        forward = model
+        if self.filled:                                                   # decode passes; prefill stays eager
+            forward = compiled_forward(model)
+            torch.compiler.cudagraph_mark_step_begin()                    # earlier graph outputs may be reused
+            # fresh row-major copies: a slice of the growing sequence has a new stride every step, and
+            # the compiler guards on strides (it recompiled every pass until its limit, then ran eager)
+            input_ids, position_ids = (t.clone(memory_format=torch.contiguous_format)
+                                       for t in (input_ids, position_ids))
+        out = forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
+                      use_cache=True, logits_to_keep=keep, **hidden_kwargs(hidden))
+        self.filled += input_ids.shape[1]
+        logits, states = out.logits, last_hidden(out, keep, hidden)
+        if forward is not model:                                          # a graph's outputs are reused: copies
+            logits, states = logits.clone(), None if states is None else states.clone()
+        return logits, states
+
+    def grow(self, width: int) -> None:
+        super().grow(width)
+        self._mark_static()
+
+    def truncate(self, slots: int) -> None:
+        if slots < self.filled:
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(slots)
+            self.filled = slots
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        super().select_rows(rows)
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        # new buffers (grown, rows selected): tell the compiler their addresses are fixed
+        for layer in self.cache.layers:
+            for t in (layer.keys, layer.values, layer.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+
+
+def make_backend(spec: CacheSpec, model, prompt_len: int) -> CacheBackend:
+    """The backend a spec asks for, sized for a prompt of ``prompt_len`` slots plus ``spec.room``."""
+    if spec.kind == "dynamic":
+        return DynamicBackend(model)
+    width = slot_width(prompt_len + spec.room, spec.compile)
+    if spec.compile:
+        return CompiledBackend(model, width)
+    return LayerSlotsBackend(model, width) if spans_devices(model) else SlotBackend(model, width)
+
+
+def hidden_kwargs(hidden: bool) -> dict:
+    """The forward's arguments that return the last hidden states (the lm_head's input) too."""
+    return {"output_hidden_states": -1} if hidden else {}
+
+
+def last_hidden(out, keep: int, hidden: bool) -> torch.Tensor | None:
+    """[B, keep, D] the lm_head inputs of the last ``keep`` positions of a pass (``hidden_kwargs``)."""
+    return out.hidden_states[-1][:, -keep:] if hidden else None

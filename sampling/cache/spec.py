@@ -1,0 +1,34 @@
+"""How a wrapper keeps its keys and values: which cache, compiled or not, how much room, which press."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .press import PressSpec
+
+CACHES = ("dynamic", "static")
+SLOT_BLOCK = 64          # a static cache's length is rounded up to this, so prompts of similar lengths share shapes
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How a wrapper keeps its keys and values (``sampling.cache.backends``)."""
+    kind: str = "dynamic"     # dynamic | static
+    compile: bool = False     # static only: decode passes through torch.compile(mode="reduce-overhead")
+    room: int = 0             # static: slots after the prompt (new tokens + drafts); more grow the buffer (a copy)
+    press: PressSpec = PressSpec()   # KV-cache compression and whose cache it applies to (sampling.cache.press)
+
+    def validate(self) -> None:
+        self.press.validate()
+        if self.kind not in CACHES:
+            raise ValueError(f"unknown kv cache {self.kind!r}; choose one of {', '.join(CACHES)}")
+        if self.compile and self.kind != "static":
+            raise ValueError("compile needs the static kv cache (kv_cache='static'): a dynamic cache changes "
+                             "shape every step")
+
+
+def slot_width(slots: int, compiled: bool = False) -> int:
+    """A static cache's length for ``slots`` slots, rounded up to SLOT_BLOCK; compiled, to a power of
+    two (each width is a new set of graphs: prompts of 40 to 700 tokens then share 4 widths, not 12,
+    for attention over at most twice the slots a pass needs, masked)."""
+    width = -(-slots // SLOT_BLOCK) * SLOT_BLOCK
+    return max(SLOT_BLOCK, 1 << (width - 1).bit_length()) if compiled else width

@@ -1,0 +1,60 @@
+"""Speculative sampling on one sequence at a time: Leviathan et al. 2023 ("google") and Chen et al.
+2023 ("deepmind"), and the cascade of drafts, each row of a batch decoded alone by the decode loop
+(``sampling.decode``). The two papers describe the same algorithm with the same output law; they
+differ only in how the acceptance test draws its uniforms (``accept_reject(sequential=)``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .cache.spec import CacheSpec
+from .decode import speculative_decode
+from .drafters import build_drafter
+from .params import RowParams, SamplingParams
+from .rows import Rows, merge_stats
+from .utils import now
+from .utils_bass import GammaSchedule, ScheduleParams
+from .verify.chain import ChainVerifier
+
+
+def speculative_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor,
+                         params: SamplingParams | RowParams, max_new_tokens: int | list[int],
+                         eos_token_id: int | None, generator: torch.Generator | None, *, gamma: int,
+                         schedule: ScheduleParams, sequential: bool = False, cascade_gamma: int | None = None,
+                         vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec()
+                         ) -> tuple[list[list[int]], dict]:
+    """Each row of a left-padded batch [B, T] alone, padding stripped: a drafter (a draft model, a
+    drafter source, or a list of draft models: a cascade whose lower levels draft ``cascade_gamma``)
+    and a chain verifier (``sequential``: Chen et al.'s uniforms, one per draft). Returns (tokens,
+    stats), the stats of the rows merged as one generation's."""
+    t0, tokens, per_row = now(input_ids.device), [], []
+    budgets = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else max_new_tokens
+    for i, (ids, m) in enumerate(zip(input_ids, mask)):
+        ids = ids[m.bool()].unsqueeze(0)                                  # [1, T_i], no padding
+        p = params.row(i)
+        rows = Rows(1, budgets[i], eos_token_id, ids.device, OneRow(streamer, i) if hasattr(streamer, "put_row")
+                    else streamer)
+        drafter = build_drafter(draft, p, vocab, cache, cascade_gamma=cascade_gamma or gamma, schedule=schedule)
+        verifier = ChainVerifier(target, p, vocab, sequential, cache, hidden=drafter.reads_target)
+        out, stats = speculative_decode(drafter, verifier, ids, torch.ones_like(ids), GammaSchedule(gamma, schedule),
+                                        rows, generator=generator)
+        tokens.append(out[0])
+        per_row.append(stats)
+    return tokens, merge_stats(per_row, one_generation=True, wall_time_s=now(input_ids.device) - t0)
+
+
+class OneRow:
+    """Row ``i`` of a row streamer, for the loops that decode one row at a time (its row 0); the
+    end of the whole generation is the caller's, not each row's."""
+
+    def __init__(self, streamer, i: int):
+        self.streamer, self.i = streamer, i
+
+    def put_row(self, row: int, tokens: list[int]) -> None:
+        self.streamer.put_row(self.i, tokens)
+
+    def stopped(self, row: int) -> bool:
+        return self.streamer.stopped(self.i)
+
+    def end(self) -> None:
+        pass
