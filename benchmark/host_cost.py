@@ -51,14 +51,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import sampling
 from sampling.app.cli import Parser, run
-from sampling.app.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
+from sampling.app.models import DEFAULT_CASCADE, DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 from sampling.generate import DEFAULTS, default_tree
 
 from .utils_io import env_info, write_csv, write_json, write_text
 from .virtual_device import VirtualDevice
 
 CONFIGS = ("ar:1", "ar:8", "google:1", "bass:1", "bass:8", "tree:1", "tree:8", "bass:8:static")
-MODES = ("ar", "google", "deepmind", "bass", "tree")
+MODES = ("ar", "google", "deepmind", "bass", "tree", "cascade")   # cascade: draft_small -> draft -> target
 DRAFTERS = ("model", "mlp", "medusa", "ngram")     # the draft model, speculator heads of each kind, n-gram
 VIEWS = {"slice", "select", "unsqueeze", "squeeze", "expand", "view", "_unsafe_view", "alias", "detach", "t",
          "transpose", "permute", "as_strided", "unbind", "split", "split_with_sizes", "narrow", "lift_fresh",
@@ -70,7 +70,8 @@ def shrunk(path, hidden: int, seed: int):
     vocabulary kept; the head dim follows)."""
     cfg = AutoConfig.from_pretrained(path)
     heads = cfg.num_attention_heads
-    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = hidden, 3 * hidden, max(1, hidden // heads)
+    cfg.hidden_size, cfg.intermediate_size = hidden, 3 * hidden
+    cfg.head_dim = max(2, hidden // heads // 2 * 2)                # even: rotary embeddings split it in halves
     with torch.random.fork_rng():                                 # the caller's RNG state is left alone
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -121,21 +122,24 @@ def parse_config(text: str) -> tuple[str, int, str, str]:
     parts = text.split(":")
     ok = 2 <= len(parts) <= 4 and parts[0] in MODES and parts[1].isdigit() and int(parts[1]) >= 1 and \
         (len(parts) < 3 or parts[2] in ("dynamic", "static")) and \
-        (len(parts) < 4 or (parts[3] in DRAFTERS and parts[0] != "ar"))
+        (len(parts) < 4 or (parts[3] in DRAFTERS and parts[0] not in ("ar", "cascade")))
     if not ok:
         raise ValueError(f"bad config {text!r}: mode:batch[:cache[:drafter]], mode one of {', '.join(MODES)}, "
-                         f"batch >= 1, cache dynamic or static, drafter one of {', '.join(DRAFTERS)} (not for ar)")
+                         f"batch >= 1, cache dynamic or static, drafter one of {', '.join(DRAFTERS)} (not for ar or "
+                         f"cascade)")
     cache = parts[2] if len(parts) >= 3 else "dynamic"
+    if parts[0] == "cascade":
+        return parts[0], int(parts[1]), cache, "cascade"                # its two drafts (an own drafter refused)
     return parts[0], int(parts[1]), cache, "" if parts[0] == "ar" else (parts[3] if len(parts) == 4 else "model")
 
 
-def drafters(names: set, target, draft, hidden: int, package=sampling) -> dict:
+def drafters(names: set, target, draft, hidden: int, package=sampling, small=None) -> dict:
     """The drafter of each name: the draft model; speculator heads bound to the target (the
     embedded ones with the embedded pair, random ones of the same kind and count on shrunk models);
-    an n-gram drafter. ``package``: the ``sampling`` package whose drafters these are (a baseline's
-    loop runs with its own)."""
+    an n-gram drafter; the cascade's drafts (``small``, then the draft model). ``package``: the
+    ``sampling`` package whose drafters these are (a baseline's loop runs with its own)."""
     from sampling.app.models import speculator_path
-    out = {"": draft, "model": draft}
+    out = {"": draft, "model": draft, "cascade": [small, draft]}
     for name in names & {"mlp", "medusa"}:
         embedded = speculator_path(None, name)
         if hidden:
@@ -155,6 +159,8 @@ def drafter_modules(drafter) -> list:
     models'): a draft model; speculator heads' layers and the target's embedding and lm_head they call."""
     if isinstance(drafter, torch.nn.Module):
         return [drafter]
+    if isinstance(drafter, list):                                 # a cascade's models
+        return [m for m in drafter if m is not None]
     heads = getattr(drafter, "heads", None)
     if heads is None:
         return []                                                 # n-gram: all of it is the loop's
@@ -244,6 +250,10 @@ def collect(args, configs: list) -> None:
         draft = shrunk(DEFAULT_DRAFT, args.hidden, 1).to(args.device)
     else:
         target, draft = (load_model(None, role, args.device, "float32") for role in ("target", "draft"))
+    small = None
+    if any(mode == "cascade" for mode, *_ in configs):          # the cascade's smallest draft
+        small = shrunk(DEFAULT_CASCADE[0], args.hidden, 3).to(args.device) if args.hidden else \
+            load_model(str(DEFAULT_CASCADE[0]), "draft", args.device, "float32")
     V = target.config.vocab_size
     prompts = {b: torch.randint(1, V, (b, args.prompt_len), generator=torch.Generator().manual_seed(b)).to(args.device)
                for _, b, _, _ in configs}                         # a batch size's prompts: the same in any --configs
@@ -258,7 +268,7 @@ def collect(args, configs: list) -> None:
             if missing:
                 raise ValueError(f"--baseline {args.baseline}: its sampling package has no {', '.join(missing)}; "
                                  f"drop the configs' drafter")
-        parts = {v: drafters(names, target, draft, args.hidden, package) for v, package in versions.items()}
+        parts = {v: drafters(names, target, draft, args.hidden, package, small) for v, package in versions.items()}
         modules = {id(m): m for p in parts.values() for d in p.values() for m in drafter_modules(d)}
         clock = Clock(target, *modules.values())
         raw, summary = measure(args, configs, versions, target, parts, clock, prompts)
@@ -294,7 +304,7 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
             shapes = getattr(module, "_shape", None)              # such (test_devices); the warm-up below
             if shapes is not None:                                # rebuilds them for the timed runs (an earlier
                 shapes.cache_clear()                              # version kept them in sampling.tree)
-            with VirtualDevice(target, parts[one[1]]["model"]) as vd:
+            with VirtualDevice(target, *drafter_modules(parts[one[1]]["cascade"])) as vd:   # the draft models
                 once(*one)
             syncs = len(vd.syncs)
         once(*one)

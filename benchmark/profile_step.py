@@ -25,25 +25,27 @@ from sampling.app.cli import (
     Parser,
     add_model_args,
     add_sampling_args,
+    check_mode_draft,
     check_speculator_flag,
     generate_kwargs,
+    needs_draft,
     parse_drafts,
     run,
 )
-from sampling.modes import MODES
+from sampling.modes import MODES_TABLE
 
 from .runner import prepare
 from .utils_io import write_text
 
 # phase -> the functions whose cumulative time it is (file suffix, function name)
+DRAFTERS = ("drafters/model.py", "drafters/tree.py", "drafters/heads.py", "drafters/ngram.py")
+VERIFIERS = ("verify/chain.py", "verify/tree.py")
 PHASES = {
-    "prefill (target and drafter)": [("parts.py", "prefill"), ("speculator.py", "prefill"), ("ngram.py", "prefill")],
-    "target verify pass": [("parts.py", "verify"), ("tree.py", "verify")],     # less the rule, below
-    "drafter propose": [("parts.py", "propose"), ("speculator.py", "propose"), ("ngram.py", "propose"),
-                        ("tree.py", "propose")],
-    "accept / reject rule": [("utils.py", "accept_reject"), ("utils.py", "tree_accept")],
-    "commit (caches keep what was accepted)": [("parts.py", "commit"), ("speculator.py", "commit"),
-                                              ("tree.py", "commit"), ("ngram.py", "commit")],
+    "prefill (target and drafter)": [(f, "prefill") for f in VERIFIERS + DRAFTERS],
+    "target verify pass": [(f, "verify") for f in VERIFIERS],                  # less the rule, below
+    "drafter propose": [(f, "propose") for f in DRAFTERS],
+    "accept / reject rule": [("verify/rules.py", "accept_reject"), ("verify/rules.py", "tree_accept")],
+    "commit (caches keep what was accepted)": [(f, "commit") for f in VERIFIERS + DRAFTERS],
     "rows: hand out tokens, finished rows": [("rows.py", "hand_out"), ("rows.py", "drop_finished"),
                                              ("rows.py", "done_mask")],
 }
@@ -66,8 +68,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dataset_path", default=None, help="local Dolly-format jsonl (default: the hub dataset)")
     ap.add_argument("--skip_bad_lines", action="store_true", help="skip malformed lines instead of stopping")
     ap.add_argument("--samples", type=int, default=8, help="prompts profiled, from the top of the file")
-    ap.add_argument("--mode", default="google", choices=[m for m in MODES if m not in ("ar", "cascade")],
-                    help="speculative mode")
+    ap.add_argument("--mode", default="google", help="speculative mode, with --draft's drafter",
+                    choices=[m for m, spec in MODES_TABLE.items() if spec.speculative and needs_draft(m)])
     add_sampling_args(ap)
     ap.add_argument("--top", type=int, default=25, help="cProfile functions listed")
     ap.add_argument("--both_caches", action="store_true",
@@ -81,6 +83,7 @@ def main(argv=None) -> None:
         raise ValueError(f"{args.out} exists; remove it or pick another --out")
     drafts = parse_drafts(args.draft)
     check_speculator_flag(args.speculator, drafts)
+    check_mode_draft(args.mode, drafts[0])
     data = prepare(args, [args.mode], drafts)
     draft = data.drafts[drafts[0]]
     kw = generate_kwargs(args, data.tokenizer, data.vocab)

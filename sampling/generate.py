@@ -90,40 +90,37 @@ def check_args(mode: str, max_new_tokens: int, gamma: int, params: SamplingParam
 
 
 
-def left_align(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def left_align(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A batch [B, T] whose rows are padded on the left, on the right or not at all, as the
-    left-padded batch every loop decodes (a left-padded one is returned as it is); ValueError when a
-    row's real tokens are not contiguous."""
+    left-padded batch every loop decodes (a left-padded one comes back as it is), and its longest
+    prompt; ValueError when a row is empty or its real tokens are not contiguous. One read of the
+    device."""
     m = mask.bool()
     T = m.shape[1]
     ar = torch.arange(T, device=m.device)
+    lengths = m.sum(-1)                                               # [B]
     first = torch.where(m, ar, T).amin(-1)                            # [B] each row's first real slot
     last = torch.where(m, ar, -1).amax(-1)                            # [B] and its last
-    gaps = (last - first + 1 != m.sum(-1)) & m.any(-1)
-    shift = T - 1 - last                                              # right padding of each row
-    bad, right = fetch_flags(gaps.any(), (shift > 0).any())           # one read
-    if bad:
+    shift = T - 1 - last                                              # [B] each row's right padding
+    facts = torch.stack([lengths.max(), (lengths == 0).any(), ((last - first + 1 != lengths) & (lengths > 0)).any(),
+                         (shift > 0).any()]).tolist()                 # the one read
+    longest, empty, gaps, right = facts
+    if empty:
+        raise ValueError("empty prompt: every row needs at least one token")
+    if gaps:
         raise ValueError("attention_mask: each row's real tokens must be contiguous (a left- or right-padded batch)")
     if not right:
-        return input_ids, mask
+        return input_ids, mask, longest
     src = (ar.unsqueeze(0) - shift.unsqueeze(1)).clamp(min=0)         # [B, T] slot j takes old slot j - shift
     keep = ar.unsqueeze(0) >= shift.unsqueeze(1)
-    return input_ids.gather(1, src), mask.gather(1, src) * keep.to(mask.dtype)
+    return input_ids.gather(1, src), mask.gather(1, src) * keep.to(mask.dtype), longest
 
 
-def fetch_flags(*flags: torch.Tensor) -> list[bool]:
-    """Boolean device scalars on the host in one transfer."""
-    return [bool(x) for x in torch.stack(flags).tolist()]
-
-
-def check_inputs(target, draft, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: Mode,
-                 max_new_tokens: int, vocab: int | None) -> int | None:
-    """Checks of the models and the batch, one-line ValueErrors (``mode``'s own in ``sampling.modes``).
-    Returns the vocabulary every distribution is restricted to (None: the target's whole output embedding)."""
-    lengths = attention_mask.sum(-1)
-    if (lengths == 0).any():
-        raise ValueError("empty prompt: every row needs at least one token")
-    longest = int(lengths.max()) + max_new_tokens     # drafts never pass this position
+def check_inputs(target, draft, prompt: int, mode: Mode, max_new_tokens: int, vocab: int | None) -> int | None:
+    """Checks of the models against the batch (its longest prompt: ``prompt`` tokens), one-line
+    ValueErrors (``mode``'s own in ``sampling.modes``). Returns the vocabulary every distribution is
+    restricted to (None: the target's whole output embedding)."""
+    longest = prompt + max_new_tokens                 # drafts never pass this position
     kind = drafter_kind(draft) if mode.drafters else None
     mode.check_drafter(kind)
     if kind == "cascade" and (len(draft) < 2 or any(drafter_kind(d) != "model" for d in draft)):
@@ -136,7 +133,7 @@ def check_inputs(target, draft, input_ids: torch.Tensor, attention_mask: torch.T
     for name, model in [("target", target)] + [("draft", d) for d in models]:
         limit = max_positions(model)
         if limit is not None and longest > limit:
-            raise ValueError(f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens exceeds"
+            raise ValueError(f"prompt of {prompt} tokens + {max_new_tokens} new tokens exceeds"
                              f" the {name} model's maximum of {limit} positions")
     sizes = [vocab_size(m) for m in [target] + models]
     if vocab is not None:
@@ -222,8 +219,8 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                       press=press or PressSpec())
     cache.validate()
     attention_mask = attention_mask.to(input_ids.device)
-    input_ids, attention_mask = left_align(input_ids, attention_mask)
-    vocab = check_inputs(target_model, draft_model, input_ids, attention_mask, spec, most, vocab_size)
+    input_ids, attention_mask, prompt = left_align(input_ids, attention_mask)
+    vocab = check_inputs(target_model, draft_model, prompt, spec, most, vocab_size)
     if streamer is not None and input_ids.shape[0] != 1 and not hasattr(streamer, "put_row"):
         raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]} (a row streamer, "
                          f"with put_row, takes any)")

@@ -17,8 +17,6 @@ evicted, so a rollback never reaches into the compressed part.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -95,8 +93,11 @@ class KVCacheModel:
     def _run(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
         """The one model call: input_ids, pos [B, n] after the cache's slots; mask [B, filled + n] or
         additive [B, 1, n, filled + n]. Returns the logits of the last ``keep`` tokens [B, keep, V]."""
-        with self.press.capturing() if self.press is not None else contextlib.nullcontext():   # snapkv: queries
+        if self.press is None:
             logits, self.hidden = self.backend.forward(self.model, input_ids, mask, pos, keep, self.keeps_hidden)
+        else:
+            with self.press.capturing():                                  # snapkv: this pass's queries
+                logits, self.hidden = self.backend.forward(self.model, input_ids, mask, pos, keep, self.keeps_hidden)
         self.calls += 1
         return logits if self.vocab is None else logits[..., :self.vocab]   # [B, keep, V]
 
@@ -108,8 +109,11 @@ class KVCacheModel:
     def _forward(self, seq: torch.Tensor, mask: torch.Tensor, n: int, keep: int) -> None:
         # seq, mask: [B, L + n] cached and new positions; feeds the last n, keeps the last keep probs
         assert mask.shape[1] == self.length + n == seq.shape[1], "mask must cover cached + new tokens"
-        self.before_pass(mask)
-        logits = self._run(seq[:, -n:], self.slot_mask(mask), position_ids(mask)[:, -n:], keep)   # [B, keep, V]
+        slots = mask
+        if self.press is not None:                                        # it may evict first; its slots' mask
+            self.press.before_pass(self.backend, mask)
+            slots = self.press.slot_mask(mask)
+        logits = self._run(seq[:, -n:], slots, position_ids(mask)[:, -n:], keep)   # [B, keep, V]
         self.mask = mask
         new = norm_logits(logits, self.params, seq, mask, law=False)      # [B, keep, V] (greedy: logits)
         prev = self._hist[:, -1:] if self._hist is not None else new[:, :0]

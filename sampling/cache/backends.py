@@ -32,6 +32,9 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from ..utils import spans_devices
 from .spec import CacheSpec, slot_width
 
+HIDDEN, NONE = {"output_hidden_states": -1}, {}   # a pass's arguments that return the last hidden states (the
+                                                 # lm_head's input: ``[:, -keep:]`` of them are its kept positions)
+
 
 class CacheBackend(Protocol):
     """The keys and values of one wrapper's model (``sampling.kvcache_model.KVCacheModel``)."""
@@ -75,9 +78,9 @@ class DynamicBackend:
 
     def forward(self, model, input_ids, mask, position_ids, keep, hidden):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
-                    use_cache=True, logits_to_keep=keep, **hidden_kwargs(hidden))
+                    use_cache=True, logits_to_keep=keep, **(HIDDEN if hidden else NONE))
         self.filled += input_ids.shape[1]
-        return out.logits, last_hidden(out, keep, hidden)
+        return out.logits, out.hidden_states[-1][:, -keep:] if hidden else None
 
     def reserve(self, slots: int) -> None:
         pass
@@ -174,9 +177,9 @@ class _Static:
     def forward(self, model, input_ids, mask, position_ids, keep, hidden):
         self.reserve(self.filled + input_ids.shape[1])
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
-                    use_cache=True, logits_to_keep=keep, **hidden_kwargs(hidden))
+                    use_cache=True, logits_to_keep=keep, **(HIDDEN if hidden else NONE))
         self.filled += input_ids.shape[1]
-        return out.logits, last_hidden(out, keep, hidden)
+        return out.logits, out.hidden_states[-1][:, -keep:] if hidden else None
 
     @property
     def width(self) -> int:
@@ -279,9 +282,9 @@ class CompiledBackend(_Static):
             input_ids, position_ids = (t.clone(memory_format=torch.contiguous_format)
                                        for t in (input_ids, position_ids))
         out = forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
-                      use_cache=True, logits_to_keep=keep, **hidden_kwargs(hidden))
+                      use_cache=True, logits_to_keep=keep, **(HIDDEN if hidden else NONE))
         self.filled += input_ids.shape[1]
-        logits, states = out.logits, last_hidden(out, keep, hidden)
+        logits, states = out.logits, out.hidden_states[-1][:, -keep:] if hidden else None
         if forward is not model:                                          # a graph's outputs are reused: copies
             logits, states = logits.clone(), None if states is None else states.clone()
         return logits, states
@@ -315,13 +318,3 @@ def make_backend(spec: CacheSpec, model, prompt_len: int) -> CacheBackend:
     if spec.compile:
         return CompiledBackend(model, width)
     return LayerSlotsBackend(model, width) if spans_devices(model) else SlotBackend(model, width)
-
-
-def hidden_kwargs(hidden: bool) -> dict:
-    """The forward's arguments that return the last hidden states (the lm_head's input) too."""
-    return {"output_hidden_states": -1} if hidden else {}
-
-
-def last_hidden(out, keep: int, hidden: bool) -> torch.Tensor | None:
-    """[B, keep, D] the lm_head inputs of the last ``keep`` positions of a pass (``hidden_kwargs``)."""
-    return out.hidden_states[-1][:, -keep:] if hidden else None
