@@ -44,27 +44,37 @@ class Verified:
     tokens: torch.Tensor             # [b, k] the accepted drafts (a row's slots past its n are holes)
     nodes: torch.Tensor              # [b, k] the draft position (chain) or node (tree) each came from
     start: int                       # the slot the drafts begin at
-    drafted: int                     # drafts proposed to each row (a chain's g, a tree's nodes)
-    slots: tuple                     # (real slots before the drafts: a device count, all slots the pass attended)
+    drafted: int | list[int]         # drafts proposed to each row (a chain's g, a tree's nodes; or each row's own)
+    slots: tuple                     # (real slots before the drafts: a device count, drafts fed, all slots fed)
     p: torch.Tensor | None = None    # [b, g + 1, V] the target's laws at the drafts and after them (a chain)
     hidden: torch.Tensor | None = None   # [b, P + n, D] the target's lm_head inputs in the pass (P pending tokens,
                                          # then the drafts), when the drafter reads the target; None: not asked
     host: HostVerdict | None = None  # the verdict on the host already (a tree's walk): settling reads nothing
+    ok: torch.Tensor | None = None   # [b] bool: the row's laws were finite (checked for rows that draw their own
+                                     # values, ``RowDraws``: a row that fails the check fails alone)
 
     def settle(self, done: torch.Tensor, done_rows: list[bool]) -> Accepted:
         """What each row keeps: finished rows (``done`` [b] on the device, ``done_rows`` on the host)
         nothing; tokens and nodes trimmed to the longest row. The step's one device-to-host transfer,
         or none when the verdict is on the host already."""
         n = self.n.masked_fill(done, 0)
+        failed = None
         if self.host is None:
-            rows = torch.cat([n.unsqueeze(1), self.next.unsqueeze(1), self.tokens], 1).tolist()   # [b, 2 + k]
+            parts = [n.unsqueeze(1), self.next.unsqueeze(1), self.tokens]
+            if self.ok is not None:
+                parts.append((~self.ok).long().unsqueeze(1))
+            rows = torch.cat(parts, 1).tolist()                                          # [b, 2 + k (+ 1)]
+            if self.ok is not None:
+                rows, failed = [h[:-1] for h in rows], [bool(h[-1]) for h in rows]
         else:
             rows = [[0 if d else h[0]] + h[1:] for h, d in zip(self.host.rows, done_rows)]
+            if self.ok is not None:
+                failed = (~self.ok).tolist()
         counts = [h[0] for h in rows]
         taken = [h[2:2 + k] + [h[1]] for h, k in zip(rows, counts)]
         k = max(counts)
         return Accepted(self, n, self.tokens[:, :k], self.nodes[:, :k], counts, taken,
-                        self.host.carried if self.host is not None else None)
+                        self.host.carried if self.host is not None else None, failed)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ class Accepted:
     counts: list[int]                # n on the host
     taken: list[list[int]]           # per row on the host: its kept drafts, then the next token
     carried: list[list[int]] | None  # per row on the host: Draft.carry along its accepted path
+    failed: list[bool] | None = None  # per row on the host: its laws were not finite (Verified.ok)
 
     @property
     def start(self) -> int:

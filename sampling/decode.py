@@ -47,16 +47,21 @@ def speculative_decode(drafter: Drafter, verifier: Verifier, input_ids: torch.Te
     hidden = verifier.prefill(input_ids, mask)                            # [B, D] when the drafter reads the target
     drafter.prefill(input_ids, mask, hidden)
     seq, padding, rows_verified = input_ids, [], 0
+    rows.speculative = True
     while not rows.all_done:
-        g = min(schedule.gamma, rows.room() - 1,                          # drafts some row can still use,
-                drafter.max_draft or schedule.gamma)                      # and the drafter can make
-        acc, seq, mask = step(drafter, verifier, seq, mask, g, generator, rows.live())
+        most = min(schedule.gamma, drafter.max_draft or schedule.gamma)   # drafts the drafter can make, and
+        limits = None if rows.seeds is None else [max(0, min(most, room - 1)) for room in rows.rooms()]
+        g = min(most, rows.room() - 1) if limits is None else max(limits)   # some row can still use
+        draws = rows.draws(generator, limits)                             # rows of their own: each its own
+        acc, seq, mask = step(drafter, verifier, seq, mask, g, draws, rows.live())
         # 5. schedule: the next draft length, from what each live row accepted
         schedule.update([a for a, d in zip(acc.counts, rows.done) if not d], g)
         v = acc.verified
-        padding.append((v.slots[0], len(acc.counts) * v.drafted, v.slots[1]))   # real: a device count + drafts
+        padding.append(v.slots)                                           # real: a device count + the drafts
         rows_verified += len(acc.counts)
-        # 6. hand out each row's new tokens; rows that met EOS or their budget are finished
+        # 6. hand out each row's new tokens; rows that met EOS or their budget are finished (a row of
+        # its own whose laws were not finite fails alone)
+        rows.fail_rows(draws, acc.failed)
         rows.hand_out(acc.taken, acc.counts, v.drafted)
         if finished_rows == "drop":                                       # they leave; requests join (a server)
             seq, mask = rows.advance(seq, mask, [verifier, drafter])

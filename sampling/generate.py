@@ -153,7 +153,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              top_k: int | list[int] = DEFAULTS.top_k, top_p: float | list[float] = DEFAULTS.top_p,
              min_p: float | list[float] = DEFAULTS.min_p,
              repetition_penalty: float = DEFAULTS.repetition_penalty,
-             eos_token_id: int | None = None, seed: int | None = None,
+             eos_token_id: int | None = None, seed: int | list[int] | None = None,
              gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
              finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
              streamer=None, tree=None, kv_cache: str = DEFAULTS.kv_cache,
@@ -186,7 +186,10 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     each adapted by its own schedule. ``max_new_tokens``: one budget, or one per row (a server's
     requests); so may ``temperature``, ``top_k``, ``top_p`` and ``min_p`` be
     (``sampling.params.RowParams``: greedy and sampled rows share the batch, each keeping its own
-    law). ``streamer`` may also be a row streamer (``put_row(row, tokens)``, ``stopped(row)``,
+    law), and ``seed``: one seed per row makes each row draw its own values (``sampling.params.RowDraws``)
+    and draft its own length, so that a row's output does not depend on what shares its batch (a
+    dynamic tree aside, docs/serving.md); a row whose laws stop being finite then fails alone
+    (``stats["failed"]``). ``streamer`` may also be a row streamer (``put_row(row, tokens)``, ``stopped(row)``,
     ``end()``; ``sampling.rows.Rows``), for any batch: each row's tokens as they are accepted, and a
     row it stops leaves the batch; with ``admit(live) -> list[NewRow]`` it also hands in requests
     that join the running batch between steps (continuous batching; modes ar and bass, the dynamic
@@ -226,11 +229,21 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                          f"with put_row, takes any)")
     if hasattr(streamer, "admit"):
         spec.check_admission(drafter_kind(draft_model), cache, finished_rows)
-    generator = torch.Generator(device=input_ids.device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+    if isinstance(seed, (list, tuple)) and len(seed) != B:
+        raise ValueError(f"seed: {len(seed)} values for a batch of {B} rows (give one, or one per row)")
+    for s in seeds:
+        if (s is not None or len(seeds) > 1) and (isinstance(s, bool) or not isinstance(s, int)
+                                                  or not 0 <= s < 2 ** 63):
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1] (or a list of them, one per row), got {s!r}")
+    if isinstance(seed, (list, tuple)):                 # each row its own draws
+        generator = list(seed)
+    else:                                               # one generator for the batch
+        generator = torch.Generator(device=input_ids.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
     options = dict(gamma=gamma, schedule=schedule, tree=shape, finished_rows=finished_rows,
                    cascade_gamma=cascade_gamma)
     tokens, stats = spec.loop(target_model, draft_model, input_ids, attention_mask, params, max_new_tokens,

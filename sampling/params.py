@@ -5,6 +5,7 @@ Names follow the papers: ``p`` is the target model's distribution, ``q`` the dra
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -190,17 +191,71 @@ def one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None, greedy: bool = False) -> torch.Tensor:
-    """One draw per row of probs [N, V] -> [N]. ``greedy``: the rows are one-hot or the greedy
+class RowDraws:
+    """Each row's own random draws, for batches whose rows are separate requests (a server's), each
+    with its own seed. A draw of a row comes from a generator seeded by the row's seed, the row's
+    tokens so far (``positions``) and what is drawn (the key a call site gives: ``keyed``), so a
+    seeded row draws the same values whatever shares its batch and however many values the other
+    rows draw. ``limits`` (host list, ``limit`` on the device): the drafts each row may accept this
+    step, its own draft length (the batch drafts the longest of them). ``failed``: rows whose draw
+    could not be made (their law was not a law: NaN, infinities, no mass)."""
+
+    def __init__(self, seeds: list[int], positions: list[int], device: torch.device, limits: list[int] | None = None):
+        self.seeds, self.positions, self.device, self.limits = seeds, positions, torch.device(device), limits
+        self.limit = None if limits is None else to_device(limits, self.device)     # [b]
+        self.failed: set[int] = set()
+
+    def keyed(self, key: tuple) -> RowGenerators:
+        """One generator per row for the draw named ``key`` (a stage and an index)."""
+        out = RowGenerators(self.failed)
+        for seed, position in zip(self.seeds, self.positions):
+            digest = hashlib.blake2b(repr((seed, position) + key).encode(), digest_size=8).digest()
+            out.append(torch.Generator(self.device).manual_seed(int.from_bytes(digest, "little") >> 1))
+        return out
+
+
+class RowGenerators(list):
+    """One ``torch.Generator`` per row (``RowDraws.keyed``); a row whose draw fails is added to ``failed``."""
+
+    def __init__(self, failed: set[int]):
+        super().__init__()
+        self.failed = failed
+
+
+def keyed(generator, *key):
+    """The generator(s) of one draw site: a batch's ``torch.Generator`` as it is (its stream goes on);
+    with ``RowDraws``, each row's own generator for this key (a list)."""
+    return generator.keyed(key) if isinstance(generator, RowDraws) else generator
+
+
+def uniform(shape: tuple, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Uniforms in [0, 1) of ``shape`` (rows first), from one generator or one per row (``keyed``)."""
+    if isinstance(generator, list):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | RowGenerators | None = None,
+           greedy: bool = False) -> torch.Tensor:
+    """One draw per row of probs [N, V] -> [N], from one generator or one per row (``keyed``: a row
+    whose law is not a law fails alone, its draw 0). ``greedy``: the rows are one-hot or the greedy
     logits themselves (``norm_logits`` at temperature 0), so the draw is their argmax, without the
     cost of ``multinomial``."""
     if greedy:
         return probs.argmax(-1)
+    if isinstance(generator, RowGenerators):
+        out = torch.zeros(len(probs), 1, dtype=torch.long, device=probs.device)
+        for i, g in enumerate(generator):
+            try:
+                out[i] = torch.multinomial(probs[i:i + 1], 1, generator=g)
+            except RuntimeError:                          # NaN, infinities or no mass: this row's fault alone
+                generator.failed.add(i)
+        return out.squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def gumbel_keys(q: torch.Tensor, generator) -> torch.Tensor:
-    """log q + Gumbel noise [N, V]: the top k of these keys, in order, are k draws from q without
+    """log q + Gumbel noise [N, ..., V]: the top k of these keys, in order, are k draws from q without
     replacement (each from q renormalised without the ones before); tokens with q = 0 come last."""
-    u = torch.rand(q.shape, generator=generator, device=q.device, dtype=q.dtype).clamp(min=torch.finfo(q.dtype).tiny)
+    u = uniform(q.shape, generator, q.device, q.dtype).clamp(min=torch.finfo(q.dtype).tiny)
     return q.log() - (-u.log()).log()

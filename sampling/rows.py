@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .params import SamplingParams
+from .params import RowDraws, SamplingParams
 from .utils import now, to_device
 
 SUM_STATS = ("new_tokens", "target_calls", "draft_calls", "drafted", "accepted")   # counts that add up
@@ -26,6 +26,7 @@ class NewRow:
     ids: list[int]                # prompt token ids
     budget: int                   # new tokens it may take
     params: SamplingParams        # its sampling parameters
+    seed: int | None = None       # its own draws' seed, when the batch's rows draw their own (``Rows.seeds``)
 
 
 class Live(NamedTuple):
@@ -49,10 +50,17 @@ class Rows:
     gets each row's tokens as they are accepted and may stop a row (its client left): the row then
     finishes at that step and leaves the batch like one that met its EOS. A row streamer with
     ``admit(live) -> list[NewRow]`` also hands the loop requests that join the batch between steps
-    (``admit_rows``); the k-th row it admits is row B + k of the output."""
+    (``admit_rows``); the k-th row it admits is row B + k of the output. With ``end_row(row, stats,
+    error)`` it is told as soon as a row is finished, with the row's statistics (or why it failed),
+    while the batch goes on.
+
+    ``seeds`` (one per row): every row draws from its own generators (``RowDraws``), keyed by its
+    seed and its tokens so far, so a row's output does not depend on what shares its batch; the
+    speculative loops then also give each row its own draft length (``rooms``), and a row whose laws
+    stop being finite fails alone (``fail``)."""
 
     def __init__(self, B: int, max_new_tokens: int | list[int], eos_token_id: int | None, device: torch.device,
-                 streamer=None):
+                 streamer=None, seeds: list[int] | None = None):
         self.out: list[list[int]] = [[] for _ in range(B)]   # new tokens of each original row
         self.index = list(range(B))          # original row of each row of the current batch
         self.done = [False] * B              # per current row: finished (kept only when masked)
@@ -65,6 +73,10 @@ class Rows:
         self.ttft_tokens = 0                 # tokens handed out by the first hand-out (AR: one per row; a
                                              # speculative loop's first step: each row's accepted drafts + 1)
         self._done_dev: tuple | None = None  # done as last copied to the device, that copy, the live column
+        self.seeds = None if seeds is None else list(seeds)   # per original row: its own draws' seed
+        self.speculative = False             # set by a speculative loop: it verifies after its prefill
+        self.failed: dict[int, str] = {}     # original row -> why it failed (it stops; the others go on)
+        self.ends_rows = self.by_row and hasattr(streamer, "end_row")
 
     @property
     def all_done(self) -> bool:
@@ -72,7 +84,40 @@ class Rows:
 
     def room(self) -> int:
         """New tokens the unfinished row with the most room left may still take (its own budget)."""
-        return max(self.budget[r] - len(self.out[r]) for r, d in zip(self.index, self.done) if not d)
+        return max(self.rooms())
+
+    def rooms(self) -> list[int]:
+        """New tokens each current row may still take (0 for a finished one)."""
+        return [0 if d else self.budget[r] - len(self.out[r]) for r, d in zip(self.index, self.done)]
+
+    def draws(self, generator: torch.Generator | None, limits: list[int] | None = None):
+        """What this step draws from: the batch's generator, or, with per-row seeds, each current
+        row's own (``RowDraws``: keyed by its seed and its tokens so far); ``limits``: each row's
+        own draft length this step."""
+        if self.seeds is None:
+            return generator
+        return RowDraws([self.seeds[r] for r in self.index], [len(self.out[r]) for r in self.index], self.device,
+                        limits)
+
+    def fail_rows(self, draws, failed: list[bool] | None) -> None:
+        """After a step of rows that draw their own values: each row whose laws were not finite
+        (``failed``, read with the step) or whose draw could not be made (``draws.failed``) fails alone."""
+        if not isinstance(draws, RowDraws):
+            return
+        bad = set(draws.failed) | {j for j, f in enumerate(failed or []) if f}
+        for j in sorted(bad):
+            self.fail(j, "its probabilities were not finite (NaN or infinity): a numeric fault in the model or in "
+                         "its sampling parameters")
+
+    def fail(self, j: int, error: str) -> None:
+        """Current row j failed (a fault of its own): it is finished, its tokens so far kept, and the
+        row streamer told why; the other rows go on."""
+        if not self.done[j]:
+            r = self.index[j]
+            self.failed[r] = error
+            self.done[j] = True
+            if self.ends_rows:
+                self.streamer.end_row(r, None, error)
 
     def done_mask(self) -> torch.Tensor:
         """[b] bool on the models' device: which current rows are finished. Copied to the device
@@ -89,9 +134,11 @@ class Rows:
         done = self.done_mask()
         return Live(done, list(self.done), self._done_dev[2])
 
-    def hand_out(self, new: list[list[int]], accepted: list[int] | None = None, drafted: int = 0) -> None:
+    def hand_out(self, new: list[list[int]], accepted: list[int] | None = None,
+                 drafted: int | list[int] = 0) -> None:
         """Append each unfinished row's new tokens, cut at the budget and after an EOS; a row that
-        reaches either is done. ``accepted`` (speculative loops): drafts each row accepted of ``drafted``."""
+        reaches either is done (and a row streamer with ``end_row`` is told at once). ``accepted``
+        (speculative loops): drafts each row accepted of ``drafted`` (one count, or one per row)."""
         for j, (r, toks) in enumerate(zip(self.index, new)):
             if self.done[j]:
                 continue
@@ -108,9 +155,11 @@ class Rows:
             self.steps[r] += 1
             if accepted is not None:
                 self.accepted[r] += accepted[j]
-                self.drafted[r] += drafted
+                self.drafted[r] += drafted if isinstance(drafted, int) else drafted[j]
                 self.accepted_lengths.append(accepted[j])
             self.done[j] = len(self.out[r]) == self.budget[r] or toks[-1] == self.eos or stopped
+            if self.done[j] and self.ends_rows:               # answered now, while the batch goes on
+                self.streamer.end_row(r, self.row_stats(r), None)
         if self.ttft is None:
             self.ttft = now(self.device) - self.t0
             self.ttft_tokens = sum(map(len, self.out))
@@ -122,6 +171,10 @@ class Rows:
             return []
         new = self.streamer.admit(sum(not d for d in self.done))
         for r in new:
+            if self.seeds is not None:
+                if r.seed is None:
+                    raise ValueError("rows that draw their own values take a seed with each joining row (NewRow.seed)")
+                self.seeds.append(r.seed)
             self.index.append(len(self.out))
             self.out.append([])
             self.done.append(False)
@@ -152,14 +205,20 @@ class Rows:
         self.done = [False] * len(keep)
         return to_device(keep, self.device)
 
+    def row_stats(self, r: int) -> dict:
+        """Original row r's statistics: its new tokens, the target passes it took part in (AR: one a
+        token; a speculative loop: its steps and the prefill), its drafted and accepted drafts."""
+        return dict(new_tokens=len(self.out[r]), target_calls=self.steps[r] + self.speculative,
+                    drafted=self.drafted[r], accepted=self.accepted[r])
+
     def finish(self, target_calls: int, draft_calls: int = 0, gamma_trace: list[int] | None = None) -> dict:
-        """End the stream (if any) and return the statistics every loop returns (README: Python API).
-        ``gamma_trace`` None: AR, whose prefill gives the first token (a row's passes = its tokens);
-        speculative loops verify after the prefill (a row's passes = its steps + 1)."""
+        """End the stream (if any) and return the statistics every loop returns (README: Python API);
+        ``gamma_trace``: the speculative loops' draft lengths, step by step."""
         if self.streamer is not None:
             self.streamer.end()
         B, new_tokens = len(self.out), sum(map(len, self.out))
-        passes = [s + (gamma_trace is not None) for s in self.steps]     # target passes of each row
+        rows = [self.row_stats(r) for r in range(B)]
+        passes = [row["target_calls"] for row in rows]                   # target passes of each row
         drafted, accepted = sum(self.drafted), sum(self.accepted)
         stats = dict(new_tokens=new_tokens, target_calls=target_calls, draft_calls=draft_calls,
                      drafted=drafted, accepted=accepted,
@@ -167,9 +226,9 @@ class Rows:
                      # new tokens per target pass a row took part in (the prefill included): 1.0 for AR
                      mean_accepted_tokens=new_tokens / max(1, sum(passes)),
                      wall_time_s=now(self.device) - self.t0, ttft_s=self.ttft or 0.0,
-                     ttft_tokens=self.ttft_tokens,
-                     rows=[dict(new_tokens=len(self.out[r]), target_calls=passes[r],
-                                drafted=self.drafted[r], accepted=self.accepted[r]) for r in range(B)])
+                     ttft_tokens=self.ttft_tokens, rows=rows)
+        if self.failed:
+            stats["failed"] = {r: e for r, e in sorted(self.failed.items())}
         if gamma_trace is not None:
             stats.update(gamma_trace=gamma_trace,
                          accepted_hist=histogram(self.accepted_lengths, max(gamma_trace + [0]) + 1))

@@ -19,16 +19,19 @@ from .verify.chain import ChainVerifier
 
 def speculative_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Tensor,
                          params: SamplingParams | RowParams, max_new_tokens: int | list[int],
-                         eos_token_id: int | None, generator: torch.Generator | None, *, gamma: int,
+                         eos_token_id: int | None, generator: torch.Generator | list[int] | None, *, gamma: int,
                          schedule: ScheduleParams, sequential: bool = False, cascade_gamma: int | None = None,
                          vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec()
                          ) -> tuple[list[list[int]], dict]:
     """Each row of a left-padded batch [B, T] alone, padding stripped: a drafter (a draft model, a
     drafter source, or a list of draft models: a cascade whose lower levels draft ``cascade_gamma``)
-    and a chain verifier (``sequential``: Chen et al.'s uniforms, one per draft). Returns (tokens,
-    stats), the stats of the rows merged as one generation's."""
-    t0, tokens, per_row = now(input_ids.device), [], []
+    and a chain verifier (``sequential``: Chen et al.'s uniforms, one per draft). ``generator``: one
+    for the batch, or one seed per row (rows that are separate requests: each its own generator, and
+    a fault of one row fails it alone, the next rows go on). Returns (tokens, stats), the stats of the
+    rows merged as one generation's."""
+    t0, tokens, per_row, failed = now(input_ids.device), [], [], {}
     budgets = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else max_new_tokens
+    own = isinstance(generator, list)
     for i, (ids, m) in enumerate(zip(input_ids, mask)):
         ids = ids[m.bool()].unsqueeze(0)                                  # [1, T_i], no padding
         p = params.row(i)
@@ -36,11 +39,21 @@ def speculative_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Ten
                     else streamer)
         drafter = build_drafter(draft, p, vocab, cache, cascade_gamma=cascade_gamma or gamma, schedule=schedule)
         verifier = ChainVerifier(target, p, vocab, sequential, cache, hidden=drafter.reads_target)
-        out, stats = speculative_decode(drafter, verifier, ids, torch.ones_like(ids), GammaSchedule(gamma, schedule),
-                                        rows, generator=generator)
+        gen = torch.Generator(ids.device).manual_seed(generator[i]) if own else generator
+        try:
+            out, stats = speculative_decode(drafter, verifier, ids, torch.ones_like(ids),
+                                            GammaSchedule(gamma, schedule), rows, generator=gen)
+        except Exception as e:                                            # noqa: BLE001 (a row's own fault)
+            if not own:
+                raise
+            rows.fail(0, f"{type(e).__name__}: {e}")                      # this row alone; the next go on
+            out, stats, failed[i] = rows.out, rows.finish(verifier.calls, drafter.calls, []), rows.failed[0]
         tokens.append(out[0])
         per_row.append(stats)
-    return tokens, merge_stats(per_row, one_generation=True, wall_time_s=now(input_ids.device) - t0)
+    stats = merge_stats(per_row, one_generation=True, wall_time_s=now(input_ids.device) - t0)
+    if failed:
+        stats["failed"] = failed
+    return tokens, stats
 
 
 class OneRow:
@@ -55,6 +68,10 @@ class OneRow:
 
     def stopped(self, row: int) -> bool:
         return self.streamer.stopped(self.i)
+
+    def end_row(self, row: int, stats: dict | None, error: str | None) -> None:
+        if hasattr(self.streamer, "end_row"):
+            self.streamer.end_row(self.i, stats, error)
 
     def end(self) -> None:
         pass

@@ -1,19 +1,24 @@
-"""Request batching for a server: concurrent requests decoded together (BASS, AR, or one at a time).
+"""Request batching for a server: concurrent requests decoded together, each answered when it finishes.
 
-A worker thread owns the models. ``Scheduler.submit`` puts a request in a bounded queue (full:
-``QueueFull`` at once, the server answers 429). The worker waits for a first request, collects
-more for up to ``max_wait_ms`` or until ``max_batch``, groups them by what one ``generate`` call
-must share (the seed of its random generator) and decodes each group as one batch: prompts of any
-length, each row its own budget, temperature, top-p and top-k (``sampling.params.RowParams``). With
-``continuous`` (bass and ar), requests that arrive while a batch runs join it between two steps,
-up to ``max_batch`` live rows (continuous batching: ``sampling.rows.admit_rows``), instead of
-waiting for the whole batch to end. Every row's tokens reach its request as they are accepted (a row
-streamer); a request that is cancelled (its client left, or a stop string was met) stops its row,
-which leaves the batch at that step without disturbing the others.
+A worker thread owns the models. ``Scheduler.submit`` puts a request in one bounded first-in,
+first-out queue (full: ``QueueFull`` at once, and the server answers 429). The worker takes the
+oldest request, waits up to ``max_wait_ms`` for more (up to ``max_batch``) and decodes them in one
+``generate`` call; with ``continuous`` (modes that let rows join: ar and bass), requests that
+arrive while it runs join it between two steps, oldest first, up to ``max_batch`` live rows.
+
+Every request is a row of its own: it draws its own values from its own seed (a request without
+one is given a random seed) and drafts its own length, so its output does not depend on what
+shares its batch. Its tokens reach it as they are accepted, and its answer goes out as soon as its
+row finishes (EOS, budget, a stop string), while the batch goes on. A request whose client left
+stops its row at the next step. A row whose laws stop being finite fails alone; an exception that
+ends a batch resumes each of its unfinished rows alone (its prompt and the tokens it has), so that
+a fault of one request fails that request alone.
 """
 from __future__ import annotations
 
+import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,10 +35,16 @@ from ..utils import model_device
 from .batching import pad_left
 
 SERVE_MODES = tuple(m.name for m in MODES_TABLE.values() if m.serves)   # ar, google, bass
+log = logging.getLogger("bass.scheduler")
 
 
 class QueueFull(Exception):
     """The scheduler's queue holds ``queue_size`` requests already."""
+
+
+def new_seed() -> int:
+    """A seed for a request that gave none (its draws are then its own, not reproducible)."""
+    return random.SystemRandom().randrange(2 ** 62)
 
 
 @dataclass
@@ -44,51 +55,72 @@ class ServeRequest:
     temperature: float = 1.0             # 0: greedy
     top_p: float = 1.0                   # 1: off
     top_k: int = 0                       # 0: off
-    seed: int | None = None              # None: a fresh seed
+    seed: int = field(default_factory=new_seed)   # its own draws' seed
     on_tokens: object = None             # callable(tokens: list[int]), called from the worker thread
     on_done: object = None               # callable(stats: dict | None, error: str | None), from the worker
     cancelled: bool = False              # set by the server: the row stops at the next step
+    parent: ServeRequest | None = None   # the request this one resumes (a failed batch's row, alone)
     submitted: float = field(default_factory=time.perf_counter)
+    tokens: list[int] = field(default_factory=list)   # what it has received so far
+    finished: bool = False               # answered (on_done called)
 
-    def group(self) -> tuple:
-        """What requests must share to be decoded by one generate() call."""
-        return (self.seed,)
+    def params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    @property
+    def stopping(self) -> bool:
+        """Its client left (or a stop string ended it)."""
+        return self.cancelled or (self.parent is not None and self.parent.stopping)
+
+    def done(self, stats: dict | None, error: str | None) -> None:
+        """Answer it, once."""
+        if not self.finished:
+            self.finished = True
+            if self.on_done is not None:
+                self.on_done(stats, error)
 
 
 class _Rows:
-    """The row streamer of one batch (``sampling.rows.Rows``): row r is requests[r]."""
+    """The row streamer of one batch (``sampling.rows.Rows``): row r is requests[r]; each row is
+    answered as soon as it is finished."""
 
-    def __init__(self, requests: list[ServeRequest]):
-        self.requests = requests
+    def __init__(self, requests: list[ServeRequest], scheduler: Scheduler):
+        self.requests, self.scheduler = requests, scheduler
 
     def put_row(self, row: int, tokens: list[int]) -> None:
-        if tokens and self.requests[row].on_tokens is not None:
-            self.requests[row].on_tokens(tokens)
+        r = self.requests[row]
+        if tokens:
+            r.tokens += tokens
+            if r.on_tokens is not None:
+                r.on_tokens(tokens)
 
     def stopped(self, row: int) -> bool:
-        return self.requests[row].cancelled
+        return self.requests[row].stopping
+
+    def end_row(self, row: int, stats: dict | None, error: str | None) -> None:
+        r = self.requests[row]
+        self.scheduler.running -= 1
+        r.done(None if stats is None else dict(stats, tokens=list(r.tokens), batch=len(self.requests)), error)
 
     def end(self) -> None:
         pass
 
 
 class _JoiningRows(_Rows):
-    """The row streamer of a batch that admits waiting requests between steps (continuous batching):
-    those of its group, while fewer than ``max_batch`` rows are live. Row B + k is requests[B + k]."""
-
-    def __init__(self, requests: list[ServeRequest], scheduler: Scheduler):
-        super().__init__(requests)
-        self.scheduler = scheduler
+    """The row streamer of a batch that waiting requests join between steps (continuous batching)."""
 
     def admit(self, live: int) -> list[NewRow]:
-        out = []
-        while live + len(out) < self.scheduler.cfg.max_batch and not self.scheduler._stop.is_set():
-            r = self.scheduler._take(self.requests[0].group())
+        """Requests that join between two steps, oldest first, while fewer than ``max_batch`` rows run."""
+        out, s = [], self.scheduler
+        while live + len(out) < s.cfg.max_batch and not s._stop.is_set():
+            r = s._take()
             if r is None:
                 break
             self.requests.append(r)
-            out.append(NewRow(r.ids, r.max_tokens, SamplingParams(temperature=r.temperature, top_k=r.top_k,
-                                                                  top_p=r.top_p)))
+            out.append(NewRow(r.ids, r.max_tokens, r.params(), r.seed))
+        s.running = live + len(out)
+        if s.on_step is not None:                         # between two steps: the rows about to run
+            s.on_step(s.running)
         return out
 
 
@@ -124,7 +156,8 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="bass-scheduler", daemon=True)
         self.batches = 0                                 # generate() calls made
         self.rows = 0                                    # requests decoded
-        self.held: list[ServeRequest] = []               # taken from the queue, waiting for a batch of their group
+        self.running = 0                                 # rows of the batch in flight
+        self.on_step = None                              # callable(rows) between two steps (metrics), or None
         self.joining = cfg.continuous and MODES_TABLE[cfg.mode].joins
         if self.joining:                                 # a bad setting fails at start, not per batch
             try:
@@ -133,6 +166,11 @@ class Scheduler:
                                                    press=generate_kw.get("press") or PressSpec()), "drop")
             except ValueError as e:
                 raise ValueError(f"{e}; serve with continuous batching off (--continuous off)") from None
+
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue."""
+        return self.queue.qsize()
 
     def start(self) -> Scheduler:
         self._thread.start()
@@ -143,11 +181,7 @@ class Scheduler:
         self._stop.set()
         self._thread.join(timeout)
         while not self.queue.empty():
-            self.held.append(self.queue.get_nowait())
-        for r in self.held:
-            if r.on_done is not None:
-                r.on_done(None, "the server is shutting down")
-        self.held = []
+            self.queue.get_nowait().done(None, "the server is shutting down")
 
     def submit(self, req: ServeRequest) -> None:
         try:
@@ -155,30 +189,21 @@ class Scheduler:
         except queue.Full:
             raise QueueFull(f"{self.cfg.queue_size} requests are waiting already") from None
 
-    def _take(self, group: tuple) -> ServeRequest | None:
-        """A waiting request of the group, at once or None (the worker's; others found are held)."""
-        for i, r in enumerate(self.held):
-            if r.group() == group:
-                return self.held.pop(i)
+    def _take(self) -> ServeRequest | None:
+        """The oldest waiting request that still wants its answer, at once, or None."""
         while True:
             try:
                 r = self.queue.get_nowait()
             except queue.Empty:
                 return None
-            if not _live(r):
-                continue
-            if r.group() == group:
+            if _live(r):
                 return r
-            self.held.append(r)
 
     def _collect(self) -> list[ServeRequest]:
-        if self.held:
-            first = self.held.pop(0)
-        else:
-            try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                return []
+        try:
+            first = self.queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
         batch, deadline = [first], time.perf_counter() + self.cfg.max_wait_ms / 1000
         while len(batch) < self.cfg.max_batch:
             left = deadline - time.perf_counter()
@@ -186,45 +211,70 @@ class Scheduler:
                 batch.append(self.queue.get(timeout=max(left, 0)) if left > 0 else self.queue.get_nowait())
             except queue.Empty:
                 break
-        return batch
+        return [r for r in batch if _live(r)]
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            groups: dict[tuple, list[ServeRequest]] = {}
-            for r in filter(_live, self._collect()):
-                groups.setdefault(r.group(), []).append(r)
-            for reqs in groups.values():
-                self._decode(reqs)
+            reqs = self._collect()
+            if reqs:
+                self._decode(reqs, joining=self.joining)
 
-    def _decode(self, reqs: list[ServeRequest]) -> None:
+    def _decode(self, reqs: list[ServeRequest], joining: bool = False) -> None:
+        """Decode requests as one batch; each is answered when its row finishes. An exception that
+        ends the batch resumes each unfinished request alone (``_resume``)."""
         ids, mask = pad_left([r.ids for r in reqs], self.tok.pad_token_id, self.device)
-        rows = _JoiningRows(reqs, self) if self.joining else _Rows(reqs)
+        rows = (_JoiningRows if joining else _Rows)(reqs, self)
         reqs = rows.requests                              # grows as requests join
+        self.running = len(reqs)
+        if self.on_step is not None:
+            self.on_step(self.running)
         try:
             draft = self.draft if MODES_TABLE[self.cfg.mode].drafters else None
-            res = generate(self.target, ids, mask, draft_model=draft, mode=self.cfg.mode,
-                           max_new_tokens=[r.max_tokens for r in reqs], gamma=self.cfg.gamma,
-                           temperature=[r.temperature for r in reqs], top_p=[r.top_p for r in reqs],
-                           top_k=[r.top_k for r in reqs], seed=reqs[0].seed,
-                           eos_token_id=self.tok.eos_token_id, vocab_size=self.vocab, streamer=rows,
-                           **self.generate_kw)
-        except Exception as e:                            # a bad batch must not end the worker
-            for r in reqs:
-                if r.on_done is not None:
-                    r.on_done(None, f"{type(e).__name__}: {e}")
-            return
+            generate(self.target, ids, mask, draft_model=draft, mode=self.cfg.mode,
+                     max_new_tokens=[r.max_tokens for r in reqs], gamma=self.cfg.gamma,
+                     temperature=[r.temperature for r in reqs], top_p=[r.top_p for r in reqs],
+                     top_k=[r.top_k for r in reqs], seed=[r.seed for r in reqs],
+                     eos_token_id=self.tok.eos_token_id, vocab_size=self.vocab, streamer=rows,
+                     **self.generate_kw)
+        except Exception as e:                            # a bad batch must not end the worker, nor its rows
+            unfinished = [r for r in reqs if not r.finished]
+            if len(reqs) == 1:
+                log.exception("request failed: %s", e)
+                for r in unfinished:
+                    r.done(None, f"{type(e).__name__}: {e}")
+            else:
+                log.warning("a batch of %d rows failed (%s: %s); its %d unfinished rows resume alone",
+                            len(reqs), type(e).__name__, e, len(unfinished))
+                for r in unfinished:
+                    self._resume(r)
+        finally:
+            self.running = 0
         self.batches += 1
         self.rows += len(reqs)
-        for r, toks, row in zip(reqs, res.tokens, res.stats["rows"]):
-            if r.on_done is not None:
-                r.on_done(dict(row, tokens=toks, batch=len(reqs)), None)
+
+    def _resume(self, r: ServeRequest) -> None:
+        """A request of a failed batch, decoded alone from where it stood (its prompt and the tokens
+        it has; its draws from then on are new ones): if it fails alone, the fault was its own."""
+        if r.stopping:
+            r.done(None, "cancelled")
+            return
+        left = r.max_tokens - len(r.tokens)
+        if left <= 0:
+            r.done(dict(new_tokens=len(r.tokens), target_calls=0, drafted=0, accepted=0, tokens=list(r.tokens),
+                        batch=1), None)
+            return
+        alone = ServeRequest(ids=r.ids + r.tokens, max_tokens=left, temperature=r.temperature, top_p=r.top_p,
+                             top_k=r.top_k, seed=r.seed, on_tokens=r.on_tokens, parent=r)
+        alone.on_done = lambda stats, error: r.done(
+            None if stats is None else dict(stats, tokens=r.tokens + stats["tokens"]), error)
+        self._decode([alone])
 
 
 def _live(r: ServeRequest) -> bool:
     """Whether a waiting request still wants its answer (a cancelled one is told it is dropped)."""
-    if r.cancelled and r.on_done is not None:           # its client left while it waited
-        r.on_done(None, "cancelled")
-    return not r.cancelled
+    if r.stopping:                                       # its client left while it waited
+        r.done(None, "cancelled")
+    return not r.stopping
 
 
 @torch.inference_mode()

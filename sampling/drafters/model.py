@@ -5,7 +5,7 @@ import torch
 
 from ..cache.part import CachedPart
 from ..contracts import Accepted, Draft
-from ..params import sample
+from ..params import keyed, sample
 
 
 class ModelDrafter(CachedPart):
@@ -21,9 +21,9 @@ class ModelDrafter(CachedPart):
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         """g drafts after seq [b, S] (mask [b, S]) for every row."""
         qs, xs = [], []
-        for _ in range(g):
+        for j in range(g):
             qs.append(self.kv.catch_up(seq, mask))                            # [b, V]
-            xs.append(sample(qs[-1], generator, self.greedy))                 # [b]
+            xs.append(sample(qs[-1], keyed(generator, "draft", j), self.greedy))   # [b]
             seq = torch.cat([seq, xs[-1].unsqueeze(1)], dim=1)
             mask = torch.cat([mask, mask.new_ones(len(seq), 1)], dim=1)
         if not g:

@@ -8,7 +8,7 @@ import torch
 from ..cache.part import CachedPart
 from ..cache.spec import CacheSpec
 from ..contracts import Accepted, Draft
-from ..params import RowParams, SamplingParams, gumbel_keys
+from ..params import RowParams, SamplingParams, gumbel_keys, keyed
 from ..tree_shapes import RowTrees, TreeShape, _shape
 from ..utils import to_device
 from ..verify.tree import check_tree_model
@@ -25,7 +25,8 @@ def draft_levels(tree: TreeShape, root: torch.Tensor, on, greedy: bool, generato
     tokens, qs, dists = [], [], root
     for d, (k, up, pick) in enumerate(on.picks):
         b, m = dists.shape[:2]
-        top = (dists if greedy else gumbel_keys(dists, generator)).topk(k, dim=-1).indices.view(b, m * k)
+        keys = dists if greedy else gumbel_keys(dists, keyed(generator, "level", d))       # [b, m, V]
+        top = keys.topk(k, dim=-1).indices.view(b, m * k)
         kids = top if pick is None else top[:, pick]                         # [b, w] each node's rank under its parent
         tokens.append(kids)                                                  # [b, w], w nodes in the level
         if not greedy:
@@ -126,7 +127,8 @@ class DynamicTreeDrafter(TreeDrafter):
             flat = dists.reshape(b * m, V)
             rank = flat if spec.sharpen == 1 else (flat.log() * spec.sharpen).softmax(-1)
             top = rank.topk(K, dim=-1)                                       # the K largest, sorted
-            kids = top.indices if self.greedy else gumbel_keys(flat, generator).topk(K, dim=-1).indices
+            kids = top.indices if self.greedy else \
+                gumbel_keys(dists, keyed(generator, "level", d)).reshape(b * m, V).topk(K, dim=-1).indices
             base = sum(t.shape[1] for t in toks)
             toks.append(kids.view(b, m * K))                                 # [b, m * K]
             score = f_score.unsqueeze(-1) + top.values.view(b, m, K).clamp(max=1).log()

@@ -6,8 +6,8 @@ import torch
 from ..cache.part import CachedPart
 from ..cache.spec import CacheSpec
 from ..contracts import Accepted, Draft, Verified
-from ..params import RowParams, SamplingParams
-from .rules import accept_reject
+from ..params import RowDraws, RowParams, SamplingParams
+from .rules import accept_reject, finite_rows
 
 
 class ChainVerifier(CachedPart):
@@ -30,10 +30,14 @@ class ChainVerifier(CachedPart):
         full = torch.cat([mask, mask.new_ones(len(seq), g)], dim=1)                # [b, S + g]
         self.kv.catch_up(torch.cat([seq, draft.tokens], dim=1), full)
         p = self.kv.probs[:, -(g + 1):]                                            # [b, g + 1, V]
-        n, nxt = accept_reject(p, draft.q, draft.tokens, generator, sequential=self.sequential, greedy=self.greedy)
+        own = isinstance(generator, RowDraws)                                      # rows of their own: each
+        n, nxt = accept_reject(p, draft.q, draft.tokens, generator, sequential=self.sequential,   # its own
+                               greedy=self.greedy, limit=generator.limit if own else None)        # draft length
         nodes = self.kv.slots(g, n.device).expand(len(n), -1)                      # [b, g]
         hidden = self.kv.hidden if self.kv.calls > calls else None                 # [b, P + g, D]: a pass ran
-        return Verified(n, nxt, draft.tokens, nodes, S, g, (mask.sum(), full.numel()), p=p, hidden=hidden)
+        return Verified(n, nxt, draft.tokens, nodes, S, generator.limits if own and generator.limits else g,
+                        (mask.sum(), len(seq) * g, full.numel()), p=p, hidden=hidden,
+                        ok=finite_rows(p, draft.q) if own else None)
 
     def commit(self, acc: Accepted) -> torch.Tensor:
         """Keep what each row accepted (BASS-PAD: crop to the longest row, mask the others' holes);

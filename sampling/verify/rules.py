@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..params import sample
+from ..params import RowDraws, keyed, sample, uniform
 from ..tree_shapes import children_of
 from ..utils import fetch, to_device
 
@@ -23,8 +23,8 @@ def max_fn(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
 
 
 def accept_reject(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor,
-                  generator: torch.Generator | None = None,
-                  sequential: bool = False, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | RowDraws | None = None, sequential: bool = False,
+                  greedy: bool = False, limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative rejection sampling for a batch of rows (Leviathan et al. 2023, Chen et al. 2023).
 
     p: [B, g + 1, V] target probabilities at the g draft positions and the bonus position
@@ -41,12 +41,16 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor,
     target's logits, ``norm_logits(law=False)``, and only t is read); whatever q is,
     a draft is then accepted exactly when it is t (p_x / q_x is 0, or >= 1) and the residual
     max(0, p_n - q_n) is one-hot on t (or empty, and its fallback p_n is), so the rule reduces to
-    comparing tokens, with no uniform drawn.
+    comparing tokens, with no uniform drawn. ``limit`` [B]: a row's own draft length (its drafts
+    past it are not tested, and after ``limit`` accepted drafts its next token is p's bonus), as if
+    it had drafted only that many; ``generator``: one for the batch, or each row's (``RowDraws``).
     """
     B, g = x.shape
     if greedy:
         t = p.argmax(-1)                                            # [B, g + 1] the target's tokens
         n = (x == t[:, :g]).long().cumprod(-1).sum(-1)              # [B] first disagreement
+        if limit is not None:
+            n = torch.minimum(n, limit)
         return n, t.gather(1, n.unsqueeze(1)).squeeze(1)            # the target's token after the prefix
     if q is None:
         q = F.one_hot(x, p.shape[-1]).to(p.dtype)                   # [B, g, V]
@@ -56,18 +60,34 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor,
         n = torch.zeros(B, dtype=torch.long, device=x.device)
         live = torch.ones(B, dtype=torch.bool, device=x.device)
         for i in range(g):
-            r = torch.rand(B, generator=generator, device=x.device, dtype=p.dtype)
+            r = uniform((B,), keyed(generator, "accept", i), x.device, p.dtype)
             live &= r * q_x[:, i] < p_x[:, i]                       # accept with prob min(1, p/q)
+            if limit is not None:
+                live &= i < limit
             n += live
     else:
-        r = torch.rand(B, g, generator=generator, device=x.device, dtype=p.dtype)  # [B, g]
+        r = uniform((B, g), keyed(generator, "accept"), x.device, p.dtype)   # [B, g]
         accepted = r * q_x < p_x                                    # [B, g]
+        if limit is not None:
+            accepted &= torch.arange(g, device=x.device) < limit.unsqueeze(1)
         n = accepted.long().cumprod(-1).sum(-1)                     # [B] first rejection
     q_ext = F.pad(q, (0, 0, 0, 1))                                  # [B, g + 1, V], zero bonus row
     idx = n.view(B, 1, 1).expand(B, 1, p.shape[-1])
     p_n = p.gather(1, idx).squeeze(1)                               # [B, V]
     q_n = q_ext.gather(1, idx).squeeze(1)                           # [B, V]
-    return n, sample(max_fn(p_n - q_n, fallback=p_n), generator)
+    if limit is not None:                                           # a row that used its own drafts: p's bonus
+        q_n = q_n * (n < limit).unsqueeze(1).to(q_n.dtype)
+    return n, sample(max_fn(p_n - q_n, fallback=p_n), keyed(generator, "residual"))
+
+
+def finite_rows(*laws: torch.Tensor | None) -> torch.Tensor:
+    """[b] bool: every value of each row of the laws given ([b, ...] each; None skipped) is finite."""
+    ok = None
+    for law in laws:
+        if law is not None:
+            row = torch.isfinite(law).flatten(1).all(-1)
+            ok = row if ok is None else ok & row
+    return ok
 
 
 def inverse_cdf(r: torch.Tensor, u: float) -> int:
@@ -82,7 +102,7 @@ def inverse_cdf(r: torch.Tensor, u: float) -> int:
 
 def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None, tokens: torch.Tensor,
                 children: dict[int, list[int]] | list | torch.Tensor, generator: torch.Generator | None = None,
-                greedy: bool = False, carry: torch.Tensor | None = None
+                greedy: bool = False, carry: torch.Tensor | None = None, limit: list[int] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]], list[list[int]] | None]:
     """Walk a draft tree from the root, row by row (Sequoia's verification of siblings drawn
     without replacement).
@@ -103,6 +123,8 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     The walk runs on the host over what one transfer brings (a GPU's host waits once a step, not
     once per child): greedy, the argmaxes; sampled, the laws and n + 1 uniforms per row drawn up
     front, the final draw by inverse CDF.
+    ``limit`` (per row, on the host): a row's own depth, as if its tree had been cut there (its
+    deeper nodes are not tested; a node at that depth is a leaf).
     Returns n [b] accepted nodes, next [b], path [b, max(n)] the accepted nodes (padded with 0), the
     same on the host: per row [n, next, *the path's tokens] (``Accepted.host``), and per row the
     carried values of the path's nodes (None without ``carry``).
@@ -113,7 +135,7 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
         ints += [p_root.argmax(-1, keepdim=True)] + [p.argmax(-1)] * (p is not None)   # [b, 1], [b, n]
         host = torch.cat(ints, 1).tolist()                          # the walk's one device-to-host transfer
     else:                           # the laws, the walk's uniforms and the integers in one transfer
-        u = torch.rand(b, n + 1, generator=generator, device=p_root.device, dtype=p_root.dtype)   # [b, n + 1]
+        u = uniform((b, n + 1), keyed(generator, "walk"), p_root.device, p_root.dtype)          # [b, n + 1]
         laws = torch.cat([p_root.unsqueeze(1)] + ([p, q] if n else []), 1)          # [b, 1 + 2n, V]
         law, uniforms, host = fetch(laws, u, torch.cat(ints, 1))
         host = host.tolist()
@@ -131,15 +153,16 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     ns, nexts, paths = [], [], []
     for i in range(b):
         u, steps, children = -1, [], kids_of[i]
+        deepest = n if limit is None else limit[i]  # a row's own depth: deeper nodes count as absent
         if greedy:
             a = best_root[i]
-            while (c := next((c for c in children[u] if toks[i][c] == a), None)) is not None:
+            while len(steps) < deepest and (c := next((c for c in children[u] if toks[i][c] == a), None)) is not None:
                 u, a, steps = c, best[i][c], steps + [c]
             nexts.append(a)
         else:                       # on the host: row i's laws and its n + 1 uniforms, one per test and the draw
             r, uni, k = law[i, 0], uniforms[i].tolist(), 0
             while True:
-                kids = children[u]
+                kids = children[u] if len(steps) < deepest else []
                 q_u = law[i, 1 + n + kids[0]].clone() if kids else None
                 for c in kids:
                     x = toks[i][c]

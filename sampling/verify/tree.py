@@ -7,9 +7,9 @@ import torch
 from ..cache.part import CachedPart
 from ..cache.spec import CacheSpec
 from ..contracts import Accepted, Draft, HostVerdict, Verified
-from ..params import RowParams, SamplingParams
+from ..params import RowDraws, RowParams, SamplingParams
 from ..tree_shapes import RowTrees
-from .rules import tree_accept
+from .rules import finite_rows, tree_accept
 
 NO_TREE_MASK = ("bloom",)    # model types whose attention cannot take a 4D mask (BLOOM: ALiBi from a 2D mask)
 
@@ -46,16 +46,19 @@ class TreeVerifier(CachedPart):
             p_root = p_chain if p_chain is not None else p_root
         else:
             p_nodes = None
-        slots = (mask.sum(), len(seq) * (seq.shape[1] + tree.n))             # real before the nodes, all fed
+        b = len(seq)
+        slots = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))        # real before the nodes, nodes, all
         # a tree per row: its parents on the device, read by the walk with the tokens (one transfer),
         # as is what the drafter asked back along the path
         links = tree.parent if isinstance(tree, RowTrees) else tree.children
+        own = isinstance(generator, RowDraws)                               # rows of their own: each its own depth
         n, nxt, nodes, host, carried = tree_accept(p_root, p_nodes, draft.q, draft.tokens, links, generator,
-                                                   self.greedy, draft.carry)
+                                                   self.greedy, draft.carry, generator.limits if own else None)
         tokens = draft.tokens.gather(1, nodes) if tree.n else draft.tokens  # [b, depth]
         hidden = self.kv.hidden if self.kv.calls > calls else None          # [b, P + n, D]: a pass ran
+        ok = finite_rows(p_root.unsqueeze(1), p_nodes, draft.q) if own else None   # rows of their own: checked
         return Verified(n, nxt, tokens, nodes, seq.shape[1], tree.n, slots, hidden=hidden,
-                        host=HostVerdict(host, carried))
+                        host=HostVerdict(host, carried), ok=ok)
 
     def commit(self, acc: Accepted) -> torch.Tensor:
         """Keep the accepted path in the target cache; returns the mask [b, start + k]."""
