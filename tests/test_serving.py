@@ -132,8 +132,7 @@ def test_a_full_queue_refuses_at_once():
 
 def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
     """A request whose client leaves mid-generation stops its row; the other greedy rows of the batch
-    get exactly their offline tokens (a sampled row shares the batch: different temperatures share
-    one)."""
+    get exactly their offline tokens (a sampled row shares the batch)."""
     tok = tiny_tokenizer()
     target = tiny_model("llama", vocab=len(tok), seed=41)
     draft = noisy_copy(target, 0.1, seed=42)
@@ -142,7 +141,7 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
     reqs = []
     for i, p in enumerate(PROMPTS):
         r = ServeRequest(ids=tok(p)["input_ids"], max_tokens=10, temperature=0.8 if i == 2 else 0.0, top_k=5,
-                         seed=3)                               # one seed: one group, the same draws every run
+                         seed=3 + i)                           # seeded: the same draws every run
         r.on_tokens = lambda t, i=i: got.setdefault(i, []).extend(t)
         r.on_done = lambda s, e, i=i: done.__setitem__(i, (s, e))
         reqs.append(r)
@@ -153,7 +152,6 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged():
     reqs[1].on_tokens = leave
     sched._decode(reqs)
     assert len(got[1]) < 10
-    assert reqs[0].group() == reqs[2].group()
     assert got[2] == done[2][0]["tokens"] and 1 <= len(got[2]) <= 10
     for i in (0, 3):
         ids = torch.tensor([tok(PROMPTS[i])["input_ids"]])
@@ -252,3 +250,223 @@ def test_requests_join_a_running_batch(mode, continuous):
     assert sched.rows == n and max(s["batch"] for s, _ in done.values()) > 1
     if continuous:
         assert sched.batches <= 3
+
+
+def scheduler_pair(mode="bass", **cfg):
+    tok = tiny_tokenizer()
+    target = tiny_model("llama", vocab=len(tok), seed=41, dtype=torch.float32)
+    draft = noisy_copy(target, 0.1, seed=42)
+    return tok, target, draft, Scheduler(target, draft, tok, SchedulerConfig(mode=mode, **cfg))
+
+
+def greedy_alone(tok, target, ids, n):
+    return generate(target, torch.tensor([ids]), mode="ar", max_new_tokens=n, temperature=0,
+                    eos_token_id=tok.eos_token_id).tokens[0]
+
+
+def tracked(req, log):
+    """Record every event of a request in ``log``: (kind, request, value)."""
+    req.on_tokens = lambda t: log.append(("tokens", req, list(t)))
+    req.on_done = lambda s, e: log.append(("done", req, (s, e)))
+    return req
+
+
+@pytest.mark.parametrize("mode", ("bass", "ar"))
+def test_a_short_request_is_answered_when_its_row_finishes(mode):
+    """A short and a long request in one batch: the short one is answered at once when its row is
+    finished, while the long one is still being decoded; both equal offline generation."""
+    tok, target, draft, sched = scheduler_pair(mode)
+    log = []
+    long_ids, short_ids = tok(PROMPTS[1])["input_ids"], tok(PROMPTS[0])["input_ids"]
+    long = tracked(ServeRequest(ids=long_ids, max_tokens=40, temperature=0.0), log)
+    short = tracked(ServeRequest(ids=short_ids, max_tokens=3, temperature=0.0), log)
+    sched._decode([long, short])
+    when = next(i for i, (kind, r, _) in enumerate(log) if kind == "done" and r is short)
+    long_tokens_then = sum(len(v) for kind, r, v in log[:when] if kind == "tokens" and r is long)
+    assert long_tokens_then < 40 and not any(kind == "done" and r is long for kind, r, _ in log[:when])
+    assert short.tokens == greedy_alone(tok, target, short_ids, 3)
+    assert long.tokens == greedy_alone(tok, target, long_ids, 40)
+    assert log[-1][0] == "done" and log[-1][1] is long and log[-1][2][0]["tokens"] == long.tokens
+
+
+@pytest.mark.parametrize("mode", ("bass", "ar", "google"))
+def test_a_row_that_fails_inside_the_loop_fails_alone(mode):
+    """A request whose law overflows (temperature 1e-300, let through below the server's checks)
+    fails alone with its cause; the other rows of its batch get their offline tokens."""
+    tok, target, draft, sched = scheduler_pair(mode)
+    log, reqs = [], []
+    for i, p in enumerate(PROMPTS):
+        reqs.append(tracked(ServeRequest(ids=tok(p)["input_ids"], max_tokens=8,
+                                         temperature=1e-300 if i == 1 else 0.0), log))
+    sched._decode(reqs)
+    results = {id(r): v for kind, r, v in log if kind == "done"}
+    stats, error = results[id(reqs[1])]
+    assert stats is None and error
+    for i in (0, 2, 3):
+        stats, error = results[id(reqs[i])]
+        assert error is None and stats["tokens"] == greedy_alone(tok, target, reqs[i].ids, 8), i
+
+
+def test_an_exception_in_a_batch_fails_only_the_request_that_causes_it():
+    """The draft model raises whenever it sees one request's prompt: that batch fails, each of its
+    unfinished requests resumes alone, and only the culprit fails; the others get their offline
+    tokens."""
+    tok, target, draft, sched = scheduler_pair("bass")
+    prompts = PROMPTS[:2] + ["Speculative decoding drafts"] + PROMPTS[3:]
+    marker = tok(prompts[2])["input_ids"][0]
+    assert all(marker not in tok(p)["input_ids"] for i, p in enumerate(prompts) if i != 2)
+
+    def fault(module, args, kwargs):
+        if marker in kwargs["input_ids"]:
+            raise RuntimeError("an injected fault")
+    handle = draft.register_forward_pre_hook(fault, with_kwargs=True)
+    try:
+        log, reqs = [], [tracked(ServeRequest(ids=tok(p)["input_ids"], max_tokens=6, temperature=0.0), [])
+                         for p in prompts]
+        for r in reqs:
+            tracked(r, log)
+        sched._decode(reqs)
+    finally:
+        handle.remove()
+    results = {id(r): v for kind, r, v in log if kind == "done"}
+    assert results[id(reqs[2])] == (None, "RuntimeError: an injected fault")
+    for i in (0, 1, 3):
+        stats, error = results[id(reqs[i])]
+        assert error is None and stats["tokens"] == greedy_alone(tok, target, reqs[i].ids, 6), i
+
+
+def test_a_seeded_request_is_the_same_whatever_shares_its_batch():
+    """A sampled request with a seed gives the same tokens alone and in a batch of other sampled
+    requests (each row draws its own values and drafts its own length)."""
+    tok, target, draft, sched = scheduler_pair("bass")
+    ids = tok(PROMPTS[1])["input_ids"]
+    alone = ServeRequest(ids=ids, max_tokens=12, temperature=1.0, seed=77)
+    sched._decode([alone])
+    mates = [ServeRequest(ids=tok(p)["input_ids"], max_tokens=5 + i, temperature=0.9) for i, p in enumerate(PROMPTS)]
+    again = ServeRequest(ids=ids, max_tokens=12, temperature=1.0, seed=77)
+    sched._decode(mates[:2] + [again] + mates[2:])
+    assert again.tokens == alone.tokens and len(alone.tokens) > 0
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """A bass server with an API key, a 4 KiB body limit and a queue of 4 (not every test needs the
+    models busy: the key and the checks come first)."""
+    tok = tiny_tokenizer()
+    target = tiny_model("llama", vocab=len(tok), seed=41)
+    draft = noisy_copy(target, 0.1, seed=42)
+    sched = Scheduler(target, draft, tok, SchedulerConfig(mode="bass", max_batch=2, max_wait_ms=0,
+                                                          queue_size=4)).start()
+    limits = serving.Limits("tiny", 128, 8, max_body_bytes=4096, api_key="sesame",
+                            max_token_chars=serving.longest_token(tok))
+    app = serving.create_app(sched, tok, limits)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield dict(url=f"http://127.0.0.1:{port}", tok=tok, target=target, sched=sched)
+    srv.should_exit = True
+    thread.join(10)
+    sched.stop()
+
+
+KEY = {"Authorization": "Bearer sesame"}
+
+
+def test_the_api_key_is_required(guarded):
+    with httpx.Client(base_url=guarded["url"], timeout=60) as http:
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+            r = http.post("/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert http.post("/v1/completions", json=body, headers=KEY).status_code == 200
+        assert http.get("/health").status_code == 200                     # open: health and metrics
+        client = OpenAI(base_url=guarded["url"] + "/v1", api_key="sesame")
+        assert client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=3, temperature=0).choices
+
+
+CHECKED = [
+    ('{"model": "tiny", "prompt": "x", "temperature": NaN}', "application/json", 400, "NaN, which is not a JSON"),
+    ('{"model": "tiny", "prompt": "x", "top_p": Infinity}', "application/json", 400, "Infinity"),
+    (json.dumps({"model": "tiny", "prompt": "x", "seed": 2 ** 64}), "application/json", 400, r"seed must be in"),
+    (json.dumps({"model": "tiny", "prompt": "x", "logprobs": 5}), "application/json", 400, "logprobs is not supported"),
+    (json.dumps({"model": "tiny", "prompt": "x", "echo": True}), "application/json", 400, "echo is not supported"),
+    (json.dumps({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}), "application/json", 400,
+     "logit_bias is not supported"),
+    (json.dumps({"model": "tiny", "prompt": "x", "frobnicate": 1}), "application/json", 400, "unknown field"),
+    (json.dumps({"model": "tiny", "prompt": "x"}), "text/plain", 415, "must be JSON"),
+    (json.dumps({"model": "tiny", "prompt": "x" * 5000}), "application/json", 413, "over this server's limit"),
+]
+
+
+def test_bad_requests_are_refused_with_the_right_status(guarded):
+    import re
+    with httpx.Client(base_url=guarded["url"], timeout=60) as http:
+        for body, kind, status, message in CHECKED:
+            r = http.post("/v1/completions", content=body, headers=dict(KEY, **{"Content-Type": kind}))
+            assert r.status_code == status and re.search(message, r.json()["error"]["message"]), (body[:60], r.text)
+        greedy = http.post("/v1/completions", headers=KEY, json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4,
+                                                                 "temperature": 0}).json()["choices"][0]["text"]
+        for t in (1e-300, 1e-45, 1e-38):                                   # below the floor: greedy
+            r = http.post("/v1/completions", headers=KEY, json={"model": "tiny", "prompt": PROMPTS[0],
+                                                                "max_tokens": 4, "temperature": t})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy
+        default = http.post("/v1/completions", headers=KEY, json={"model": "tiny", "prompt": "x", "logprobs": None,
+                                                                  "echo": False, "max_tokens": 2})
+        assert default.status_code == 200                                  # the fields' "not used" values
+
+
+def test_usage_in_a_stream_only_when_asked(guarded):
+    with httpx.Client(base_url=guarded["url"], timeout=60, headers=KEY) as http:
+        for ask in (True, False):
+            body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 3, "stream": True}
+            if ask:
+                body["stream_options"] = {"include_usage": True}
+            lines = [json.loads(x[6:]) for x in http.post("/v1/completions", json=body).text.splitlines()
+                     if x.startswith("data: {")]
+            assert any("usage" in x for x in lines) == ask
+
+
+def test_metrics_count_requests_tokens_and_drafts(guarded):
+    with httpx.Client(base_url=guarded["url"], timeout=60, headers=KEY) as http:
+        http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0})
+        text = http.get("/metrics").text
+    for name in ("bass:requests_total", "bass:prompt_tokens_total", "bass:generation_tokens_total",
+                 "bass:time_to_first_token_seconds_bucket", "bass:inter_token_latency_seconds_bucket",
+                 "bass:num_requests_waiting", "bass:num_requests_running", "bass:batch_size_bucket",
+                 "bass:spec_decode_num_drafts_total", "bass:spec_decode_num_draft_tokens_total",
+                 "bass:spec_decode_num_accepted_tokens_total"):
+        assert name in text, name
+    drafts = float(next(x.split()[-1] for x in text.splitlines() if x.startswith("bass:spec_decode_num_drafts_total")))
+    assert drafts > 0 and 'status="200"' in text and 'status="413"' in text
+
+
+def test_a_client_that_leaves_stops_its_row_and_a_full_queue_says_when_to_retry(guarded):
+    """A non-streaming client that gives up: its row stops (counted as 499); with the queue full, a
+    429 with Retry-After; the server then answers as before."""
+    url = guarded["url"]
+    slow = guarded["target"].register_forward_pre_hook(lambda m, a: time.sleep(0.02))   # a pass takes 20 ms
+    try:
+        with httpx.Client(base_url=url, timeout=0.3, headers=KEY) as http:
+            with pytest.raises(httpx.TimeoutException):
+                http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 110,
+                                                   "temperature": 0})            # 110 tokens, no EOS among them
+        t0 = time.monotonic()
+        while guarded["sched"].running and time.monotonic() - t0 < 20:
+            time.sleep(0.05)
+        assert guarded["sched"].running == 0 and time.monotonic() - t0 < 2      # stopped, not run to its end
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda i: httpx.post(url + "/v1/completions", headers=KEY, timeout=120,
+                                                       json={"model": "tiny", "prompt": PROMPTS[i % 4],
+                                                             "max_tokens": 20, "temperature": 1.0, "seed": i}),
+                                  range(16)))
+    finally:
+        slow.remove()
+    refused = [r for r in codes if r.status_code == 429]
+    assert refused and all(r.headers["retry-after"] == "1" for r in refused)
+    assert all(r.status_code == 200 for r in codes if r.status_code != 429)
+    assert guarded["sched"].waiting <= 4
+    metrics = httpx.get(url + "/metrics").text
+    assert 'status="499"' in metrics
