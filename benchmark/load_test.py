@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -41,15 +42,17 @@ def free_port() -> int:
 class Server:
     """serving.py in a subprocess on a free loopback port."""
 
-    def __init__(self, mode: str, args, continuous: bool = True):
+    def __init__(self, mode: str, args, continuous: bool = True, queue_size: int = 256):
         self.port = free_port()
+        self.log = tempfile.TemporaryFile("w+")             # the server's log (a pipe nobody reads would fill)
         flags = ["--device", args.device, "--dtype", args.dtype] + \
             [x for f in ("target_model_name", "approx_model_name") if getattr(args, f)
              for x in ("--" + f, getattr(args, f))]
         self.proc = subprocess.Popen([sys.executable, "serving.py", "--port", str(self.port), "--serve_mode", mode,
                                       "--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms),
-                                      "--queue_size", "256", "--continuous", "on" if continuous else "off", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                      "--queue_size", str(queue_size), "--continuous", "on" if continuous else "off",
+                                      *flags],
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def ready(self, timeout: float = 120.0) -> None:
@@ -58,7 +61,7 @@ class Server:
         async with httpx.AsyncClient() as http:
             while time.monotonic() - t0 < timeout:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited: {self.proc.stdout.read()[-2000:]}")
+                    raise RuntimeError(f"the server exited: {self.output()[-2000:]}")
                 try:
                     if (await http.get(self.url + "/health")).status_code == 200:
                         return
@@ -66,6 +69,17 @@ class Server:
                     pass
                 await asyncio.sleep(0.2)
         raise RuntimeError(f"the server did not answer within {timeout} s")
+
+    def output(self) -> str:
+        """What the server has logged so far."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def rss_mib(self) -> float:
+        """The server process's resident memory (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -79,7 +93,8 @@ async def one(http, url: str, model: str, prompt: str, max_tokens: int, timeout:
     """One streamed completion: TTFT, latency, completion tokens, speculative statistics."""
     t0 = time.perf_counter()
     ttft, tokens, spec, status = None, 0, {}, 200
-    body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+    body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True})
     try:
         async with http.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
             status = r.status_code
@@ -118,30 +133,48 @@ async def level(url: str, model: str, prompts: list[str], concurrency: int, n: i
     return rows, time.perf_counter() - t0
 
 
-def bad_bodies(model: str) -> list[tuple[str, str, bytes]]:
-    """(method, path, body) of requests a server must refuse with a 4xx."""
+def bad_bodies(model: str, big: bool = True) -> list[tuple[str, str, bytes, str]]:
+    """(method, path, body, content type) of requests a server must refuse with a 4xx; ``big``: with
+    a 50 MB body and a 5 MB prompt."""
     j = lambda **kw: json.dumps(kw).encode()  # noqa: E731
-    return [("POST", "/v1/completions", b"{not json"), ("POST", "/v1/completions", b"[1, 2]"),
-            ("POST", "/v1/completions", j(prompt="x")), ("POST", "/v1/completions", j(model="nope", prompt="x")),
-            ("POST", "/v1/completions", j(model=model)), ("POST", "/v1/completions", j(model=model, prompt=5)),
-            ("POST", "/v1/completions", j(model=model, prompt="x", max_tokens=-1)),
-            ("POST", "/v1/completions", j(model=model, prompt="x", max_tokens="8")),
-            ("POST", "/v1/completions", j(model=model, prompt="x", temperature=5)),
-            ("POST", "/v1/completions", j(model=model, prompt="x", top_p=0)),
-            ("POST", "/v1/completions", j(model=model, prompt="x", n=99)),
-            ("POST", "/v1/completions", j(model=model, prompt="x", stop=[""])),
-            ("POST", "/v1/completions", j(model=model, prompt="word " * 5000)),
-            ("POST", "/v1/chat/completions", j(model=model, messages="hi")),
-            ("GET", "/v1/no-such-route", b"")]
+    raw = lambda text: ("{" + f'"model": "{model}", ' + text + "}").encode()  # noqa: E731
+    out = [("POST", "/v1/completions", raw('"prompt": "x", "temperature": NaN')),
+           ("POST", "/v1/completions", raw('"prompt": "x", "top_p": NaN')),
+           ("POST", "/v1/completions", raw('"prompt": "x", "temperature": Infinity')),
+           ("POST", "/v1/completions", j(model=model, prompt="x", seed=2 ** 64)),
+           ("POST", "/v1/completions", j(model=model, prompt="x", logprobs=5)),
+           ("POST", "/v1/completions", j(model=model, prompt="x", echo=True)),
+           ("POST", "/v1/completions", j(model=model, prompt="x", logit_bias={"5": 10})),
+           ("POST", "/v1/completions", j(model=model, prompt="x", frobnicate=1)),
+           ("POST", "/v1/completions", b"{not json"), ("POST", "/v1/completions", b"[1, 2]"),
+           ("POST", "/v1/completions", j(prompt="x")), ("POST", "/v1/completions", j(model="nope", prompt="x")),
+           ("POST", "/v1/completions", j(model=model)), ("POST", "/v1/completions", j(model=model, prompt=5)),
+           ("POST", "/v1/completions", j(model=model, prompt="x", max_tokens=-1)),
+           ("POST", "/v1/completions", j(model=model, prompt="x", max_tokens="8")),
+           ("POST", "/v1/completions", j(model=model, prompt="x", temperature=5)),
+           ("POST", "/v1/completions", j(model=model, prompt="x", top_p=0)),
+           ("POST", "/v1/completions", j(model=model, prompt="x", n=99)),
+           ("POST", "/v1/completions", j(model=model, prompt="x", stop=[""])),
+           ("POST", "/v1/completions", j(model=model, prompt="word " * 5000)),
+           ("POST", "/v1/chat/completions", j(model=model, messages="hi")),
+           ("GET", "/v1/no-such-route", b"")]
+    out = [(m, p, c, "application/json") for m, p, c in out] + \
+        [("POST", "/v1/completions", j(model=model, prompt="x"), "text/plain")]
+    if big:
+        out += [("POST", "/v1/completions", j(model=model, prompt="x", pad="y" * (50 << 20)), "application/json"),
+                ("POST", "/v1/completions", j(model=model, prompt="word " * (1 << 20)), "application/json")]
+    return out
 
 
-async def reliability(url: str, model: str, prompts: list[str], n: int, concurrency: int) -> pd.DataFrame:
+async def reliability(url: str, model: str, prompts: list[str], n: int, concurrency: int,
+                      big: bool = True) -> pd.DataFrame:
     """``n`` requests, bad ones interleaved with good greedy ones, ``concurrency`` at a time: every
-    good one must get the text its prompt got alone first, every bad one a 4xx, and the server
-    must still answer /health at the end."""
+    good one must get the text its prompt got alone first (every third at a temperature so small it
+    counts as greedy: 1e-300 or 1e-45), every bad one a 4xx, and the server must still answer
+    /health at the end."""
     import httpx
-    bad, good_prompts = bad_bodies(model), prompts[:8]
-    body = lambda p: dict(model=model, prompt=p, max_tokens=8, temperature=0)  # noqa: E731
+    bad, good_prompts = bad_bodies(model, big), prompts[:8]
+    body = lambda p, t=0.0: dict(model=model, prompt=p, max_tokens=8, temperature=t)  # noqa: E731
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         ref = [(await http.post("/v1/completions", json=body(p))).json()["choices"][0]["text"] for p in good_prompts]
         todo, rows = list(range(n)), []
@@ -150,13 +183,13 @@ async def reliability(url: str, model: str, prompts: list[str], n: int, concurre
             while todo:
                 i = todo.pop(0)
                 if i % 2:
-                    method, path, content = bad[(i // 2) % len(bad)]
-                    r = await http.request(method, path, content=content, headers={"Content-Type": "application/json"})
+                    method, path, content, kind = bad[(i // 2) % len(bad)]
+                    r = await http.request(method, path, content=content, headers={"Content-Type": kind})
                     rows.append(dict(request=i, kind="bad", path=path, status=r.status_code,
                                      ok=400 <= r.status_code < 500 and "error" in r.json()))
                 else:
-                    k = (i // 2) % len(good_prompts)
-                    r = await http.post("/v1/completions", json=body(good_prompts[k]))
+                    k, t = (i // 2) % len(good_prompts), (0.0, 1e-300, 1e-45)[(i // 2) % 3]
+                    r = await http.post("/v1/completions", json=body(good_prompts[k], t))
                     rows.append(dict(request=i, kind="good", path="/v1/completions", status=r.status_code,
                                      ok=r.status_code == 200 and r.json()["choices"][0]["text"] == ref[k]))
         await asyncio.gather(*(client() for _ in range(concurrency)))
