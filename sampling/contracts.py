@@ -128,6 +128,10 @@ class JoiningDrafter(Protocol):
     def admit(self, ids: torch.Tensor, mask: torch.Tensor, pad: int, params: list[SamplingParams]) -> None:
         """New rows ids, mask [n, W] join; the batch's slots move right by ``pad`` (``rows.admit_rows``)."""
 
+    def drop_leading(self, n: int) -> None:
+        """The batch's first ``n`` slots, padding in every row, go; every slot moves left by ``n``
+        (``rows.drop_leading_padding``)."""
+
 
 @runtime_checkable
 class DrafterSource(Protocol):

@@ -189,17 +189,29 @@ class KVCacheModel:
         if self.spec.kind != "dynamic" or self.press is not None:
             raise ValueError("rows join a running batch with the dynamic cache and no press only")
         b, L = len(self.mask), self.length + pad
+        # the new rows are right-aligned: the prefill runs from the first slot any of them uses, not
+        # over the batch's whole width (a short prompt beside long rows costs its own length)
+        start = max(0, min(L - 1, ids.shape[1] - int(mask.sum(1).max())))
         new = KVCacheModel(self.model, row_params(params), self.vocab, self.spec)
-        new.prefill(ids[:, :L], mask[:, :L])
-        self.backend.join(new.backend, pad)
+        new.prefill(ids[:, start:L], mask[:, start:L])
+        self.backend.join(new.backend, pad, start)
         w = min(1, self._hist.shape[1])                 # the next pass reads the last position's law at most
         joined = row_params(self.params.per_row(b) + list(params))
         old_hist, new_hist = (h._hist[:, h._hist.shape[1] - w:] if joined.greedy or not h.params.greedy
                               else one_hot_argmax(h._hist[:, h._hist.shape[1] - w:]) for h in (self, new))
         self._hist = torch.cat([old_hist, new_hist])    # greedy logits become laws in a batch that samples
-        self.mask = torch.cat([F.pad(self.mask, (pad, 0)), new.mask])
+        self.mask = torch.cat([F.pad(self.mask, (pad, 0)), F.pad(new.mask, (start, 0))])
         self.params = joined
         self.calls += 1
+
+    @torch.inference_mode()
+    def drop_leading(self, n: int) -> None:
+        """Forget the first ``n`` cached slots, padding in every row (continuous batching: the rows that
+        made the batch that wide have left). Positions come from the mask, so none changes."""
+        if n > self.length:
+            raise ValueError(f"cannot drop {n} leading slots of a cache that holds {self.length}")
+        self.backend.drop_leading(n)
+        self.mask = self.mask[:, n:]
 
     def kv_tensors(self) -> list[torch.Tensor]:
         """The cache's tensors [..., B, heads, slots, head_dim], writable in place (``CacheBackend.tensors``)."""

@@ -187,13 +187,18 @@ class Rows:
     def advance(self, seq: torch.Tensor, mask: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
         """Between two steps: finished rows leave seq [b, S], mask [b, S] and every part (a cache, a
         drafter, a verifier: ``select_rows``), then requests the row streamer admits join them
-        (``admit_rows``). Returns the new seq and mask."""
+        (``admit_rows``), and where rows join, the leading slots that are padding in every row go
+        (``drop_leading_padding``). Returns the new seq and mask."""
         keep = self.drop_finished()
         if keep is not None and len(keep):
             seq, mask = seq[keep], mask[keep]
             for part in parts:
                 part.select_rows(keep)
-        return admit_rows(self, seq, mask, parts)
+        old = len(seq)
+        seq, mask = admit_rows(self, seq, mask, parts)
+        if old and (keep is not None or len(seq) > old) and hasattr(self.streamer, "admit"):
+            seq, mask = drop_leading_padding(seq, mask, parts)   # rows join: a batch that may never end narrows
+        return seq, mask
 
     def drop_finished(self) -> torch.Tensor | None:
         """Forget finished rows; returns the indices of the rows that go on, on the models' device,
@@ -275,6 +280,18 @@ def merge_stats(parts: list[dict], one_generation: bool = False, wall_time_s: fl
             out[key] = join([s.get(key, empty) for s in parts])
     out["rows"] = [r for s in parts for r in s["rows"]]
     return out
+
+
+def drop_leading_padding(seq: torch.Tensor, mask: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading slots that are padding in every row of seq [b, S] (mask [b, S]) go from seq, mask
+    and every part (``drop_leading``): a batch that rows keep joining and leaving stays as wide as
+    its rows, not as wide as every row it ever held. One read of the mask (when rows left or joined)."""
+    lead = int((mask.cumsum(1) == 0).all(0).sum())              # columns before any row's first token
+    if lead == 0:
+        return seq, mask
+    for part in parts:
+        part.drop_leading(lead)
+    return seq[:, lead:], mask[:, lead:]
 
 
 def admit_rows(rows: Rows, seq: torch.Tensor, mask: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,36 @@ def test_joining_rows_equal_greedy_alone(arch, mode):
     assert [r["new_tokens"] for r in res.stats["rows"]] == list(map(len, want))
 
 
+@pytest.mark.parametrize("mode", ("ar", "bass", "bass-ngram"))
+def test_a_batch_rows_keep_joining_stays_as_wide_as_its_rows(mode, monkeypatch):
+    """A long prompt (20 tokens) with a small budget starts beside a short one; short prompts join
+    every other step. Once the long row leaves, the leading slots that are padding in every row go
+    (from the sequence and every cache, ``drop_leading_padding``), so a batch that never empties
+    does not grow without bound; every row still gets what it gets alone."""
+    import sampling.rows as rows_module
+    dropped = []
+    real = rows_module.drop_leading_padding
+
+    def spy(seq, mask, parts):
+        out = real(seq, mask, parts)
+        dropped.append((seq.shape[1], out[0].shape[1]))
+        return out
+    monkeypatch.setattr(rows_module, "drop_leading_padding", spy)
+    target = tiny_model("llama")
+    draft = NgramDrafter() if mode == "bass-ngram" else noisy_copy(target, 0.1)
+    ids, mask = left_padded_batch(97, (20, 2), seed=5)
+    extra, extra_mask = left_padded_batch(97, (3, 2, 4, 3), seed=6)
+    prompts = [row[m.bool()].tolist() for row, m in zip(extra, extra_mask)]
+    joining = Joining({2 * k + 2: [(p, 6, GREEDY)] for k, p in enumerate(prompts)})
+    res = generate(target, ids, mask, draft_model=None if mode == "ar" else draft, mode=mode.split("-")[0],
+                   max_new_tokens=[2, 14], gamma=2, temperature=0, streamer=joining)
+    want = [w[:b] for w, b in zip(greedy_reference(target, ids, mask, 14), (2, 14))]
+    for p in prompts:
+        want.append(greedy_reference(target, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 6)[0])
+    assert res.tokens == want
+    assert any(after <= before - 15 for before, after in dropped), dropped    # the long prompt's padding went
+
+
 def test_joining_sampled_rows_keep_the_target_law():
     """Greedy rows run; sampled rows (temperature 0.8, top-k 3) join at step 2: their first 2 tokens
     follow the target's exact law (enumerated independently)."""

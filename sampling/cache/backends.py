@@ -64,9 +64,14 @@ class CacheBackend(Protocol):
         """The fewest tensors [..., B, H, >= filled, D] that hold every layer's keys and values,
         writable in place (one buffer for ``SlotBackend``)."""
 
-    def join(self, other: CacheBackend, pad: int) -> None:
-        """Continuous batching: the rows of ``other`` (prefilled over the batch's slots after a shift of
-        ``pad``) join; this one's slots move right by ``pad``. ValueError where the backend cannot."""
+    def join(self, other: CacheBackend, pad: int, start: int = 0) -> None:
+        """Continuous batching: the rows of ``other`` join, prefilled over the batch's slots from slot
+        ``start`` on (the slots before it, padding in every new row, stay empty), after this one's
+        slots move right by ``pad``. ValueError where the backend cannot."""
+
+    def drop_leading(self, n: int) -> None:
+        """Continuous batching: forget the first ``n`` slots, padding in every row (the batch's
+        longest rows have left), so that a batch rows keep joining stays as wide as its rows."""
 
 
 class DynamicBackend:
@@ -99,17 +104,22 @@ class DynamicBackend:
     def tensors(self) -> list[torch.Tensor]:
         return [t for kv in self.layers() for t in kv]
 
-    def join(self, other: DynamicBackend, pad: int) -> None:
+    def join(self, other: DynamicBackend, pad: int, start: int = 0) -> None:
         if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             raise ValueError(f"rows join a running batch with full-attention cache layers only, not "
                              f"{type(self.cache.layers[0]).__name__}")
         for layer, new in zip(self.cache.layers, other.cache.layers):
             for name in ("keys", "values"):
-                old, add = getattr(layer, name), getattr(new, name)       # [b, H, L - pad, D], [n, H, L, D]
+                old, add = getattr(layer, name), getattr(new, name)  # [b, H, L - pad, D], [n, H, L - start, D]
                 both = old.new_zeros(len(old) + len(add), old.shape[1], old.shape[2] + pad, old.shape[3])
-                both[:len(old), :, pad:], both[len(old):] = old, add      # one copy of each
+                both[:len(old), :, pad:], both[len(old):, :, start:] = old, add      # one copy of each
                 setattr(layer, name, both)
         self.filled += pad
+
+    def drop_leading(self, n: int) -> None:
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]   # [b, H, L - n, D]
+        self.filled -= n
 
 
 class SlotLayer(StaticLayer):
@@ -215,8 +225,11 @@ class _Static:
     def tensors(self) -> list[torch.Tensor]:
         return [t for kv in self.layers() for t in kv]
 
-    def join(self, other, pad: int) -> None:
+    def join(self, other, pad: int, start: int = 0) -> None:
         raise ValueError("rows join a running batch with the dynamic cache and no press only")
+
+    def drop_leading(self, n: int) -> None:
+        self.join(None, 0)
 
 
 class LayerSlotsBackend(_Static):

@@ -38,3 +38,7 @@ class CachedPart:
     def admit(self, ids: torch.Tensor, mask: torch.Tensor, pad: int, params: list[SamplingParams]) -> None:
         """New rows join between steps (``KVCacheModel.admit``)."""
         self.kv.admit(ids, mask, pad, params)
+
+    def drop_leading(self, n: int) -> None:
+        """The batch's first ``n`` slots, padding in every row, go (``KVCacheModel.drop_leading``)."""
+        self.kv.drop_leading(n)

@@ -52,6 +52,10 @@ class NgramDrafter:
         for r, k in zip(ids[:, :self.seen].tolist(), mask[:, :self.seen].tolist()):
             self.rows.append([t for t, m in zip(r, k) if m])
 
+    def drop_leading(self, n: int) -> None:
+        """The batch's first ``n`` slots (padding in every row) go: only the count of slots seen moves."""
+        self.seen -= n
+
     def commit(self, acc: Accepted) -> None:
         """The step's accepted drafts and next token join each row's text: the loop has them on the
         host already (``Accepted.taken``), so the drafter reads nothing from the device."""
