@@ -30,6 +30,7 @@ import pandas as pd
 from sampling.app.cli import Parser, add_model_args, check_at_least_one, run
 from sampling.app.dolly import load_dolly, render_prompt
 
+from .console import fit_markdown
 from .utils_io import save_figure, write_csv, write_text
 
 
@@ -260,7 +261,8 @@ def summarise(raw: pd.DataFrame) -> pd.DataFrame:
 
 def markdown(s: pd.DataFrame) -> str:
     lines = ["| mode | concurrency | tokens/s (rounds' min-max) | vs one at a time | TTFT p50 (s) | "
-             "latency p50 / p95 / p99 (s) | mean batch | failed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "latency p50 / p95 / p99 (s) | requests per generation (joining ones too) | failed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in s.sort_values(["concurrency", "serve_mode"]).iterrows():
         spread = f" ({r.tokens_per_s_min:.1f}-{r.tokens_per_s_max:.1f})" if r.rounds > 1 else ""
         lines.append(f"| {r.serve_mode} | {r.concurrency} | {r.tokens_per_s:.1f}{spread} | {r.vs_one_at_a_time:.2f}x | "
@@ -304,7 +306,7 @@ def main(argv=None) -> None:
                   f"{bool(rel.alive_after.iloc[0])}\n")
     write_text(os.path.join(args.out, "table.md"), table)
     plot(s, os.path.join(args.out, "load.png"))
-    print(table)
+    print(fit_markdown(table, os.path.join(args.out, "table.md")))
 
 
 def parse(argv=None):
