@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import random
 import time
+from dataclasses import replace
 
 import pandas as pd
 from tqdm import tqdm
 
+from benchmark.console import fit_table, para, sweep_cols
 from benchmark.metrics import process_throughput, round_spread, round_throughputs, spread_label, summarise, upgrade_raw
 from benchmark.runner import (
     ALL_MODES,
@@ -45,10 +47,8 @@ from sampling.app.cli import (
 from sampling.generate import default_gamma
 from sampling.tree_shapes import parse_tree
 
-COLUMNS = {"mode": "mode", "samples": "samples", "new_tokens": "new tokens", "wall_time_s": "wall s",
-           "throughput": "tokens/s", "latency_ms": "ms/token per sequence", "ttft_s": "TTFT s",
-           "acceptance_rate": "accept", "tokens_per_call": "tok/call", "target_calls": "target calls",
-           "speedup_vs_ar": "speedup vs ar", "rounds": "per round"}
+SPEEDUP_HERE = ("each mode's tok/s over ar's in this run, ar at --batch (google, deepmind, hf and hf_assisted "
+                "run one at a time; tok/s from each batch's median timed run)")
 
 
 def parse(argv=None):
@@ -123,12 +123,16 @@ def main(argv=None) -> None:
     spreads = [round_spread(rounds[m], rounds.get("ar", [])) for m in summary["mode"]]
     summary["speedup_min_round"], summary["speedup_max_round"] = [s[0] for s in spreads], [s[1] for s in spreads]
     summary["rounds"] = [spread_label(*s) for s in spreads]
-    table = summary[list(COLUMNS)].rename(columns=COLUMNS)
-    print(f"\n{len(data.prompts)} samples, {args.max_tokens} new tokens max, temperature {args.temperature}, "
-          f"gamma {args.gamma} ({args.gamma_schedule}), seed {args.seed}; each batch timed {args.repeats} "
-          f"time(s) after a warm-up run, the median kept, modes and batch sizes interleaved round by round; "
-          f"per round: the lowest and highest speedup of one round")
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print("\n" + para(f"{len(data.prompts)} samples, {args.max_tokens} new tokens max, temperature "
+                      f"{args.temperature}, gamma {args.gamma} ({args.gamma_schedule}), seed {args.seed}; each batch "
+                      f"timed {args.repeats} time(s) after a warm-up run, the median kept, modes and batch sizes "
+                      f"interleaved round by round"))
+    cols = sweep_cols("mode", "batch", "throughput", "speedup_vs_ar", "rounds", "tokens_per_call", "acceptance_rate",
+                      "latency_ms", "ttft_s", "new_tokens", "target_calls", "wall_time_s", "samples",
+                      processes=int(summary.processes.max()))
+    cols = [replace(c, legend=SPEEDUP_HERE) if c.key == "speedup_vs_ar" else c for c in cols]
+    print(fit_table(summary, cols, wide=args.wide, where=f"{args.out}/summary.csv" if args.out else "summary.csv "
+                    "(--out)"))
     if args.temperature == 0 and "ar" in args.modes:
         ref = raw[raw["mode"] == "ar"].set_index("sample")["tokens"]
         for mode in args.modes:
@@ -138,11 +142,6 @@ def main(argv=None) -> None:
                 print(f"consistency: {mode} equals ar on {same}/{len(out)} outputs")
     procs = process_throughput(raw)
     print(f"{shard.size} process(es), {wall:.1f} s wall for every mode's warm-up and timed runs")
-    if shard.size > 1:
-        print("tokens/s per process and in total (the processes ran side by side):")
-        table = procs.pivot_table(index="mode", columns="process", values="throughput").sort_index(axis=1)
-        table["total"] = table.sum(axis=1)
-        print(table.loc[args.modes].to_string(float_format=lambda x: f"{x:.1f}"))
     show(raw, data, args.modes, args.show)
     if args.out:
         write_csv(os.path.join(args.out, "raw.csv"), raw)

@@ -6,9 +6,9 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 
+from benchmark.utils_io import dumps
 from sampling import MODES, check_args, generate_many
 from sampling.app.cli import (
     Parser,
@@ -29,7 +29,8 @@ from sampling.app.cli import (
     schedule_of,
     takes_draft,
 )
-from sampling.generate import DEFAULTS, default_gamma
+from sampling.generate import DEFAULTS, check_inputs, default_gamma
+from sampling.modes import get_mode
 from sampling.tree_shapes import parse_tree
 
 
@@ -54,6 +55,11 @@ def parse(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="print every statistic: gamma trace, accepted-length histogram, per-row stats")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:                                           # nothing asked: say how to ask
+        ap.print_usage(sys.stderr)
+        sys.stderr.write("error: give at least one --input (python main.py -h lists every flag)\n")
+        sys.exit(2)
     args = ap.parse_args(argv)
     if args.bass:
         args.mode = "bass"
@@ -97,10 +103,12 @@ def main(argv=None) -> None:
         vocab = vocab or cascade_vocab
     kwargs = dict(batch_size=args.batch, pad_id=tok.pad_token_id, sort_batch=args.sort_batch,
                   **generate_kwargs(args, tok, vocab))
+    for m in modes:                                        # every check of the request before anything is echoed
+        check_inputs(target, drafts[m], max(map(len, ids)), get_mode(m), args.max_tokens, kwargs.get("vocab_size"))
     if args.compare:
         runs, rounds = timed_runs(target, modes, ids, kwargs, drafts, args.repeats)
         if args.json:
-            print(json.dumps({m: dict(outputs=[tok.decode(t) for t in r.tokens], tokens=r.tokens, stats=r.stats,
+            print(dumps({m: dict(outputs=[tok.decode(t) for t in r.tokens], tokens=r.tokens, stats=r.stats,
                                       round_speedups=rounds[m]) for m, r in runs.items()}))
         else:
             print_table(runs, rounds, tok, args.repeats)
@@ -112,7 +120,7 @@ def main(argv=None) -> None:
         kwargs["streamer"] = TextStreamer(tok)
     res, _ = generate_many(target, ids, mode=args.mode, draft_model=drafts[args.mode], **kwargs)
     if args.json:
-        print(json.dumps(dict(outputs=[tok.decode(t) for t in res.tokens], tokens=res.tokens, stats=res.stats)))
+        print(dumps(dict(outputs=[tok.decode(t) for t in res.tokens], tokens=res.tokens, stats=res.stats)))
         return
     if not stream:
         for prompt, toks in zip(prompts, res.tokens):
@@ -133,29 +141,41 @@ def timed_runs(target, modes, ids, kwargs, drafts: dict, repeats: int) -> tuple[
     synchronises the device before reading the clock). Also each mode's speedup over ar round by
     round: the runs of a round are close in time, so their spread shows how far the machine's noise
     moves the speedup."""
+    from tqdm import tqdm
     runs = {m: [] for m in modes}
-    for rep in range(repeats + 1):
-        order = [modes[(k + rep) % len(modes)] for k in range(len(modes))]
-        for mode in order:
-            res, _ = generate_many(target, ids, mode=mode, draft_model=drafts[mode], **kwargs)
-            if rep:                                        # round 0 is the warm-up
-                runs[mode].append(res)
+    with tqdm(total=(repeats + 1) * len(modes), desc="--compare runs", unit="run", file=sys.stderr) as bar:
+        for rep in range(repeats + 1):
+            order = [modes[(k + rep) % len(modes)] for k in range(len(modes))]
+            for mode in order:
+                bar.set_postfix_str(f"{'warm-up' if rep == 0 else f'round {rep}/{repeats}'}: {mode}")
+                res, _ = generate_many(target, ids, mode=mode, draft_model=drafts[mode], **kwargs)
+                if rep:                                    # round 0 is the warm-up
+                    runs[mode].append(res)
+                bar.update()
     rounds = {m: [a.stats["tokens_per_s"] / b.stats["tokens_per_s"] for a, b in zip(r, runs["ar"])]
               for m, r in runs.items()}
     return {m: sorted(r, key=lambda x: x.stats["wall_time_s"])[len(r) // 2] for m, r in runs.items()}, rounds
 
 
 def print_table(runs, rounds, tok, repeats: int) -> None:
+    import pandas as pd
+
+    from benchmark.console import Col, fit_table
     base = runs["ar"].stats["tokens_per_s"]
-    print(f"each mode: the median of {repeats} timed run(s) after one warm-up run, modes interleaved; "
-          "rounds: the lowest and highest speedup of one round")
-    print(f"{'mode':<9} {'tokens/s':>9} {'speedup':>8} {'rounds':>11} {'accept':>7} {'tok/call':>9}  text")
-    for mode, res in runs.items():
-        s = res.stats
-        text = "".join(c if c.isprintable() else " " for c in tok.decode(res.tokens[0]))[:60]
-        spread = f"{min(rounds[mode]):.2f}-{max(rounds[mode]):.2f}"
-        print(f"{mode:<9} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / base:>7.2f}x {spread:>11} "
-              f"{s['acceptance_rate']:>7.2f} {s['mean_accepted_tokens']:>9.2f}  {text}")
+    rows = [dict(mode=mode, tps=r.stats["tokens_per_s"], speedup=r.stats["tokens_per_s"] / base,
+                 rounds=f"{min(rounds[mode]):.2f}-{max(rounds[mode]):.2f}", accept=r.stats["acceptance_rate"],
+                 per_call=r.stats["mean_accepted_tokens"],
+                 text="".join(c if c.isprintable() else " " for c in tok.decode(r.tokens[0]))[:48])
+            for mode, r in runs.items()]
+    print(f"each mode: the median of {repeats} timed run(s) after one warm-up run, modes interleaved")
+    print(fit_table(pd.DataFrame(rows), [
+        Col("mode", "mode"), Col("tps", "tok/s", ".1f", "new tokens / wall time of the mode's median run"),
+        Col("speedup", "speedup", ".2f", "tok/s over ar's (each its median run)"),
+        Col("rounds", "rounds", "", "lowest-highest of the same ratio within one round; the medians may come from "
+            "different rounds, so the speedup can fall outside it"),
+        Col("accept", "accept", ".2f", "accepted / drafted tokens"),
+        Col("per_call", "tok/call", ".2f", "new tokens per target forward pass"),
+        Col("text", "text (first row)", left=True)]))
 
 
 if __name__ == "__main__":

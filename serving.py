@@ -498,7 +498,7 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits) -> FastAPI:
 
 
 def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+    return f"data: {json.dumps(obj, allow_nan=False)}\n\n"
 
 
 def longest_token(tokenizer) -> int:

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .metrics import spread_label  # noqa: E402
+from .metrics import spread_label, upgrade_raw  # noqa: E402
 from .utils_io import save_figure  # noqa: E402
 
 
@@ -27,30 +27,42 @@ def cache_label(r) -> str:
     return (f" {kv}" if kv not in (None, "", "dynamic") else "") + (" compiled" if compiled else "") + press
 
 
-def _label(r) -> str:
+def config_label(r) -> str:
+    """A configuration in one short string: mode, drafter, gamma and schedule, tree, batching and cache."""
     sched = "" if r.gamma_schedule == "constant" or r["mode"] in ("ar", "hf") else f"/{r.gamma_schedule}"
     gamma = f" g{r.gamma}" if r.gamma else ""
-    masked = (" masked" if r.get("finished_rows") == "mask" else "") + (f" {r.tree}" if r.get("tree") else "")
+    masked = (" masked" if r.get("finished_rows") == "mask" else "") + (f" {r.tree}" if r.get("tree") else "") + \
+        (" sorted" if str(r.get("sort_batch")) in ("True", "true", "1") else "")
     draft = f" {r.draft}" if r.get("draft") not in (None, "", "model") else ""
     return f"{r['mode']}{draft}{gamma}{sched}{masked}{cache_label(r)}"
 
 
+def batch_axis(ax, batches) -> None:
+    """A log2 batch axis labelled with the batch sizes themselves (1, 2, 4, not 2^0, 2^1, 2^2)."""
+    ticks = sorted({int(b) for b in batches})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(b) for b in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size")
+
+
 def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]:
-    """throughput by mode and batch, speedup over AR by batch, acceptance and tokens per call by
-    gamma, acceptance by Dolly category; one PNG per temperature for the first two."""
+    """Throughput and speedup over AR by batch size (one PNG per temperature); for chains, acceptance
+    per draft token and tokens per target call by gamma; for trees, tokens per target call and
+    acceptance per drafted node by tree; chains' acceptance by Dolly category. Each quantity on its
+    own axis, titled with its definition."""
     written = []
-    s = summary.assign(label=[_label(r) for _, r in summary.iterrows()])
+    s = summary.assign(label=[config_label(r) for _, r in summary.iterrows()])
     for temp, part in s.groupby("temperature"):
         for metric, name, ylabel in (("throughput", "throughput", "new tokens / s"),
-                                     ("speedup_vs_ar", "speedup", "throughput / AR at the same batch")):
+                                     ("speedup_vs_ar", "speedup", "throughput / AR's at the same batch")):
             fig, ax = plt.subplots(figsize=(7, 4.2))
             for label, line in part.groupby("label"):
                 line = line.sort_values("batch")
                 ax.plot(line.batch, line[metric], marker="o", label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("batch size")
+            batch_axis(ax, part.batch)
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{name} by mode and batch size, temperature {temp:g}")
+            ax.set_title(f"{name} by configuration and batch size, temperature {temp:g}")
             if metric == "speedup_vs_ar":
                 ax.axhline(1.0, color="grey", lw=0.8, ls="--")
             ax.grid(alpha=0.3)
@@ -59,31 +71,62 @@ def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]
             _save(fig, path)
             written.append(path)
     spec = s[s.drafted > 0]
-    if len(spec):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for (mode, temp), part in spec[spec.gamma_schedule == "constant"].groupby(["mode", "temperature"]):
+    chains = spec[(spec["mode"] != "tree") & (spec.gamma > 0) & (spec.gamma_schedule == "constant")]
+    if len(chains):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+        for (mode, draft, temp), part in chains.groupby(["mode", "draft", "temperature"]):
             part = part.groupby("gamma")[["acceptance_rate", "tokens_per_call"]].mean().reset_index()
+            name = mode + (f" {draft}" if draft not in ("", "model") else "")
             for ax, metric in zip(axes, ("acceptance_rate", "tokens_per_call")):
-                ax.plot(part.gamma, part[metric], marker="o", label=f"{mode} T={temp:g}")
-        for ax, title in zip(axes, ("acceptance rate", "tokens per target call")):
-            ax.set_xlabel("gamma")
-            ax.set_title(f"{title} by gamma")
+                ax.plot(part.gamma, part[metric], marker="o", label=f"{name} T={temp:g}")
+        for ax, title in zip(axes, ("acceptance per draft token\n(accepted / drafted tokens)",
+                                    "tokens per target call\n(new tokens / target forward passes)")):
+            ax.set_xlabel("gamma (draft tokens per step)")
+            ax.set_xticks(sorted(chains.gamma.unique()))
+            ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+        fig.suptitle("chains, constant gamma (mean over batch sizes)", fontsize=10)
         path = os.path.join(folder, "acceptance_by_gamma.png")
         _save(fig, path)
         written.append(path)
-        cat = raw[raw.drafted > 0].groupby(["category", "temperature"])[["accepted", "drafted"]].sum()
+    trees = spec[spec["mode"] == "tree"]
+    if len(trees):
+        t = trees.assign(name=[f"{r.tree} {r.draft}".strip() + f" T={r.temperature:g}" for _, r in trees.iterrows()])
+        t = t.groupby("name")[["tokens_per_call", "acceptance_rate"]].mean().sort_values("tokens_per_call")
+        fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.35 * len(t)), sharey=True, layout="constrained")
+        axes[0].barh(t.index, t.tokens_per_call)
+        axes[0].set_title("tokens per target call\n(new tokens / target forward passes)", fontsize=10)
+        axes[1].barh(t.index, t.acceptance_rate, color="tab:orange")
+        axes[1].set_title("acceptance per drafted node\n(accepted / drafted nodes; not per draft token)", fontsize=10)
+        for ax in axes:
+            ax.grid(alpha=0.3, axis="x")
+        fig.suptitle("trees (mean over batch sizes)", fontsize=10)
+        path = os.path.join(folder, "acceptance_by_tree.png")
+        _save(fig, path)
+        written.append(path)
+    chain_raw = raw[(raw.drafted > 0) & (raw["mode"] != "tree")]
+    if len(chain_raw):
+        cat = chain_raw.groupby(["category", "temperature"])[["accepted", "drafted"]].sum()
         cat = (cat.accepted / cat.drafted).unstack("temperature")
         fig, ax = plt.subplots(figsize=(8, 4))
         cat.plot.barh(ax=ax)
-        ax.set_xlabel("acceptance rate (all speculative configurations)")
-        ax.set_title("acceptance by Dolly category")
+        ax.set_xlabel("acceptance per draft token (accepted / drafted, every chain configuration)")
+        ax.set_title("acceptance by Dolly category, chains")
         ax.legend(title="temperature", fontsize=7)
         path = os.path.join(folder, "acceptance_by_category.png")
         _save(fig, path)
         written.append(path)
     return written
+
+
+def replot(folder: str) -> list[str]:
+    """Redraw a sweep's plots from the summary.csv and raw.csv in ``folder``."""
+    summary = pd.read_csv(os.path.join(folder, "summary.csv"), keep_default_na=False, na_values=[""])
+    raw = upgrade_raw(pd.read_csv(os.path.join(folder, "raw.csv"), keep_default_na=False, na_values=[""]))
+    for col, default in (("draft", "model"), ("tree", ""), ("kv_cache", "dynamic"), ("press", "")):
+        summary[col] = summary[col].fillna(default) if col in summary else default     # older files lack it
+    return plot_all(summary, raw, folder)
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
@@ -129,3 +172,9 @@ def markdown_table(summary: pd.DataFrame) -> str:
                          f"{f(r.get('predicted_verify', float('nan')), '.2f')} | "
                          f"{f(r.get('efficiency_verify', float('nan')), '.2f')} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":      # python -m benchmark.analyzer FOLDER ...: redraw sweeps' plots
+    import sys
+    for f in sys.argv[1:]:
+        print("\n".join(replot(f)))

@@ -43,6 +43,7 @@ from sampling.params import SamplingParams
 from sampling.tree_shapes import DynamicTree, parse_tree
 from sampling.utils import now
 
+from .console import fit_markdown
 from .utils_io import save_figure, write_csv, write_text
 
 # Llama-shaped configs by name (sizes of the published models; weights random, for timing)
@@ -466,7 +467,7 @@ def report(args, s: CostSettings, raw: pd.DataFrame, costs: dict, where: str) ->
                f"figures (the embedded pair), predicted_* these pass costs plus the {how}; passes_only_* leave "
                f"the host work out.\n\n{md}\n")
     plot_costs(passes, os.path.join(args.out, "costs.png"), where)
-    print(md)
+    print(fit_markdown(md, os.path.join(args.out, "table.md")))
 
 
 def markdown(df: pd.DataFrame) -> str:

@@ -54,6 +54,7 @@ from sampling.app.cli import Parser, run
 from sampling.app.models import DEFAULT_CASCADE, DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 from sampling.generate import DEFAULTS, default_tree
 
+from .console import fit_markdown
 from .utils_io import env_info, write_csv, write_json, write_text
 from .virtual_device import VirtualDevice
 
@@ -282,7 +283,7 @@ def collect(args, configs: list) -> None:
                                                        else "cpu"))
     text = table(summary)
     write_text(os.path.join(args.out, "table.md"), text + "\n")
-    print(text)
+    print(fit_markdown(text, os.path.join(args.out, "table.md")))
 
 
 def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, prompts: dict):

@@ -34,6 +34,7 @@ import pandas as pd
 
 from sampling.app.cli import Parser, run
 
+from .console import fit_markdown
 from .cost_model import markdown
 from .metrics import upgrade_raw
 from .utils_io import write_csv, write_json, write_text
@@ -190,7 +191,7 @@ def main(argv=None) -> None:
             f"({args.fit_version}):\n\n{markdown(fitted[fit_cols])}\n\nPredicted for `{args.counts}`, "
             f"acceptance from `{args.acceptance}`:\n\n{markdown(pred[pred_cols])}\n")
     write_text(os.path.join(args.out, "table.md"), text)
-    print(text)
+    print(fit_markdown(text, os.path.join(args.out, "table.md")))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from sampling.modes import FINISHED_ROWS, MODES_TABLE
 from sampling.tree_shapes import parse_tree
 from sampling.utils_bass import ScheduleParams
 
-from .analyzer import markdown_table, plot_all
-from .metrics import KEYS, process_throughput, summarise, upgrade_raw
+from .analyzer import config_label, markdown_table, plot_all
+from .console import fit_table, para, sweep_cols
+from .metrics import process_throughput, spread_label, summarise, upgrade_raw
 from .runner import (
     ALL_MODES,
     HF_MODES,
@@ -48,6 +49,7 @@ from .runner import (
     prepare,
     reads,
     run_grid,
+    units_of,
 )
 from .utils_io import env_info, peak_memory, write_csv, write_json, write_text
 
@@ -193,6 +195,21 @@ def check_resume(config_path: str, identity: dict) -> None:
                              f"value or use another --out")
 
 
+def interrupt_note(grid: list, todo: list, saved: int, together: bool, raw_path: str) -> str:
+    """What an interrupted sweep kept and lost: ``saved`` groups of ``todo`` were written (``run_grid``
+    yields them in ``units_of``'s order); the unit being measured is lost, the later ones never began."""
+    units = [[len(cfgs) for _, cfgs in unit] for unit in units_of(todo, together)]
+    sizes = [n for unit in units for n in unit]
+    ends = list(itertools.accumulate(len(u) for u in units))        # groups yielded after each unit
+    current = next((i for i, end in enumerate(ends) if end > saved), len(units))
+    lost = sum(sizes[saved:ends[current]]) if current < len(units) else 0
+    later = sum(sizes[ends[current]:]) if current < len(units) else 0
+    held = len(grid) - len(todo) + sum(sizes[:saved])
+    return (f"{raw_path} holds {held} of the sweep's {len(grid)} configurations ({len(grid) - len(todo)} from "
+            f"earlier runs, {sum(sizes[:saved])} from this one); the {lost} being measured were lost and {later} "
+            f"had not begun; to continue, run the same command with --resume")
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     data = prepare(args, args.modes, args.drafts)
@@ -216,8 +233,8 @@ def main(argv=None) -> None:
             pass
         shard.close()
         return
-    print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(data.prompts)} prompts, "
-          f"{shard.size} process(es)")
+    print(para(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {raw_path}, {len(data.prompts)} "
+               f"prompts, {shard.size} process(es)"))
     write_json(config_path, dict(vars(args), **identity, configurations=len(grid)))
     env_path = os.path.join(args.out, "env.json")
     old = json.load(open(env_path)) if resuming and os.path.exists(env_path) else {}
@@ -231,8 +248,7 @@ def main(argv=None) -> None:
                 write_csv(raw_path, raw)               # an interrupted sweep keeps the groups that finished
                 saved += 1
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{saved} group(s) of configurations were saved in {raw_path}; to continue, "
-                                f"run the same command with --resume") from None
+        raise KeyboardInterrupt(interrupt_note(grid, todo, saved, args.together, raw_path)) from None
     finally:
         env["sweep_wall_s"] = time.perf_counter() - t0   # this invocation's warm-ups and timed runs
         env["peak_memory"] = dict(peak_memory(), cuda_max_allocated_mib=float(raw["peak_mem_mib"].max())
@@ -244,22 +260,23 @@ def main(argv=None) -> None:
     write_csv(os.path.join(args.out, "processes.csv"), process_throughput(raw))
     plots = plot_all(summary, raw, args.out)
     write_text(os.path.join(args.out, "table.md"), markdown_table(summary))
-    cols = KEYS[:7] + ["throughput", "latency_ms", "acceptance_rate", "alpha", "tokens_per_call", "speedup_vs_ar",
-                       "decode_throughput", "decode_speedup_vs_ar"] + \
+    summary["label"] = [config_label(r) for _, r in summary.iterrows()]
+    summary["rounds"] = [spread_label(lo, hi) for lo, hi in zip(summary.speedup_min_round, summary.speedup_max_round)]
+    print(para(f"each figure: per batch, the median of {args.repeats} timed run(s) after one warm-up run, the "
+               f"configurations of a batch size interleaved" + (", batch sizes too" if args.together else "")))
+    keys = ["label", "batch", "temperature", "throughput", "speedup_vs_ar", "rounds", "tokens_per_call",
+            "acceptance_rate", "latency_ms", "decode_speedup_vs_ar", "alpha"] + \
         (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify", "flagged"] if cost else [])
-    print(f"each figure: per batch, the median of {args.repeats} timed run(s) after one warm-up run, the "
-          f"configurations of a batch size interleaved" + (", batch sizes too" if args.together else ""))
-    print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    if summary.processes.max() > 1:
-        print(f"{shard.size} processes: throughput is one process's rate, throughput_total the sum of theirs "
-              f"(processes.csv has each)")
-        print(summary[KEYS[:3] + ["processes", "throughput", "throughput_total"]].to_string(
-            index=False, float_format=lambda x: f"{x:.3g}"))
+    print(fit_table(summary, sweep_cols(*keys, processes=int(summary.processes.max())), wide=args.wide,
+                    where="summary.csv and table.md"))
     print(f"sweep wall time {env['sweep_wall_s']:.1f} s on {shard.size} process(es)")
-    print(f"wrote {raw_path}, summary.csv, processes.csv, table.md, config.json, env.json and {len(plots)} plots "
-          f"in {args.out}")
-    print("measured step costs (batch x gamma: target step ms, draft step ms, verify ms, c, v): " +
-          json.dumps({b: {k: round(v, 3) for k, v in c.items()} for b, c in cost.items()}))
+    print(para(f"wrote {raw_path}, summary.csv, processes.csv, table.md, config.json, env.json and {len(plots)} "
+               f"plots in {args.out}"))
+    if cost:
+        print("measured step costs (ms; c = draft step / target step, v = verify pass / target step):")
+        for key, c in cost.items():
+            print(f"  batch x gamma {key}: target step {c['target_step_ms']:.2f}, draft step {c['draft_step_ms']:.2f}, "
+                  f"verify {c['verify_ms']:.2f}, c {c['c']:.3f}, v {c['verify_over_step']:.2f}")
     shard.close()
 
 

@@ -57,7 +57,7 @@ def parse_modes(text: str) -> list[str]:
 
 
 def add_bench_args(ap) -> None:
-    """The flags eval_dolly and run_experiment share: the dataset, repeats, the output folder."""
+    """The flags eval_dolly and run_experiment share: the dataset, repeats, the output folder, the table."""
     ap.add_argument("--dataset_path", default=None,
                     help="local Dolly-format jsonl (instruction, context, response, category per line); "
                          "default: the hub dataset databricks/databricks-dolly-15k through `datasets`")
@@ -70,6 +70,9 @@ def add_bench_args(ap) -> None:
     ap.add_argument("--repeats", type=int, default=REPEATS,
                     help="timed runs of each batch per configuration after one warm-up; the median is kept")
     ap.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    ap.add_argument("--wide", action="store_true",
+                    help="print the console table whole (by default it keeps the columns that fit 120 characters "
+                         "and names the others, which summary.csv holds)")
 
 
 def check_out(out: str | None, resume: bool, overwrite: bool) -> None:
@@ -199,6 +202,16 @@ def batching_of(cfg: RunConfig) -> tuple[int, bool]:
     return cfg.batch, cfg.sort_batch
 
 
+def units_of(cfgs: list[RunConfig], together: bool = False) -> list[list[tuple[tuple, list[RunConfig]]]]:
+    """What ``run_grid`` measures and yields at a time, in its order: each unit a list of (batching,
+    its configurations) groups (one group, or every group with ``together``)."""
+    groups: dict[tuple, list[RunConfig]] = {}
+    for cfg in cfgs:
+        groups.setdefault(batching_of(cfg), []).append(cfg)
+    items = list(groups.items())
+    return [items] if together else [[item] for item in items]
+
+
 def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, progress=None,
              costs: dict | None = None, together: bool = False):
     """Yield the raw rows (one per prompt and configuration) of each group of configurations that
@@ -217,12 +230,8 @@ def run_grid(cfgs: list[RunConfig], data: Prepared, repeats: int = REPEATS, prog
     same batches, ids and seeds as one process) and every process gets the group's rows, in the
     order one process makes them; ``progress`` and ``costs`` are then the main process's.
     """
-    groups: dict[tuple, list[RunConfig]] = {}
-    for cfg in cfgs:
-        groups.setdefault(batching_of(cfg), []).append(cfg)
     shard = data.shard
-    items = list(groups.items())
-    for unit in ([items] if together else [[item] for item in items]):
+    for unit in units_of(cfgs, together):
         plans = []                                       # per group: its configurations, batches, runners
         for (batch, sort_batch), group in unit:
             mine = shard.mine(list(enumerate(batch_order(data.prompts, batch, sort_batch))))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -33,11 +34,28 @@ def write_text(path: str, text: str) -> None:
     atomic_write(path, w)
 
 
+def strict(obj):
+    """``obj`` with every non-finite float (NaN, inf) as None, tuples as lists and numpy / torch
+    scalars as Python numbers: what strict JSON can hold."""
+    if isinstance(obj, dict):
+        return {str(k): strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()                                  # a numpy or torch scalar
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON text (``strict``; never a bare NaN or Infinity, which strict parsers reject);
+    anything else JSON cannot hold is written as its str()."""
+    return json.dumps(strict(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(path: str, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-    atomic_write(path, w)
+    write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def write_csv(path: str, df) -> None:

@@ -67,6 +67,10 @@ def pair(tmp_path_factory):
     return paths
 
 
+def reject_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
 def cli(module, argv, capsys):
     code = 0
     try:
@@ -88,8 +92,10 @@ def test_eval_dolly_table_and_consistency(pair, capsys, tmp_path):
     assert set(pd.read_csv(tmp_path / "raw.csv").query("mode == 'google'").gamma) == {4}   # DEFAULTS.gamma
     table = out[out.index("mode "):].splitlines()
     assert [line.split()[0] for line in table[1:5]] == ["ar", "google", "bass", "hf"]    # the order of --modes
-    assert "ms/token per sequence" in table[0] and table[0].split()[-1] == "round"
-    assert table[1].split()[-1] == "1.00-1.00"                       # ar against itself, round by round
+    assert table[0].split()[:6] == ["mode", "batch", "tok/s", "speedup", "rounds", "tok/call"]
+    assert table[1].split()[4] == "1.00-1.00"                        # ar against itself, round by round
+    assert "  seq ms/tok: what one sequence waits per token" in out
+    assert max(len(ln) for ln in out.splitlines() if str(tmp_path) not in ln) <= 120
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert (summary.speedup_min_round <= summary.speedup_max_round).all() and summary.speedup_min_round.notna().all()
     code, out, err = cli(eval_dolly, ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "3",
@@ -155,12 +161,21 @@ def test_small_sweep_writes_csv_and_png(pair, capsys, tmp_path):
     spec = summary[summary["mode"].isin(["google", "bass"])]
     assert spec.predicted_speedup.notna().all() and (spec.efficiency.notna() | (spec.flagged != "")).all()
     assert {"1x2", "2x2"} <= set(json.load(open(out_dir / "env.json"))["cost"])
-    assert "measured step costs (batch x gamma: " in out and "the median of 1 timed run(s)" in out
+    assert "measured step costs (ms; " in out and "the median of 1 timed run(s)" in out
+    # what a user reads: a table that fits 120 columns, each shown column defined under it, strict JSON
+    assert max(len(ln) for ln in out.splitlines() if str(tmp_path) not in ln) <= 120, out
+    header = next(ln for ln in out.splitlines() if ln.startswith("configuration "))
+    assert header.split()[:4] == ["configuration", "batch", "T", "tok/s"] and "  speedup:" in out
+    assert "more column(s) (" in out and "--wide prints them all" in out
+    for name in ("config.json", "env.json"):
+        json.loads((out_dir / name).read_text(), parse_constant=reject_constant)
     eval_raw = pd.read_csv(out_dir / "raw.csv")
     assert set(eval_raw[eval_raw["mode"] == "bass"].gamma) == {2}
     # --resume: nothing left to run, the rows stay as they were
     code, out, err = cli(run_experiment, argv + ["--resume"], capsys)
     assert code == 0 and "12 configurations, 12 already in" in out
+    code, wide, err = cli(run_experiment, argv + ["--resume", "--wide"], capsys)
+    assert code == 0 and max(map(len, wide.splitlines())) > 120 and "more column(s)" not in wide
     assert len(pd.read_csv(out_dir / "raw.csv")) == len(raw)
     # a file from before --finished_rows existed resumes too; only the new bass configurations run
     raw.drop(columns=["finished_rows"]).to_csv(out_dir / "raw.csv", index=False)
@@ -222,21 +237,31 @@ def test_sweep_together_interleaves_batch_sizes(pair, capsys, tmp_path, monkeypa
     assert code == 2 and err.startswith("error: --resume: together is True in ") and seen == [True], err
 
 
-def test_interrupted_sweep_says_how_to_resume(pair, capsys, tmp_path, monkeypatch):
+def test_interrupted_sweep_says_what_it_kept_and_lost(pair, capsys, tmp_path, monkeypatch):
+    """Interrupted in its second group of three (batch sizes 1, 2, 4): raw.csv holds the first
+    group, the message counts it, the group lost and the one not begun."""
     from benchmark import runner
 
-    def interrupted(*args, **kwargs):
+    def interrupted(todo, *args, **kwargs):
+        yield [dict(mode="ar", batch=1, sample=0)]
         raise KeyboardInterrupt
-        yield
     monkeypatch.setattr(run_experiment, "run_grid", interrupted)
     code, out, err = cli(run_experiment, ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "2",
-                                          "--modes", "ar", "--target_model_name", pair["target"],
-                                          "--out", str(tmp_path / "s")], capsys)
+                                          "--modes", "ar", "--batch_sizes", "1,2,4", "--target_model_name",
+                                          pair["target"], "--out", str(tmp_path / "s")], capsys)
     assert code == 130
-    assert err.strip().splitlines()[-1] == (f"error: interrupted; 0 group(s) of configurations were saved in "
-                                            f"{tmp_path / 's'}/raw.csv; to continue, run the same command with "
-                                            f"--resume")
+    assert err.strip().splitlines()[-1] == (f"error: interrupted; {tmp_path / 's'}/raw.csv holds 1 of the sweep's 3 "
+                                            f"configurations (0 from earlier runs, 1 from this one); the 1 being "
+                                            f"measured were lost and 1 had not begun; to continue, run the same "
+                                            f"command with --resume")
+    assert len(pd.read_csv(tmp_path / "s" / "raw.csv")) == 1
     assert runner.run_grid is not interrupted
+    grid = list(range(6))                 # --together: one unit, everything in it lost
+    cfgs = [runner.RunConfig(mode="ar", batch=b, gamma=0, gamma_schedule="constant", temperature=0.0,
+                             sort_batch=False, max_tokens=2) for b in (1, 2, 4)]
+    note = run_experiment.interrupt_note(grid, cfgs, 0, True, "r.csv")
+    assert "holds 3 of the sweep's 6 configurations (3 from earlier runs, 0 from this one); the 3 being measured " \
+           "were lost and 0 had not begun" in note
 
 
 def test_run_grid_interleaves_configurations_of_one_batching(monkeypatch):

@@ -55,10 +55,12 @@ def test_compare_table(pair, capsys):
                            "--temperature", "0"] + models(pair), capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0] == ("each mode: the median of 3 timed run(s) after one warm-up run, modes interleaved; "
-                        "rounds: the lowest and highest speedup of one round")
-    lines = lines[1:]
-    assert lines[0].split()[:4] == ["mode", "tokens/s", "speedup", "rounds"]
+    assert lines[0] == "each mode: the median of 3 timed run(s) after one warm-up run, modes interleaved"
+    assert "  rounds: lowest-highest of the same ratio within one round" in out
+    assert max(map(len, lines)) <= 120
+    assert "--compare runs: 100%" in err and "20/20" in err                # progress on stderr: (3 + 1) x 5 runs
+    lines = [ln for ln in lines[1:7]]
+    assert lines[0].split()[:4] == ["mode", "tok/s", "speedup", "rounds"]
     texts = {line.split()[0]: line.split("  ")[-1] for line in lines[1:]}
     assert set(texts) == {"ar", "google", "deepmind", "bass", "tree"}
     assert len(set(texts.values())) == 1               # greedy: every mode writes the same text
@@ -107,6 +109,21 @@ def test_bad_input_one_line_error(pair, capsys, case):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err
+
+
+def test_no_arguments_print_the_usage(capsys):
+    code, out, err = call([], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: ") and err.strip().splitlines()[-1] == (
+        "error: give at least one --input (python main.py -h lists every flag)")
+
+
+def test_a_bad_request_is_refused_before_anything_is_echoed(pair, capsys):
+    """One prompt streams (the prompt is printed first): a prompt too long is refused before that."""
+    code, out, err = call(["--input", "fox " * 2000, "--max_tokens", "4"] + models(pair), capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: prompt of ") \
+        and err.strip().endswith("new tokens exceeds the target model's maximum of 64 positions")
 
 
 def test_script_error_has_no_traceback(pair):

@@ -196,9 +196,30 @@ def test_sigterm_finishes_the_request_in_flight(pair):
                 lines.append(line)
         assert lines[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in lines
         assert proc.wait(60) == 0, proc.stdout.read()
+        said = proc.stdout.read().splitlines()
+        assert said[0] == "loading models ..." and said[1].startswith("serving tiny (bass") \
+            and said[1].endswith(f"on http://127.0.0.1:{port}"), said
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_taken_port_is_one_line_and_exit_code_2(pair):
+    import os
+    import socket
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "serving.py", "--port", str(port), "--target_model_name",
+                               pair["target"], "--approx_model_name", pair["draft"]], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""           # nothing announced
+    assert proc.stderr.splitlines() == ["loading models ...", f"error: cannot listen on 127.0.0.1:{port}: address "
+                                        "already in use (another server there? pick another --port)"], proc.stderr
 
 
 def test_load_test_runs_on_a_tiny_pair(pair, capsys, tmp_path):

@@ -10,11 +10,11 @@ rest of the folder stay). The embedded target is stored this way so that the rep
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from benchmark.utils_io import dumps
 from sampling.app.cli import Parser, run
 from sampling.app.dolly import load_dolly, render_prompt
 from sampling.app.models import INT8_WEIGHTS, WEIGHTS, load_model, load_tokenizer, save_int8
@@ -61,10 +61,10 @@ def main(argv=None) -> None:
     after = load_model(args.out, device="cpu", dtype="float32")
     report = dict(compare(before, after, texts), records=len(texts), bytes_before=size_before,
                   bytes_after=os.path.getsize(os.path.join(args.out, INT8_WEIGHTS)))
-    print(json.dumps(report, indent=2))
+    print(dumps(report, indent=2))
     if args.report:
         with open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
+            f.write(dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmark.utils_io import dumps
+
 PY_DOC_SOURCES = "/usr/share/doc/python3.11/html/_sources"
 HANDBOOK_HTML = "/usr/share/doc/debian-handbook/html/en-US"
 EOS = "<|endoftext|>"
@@ -214,7 +216,7 @@ def save(model, tokenizer, path: str, eos_id: int):
         config = json.load(f)
     config["dtype"] = "float32"
     with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
+        f.write(dumps(config, indent=2))
 
 
 class Log:
@@ -372,8 +374,8 @@ def main(argv=None):
                "params_draft": sum(p.numel() for p in draft.parameters()),
                "wall_time_s": round(time.time() - t0)}
     with open(os.path.join(cfg.out, f"training_summary{suffix}.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary, indent=2))
+        f.write(dumps(summary, indent=2))
+    print(dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmark.utils_io import dumps
 from sampling.drafters.heads import KINDS, SpeculatorConfig, SpeculatorHeads, save_speculator, target_dims
 
 from .train_default_pair import EOS, load_corpus, load_target, lr_at, target_continuations, windows
@@ -175,7 +176,7 @@ def main(argv=None):
         for k in kinds:
             heads[k].load_state_dict(load_speculator(os.path.join(cfg.init, k), target).heads.float().state_dict())
     if cfg.eval_only:
-        print(json.dumps(evaluate({k: h.eval() for k, h in heads.items()}, target, tap, tokenizer, cfg), indent=2))
+        print(dumps(evaluate({k: h.eval() for k, h in heads.items()}, target, tap, tokenizer, cfg), indent=2))
         return
     docs = load_corpus()
     train_docs = [d for i, d in enumerate(docs) if i % 50]               # the target's own split
@@ -237,8 +238,8 @@ def main(argv=None):
             steps=[cfg.phase1_steps, cfg.phase2_steps], seq_len=cfg.seq_len, batch=cfg.batch, seed=cfg.seed,
             gen_prompts=cfg.gen_prompts, dolly_top1=acc[k]["top1"], dolly_top5=acc[k]["top5"], before=before)))
     with open(os.path.join(cfg.out, "training_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary, indent=2))
+        f.write(dumps(summary, indent=2))
+    print(dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

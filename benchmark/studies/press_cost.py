@@ -22,6 +22,7 @@ from sampling.kvcache_model import KVCacheModel
 from sampling.params import SamplingParams
 from sampling.utils import now
 
+from ..console import fit_markdown
 from ..cost_model import CostSettings, measure_passes
 from ..utils_io import write_csv, write_text
 
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     write_csv(os.path.join(args.out, "presses.csv"), presses)
     table = markdown(passes, presses, args)
     write_text(os.path.join(args.out, "table.md"), table)
-    print(table)
+    print(fit_markdown(table, os.path.join(args.out, "table.md")))
 
 
 def markdown(passes: pd.DataFrame, presses: pd.DataFrame, args) -> str:

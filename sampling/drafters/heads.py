@@ -242,7 +242,7 @@ def save_speculator(heads: SpeculatorHeads, path: str, dtype=torch.float16, extr
         {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     save_file(tensors, os.path.join(path, WEIGHTS))
     with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(dict(asdict(heads.cfg), **(extra or {})), f, indent=2)
+        json.dump(dict(asdict(heads.cfg), **(extra or {})), f, indent=2, allow_nan=False)
 
 
 def load_speculator(path: str, target) -> Speculator:
