@@ -142,6 +142,12 @@ def main(argv=None) -> None:
                 print(f"consistency: {mode} equals ar on {same}/{len(out)} outputs")
     procs = process_throughput(raw)
     print(f"{shard.size} process(es), {wall:.1f} s wall for every mode's warm-up and timed runs")
+    if shard.size > 1:
+        print(para("tokens/s per process and in total (the processes ran side by side; \"tok/s 1 proc\" above "
+                   "is their mean, every token over the summed wall time of every process's batches):"))
+        table = procs.pivot_table(index="mode", columns="process", values="throughput").sort_index(axis=1)
+        table["total"] = table.sum(axis=1)
+        print(table.loc[args.modes].to_string(float_format=lambda x: f"{x:.1f}"))
     show(raw, data, args.modes, args.show)
     if args.out:
         write_csv(os.path.join(args.out, "raw.csv"), raw)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-from benchmark.utils_io import dumps
 from sampling import MODES, check_args, generate_many
 from sampling.app.cli import (
     Parser,
@@ -29,6 +28,7 @@ from sampling.app.cli import (
     schedule_of,
     takes_draft,
 )
+from sampling.app.strict_json import dumps
 from sampling.generate import DEFAULTS, check_inputs, default_gamma
 from sampling.modes import get_mode
 from sampling.tree_shapes import parse_tree

@@ -1,12 +1,12 @@
 """Atomic file writes, figures and the environment record of a run."""
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
 import sys
 import tempfile
+
+from sampling.app.strict_json import dumps
 
 
 def atomic_write(path: str, write) -> None:
@@ -32,26 +32,6 @@ def write_text(path: str, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
     atomic_write(path, w)
-
-
-def strict(obj):
-    """``obj`` with every non-finite float (NaN, inf) as None, tuples as lists and numpy / torch
-    scalars as Python numbers: what strict JSON can hold."""
-    if isinstance(obj, dict):
-        return {str(k): strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()                                  # a numpy or torch scalar
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def dumps(obj, **kwargs) -> str:
-    """Strict JSON text (``strict``; never a bare NaN or Infinity, which strict parsers reject);
-    anything else JSON cannot hold is written as its str()."""
-    return json.dumps(strict(obj), allow_nan=False, default=str, **kwargs)
 
 
 def write_json(path: str, obj) -> None:

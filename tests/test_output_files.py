@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from benchmark.console import WIDTH, Col, fit_table
-from benchmark.utils_io import dumps, write_json
+from benchmark.utils_io import write_json
+from sampling.app.strict_json import dumps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,10 +14,10 @@ import os
 
 import torch
 
-from benchmark.utils_io import dumps
 from sampling.app.cli import Parser, run
 from sampling.app.dolly import load_dolly, render_prompt
 from sampling.app.models import INT8_WEIGHTS, WEIGHTS, load_model, load_tokenizer, save_int8
+from sampling.app.strict_json import dumps
 
 
 @torch.inference_mode()

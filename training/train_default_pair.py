@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmark.utils_io import dumps
+from sampling.app.strict_json import dumps
 
 PY_DOC_SOURCES = "/usr/share/doc/python3.11/html/_sources"
 HANDBOOK_HTML = "/usr/share/doc/debian-handbook/html/en-US"

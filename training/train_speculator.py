@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmark.utils_io import dumps
+from sampling.app.strict_json import dumps
 from sampling.drafters.heads import KINDS, SpeculatorConfig, SpeculatorHeads, save_speculator, target_dims
 
 from .train_default_pair import EOS, load_corpus, load_target, lr_at, target_continuations, windows
