@@ -34,13 +34,13 @@ def launch(n: int, args: list[str]) -> subprocess.CompletedProcess:
     """``accelerate launch`` of n CPU processes (torchrun under it; the tools pick gloo for --device cpu)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port())] + args + ["--device", "cpu"]
+           "--main_process_port", str(free_port())] + args + ["--device", "cpu", "--dtype", "float32"]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def plain(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable] + args + ["--device", "cpu"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable] + args + ["--device", "cpu", "--dtype", "float32"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
 
 
 SAME = ["mode", "batch", "sample", "batch_id", "seed", "prompt_tokens", "new_tokens", "tokens", "accepted", "drafted"]

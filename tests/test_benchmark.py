@@ -505,3 +505,34 @@ def test_stats_count_the_tokens_of_the_first_hand_out():
     res, per_batch = generate_many(target, [[5, 6, 7], [8, 9], [10]], batch_size=2, pad_id=0, mode="ar",
                                    max_new_tokens=4, temperature=0)
     assert res.stats["ttft_tokens"] == 3 and [s["ttft_tokens"] for s in per_batch] == [2, 1]
+
+
+def test_pass_cost_measures_each_dtype_and_thread_count(pair, capsys, tmp_path):
+    from benchmark import pass_cost
+    out = tmp_path / "pc"
+    code, text, err = cli(pass_cost, ["--target_model_name", pair["target"], "--approx_model_name", pair["draft"],
+                                      "--rounds", "2", "--reps", "2", "--threads", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+    s = pd.read_csv(out / "summary.csv")
+    assert list(zip(s["dtype"], s.threads)) == [("float32", 1), ("bfloat16", 1)]
+    assert (s.target_step_ms > 0).all() and (s.draft_step_ms > 0).all() and (s.verify_ms > 0).all()
+    assert len(pd.read_csv(out / "raw.csv")) == 2 * 2
+    json.loads((out / "env.json").read_text(), parse_constant=reject_constant)
+    assert max(len(ln) for ln in text.splitlines() if str(tmp_path) not in ln) <= 120
+    for bad, message in ((["--dtypes", "float8"], "--dtypes takes a comma list of float32, bfloat16"),
+                         (["--threads", "0"], "--threads takes a comma list of integers >= 1"),
+                         (["--dtype", "float32"], "--dtype float32: this tool measures each dtype of --dtypes")):
+        code, _, err = cli(pass_cost, ["--out", str(tmp_path / "x")] + bad, capsys)
+        assert code == 2 and err.startswith(f"error: {message}"), err
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    import torch
+
+    from sampling.app import models
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert models.resolve_dtype("auto", cpu) is torch.float32            # conftest: no native bfloat16
+    monkeypatch.setattr(models, "native_bf16", lambda: True)
+    assert models.resolve_dtype("auto", cpu) is torch.bfloat16
+    assert models.resolve_dtype("auto", cuda) is torch.float16
+    assert models.resolve_dtype("float32", cpu) is torch.float32

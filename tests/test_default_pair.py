@@ -45,7 +45,8 @@ def test_main_runs_offline_on_the_default_pair(pair):
     target, _, tok = pair
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     prompt = "The quick brown fox"
-    proc = subprocess.run([sys.executable, "main.py", "--input", prompt, "--max_tokens", "12", "--temperature", "0"],
+    proc = subprocess.run([sys.executable, "main.py", "--input", prompt, "--max_tokens", "12", "--temperature", "0",
+                           "--dtype", "float32"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     ids, mask = pad_left([tok(prompt)["input_ids"]], tok.pad_token_id)

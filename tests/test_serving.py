@@ -175,7 +175,8 @@ def test_sigterm_finishes_the_request_in_flight(pair):
     import sys
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "serving.py", "--port", str(port), "--target_model_name", pair["target"],
+    proc = subprocess.Popen([sys.executable, "serving.py", "--port", str(port), "--dtype", "float32",
+                             "--target_model_name", pair["target"],
                              "--approx_model_name", pair["draft"], "--model_id", "tiny"], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

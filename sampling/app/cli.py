@@ -67,7 +67,8 @@ def add_model_args(ap: argparse.ArgumentParser, many_drafts: bool = False, draft
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where to run (auto: cuda if available)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                    help="model dtype (auto: float32 on CPU, float16 on CUDA)")
+                    help="model dtype (auto: float16 on CUDA; on a CPU bfloat16 where the CPU has it natively, "
+                         "avx512_bf16 or amx_bf16, else float32)")
     if placement:
         from .models import DEVICE_MAPS
         ap.add_argument("--device_map", default=None, choices=DEVICE_MAPS,
