@@ -1,5 +1,6 @@
 """serving.py: the OpenAI-compatible server over the scheduler, started in-process on a free
 loopback port and spoken to with the real openai client and with raw HTTP."""
+import contextlib
 import json
 import threading
 import time
@@ -26,17 +27,26 @@ def server(request):
     target = tiny_model("llama", vocab=len(tok), seed=41)
     draft = noisy_copy(target, 0.1, seed=42)
     sched = Scheduler(target, draft, tok, SchedulerConfig(mode=request.param, max_batch=8, max_wait_ms=50)).start()
-    app = serving.create_app(sched, tok, serving.Limits("tiny", 128, 8))
+    with served(sched, tok, serving.Limits("tiny", 128, 8)) as url:
+        yield dict(url=url, tok=tok, target=target, draft=draft, mode=request.param, sched=sched)
+
+
+@contextlib.contextmanager
+def served(sched, tok, limits):
+    """The app on a free loopback port in a thread; its URL. The scheduler stops with it."""
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(serving.create_app(sched, tok, limits), host="127.0.0.1", port=port,
+                                        log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    yield dict(url=f"http://127.0.0.1:{port}", tok=tok, target=target, draft=draft, mode=request.param, sched=sched)
-    srv.should_exit = True
-    thread.join(10)
-    sched.stop()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sched.stop()
 
 
 def offline(s, prompt: str, n: int) -> str:
@@ -381,17 +391,8 @@ def guarded():
                                                           queue_size=4)).start()
     limits = serving.Limits("tiny", 128, 8, max_body_bytes=4096, api_key="sesame",
                             max_token_chars=serving.longest_token(tok))
-    app = serving.create_app(sched, tok, limits)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield dict(url=f"http://127.0.0.1:{port}", tok=tok, target=target, sched=sched)
-    srv.should_exit = True
-    thread.join(10)
-    sched.stop()
+    with served(sched, tok, limits) as url:
+        yield dict(url=url, tok=tok, target=target, sched=sched)
 
 
 KEY = {"Authorization": "Bearer sesame"}
