@@ -160,11 +160,11 @@ def timed_runs(target, modes, ids, kwargs, drafts: dict, repeats: int) -> tuple[
 def print_table(runs, rounds, tok, repeats: int) -> None:
     import pandas as pd
 
-    from benchmark.console import Col, fit_table
+    from benchmark.console import SWEEP_COLS, Col, fit_table
     base = runs["ar"].stats["tokens_per_s"]
     rows = [dict(mode=mode, tps=r.stats["tokens_per_s"], speedup=r.stats["tokens_per_s"] / base,
-                 rounds=f"{min(rounds[mode]):.2f}-{max(rounds[mode]):.2f}", accept=r.stats["acceptance_rate"],
-                 per_call=r.stats["mean_accepted_tokens"],
+                 rounds=f"{min(rounds[mode]):.2f}-{max(rounds[mode]):.2f}",
+                 acceptance_rate=r.stats["acceptance_rate"], tokens_per_call=r.stats["mean_accepted_tokens"],
                  text="".join(c if c.isprintable() else " " for c in tok.decode(r.tokens[0]))[:48])
             for mode, r in runs.items()]
     print(f"each mode: the median of {repeats} timed run(s) after one warm-up run, modes interleaved")
@@ -173,8 +173,7 @@ def print_table(runs, rounds, tok, repeats: int) -> None:
         Col("speedup", "speedup", ".2f", "tok/s over ar's (each its median run)"),
         Col("rounds", "rounds", "", "lowest-highest of the same ratio within one round; the medians may come from "
             "different rounds, so the speedup can fall outside it"),
-        Col("accept", "accept", ".2f", "accepted / drafted tokens"),
-        Col("per_call", "tok/call", ".2f", "new tokens per target forward pass"),
+        SWEEP_COLS["acceptance_rate"], SWEEP_COLS["tokens_per_call"],
         Col("text", "text (first row)", left=True)]))
 
 

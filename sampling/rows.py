@@ -286,7 +286,7 @@ def drop_leading_padding(seq: torch.Tensor, mask: torch.Tensor, parts) -> tuple[
     """The leading slots that are padding in every row of seq [b, S] (mask [b, S]) go from seq, mask
     and every part (``drop_leading``): a batch that rows keep joining and leaving stays as wide as
     its rows, not as wide as every row it ever held. One read of the mask (when rows left or joined)."""
-    lead = int((mask.cumsum(1) == 0).all(0).sum())              # columns before any row's first token
+    lead = int(mask.any(0).long().argmax())                     # the first column any row uses
     if lead == 0:
         return seq, mask
     for part in parts:

@@ -229,7 +229,7 @@ class _Static:
         raise ValueError("rows join a running batch with the dynamic cache and no press only")
 
     def drop_leading(self, n: int) -> None:
-        self.join(None, 0)
+        raise ValueError("rows join a running batch with the dynamic cache and no press only")
 
 
 class LayerSlotsBackend(_Static):
