@@ -98,6 +98,7 @@ def main(argv=None) -> None:
                       finished_rows=args.finished_rows, tree=args.tree if reads(mode, "tree") else "",
                       draft=drafts_of(mode, args.drafts)[0],
                       kv_cache=args.kv_cache, compile=args.compile,
+                      speculate=args.speculate if reads(mode, "speculate") else "",
                       press=args.press_label if mode not in HF_MODES else "")
             for mode in args.modes]
     shard = data.shard

@@ -514,7 +514,8 @@ def build(args):
     target, draft, tok, vocab = load_pair(args, need_draft=bool(MODES_TABLE[args.serve_mode].drafters))
     cfg = SchedulerConfig(args.serve_mode, args.max_batch, args.max_wait_ms, args.queue_size, args.gamma,
                           args.continuous == "on")
-    sched = Scheduler(target, draft, tok, cfg, vocab, kv_cache=args.kv_cache, press=presses_of(args)[0])
+    sched = Scheduler(target, draft, tok, cfg, vocab, kv_cache=args.kv_cache, press=presses_of(args)[0],
+                      speculate=args.speculate)
     warm_up(sched, tok("warm up")["input_ids"])
     limits = Limits(args.model_id, max_positions(target) or 2048, args.max_tokens, args.max_body_bytes,
                     args.api_key, longest_token(tok))
@@ -522,7 +523,7 @@ def build(args):
 
 
 def parse(argv=None):
-    from sampling.app.cli import CACHES, Parser, add_model_args, add_press_args
+    from sampling.app.cli import CACHES, Parser, add_model_args, add_press_args, add_speculate_arg
     d = SchedulerConfig()
     ap = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, placement=True)
@@ -548,6 +549,7 @@ def parse(argv=None):
                     help="the server's log: a line per request at info, every 500 with its cause")
     ap.add_argument("--kv_cache", default="dynamic", choices=CACHES,
                     help="the KV cache (sampling.cache.backends)")
+    add_speculate_arg(ap)
     add_press_args(ap)
     args = ap.parse_args(argv)
     SchedulerConfig(args.serve_mode, args.max_batch, args.max_wait_ms, args.queue_size, args.gamma).validate()

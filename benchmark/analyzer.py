@@ -34,7 +34,8 @@ def config_label(r) -> str:
     masked = (" masked" if r.get("finished_rows") == "mask" else "") + (f" {r.tree}" if r.get("tree") else "") + \
         (" sorted" if str(r.get("sort_batch")) in ("True", "true", "1") else "")
     draft = f" {r.draft}" if r.get("draft") not in (None, "", "model") else ""
-    return f"{r['mode']}{draft}{gamma}{sched}{masked}{cache_label(r)}"
+    always = " always" if r.get("speculate") == "always" else ""           # the controller off
+    return f"{r['mode']}{draft}{gamma}{sched}{masked}{always}{cache_label(r)}"
 
 
 def batch_axis(ax, batches) -> None:
@@ -124,7 +125,8 @@ def replot(folder: str) -> list[str]:
     """Redraw a sweep's plots from the summary.csv and raw.csv in ``folder``."""
     summary = pd.read_csv(os.path.join(folder, "summary.csv"), keep_default_na=False, na_values=[""])
     raw = upgrade_raw(pd.read_csv(os.path.join(folder, "raw.csv"), keep_default_na=False, na_values=[""]))
-    for col, default in (("draft", "model"), ("tree", ""), ("kv_cache", "dynamic"), ("press", "")):
+    for col, default in (("draft", "model"), ("tree", ""), ("kv_cache", "dynamic"), ("press", ""),
+                         ("speculate", "always")):
         summary[col] = summary[col].fillna(default) if col in summary else default     # older files lack it
     return plot_all(summary, raw, folder)
 

@@ -34,6 +34,7 @@ counts feed ``benchmark.launch_model`` (a step's time on a launch-bound device f
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -292,9 +293,12 @@ def measure(args, configs, versions: dict, target, parts: dict, clock: Clock, pr
     parts: version -> drafter name -> drafter."""
     def once(cfg, version):
         mode, b, kv, d = cfg
-        return versions[version].generate(target, prompts[b], draft_model=parts[version][d], mode=mode,
-                                          max_new_tokens=args.max_tokens, gamma=args.gamma, temperature=0,
-                                          kv_cache=kv).stats      # tree: the mode's default
+        generate = versions[version].generate
+        # every step drafts the configured length (the controller off, where the version has one), so
+        # versions run the same passes and their host work compares
+        fixed = {"speculate": "always"} if "speculate" in inspect.signature(generate).parameters else {}
+        return generate(target, prompts[b], draft_model=parts[version][d], mode=mode, max_new_tokens=args.max_tokens,
+                        gamma=args.gamma, temperature=0, kv_cache=kv, **fixed).stats      # tree: the mode's default
 
     runs = [(cfg, v) for cfg in configs for v in versions]
     rows, counts = [], {}

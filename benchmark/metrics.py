@@ -7,13 +7,13 @@ from sampling import DEFAULTS
 
 KEYS = ["mode", "draft", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows",
         "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree", "kv_cache", "compile",
-        "press"]   # every field of RunConfig
+        "press", "speculate"]   # every field of RunConfig
 NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.csv files lack, and
                  "rows_verified": float("nan"),             # what those runs did or what is unknown
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
                  "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": "",
                  "kv_cache": "dynamic", "compile": False, "press": "", "process": 0, "round_walls": "",
-                 "ttft_tokens": float("nan")}
+                 "ttft_tokens": float("nan"), "speculate": "always"}   # before the controller: every step drafted
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
@@ -26,7 +26,7 @@ def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
     if "draft" not in raw.columns:                # before drafters: the draft model, or none
         raw = raw.assign(draft=["" if m in ("ar", "hf") else "model" for m in raw["mode"]])
     text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str)
-            for c in ("tree", "output", "draft", "accepted_hist", "press", "round_walls")}
+            for c in ("tree", "output", "draft", "accepted_hist", "press", "round_walls", "speculate")}
     return raw.assign(**text)
 
 

@@ -21,6 +21,7 @@ from sampling.app.cli import (
     add_cache_args,
     add_model_args,
     add_press_args,
+    add_speculate_arg,
     check_at_least_one,
     check_speculator_flag,
     parse_caches,
@@ -28,6 +29,7 @@ from sampling.app.cli import (
     presses_of,
     run,
 )
+from sampling.control import check_speculate
 from sampling.generate import default_tree
 from sampling.modes import FINISHED_ROWS, MODES_TABLE
 from sampling.tree_shapes import parse_tree
@@ -100,6 +102,7 @@ def parse(argv=None):
                          f"dynamic:N[:D[:K]] (4,2,1,1;2,2,2;dynamic:16); default {DEFAULTS.tree} for the draft model, "
                          f"{DEFAULTS.heads_tree} for heads")
     add_cache_args(ap, many=True)
+    add_speculate_arg(ap, many=True)
     add_press_args(ap, many=True)
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
     ap.add_argument("--out", default=None, help="output folder (default: results/<timestamp>/)")
@@ -115,6 +118,9 @@ def parse(argv=None):
     args.schedules = [s.strip() for s in args.gamma_schedule.split(",") if s.strip()]
     args.finished = [f.strip() for f in args.finished_rows.split(",") if f.strip()]
     args.kv_caches = parse_caches(args.kv_cache, args.compile)
+    args.speculates = [s.strip() for s in args.speculate.split(",") if s.strip()] or [args.speculate]
+    for s in args.speculates:
+        check_speculate(s)
     args.presses = [p.label() for p in presses_of(args, many=True)]
     args.tree_list = [str(parse_tree(t)) for t in (args.trees or "").split(";") if t.strip()]
     try:
@@ -171,15 +177,16 @@ def configs(args, loaded: dict) -> list[RunConfig]:
         presses = [""] if mode in HF_MODES else list(dict.fromkeys(   # ar: only a press on the target matters
             p if MODES_TABLE[mode].drafters or PressSpec.from_label(p).applies_to("target") else ""
             for p in args.presses))
-        for b, g, s, srt, f, d, kv, pr in itertools.product(batches, gammas, schedules, sorts, finished, drafts, caches,
-                                                            presses):
+        speculates = args.speculates if reads(mode, "speculate") else [""]
+        for b, g, s, srt, f, d, kv, pr, sp in itertools.product(batches, gammas, schedules, sorts, finished, drafts,
+                                                                caches, presses, speculates):
             for tree in trees_of(args, mode, d, loaded):
                 out.append(RunConfig(mode=mode, batch=b, gamma=g, gamma_schedule=s, temperature=temp,
                                      sort_batch=srt and b > 1 and mode not in SEQUENTIAL_MODES,
                                      max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      seed=args.seed, finished_rows=f, tree=tree, draft=d, kv_cache=kv,
-                                     compile=args.compile and kv == "static", press=pr))
+                                     compile=args.compile and kv == "static", press=pr, speculate=sp))
     return list(dict.fromkeys(out))
 
 

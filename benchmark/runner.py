@@ -186,6 +186,8 @@ class RunConfig:
     kv_cache: str = DEFAULTS.kv_cache   # dynamic | static (the hf modes: their own cache)
     compile: bool = DEFAULTS.compile    # static cache: decode passes compiled
     press: str = ""           # KV-cache press, PressSpec.label() ("" none; sampling.press)
+    speculate: str = DEFAULTS.speculate   # auto: the controller picks each step's draft length; always: off;
+                                          # "" for modes without drafts
 
     def key(self) -> tuple:
         """Every field: a raw row is reused (--resume) only by the very same configuration."""
@@ -301,7 +303,8 @@ def _runner(cfg: RunConfig, data: Prepared):
                            top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
                            eos_token_id=eos, seed=cfg.seed + bid, gamma_schedule=cfg.gamma_schedule,
                            finished_rows=cfg.finished_rows, vocab_size=data.vocab, tree=cfg.tree or None,
-                           kv_cache=cfg.kv_cache, compile=cfg.compile, press=PressSpec.from_label(cfg.press))
+                           kv_cache=cfg.kv_cache, compile=cfg.compile, press=PressSpec.from_label(cfg.press),
+                           **({"speculate": cfg.speculate} if cfg.speculate else {}))
             tokens, st = res.tokens, res.stats
             st["prompt_padding"] = 1.0 - mask.float().mean().item()
         st["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"

@@ -100,6 +100,13 @@ class Accepted:
         return self.verified.next
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """The model passes one step costs per row, for the controller to price (``sampling.control``)."""
+    draft: tuple[int, ...]           # tokens per row of each draft-model pass (): no model pass priced
+    verify: int                      # tokens per row of the target's verify pass (drafts or nodes, + 1)
+
+
 class Drafter(Protocol):
     """Proposes draft tokens for every live row and keeps its own state in step with the target's."""
 
@@ -116,6 +123,9 @@ class Drafter(Protocol):
 
     def commit(self, acc: Accepted) -> None:
         """Keep in its own state what each row accepted, and nothing of the rest."""
+
+    def work(self, g: int) -> StepWork:
+        """The passes a step that drafts ``g`` (a chain's length, a tree's levels) costs each row."""
 
     def select_rows(self, keep: torch.Tensor) -> None:
         """Keep only the rows ``keep`` [b'] (finished rows leave the batch)."""

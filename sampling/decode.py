@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .contracts import Accepted, Drafter, Verifier
+from .control import Always
 from .rows import Live, Rows
 from .utils_bass import GammaSchedule
 
@@ -36,26 +37,33 @@ def step(drafter: Drafter, verifier: Verifier, seq: torch.Tensor, mask: torch.Te
 @torch.inference_mode()
 def speculative_decode(drafter: Drafter, verifier: Verifier, input_ids: torch.Tensor, mask: torch.Tensor,
                        schedule: GammaSchedule, rows: Rows, finished_rows: str = "drop",
-                       generator: torch.Generator | None = None) -> tuple[list[list[int]], dict]:
+                       generator: torch.Generator | None = None, control=None) -> tuple[list[list[int]], dict]:
     """Generate for a left-padded batch input_ids [B, T] (mask [B, T]); returns (tokens, stats).
 
     The budget is never overshot: a step drafts only as many tokens as the row with the most room
     can still use, and an EOS inside an accepted block ends the row there. ``finished_rows``:
     "drop" a finished row from both caches (requests may then join between steps), or keep it
-    in the batch with every new slot masked ("mask").
+    in the batch with every new slot masked ("mask"). ``control`` (``sampling.control``): picks
+    each step's draft length up to what the schedule and the drafter allow, 0 for a plain AR step
+    (None: always what they allow).
     """
+    control = control or Always()
     hidden = verifier.prefill(input_ids, mask)                            # [B, D] when the drafter reads the target
     drafter.prefill(input_ids, mask, hidden)
     seq, padding, rows_verified = input_ids, [], 0
     rows.speculative = True
     while not rows.all_done:
-        most = min(schedule.gamma, drafter.max_draft or schedule.gamma)   # drafts the drafter can make, and
+        most = min(schedule.gamma, drafter.max_draft or schedule.gamma)   # drafts the drafter can make,
+        most = control.choose(min(most, rows.room() - 1), len(seq))       # worth making for this batch, and
         limits = None if rows.seeds is None else [max(0, min(most, room - 1)) for room in rows.rooms()]
         g = min(most, rows.room() - 1) if limits is None else max(limits)   # some row can still use
         draws = rows.draws(generator, limits)                             # rows of their own: each its own
         acc, seq, mask = step(drafter, verifier, seq, mask, g, draws, rows.live())
         # 5. schedule: the next draft length, from what each live row accepted
-        schedule.update([a for a, d in zip(acc.counts, rows.done) if not d], g)
+        live = [not d for d in rows.done]
+        schedule.update([a for a, k in zip(acc.counts, live) if k], g)
+        control.observe([a for a, k in zip(acc.counts, live) if k],
+                        [lim for lim, k in zip(limits or [g] * len(live), live) if k])
         v = acc.verified
         padding.append(v.slots)                                           # real: a device count + the drafts
         rows_verified += len(acc.counts)

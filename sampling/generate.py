@@ -8,6 +8,7 @@ import torch
 
 from .cache.press import PressSpec
 from .cache.spec import CacheSpec
+from .control import check_speculate
 from .modes import FINISHED_ROWS, MODES, Mode, drafter_kind, get_mode
 from .params import RowParams, SamplingParams, row_params
 from .tree_shapes import MAX_NODES, parse_tree
@@ -39,6 +40,8 @@ class Defaults:
     finished_rows: str = "drop"       # bass, tree: drop finished rows from both caches, or keep them masked
     kv_cache: str = "dynamic"     # dynamic | static (sampling.cache.backends; results/static)
     compile: bool = False         # static cache: decode passes through torch.compile (CUDA graphs on a GPU)
+    speculate: str = "auto"       # auto: each step's draft length (0: an AR step) from pass costs and acceptance
+                                  # (sampling.control); always: what the schedule or tree says
 
 
 DEFAULTS = Defaults()
@@ -158,7 +161,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
              streamer=None, tree=None, kv_cache: str = DEFAULTS.kv_cache,
              compile: bool = DEFAULTS.compile, cascade_gamma: int | None = None,
-             press: PressSpec | None = None) -> GenerationResult:
+             press: PressSpec | None = None, speculate: str = DEFAULTS.speculate) -> GenerationResult:
     """Generate new tokens for a padded batch input_ids [B, T] (mask [B, T]; left or right padding).
 
     mode (``sampling.modes``): "ar" (target alone), "google" (Leviathan et al.), "deepmind" (Chen et
@@ -195,7 +198,11 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     that join the running batch between steps (continuous batching; modes ar and bass, the dynamic
     cache, no press: ``Mode.check_admission``). ``press`` (``sampling.cache.press.PressSpec``):
     KV-cache compression of the draft's cache (the output law stays the target's), the target's (a
-    different model) or both; None: none.
+    different model) or both; None: none. ``speculate`` (speculative modes): "auto" picks each step's
+    draft length, or how many of the tree's levels to draft, from this machine's pass costs and the
+    acceptance so far, down to 0 (a plain AR step) where drafting would not pay; "always" drafts
+    what ``gamma``, the schedule or the tree says (``sampling.control``). The output law is the
+    target's either way.
     """
     schedule = resolve_schedule(gamma_schedule, schedule)
     if gamma is None:
@@ -213,6 +220,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     params = row_params([SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=repetition_penalty)
                          for t, k, p, m in zip(each["temperature"], each["top_k"], each["top_p"], each["min_p"])])
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
+    check_speculate(speculate)
     if cascade_gamma is not None and cascade_gamma <= 0:
         raise ValueError(f"cascade_gamma must be >= 1, got {cascade_gamma}")
     spec = get_mode(mode)
@@ -245,7 +253,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         else:
             generator.manual_seed(seed)
     options = dict(gamma=gamma, schedule=schedule, tree=shape, finished_rows=finished_rows,
-                   cascade_gamma=cascade_gamma)
+                   cascade_gamma=cascade_gamma, speculate=speculate)
     tokens, stats = spec.loop(target_model, draft_model, input_ids, attention_mask, params, max_new_tokens,
                               eos_token_id, generator, vocab=vocab, streamer=streamer, cache=cache,
                               **{k: options[k] for k in spec.options})

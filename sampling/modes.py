@@ -92,17 +92,19 @@ _SPEC = ("model", "ngram", "heads")
 MODES_TABLE: dict[str, Mode] = {m.name: m for m in (
     Mode("ar", "the target alone, batched, one pass per token", _ar, (), None, False, (), joins=True, serves=True),
     Mode("google", "speculative sampling (Leviathan et al.), one row at a time",
-         functools.partial(speculative_sampling, sequential=False), _SPEC, "chain", True, ("gamma", "schedule"),
-         serves=True),
+         functools.partial(speculative_sampling, sequential=False), _SPEC, "chain", True,
+         ("gamma", "schedule", "speculate"), serves=True),
     Mode("deepmind", "speculative sampling (Chen et al.: a uniform per draft), one row at a time",
-         functools.partial(speculative_sampling, sequential=True), _SPEC, "chain", True, ("gamma", "schedule")),
+         functools.partial(speculative_sampling, sequential=True), _SPEC, "chain", True,
+         ("gamma", "schedule", "speculate")),
     Mode("bass", "batched speculative sampling (BASS-PAD), every row at once",
-         bass_sampling, _SPEC, "chain", False, ("gamma", "schedule", "finished_rows"), joins=True, serves=True),
+         bass_sampling, _SPEC, "chain", False, ("gamma", "schedule", "finished_rows", "speculate"), joins=True,
+         serves=True),
     Mode("tree", "a draft tree verified in one pass (tree attention), every row at once",
-         tree_sampling, ("model", "heads"), "tree", False, ("tree", "finished_rows")),
+         tree_sampling, ("model", "heads"), "tree", False, ("tree", "finished_rows", "speculate")),
     Mode("cascade", "drafts verifying drafts up to the target, one row at a time",
          functools.partial(speculative_sampling, sequential=False), ("cascade",), "chain", True,
-         ("gamma", "schedule", "cascade_gamma")),
+         ("gamma", "schedule", "cascade_gamma", "speculate")),
 )}
 MODES = tuple(MODES_TABLE)
 

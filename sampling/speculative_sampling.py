@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .cache.spec import CacheSpec
+from .control import make_controller
 from .decode import speculative_decode
 from .drafters import build_drafter
 from .params import RowParams, SamplingParams
@@ -21,13 +22,14 @@ def speculative_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Ten
                          params: SamplingParams | RowParams, max_new_tokens: int | list[int],
                          eos_token_id: int | None, generator: torch.Generator | list[int] | None, *, gamma: int,
                          schedule: ScheduleParams, sequential: bool = False, cascade_gamma: int | None = None,
-                         vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec()
-                         ) -> tuple[list[list[int]], dict]:
+                         vocab: int | None = None, streamer=None, cache: CacheSpec = CacheSpec(),
+                         speculate: str = "auto") -> tuple[list[list[int]], dict]:
     """Each row of a left-padded batch [B, T] alone, padding stripped: a drafter (a draft model, a
     drafter source, or a list of draft models: a cascade whose lower levels draft ``cascade_gamma``)
     and a chain verifier (``sequential``: Chen et al.'s uniforms, one per draft). ``generator``: one
     for the batch, or one seed per row (rows that are separate requests: each its own generator, and
-    a fault of one row fails it alone, the next rows go on). Returns (tokens, stats), the stats of the
+    a fault of one row fails it alone, the next rows go on); ``speculate``: "auto" lets the controller
+    shorten a step's chain, to none (``sampling.control``). Returns (tokens, stats), the stats of the
     rows merged as one generation's."""
     t0, tokens, per_row, failed = now(input_ids.device), [], [], {}
     budgets = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else max_new_tokens
@@ -42,7 +44,8 @@ def speculative_sampling(target, draft, input_ids: torch.Tensor, mask: torch.Ten
         gen = torch.Generator(ids.device).manual_seed(generator[i]) if own else generator
         try:
             out, stats = speculative_decode(drafter, verifier, ids, torch.ones_like(ids),
-                                            GammaSchedule(gamma, schedule), rows, generator=gen)
+                                            GammaSchedule(gamma, schedule), rows, generator=gen,
+                                            control=make_controller(speculate, target, draft, drafter, cache))
         except Exception as e:                                            # noqa: BLE001 (a row's own fault)
             if not own:
                 raise

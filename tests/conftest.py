@@ -1,8 +1,10 @@
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["BASS_CACHE_DIR"] = tempfile.mkdtemp(prefix="bass-tests-")   # pass costs: never the user's
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,3 +20,12 @@ def float32_by_default(monkeypatch):
     bfloat16 (``sampling.app.models.native_bf16``); subprocesses get ``--dtype float32``."""
     from sampling.app import models
     monkeypatch.setattr(models, "native_bf16", lambda: False)
+
+
+@pytest.fixture(autouse=True)
+def drafting_is_free(monkeypatch):
+    """The controller (``sampling.control``) prices every step alike, so it drafts what the schedule
+    or tree says each step, as ``speculate="always"`` does, whatever this machine's pass costs:
+    outputs stay those the tests pin. Its own tests (tests/test_control.py) give it real costs."""
+    from sampling import control
+    monkeypatch.setattr(control.Controller, "step_ms", lambda self, g, batch: 1.0)

@@ -7,6 +7,7 @@ import sys
 
 from ..cache.press import PRESSES, PressSpec
 from ..cache.spec import CACHES, CacheSpec
+from ..control import SPECULATE
 from ..generate import DEFAULTS
 from ..modes import FINISHED_ROWS, get_mode
 from ..params import SamplingParams
@@ -129,8 +130,18 @@ def add_sampling_args(ap: argparse.ArgumentParser, gamma_flag: str = "--gamma",
                     help="bass: drop a finished row from both caches, or keep it in the batch masked")
     ap.add_argument("--cascade_gamma", type=int, default=None,
                     help="mode cascade: draft length of every level below the target (default: --gamma)")
+    add_speculate_arg(ap)
     add_cache_args(ap)
     add_press_args(ap)
+
+
+def add_speculate_arg(ap: argparse.ArgumentParser, many: bool = False) -> None:
+    """--speculate (a comma list when ``many``: a sweep compares them side by side)."""
+    ap.add_argument("--speculate", default=DEFAULTS.speculate, **({} if many else dict(choices=SPECULATE)),
+                    help=("comma list: " if many else "") + "auto: each step drafts as many tokens (tree levels) as "
+                         "this machine's pass costs and the acceptance so far say pay, none (an AR step) where "
+                         "drafting would not; always: what --gamma, the schedule or the tree says "
+                         "(docs/speculate.md)")
 
 
 def add_cache_args(ap: argparse.ArgumentParser, many: bool = False) -> None:
@@ -213,7 +224,7 @@ def generate_kwargs(args, tokenizer, vocab_size: int | None) -> dict:
                 eos_token_id=tokenizer.eos_token_id, schedule=schedule_of(args),
                 finished_rows=args.finished_rows, vocab_size=vocab_size, tree=args.tree,
                 kv_cache=args.kv_cache, compile=args.compile, cascade_gamma=args.cascade_gamma,
-                press=presses_of(args)[0])
+                press=presses_of(args)[0], speculate=args.speculate)
 
 
 def parse_caches(text: str, compile: bool) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..cache.spec import CacheSpec
-from ..contracts import Accepted, Draft
+from ..contracts import Accepted, Draft, StepWork
 from ..decode import step
 from ..params import RowParams, SamplingParams
 from ..rows import Live
@@ -65,6 +65,11 @@ class CascadeDrafter:
         if not g:
             return Draft(tokens=seq[:, :0], q=None)
         return Draft(tokens=torch.cat(tokens, dim=1), q=torch.cat(qs, dim=1))   # [1, g], [1, g, V]
+
+    def work(self, g: int) -> StepWork:
+        """Priced as g one-token passes of this level's model (its own verify passes take about
+        that; the levels below it are not priced) and a target verify pass of g + 1."""
+        return StepWork((1,) * g, g + 1)
 
     def commit(self, acc: Accepted) -> None:
         """The target accepted a prefix of the draft: every level keeps it (a slice of its cache)."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..contracts import Accepted, Draft
+from ..contracts import Accepted, Draft, StepWork
 from ..params import RowParams, SamplingParams, norm_logits
 from ..storage import dequantize_int8, quantize_int8
 from ..tree_shapes import DynamicTree, TreeShape, parse_tree
@@ -210,6 +210,11 @@ class SpeculatorDrafter:
         tokens, q = draft_levels(shape, self.law(j, z, seq, mask), shape.on(seq.device), self.greedy, generator,
                                  expand)                                     # [b, n], [b, n, V]
         return Draft(tokens, q, shape if self.tree is not None else None)
+
+    def work(self, g: int) -> StepWork:
+        """The heads' stages are not priced (small beside a target pass); a verify pass of the
+        chain's g or the cut tree's nodes, + 1."""
+        return StepWork((), (self.tree.truncated(g).n if self.tree is not None else g) + 1)
 
     def commit(self, acc: Accepted) -> None:
         """The hidden state of each row's last accepted position, from the verify pass's positions

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..cache.part import CachedPart
-from ..contracts import Accepted, Draft
+from ..contracts import Accepted, Draft, StepWork
 from ..params import keyed, sample
 
 
@@ -30,6 +30,10 @@ class ModelDrafter(CachedPart):
             return Draft(tokens=seq[:, :0], q=None)
         return Draft(tokens=torch.stack(xs, 1),                               # [b, g]
                      q=None if self.greedy else torch.stack(qs, 1))           # [b, g, V]; greedy: never read
+
+    def work(self, g: int) -> StepWork:
+        """g one-token draft passes, a verify pass of g + 1."""
+        return StepWork((1,) * g, g + 1)
 
     def commit(self, acc: Accepted) -> None:
         """Keep the accepted slots of the cache: the chain's prefix up to the longest row (the loop's

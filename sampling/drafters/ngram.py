@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contracts import Accepted, Draft
+from ..contracts import Accepted, Draft, StepWork
 from ..utils import to_device
 
 
@@ -81,6 +81,10 @@ class NgramDrafter:
                     follow = row[start + n:start + n + g]
                     return follow + [follow[-1]] * (g - len(follow))
         return [row[-1]] * g
+
+    def work(self, g: int) -> StepWork:
+        """No model pass; a verify pass of g + 1."""
+        return StepWork((), g + 1)
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         """g drafts after seq [b, S] (mask [b, S]) for every row, from the rows' texts on the host

@@ -7,7 +7,7 @@ import torch
 
 from ..cache.part import CachedPart
 from ..cache.spec import CacheSpec
-from ..contracts import Accepted, Draft
+from ..contracts import Accepted, Draft, StepWork
 from ..params import RowParams, SamplingParams, gumbel_keys, keyed
 from ..tree_shapes import RowTrees, TreeShape, _shape
 from ..utils import to_device
@@ -79,6 +79,13 @@ class TreeDrafter(CachedPart):
         root = self.kv.catch_up(seq, mask).unsqueeze(1)                      # [b, 1, V] the root's q
         tokens, q = draft_levels(tree, root, on, self.greedy, generator, expand)
         return Draft(tokens, q, tree)
+
+    def work(self, g: int) -> StepWork:
+        """The root's pass and one per level but the last, as wide as the level; a verify pass of
+        the tree's nodes + 1."""
+        tree = self.shape.truncated(g)
+        draft = (1,) + tuple(len(tree.levels[d]) for d in range(tree.depth - 1)) if tree.n else ()
+        return StepWork(draft, tree.n + 1)
 
     def commit(self, acc: Accepted) -> None:
         """Keep the accepted path's nodes that went through the draft (all but the last level)."""
@@ -161,6 +168,14 @@ class DynamicTreeDrafter(TreeDrafter):
         q = None if self.greedy else torch.cat(qs, 1).gather(1, keep.unsqueeze(-1).expand(b, n, qs[0].shape[-1]))
         self._tree = tree
         return Draft(torch.cat(toks, 1).gather(1, keep), q, tree, carry=tree.fed)   # tokens [b, n], q [b, n, V]
+
+    def work(self, g: int) -> StepWork:
+        """The root's pass and one of K nodes per level but the last; a verify pass of the N best
+        candidates (or all those drafted, when fewer) + 1."""
+        depth = min(self.shape.depth, g)
+        if depth <= 0:
+            return StepWork((), 1)
+        return StepWork((1,) + (self.shape.k,) * (depth - 1), min(self.shape.n, self.shape.pool(depth)) + 1)
 
     def commit(self, acc: Accepted) -> None:
         """Keep the accepted path's nodes that went through the draft, as far as every row's path

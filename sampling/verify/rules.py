@@ -132,7 +132,7 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     b, n = tokens.shape
     ints = [tokens] + [children] * torch.is_tensor(children) + [carry] * (carry is not None)   # [b, n] each
     if greedy:                      # every position's argmax too: the walk is then on host lists
-        ints += [p_root.argmax(-1, keepdim=True)] + [p.argmax(-1)] * (p is not None)   # [b, 1], [b, n]
+        ints += [p_root.argmax(-1, keepdim=True)] + ([p.argmax(-1)] if p is not None else [])   # [b, 1], [b, n]
         host = torch.cat(ints, 1).tolist()                          # the walk's one device-to-host transfer
     else:                           # the laws, the walk's uniforms and the integers in one transfer
         u = uniform((b, n + 1), keyed(generator, "walk"), p_root.device, p_root.dtype)          # [b, n + 1]

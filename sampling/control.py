@@ -1,0 +1,261 @@
+"""Speculation that is never slower than AR: each step, the draft length (0: a plain AR step) whose
+expected tokens per unit of cost are the most, from pass costs measured ahead and the acceptance
+seen so far.
+
+A step that drafts g tokens costs the target's verify pass over ``b x verify(g)`` tokens and the
+draft model's passes (``Drafter.work``), priced by each model's pass-cost curve (ms against the
+tokens a pass feeds, batch rows x tokens per row). It yields, per row, 1 + sum over levels l <= g
+of prod_{j <= l} beta_j tokens, beta_j the rate at which a row that reached level j - 1 also
+accepted level j (Leviathan et al.'s alpha when every beta is alike), counted over the steps so far
+(each step's counts decayed, so the rate follows the text). An AR step yields 1 token for the
+target's one-token pass. The controller takes the g with the most tokens per ms.
+
+Decisions read no clock: the curves are measured once per machine, model, dtype, device, thread
+count and cache, and kept in ``pass-costs.json`` under ``cache_dir()`` (``$BASS_CACHE_DIR``, by
+default ``~/.cache/bass-pp``), so a seeded run makes the same choices, and so the same tokens,
+every time on that machine. docs/speculate.md says more.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cache.spec import CacheSpec
+from .contracts import Drafter, DrafterSource
+from .kvcache_model import KVCacheModel
+from .params import SamplingParams
+from .utils import max_positions, model_device, now, vocab_size
+
+SPECULATE = ("auto", "always")      # auto: the controller; always: every step drafts what the schedule says
+GRID = (1, 2, 4, 8, 16, 32, 64, 128)  # tokens per pass measured (beyond: extended from the last two)
+CONTEXT = 64                         # cached positions before a timed pass
+PROBE_AFTER = 16                     # AR steps before one speculative step re-measures the acceptance
+
+
+def cache_dir() -> Path:
+    """Where the pass-cost table is kept: $BASS_CACHE_DIR, else ~/.cache/bass-pp."""
+    return Path(os.environ.get("BASS_CACHE_DIR") or Path.home() / ".cache" / "bass-pp")
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """ms of one model's cached pass against the tokens it feeds (batch rows x tokens per row):
+    piecewise linear through the measured points, extended beyond the last along the last segment."""
+    tokens: tuple[int, ...]
+    ms: tuple[float, ...]
+
+    def __call__(self, n: float) -> float:
+        xs, ys = self.tokens, self.ms
+        if n <= xs[0] or len(xs) == 1:
+            return ys[0]
+        k = next((i for i in range(1, len(xs)) if n <= xs[i]), len(xs) - 1)
+        slope = max(0.0, (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1]))
+        return ys[k - 1] + slope * (n - xs[k - 1])
+
+
+def machine_key(model, cache: CacheSpec) -> str:
+    """What a pass's cost depends on besides its tokens: the model (class, size, layers), its dtype
+    and device, the thread count, the CPU or GPU, and the cache kind."""
+    p = next(model.parameters())
+    cfg = model.config
+    device = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else cpu_name()
+    size = sum(t.numel() for t in model.parameters())
+    return (f"{type(model).__name__}|{size}|{getattr(cfg, 'num_hidden_layers', '?')}|{str(p.dtype)[6:]}|"
+            f"{p.device.type}|{device}|threads={torch.get_num_threads()}|{cache.kind}")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+@torch.inference_mode()
+def time_passes(points: list[tuple[KVCacheModel, int]], context: int, reps: int,
+                generator: torch.Generator) -> list[float]:
+    """Median ms of each (wrapper, tokens) pass: every wrapper holds ``context`` cached positions
+    of one random prompt; two warm-up rounds, then ``reps`` rounds with the points in rotating order
+    (drift slows all alike); each pass is rolled back."""
+    times: list[list[float]] = [[] for _ in points]
+    for rep in range(reps + 2):
+        for i in range(len(points)):
+            j = (i + rep) % len(points)
+            kv, n = points[j]
+            device = model_device(kv.model)
+            shape = (kv.mask.shape[0], context + n)                       # [b, context + n]
+            seq = torch.randint(0, vocab_size(kv.model), shape, generator=generator).to(device)
+            t0 = now(device)
+            kv.catch_up(seq, torch.ones_like(seq))
+            t1 = now(device)
+            kv.rollback(context)
+            if rep >= 2:
+                times[j].append(1000 * (t1 - t0))
+    return [statistics.median(t) for t in times]
+
+
+def cached_wrapper(model, batch: int, context: int, cache: CacheSpec, generator: torch.Generator) -> KVCacheModel:
+    """A wrapper of ``model`` whose cache holds ``context`` positions of a random prompt per row."""
+    kv = KVCacheModel(model, SamplingParams(temperature=1.0), cache=cache)
+    prompt = torch.randint(0, vocab_size(model), (batch, context), generator=generator).to(model_device(model))
+    kv.prefill(prompt, torch.ones_like(prompt))
+    return kv
+
+
+def measure_curve(model, cache: CacheSpec, grid: tuple[int, ...] = GRID, reps: int = 9) -> CostCurve:
+    """``model``'s pass cost at each point of ``grid``: one row of ``n`` tokens after CONTEXT cached
+    ones (a batch of b rows of k tokens feeds the same b x k through the same layers)."""
+    limit = max_positions(model)
+    grid = tuple(n for n in grid if limit is None or CONTEXT + n <= limit) or grid[:1]
+    gen = torch.Generator().manual_seed(0)
+    spec = CacheSpec(cache.kind, room=max(grid))
+    kv = cached_wrapper(model, 1, CONTEXT, spec, gen)
+    return CostCurve(tuple(grid), tuple(time_passes([(kv, n) for n in grid], CONTEXT, reps, gen)))
+
+
+_CURVES: dict[str, CostCurve] = {}      # this process's, read from or added to the file
+
+
+def pass_costs(model, cache: CacheSpec) -> CostCurve:
+    """``model``'s cost curve on this machine: from pass-costs.json, or measured now (a few seconds,
+    once per machine) and added to it."""
+    key = machine_key(model, cache)
+    if key in _CURVES:
+        return _CURVES[key]
+    path = cache_dir() / "pass-costs.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    if key not in table:
+        curve = measure_curve(model, cache)
+        table = json.loads(path.read_text()) if path.exists() else {}     # another process may have written
+        table[key] = dict(tokens=list(curve.tokens), ms=list(curve.ms))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)                                          # whole, never half-written
+    entry = table[key]
+    _CURVES[key] = CostCurve(tuple(entry["tokens"]), tuple(float(v) for v in entry["ms"]))
+    return _CURVES[key]
+
+
+class Always:
+    """Every step drafts what the schedule allows (``speculate="always"``)."""
+
+    def choose(self, most: int, batch: int) -> int:
+        return most
+
+    def observe(self, counts: list[int], limits: list[int]) -> None:
+        pass
+
+
+@dataclass
+class Controller:
+    """The draft length of each step from pass costs and the acceptance so far (module docstring).
+
+    ``target``, ``draft``: the models' cost curves (``draft`` None: the drafter runs no model, or
+    its passes are not priced); ``drafter``: its ``work(g)`` says what a step of g costs. The
+    acceptance per level starts from ``prior`` (as if ``weight`` rows had been seen at that rate)
+    and each step's counts decay by ``decay``.
+    """
+    target: CostCurve
+    draft: CostCurve | None
+    drafter: Drafter
+    prior: float = 0.8
+    weight: float = 2.0
+    decay: float = 0.95
+    tried: list[float] = field(default_factory=list)    # per level l >= 1 (index l - 1): rows that could accept it
+    passed: list[float] = field(default_factory=list)   # ... and did
+    ar_steps: int = 0                                   # consecutive AR steps chosen
+
+    def rates(self, depth: int, prior_only: bool = False) -> list[float]:
+        """beta_1 .. beta_depth: each level's rate, pulled toward the pooled rate of every level
+        (itself pulled toward ``prior``), so a level seldom reached borrows from the others."""
+        pool = (sum(self.passed) + self.weight * self.prior) / (sum(self.tried) + self.weight)
+        if prior_only:
+            return [self.prior] * depth
+        return [(self.passed[i] + self.weight * pool) / (self.tried[i] + self.weight) if i < len(self.tried)
+                else pool for i in range(depth)]
+
+    def step_ms(self, g: int, batch: int) -> float:
+        """Predicted ms of a step drafting g for ``batch`` rows."""
+        w = self.drafter.work(g)
+        ms = self.target(batch * w.verify)
+        if self.draft is not None:
+            ms += sum(self.draft(batch * t) for t in w.draft)
+        return ms
+
+    def best(self, most: int, batch: int, prior_only: bool = False) -> tuple[int, float]:
+        """The g in [0, most] with the most expected tokens per ms, and that rate."""
+        best_g, best = 0, 1.0 / self.step_ms(0, batch)
+        expected, run = 1.0, 1.0
+        for g, beta in enumerate(self.rates(most, prior_only), start=1):
+            run *= beta
+            expected += run                                               # tokens a row expects from g drafts
+            rate = expected / self.step_ms(g, batch)
+            if rate > best:
+                best_g, best = g, rate
+        return best_g, best
+
+    def choose(self, most: int, batch: int) -> int:
+        """The draft length of this step for ``batch`` rows in the pass, at most ``most``."""
+        if most <= 0:
+            return most
+        g, _ = self.best(most, batch)
+        if g == 0:
+            self.ar_steps += 1
+            # AR because the drafts were rejected, not because drafting costs too much here: now and
+            # then draft once, so the acceptance is seen again (the text may have changed)
+            if self.ar_steps >= PROBE_AFTER:
+                probe, _ = self.best(most, batch, prior_only=True)
+                if probe:
+                    self.ar_steps = 0
+                    return probe
+            return 0
+        self.ar_steps = 0
+        return g
+
+    def observe(self, counts: list[int], limits: list[int]) -> None:
+        """Drafts each live row accepted (``counts``) out of its own draft length (``limits``)."""
+        depth = max(limits, default=0)
+        if not depth:
+            return
+        grow = depth - len(self.tried)
+        self.tried += [0.0] * grow
+        self.passed += [0.0] * grow
+        self.tried = [t * self.decay for t in self.tried]
+        self.passed = [p * self.decay for p in self.passed]
+        for n, lim in zip(counts, limits):
+            for level in range(min(n + 1, lim)):                          # levels 1 .. min(n + 1, lim) tried
+                self.tried[level] += 1
+                self.passed[level] += level < n
+
+
+def draft_models(draft) -> list:
+    """The draft models whose passes a step pays: a draft model; a cascade's largest (its lower
+    levels' passes are not priced); none for heads or n-grams."""
+    if draft is None or isinstance(draft, DrafterSource):
+        return []
+    return [draft[-1]] if isinstance(draft, (list, tuple)) else [draft]
+
+
+def make_controller(speculate: str, target, draft, drafter: Drafter, cache: CacheSpec):
+    """The controller of one generation: ``Always`` or a ``Controller`` on this machine's pass costs."""
+    if speculate == "always":
+        return Always()
+    if not callable(getattr(drafter, "work", None)):
+        raise ValueError(f"{type(drafter).__name__} has no work(g) (sampling.contracts.Drafter), so the controller "
+                         f"cannot price its steps: give it one, or pass speculate='always'")
+    models = draft_models(draft)
+    return Controller(pass_costs(target, cache), pass_costs(models[0], cache) if models else None, drafter)
+
+
+def check_speculate(speculate: str) -> None:
+    if speculate not in SPECULATE:
+        raise ValueError(f"unknown speculate {speculate!r}; choose one of {', '.join(SPECULATE)}")

@@ -1,0 +1,151 @@
+"""The controller of speculation (``sampling.control``): its choices from pass costs and acceptance,
+its cost table on disk, and exactness while the draft length switches mid-generation (AR steps
+included): greedy output equal to greedy AR, sampled output in the target's law."""
+import itertools
+import json
+
+import pytest
+import torch
+from test_distribution import ALPHA, CASES, joint_pvalue, peaked_models
+from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
+
+from sampling import NgramDrafter, generate, new_speculator, speculative_bass, speculative_sampling
+from sampling.cache.spec import CacheSpec
+from sampling.contracts import StepWork
+from sampling.control import PROBE_AFTER, Always, Controller, CostCurve, pass_costs
+
+
+class Chain:
+    """A drafter's ``work`` alone: g one-token draft passes, a verify of g + 1."""
+
+    def work(self, g):
+        return StepWork((1,) * g, g + 1)
+
+
+ORIGINAL_STEP_MS = Controller.step_ms        # read at import, before any fixture patches it
+
+
+def controller(monkeypatch, target=(10.0, 0.5), draft=(1.0, 0.05), **kw) -> Controller:
+    """A controller on linear costs: target a + b x tokens, draft likewise (ms)."""
+    monkeypatch.setattr(Controller, "step_ms", ORIGINAL_STEP_MS)
+    grid = (1, 2, 4, 8, 16, 32, 64, 128)
+    curve = lambda a, b: CostCurve(grid, tuple(a + b * n for n in grid))    # noqa: E731
+    return Controller(curve(*target), curve(*draft), Chain(), **kw)
+
+
+def test_cost_curve_interpolates_and_extends():
+    c = CostCurve((1, 2, 4), (10.0, 12.0, 13.0))
+    assert c(1) == 10.0 and c(0.5) == 10.0 and c(3) == 12.5
+    assert c(8) == 15.0                                   # the last segment, extended
+    assert CostCurve((1, 2), (5.0, 4.0))(10) == 5.0       # never cheaper for more tokens (noise): flat
+
+
+def test_drafts_while_it_pays_and_not_at_a_large_batch(monkeypatch):
+    """Every draft accepted: cheap drafts pay at batch 1; at batch 64 a pass costs about as many
+    times one token as it feeds (compute-bound), so the drafts' passes make an AR step the better."""
+    c = controller(monkeypatch, target=(2.0, 1.0))
+    for _ in range(20):
+        c.observe([4], [4])                               # every draft accepted
+    assert c.choose(6, 1) >= 4
+    assert c.choose(6, 64) == 0
+    assert c.choose(0, 1) == 0                            # nothing to choose from
+
+
+def test_low_acceptance_means_ar_steps_and_a_probe_now_and_then(monkeypatch):
+    c = controller(monkeypatch)
+    for _ in range(30):
+        c.observe([0], [3])                               # every first draft rejected
+    picks = [c.choose(4, 1) for _ in range(PROBE_AFTER + 2)]
+    assert picks[:PROBE_AFTER - 1] == [0] * (PROBE_AFTER - 1)
+    assert picks[PROBE_AFTER - 1] > 0 and picks[PROBE_AFTER] == 0   # one probe, then AR again
+
+
+def test_rates_per_level(monkeypatch):
+    """Rows that accepted 1 of 3: level 1 passed, level 2 tried and failed, level 3 never reached."""
+    c = controller(monkeypatch, decay=1.0, weight=1e-9)
+    c.observe([1, 1], [3, 3])
+    assert c.tried == [2, 2, 0] and c.passed == [2, 0, 0]
+    beta = c.rates(3)
+    assert beta[0] == pytest.approx(1.0, abs=1e-6) and beta[1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_same_history_same_choices(monkeypatch):
+    """No clock: two controllers fed the same acceptance choose alike (a seeded run repeats)."""
+    a, b = controller(monkeypatch), controller(monkeypatch)
+    hist = [([3, 0], [4, 4]), ([1, 4], [4, 4]), ([0, 0], [2, 2])]
+    assert [a.observe(*h) or a.choose(5, 2) for h in hist] == [b.observe(*h) or b.choose(5, 2) for h in hist]
+
+
+def test_pass_costs_are_measured_once_and_kept(monkeypatch, tmp_path):
+    """The table is written whole under $BASS_CACHE_DIR and read back, not measured again."""
+    from sampling import control
+    monkeypatch.setenv("BASS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(control, "_CURVES", {})
+    model = tiny_model("llama", seed=0, dtype=torch.float32)
+    curve = pass_costs(model, CacheSpec())
+    table = json.loads((tmp_path / "pass-costs.json").read_text())
+    assert len(table) == 1 and list(curve.tokens) == next(iter(table.values()))["tokens"]
+    assert all(ms > 0 for ms in curve.ms)
+    monkeypatch.setattr(control, "_CURVES", {})
+    monkeypatch.setattr(control, "measure_curve", lambda *a, **k: pytest.fail("measured again"))
+    assert pass_costs(model, CacheSpec()) == curve
+
+
+class Scripted:
+    """A controller that switches by a fixed script: AR steps, short and full drafts in turn."""
+
+    def __init__(self, script):
+        self.script = itertools.cycle(script)
+
+    def choose(self, most, batch):
+        return min(most, next(self.script))
+
+    def observe(self, counts, limits):
+        pass
+
+
+SCRIPT = (0, 3, 1, 0, 0, 2, 4)                # an AR step first: right after the prefill
+
+
+@pytest.fixture
+def switching(monkeypatch):
+    for module in (speculative_bass, speculative_sampling):
+        monkeypatch.setattr(module, "make_controller", lambda *a, **k: Scripted(SCRIPT))
+
+
+@pytest.mark.parametrize("case", ("google", "bass", "bass-ngram", "bass-mlp", "tree", "tree-dynamic", "tree-mlp",
+                                  "cascade"))
+def test_greedy_equals_ar_while_switching(case, switching):
+    target = tiny_model("llama", seed=0, dtype=torch.float32)
+    ids, mask = left_padded_batch(97, (5, 9, 3), seed=2)
+    mode, kind = (case.split("-") + ["model"])[:2]
+    draft = {"model": noisy_copy(target, 0.2), "ngram": NgramDrafter(),
+             "mlp": new_speculator(target, "mlp", 3, seed=5, noise=0.05),
+             "dynamic": noisy_copy(target, 0.2)}[kind]
+    extra = {"tree": dict(tree="dynamic:6:3:3" if kind == "dynamic" else "2,2,1")}.get(mode, {})
+    if mode == "cascade":
+        draft = [noisy_copy(target, 0.5), noisy_copy(target, 0.2)]
+    res = generate(target, ids, mask, draft_model=draft, mode=mode, max_new_tokens=12, gamma=3, temperature=0,
+                   **extra)
+    assert res.tokens == greedy_reference(target, ids, mask, 12)
+    assert 0 in res.stats["gamma_trace"] and max(res.stats["gamma_trace"]) > 1     # it did switch
+
+
+@pytest.mark.parametrize("mode", ("google", "bass", "tree"))
+def test_sampled_law_while_switching(mode, switching):
+    """Joint law of the first 3 new tokens against enumeration, the draft length switching (AR steps
+    included) by the script."""
+    V, K = 5, 3
+    params = CASES["t1"]
+    target, draft = peaked_models(11, 12)
+    prompt = [1, 3, 0, 4]
+    N = 3000
+    ids = torch.tensor([prompt] * N)
+    extra = dict(tree="2,2") if mode == "tree" else dict(gamma=2)
+    res = generate(target, ids, draft_model=draft, mode=mode, max_new_tokens=K, temperature=1.0, seed=3, **extra)
+    pval = joint_pvalue(res.tokens, target, prompt, params, K, V)
+    assert 0.05 < res.stats["acceptance_rate"] < 0.95 and pval > ALPHA, (res.stats["acceptance_rate"], pval)
+
+
+def test_always_is_the_schedule(monkeypatch):
+    assert Always().choose(5, 32) == 5
