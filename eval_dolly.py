@@ -22,6 +22,7 @@ from benchmark.runner import (
     RunConfig,
     add_bench_args,
     check_out,
+    compile_of,
     drafts_of,
     parse_modes,
     prepare,
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
                       repetition_penalty=args.repetition_penalty, seed=args.seed,
                       finished_rows=args.finished_rows, tree=args.tree if reads(mode, "tree") else "",
                       draft=drafts_of(mode, args.drafts)[0],
-                      kv_cache=args.kv_cache, compile=args.compile,
+                      kv_cache=args.kv_cache, compile=compile_of(args.compile, mode, args.kv_cache),
                       speculate=args.speculate if reads(mode, "speculate") else "",
                       press=args.press_label if mode not in HF_MODES else "")
             for mode in args.modes]

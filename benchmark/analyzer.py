@@ -22,9 +22,11 @@ def cache_label(r) -> str:
     cache, else ""."""
     kv = r.get("kv_cache")
     compiled = str(r.get("compile")) in ("True", "true", "1")
+    compiled_draft = str(r.get("compile")) == "draft"
     press = r.get("press") or ""
     press = "" if press != press else f" press {press.split(':')[0]} on {press.split(':')[3]}" if press else ""
-    return (f" {kv}" if kv not in (None, "", "dynamic") else "") + (" compiled" if compiled else "") + press
+    return (f" {kv}" if kv not in (None, "", "dynamic") else "") + (" compiled" if compiled else "") + \
+        (" draft compiled" if compiled_draft else "") + press
 
 
 def config_label(r) -> str:
@@ -50,8 +52,9 @@ def batch_axis(ax, batches) -> None:
 def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]:
     """Throughput and speedup over AR by batch size (one PNG per temperature); for chains, acceptance
     per draft token and tokens per target call by gamma; for trees, tokens per target call and
-    acceptance per drafted node by tree; chains' acceptance by Dolly category. Each quantity on its
-    own axis, titled with its definition."""
+    acceptance per drafted node by tree (both with the controller off: the gamma drafted is the
+    gamma asked); the controller's mean draft length by batch size; chains' acceptance by Dolly
+    category. Each quantity on its own axis, titled with its definition."""
     written = []
     s = summary.assign(label=[config_label(r) for _, r in summary.iterrows()])
     for temp, part in s.groupby("temperature"):
@@ -71,7 +74,23 @@ def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]
             path = os.path.join(folder, f"{name}_t{temp:g}.png")
             _save(fig, path)
             written.append(path)
-    spec = s[s.drafted > 0]
+    auto = s[s.get("speculate", pd.Series("", index=s.index)) == "auto"]
+    if len(auto):                                                    # what the controller chose, by batch
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for label, line in auto.groupby("label"):
+            line = line.sort_values("batch")
+            ax.plot(line.batch, line.mean_gamma, marker="o", label=label)
+        batch_axis(ax, auto.batch)
+        ax.set_ylabel("mean drafted per step (tokens; a tree: levels)")
+        ax.set_ylim(bottom=0)
+        ax.set_title("the controller's draft length by batch size (0: AR steps)\n(speculate auto; mean over the "
+                     "steps of every generation)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = os.path.join(folder, "controller_choices.png")
+        _save(fig, path)
+        written.append(path)
+    spec = s[(s.drafted > 0) & (s.get("speculate", pd.Series("", index=s.index)) != "auto")]   # gamma as drafted
     chains = spec[(spec["mode"] != "tree") & (spec.gamma > 0) & (spec.gamma_schedule == "constant")]
     if len(chains):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")

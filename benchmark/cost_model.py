@@ -268,7 +268,7 @@ def modeled(raw: pd.DataFrame, kv_cache: str) -> pd.DataFrame:
     from .metrics import upgrade_raw
     raw = upgrade_raw(raw)
     return raw[raw["draft"].isin(MODELED_DRAFTS) & ~raw["mode"].str.startswith("hf") & (raw.kv_cache == kv_cache)
-               & ~raw["compile"].astype(str).isin(["True", "true", "1"])]
+               & ~raw["compile"].astype(str).isin(["True", "true", "1", "draft"])]
 
 
 CALIBRATION_KEY = ["mode", "batch", "tree"]     # the host work per loop iteration is calibrated per these

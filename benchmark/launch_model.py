@@ -49,7 +49,7 @@ def decode_passes(raw: pd.DataFrame) -> pd.DataFrame:
     decode pass (the tokens the passes after the prefill gave, over those passes: every new token of
     a speculative loop, all but each row's first for AR)."""
     raw = upgrade_raw(raw)
-    raw = raw[(raw.temperature == 0) & ~raw["compile"].astype(str).isin(["True", "true", "1"])
+    raw = raw[(raw.temperature == 0) & ~raw["compile"].astype(str).isin(["True", "true", "1", "draft"])
               & ~raw["mode"].str.startswith("hf")]
     raw = raw.assign(draft=raw["draft"].where(raw["mode"] != "ar", ""),
                      gamma=raw.gamma.where(~raw["mode"].isin(["ar", "tree"]), 0).astype(int),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from sampling import DEFAULTS
+from sampling.modes import MODES_TABLE
 
 KEYS = ["mode", "draft", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows",
         "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree", "kv_cache", "compile",
@@ -13,7 +14,7 @@ NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
                  "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": "",
                  "kv_cache": "dynamic", "compile": False, "press": "", "process": 0, "round_walls": "",
-                 "ttft_tokens": float("nan"), "speculate": "always"}   # before the controller: every step drafted
+                 "ttft_tokens": float("nan")}
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
@@ -23,6 +24,12 @@ def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
     if raw.empty:
         return raw
     raw = raw.assign(**{k: v for k, v in NEWER_COLUMNS.items() if k not in raw.columns})
+    if "speculate" not in raw.columns:            # before the controller: every step drafted (modes with drafts)
+        raw = raw.assign(speculate=["always" if m in MODES_TABLE and "speculate" in MODES_TABLE[m].options else ""
+                                    for m in raw["mode"]])
+    # compile reads back from CSV as text when "draft" shares the column: the values RunConfig holds
+    raw = raw.assign(compile=["draft" if str(c) == "draft" else str(c) in ("True", "true", "1")
+                              for c in raw["compile"]])
     if "draft" not in raw.columns:                # before drafters: the draft model, or none
         raw = raw.assign(draft=["" if m in ("ar", "hf") else "model" for m in raw["mode"]])
     text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str)
@@ -160,7 +167,9 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
                     for a, s_, g_, d, m in zip(out.accepted, steps, out.mean_gamma, out.drafted, out["mode"])]
     # (a chain's alpha; a tree's acceptance follows no geometric law in gamma)
     out = out.merge(round_throughputs(raw), on=KEYS, how="left")
-    same = ["batch", "temperature", "sort_batch", "kv_cache", "compile"]    # ar with the same batching and cache
+    # ar with the same batching and cache, compiled where the target's passes were (not for a draft compiled alone)
+    out["target_compiled"] = [str(c) in ("True", "true", "1") for c in out["compile"]]
+    same = ["batch", "temperature", "sort_batch", "kv_cache", "target_compiled"]
     ar = out[(out["mode"] == "ar") & (out["press"] == "")].set_index(same)  # (and no press: the model itself)
     for col, name in (("throughput", "speedup_vs_ar"), ("decode_throughput", "decode_speedup_vs_ar")):
         out[name] = [t / ar[col].get(k, float("nan")) for t, k in zip(out[col], zip(*(out[c] for c in same)))]
@@ -169,7 +178,7 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     spreads = [round_spread(r if isinstance(r, list) else [], ar["round_tps"].get(k, []))
                for r, k in zip(out.round_tps, zip(*(out[c] for c in same)))]
     out["speedup_min_round"], out["speedup_max_round"] = [s[0] for s in spreads], [s[1] for s in spreads]
-    out = out.drop(columns=["round_tps"])
+    out = out.drop(columns=["round_tps", "target_compiled"])
     if cost:
         nan = float("nan")
         costs = [cost.get(cost_key(b, g_), {}) if d == "model" else {}      # c is the draft model's

@@ -45,6 +45,7 @@ from .runner import (
     RunConfig,
     add_bench_args,
     check_out,
+    compile_of,
     drafts_of,
     normalise,
     parse_modes,
@@ -186,7 +187,7 @@ def configs(args, loaded: dict) -> list[RunConfig]:
                                      max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      seed=args.seed, finished_rows=f, tree=tree, draft=d, kv_cache=kv,
-                                     compile=args.compile and kv == "static", press=pr, speculate=sp))
+                                     compile=compile_of(args.compile, mode, kv), press=pr, speculate=sp))
     return list(dict.fromkeys(out))
 
 

@@ -34,6 +34,14 @@ def reads(mode: str, option: str) -> bool:
     return option in (MODES_TABLE[mode].options if mode in MODES_TABLE else HF_OPTIONS[mode])
 
 
+def compile_of(compile: bool | str, mode: str, kv: str) -> bool | str:
+    """What a configuration compiles: --compile (all) with the static cache only; --compile draft in
+    a mode with drafts (``Mode.compiles``; transformers' modes compile nothing here)."""
+    if mode not in MODES_TABLE:
+        return False
+    return MODES_TABLE[mode].compiles(compile) if compile == "draft" else compile is True and kv == "static"
+
+
 def drafts_of(mode: str, drafts: list[str]) -> list[str]:
     """The drafters (``RunConfig.draft``) a mode runs with, of the --draft names ``drafts``: "" for a
     mode without one, "model" for hf_assisted, "cascade" for mode cascade (its --cascade models),
@@ -184,7 +192,7 @@ class RunConfig:
     tree: str = ""            # tree: branching factors per depth ("" for the other modes)
     draft: str = "model"      # the drafter (--draft's names; "cascade" for mode cascade); "" for modes without one
     kv_cache: str = DEFAULTS.kv_cache   # dynamic | static (the hf modes: their own cache)
-    compile: bool = DEFAULTS.compile    # static cache: decode passes compiled
+    compile: bool | str = DEFAULTS.compile   # static cache: decode passes compiled; "draft": the draft's only
     press: str = ""           # KV-cache press, PressSpec.label() ("" none; sampling.press)
     speculate: str = DEFAULTS.speculate   # auto: the controller picks each step's draft length; always: off;
                                           # "" for modes without drafts

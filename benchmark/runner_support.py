@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import copy
-import statistics
 
 import torch
 
-from sampling.kvcache_model import KVCacheModel
-from sampling.params import SamplingParams
-from sampling.utils import model_device, now
+from sampling.cache.spec import CacheSpec
+from sampling.control import cached_wrapper, time_passes
+from sampling.utils import now
 
 HF_MODES = ("hf", "hf_assisted", "hf_prompt_lookup")
 
@@ -47,32 +46,14 @@ def hf_generate(target, ids: torch.Tensor, cfg, eos_token_id: int, pad_token_id:
     return new, dict(wall_time_s=wall, ttft_s=float("nan"), target_calls=float("nan"))
 
 
-@torch.inference_mode()
 def measure_cost(target, draft, batch: int, gamma: int, prompt_len: int = 64, reps: int = 15) -> dict:
     """Median wall times (ms) of a cached single-token step of each model and of the target's
     (gamma + 1)-token verify step, at the given batch size, through the toolkit's own wrapper.
     The three are measured in interleaved rounds (order rotating), after two warm-up rounds, so
-    drift slows all three alike. c = draft step / target step; v = verify / target step."""
-    params = SamplingParams(temperature=1.0)
+    drift slows all three alike (``sampling.control.time_passes``). c = draft step / target step;
+    v = verify / target step."""
     gen = torch.Generator().manual_seed(0)
-    V = min(target.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0])
-    device = model_device(target)
-    prompt = torch.randint(0, V, (batch, prompt_len), generator=gen).to(device)
-    steps = {"target_step": (target, 1), "draft_step": (draft, 1), "verify": (target, gamma + 1)}
-    caches, times = {}, {k: [] for k in steps}
-    for k, (model, _) in steps.items():
-        caches[k] = KVCacheModel(model, params)
-        caches[k].prefill(prompt, torch.ones_like(prompt))
-    names = list(steps)
-    for rep in range(reps + 2):                                  # the first two rounds are warm-up
-        for k in [names[(i + rep) % len(names)] for i in range(len(names))]:
-            new = torch.randint(0, V, (batch, steps[k][1]), generator=gen).to(device)
-            seq = torch.cat([prompt, new], 1)
-            t0 = now(device)
-            caches[k].catch_up(seq, torch.ones_like(seq))
-            times[k].append(now(device) - t0)
-            caches[k].rollback(prompt_len)
-    ms = {k: 1000 * statistics.median(v[2:]) for k, v in times.items()}
-    return dict(batch=batch, gamma=gamma, target_step_ms=ms["target_step"], draft_step_ms=ms["draft_step"],
-                verify_ms=ms["verify"], c=ms["draft_step"] / ms["target_step"],
-                verify_over_step=ms["verify"] / ms["target_step"], reps=reps)
+    kv = {name: cached_wrapper(m, batch, prompt_len, CacheSpec(), gen) for name, m in (("t", target), ("d", draft))}
+    step, draft_step, verify = time_passes([(kv["t"], 1), (kv["d"], 1), (kv["t"], gamma + 1)], prompt_len, reps, gen)
+    return dict(batch=batch, gamma=gamma, target_step_ms=step, draft_step_ms=draft_step, verify_ms=verify,
+                c=draft_step / step, verify_over_step=verify / step, reps=reps)

@@ -23,7 +23,6 @@ import platform
 import statistics
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -31,17 +30,12 @@ from .cache.spec import CacheSpec
 from .contracts import Drafter, DrafterSource
 from .kvcache_model import KVCacheModel
 from .params import SamplingParams
-from .utils import max_positions, model_device, now, vocab_size
+from .utils import cache_dir, max_positions, model_device, now, vocab_size
 
 SPECULATE = ("auto", "always")      # auto: the controller; always: every step drafts what the schedule says
 GRID = (1, 2, 4, 8, 16, 32, 64, 128)  # tokens per pass measured (beyond: extended from the last two)
 CONTEXT = 64                         # cached positions before a timed pass
 PROBE_AFTER = 16                     # AR steps before one speculative step re-measures the acceptance
-
-
-def cache_dir() -> Path:
-    """Where the pass-cost table is kept: $BASS_CACHE_DIR, else ~/.cache/bass-pp."""
-    return Path(os.environ.get("BASS_CACHE_DIR") or Path.home() / ".cache" / "bass-pp")
 
 
 @dataclass(frozen=True)
@@ -112,7 +106,9 @@ def cached_wrapper(model, batch: int, context: int, cache: CacheSpec, generator:
 
 def measure_curve(model, cache: CacheSpec, grid: tuple[int, ...] = GRID, reps: int = 9) -> CostCurve:
     """``model``'s pass cost at each point of ``grid``: one row of ``n`` tokens after CONTEXT cached
-    ones (a batch of b rows of k tokens feeds the same b x k through the same layers)."""
+    ones (a batch of b rows of k tokens feeds the same b x k through the same layers), eager on the
+    cache's kind (compiling a graph for every point would cost minutes on a CPU: compiled passes
+    are priced at their eager cost)."""
     limit = max_positions(model)
     grid = tuple(n for n in grid if limit is None or CONTEXT + n <= limit) or grid[:1]
     gen = torch.Generator().manual_seed(0)
@@ -140,6 +136,8 @@ def pass_costs(model, cache: CacheSpec) -> CostCurve:
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         os.replace(f.name, path)                                          # whole, never half-written
+        table = json.loads(path.read_text())      # what the file keeps (a process measuring beside this one may
+                                                  # have written last), so that every later run reads the same
     entry = table[key]
     _CURVES[key] = CostCurve(tuple(entry["tokens"]), tuple(float(v) for v in entry["ms"]))
     return _CURVES[key]
@@ -175,13 +173,16 @@ class Controller:
     ar_steps: int = 0                                   # consecutive AR steps chosen
 
     def rates(self, depth: int, prior_only: bool = False) -> list[float]:
-        """beta_1 .. beta_depth: each level's rate, pulled toward the pooled rate of every level
-        (itself pulled toward ``prior``), so a level seldom reached borrows from the others."""
-        pool = (sum(self.passed) + self.weight * self.prior) / (sum(self.tried) + self.weight)
+        """beta_1 .. beta_depth: each level's rate, pulled toward the level above's (the first toward
+        ``prior``), so a level seldom reached borrows from the one it follows."""
         if prior_only:
             return [self.prior] * depth
-        return [(self.passed[i] + self.weight * pool) / (self.tried[i] + self.weight) if i < len(self.tried)
-                else pool for i in range(depth)]
+        out, above = [], self.prior
+        for i in range(depth):
+            tried, passed = (self.tried[i], self.passed[i]) if i < len(self.tried) else (0.0, 0.0)
+            above = (passed + self.weight * above) / (tried + self.weight)
+            out.append(above)
+        return out
 
     def step_ms(self, g: int, batch: int) -> float:
         """Predicted ms of a step drafting g for ``batch`` rows."""
@@ -253,7 +254,8 @@ def make_controller(speculate: str, target, draft, drafter: Drafter, cache: Cach
         raise ValueError(f"{type(drafter).__name__} has no work(g) (sampling.contracts.Drafter), so the controller "
                          f"cannot price its steps: give it one, or pass speculate='always'")
     models = draft_models(draft)
-    return Controller(pass_costs(target, cache), pass_costs(models[0], cache) if models else None, drafter)
+    draft_cost = pass_costs(models[0], cache.for_role("draft")) if models else None
+    return Controller(pass_costs(target, cache.for_role("target")), draft_cost, drafter)
 
 
 def check_speculate(speculate: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from .cache.press import PressSpec
 from .cache.spec import CacheSpec
 from .control import check_speculate
-from .modes import FINISHED_ROWS, MODES, Mode, drafter_kind, get_mode
+from .modes import DRAFTER_KINDS, FINISHED_ROWS, MODES, Mode, drafter_kind, get_mode
 from .params import RowParams, SamplingParams, row_params
 from .tree_shapes import MAX_NODES, parse_tree
 from .utils import max_positions, vocab_size
@@ -39,7 +39,8 @@ class Defaults:
     gamma_schedule: str = "constant"  # constant | bass | aimd
     finished_rows: str = "drop"       # bass, tree: drop finished rows from both caches, or keep them masked
     kv_cache: str = "dynamic"     # dynamic | static (sampling.cache.backends; results/static)
-    compile: bool = False         # static cache: decode passes through torch.compile (CUDA graphs on a GPU)
+    compile: bool | str = False   # True: decode passes through torch.compile (static cache; CUDA graphs on a
+                                  # GPU); "draft": the draft models' only (each on a static cache of its own)
     speculate: str = "auto"       # auto: each step's draft length (0: an AR step) from pass costs and acceptance
                                   # (sampling.control); always: what the schedule or tree says
 
@@ -160,7 +161,7 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
              gamma_schedule: str | None = None, schedule: ScheduleParams | None = None,
              finished_rows: str = DEFAULTS.finished_rows, vocab_size: int | None = None,
              streamer=None, tree=None, kv_cache: str = DEFAULTS.kv_cache,
-             compile: bool = DEFAULTS.compile, cascade_gamma: int | None = None,
+             compile: bool | str = DEFAULTS.compile, cascade_gamma: int | None = None,
              press: PressSpec | None = None, speculate: str = DEFAULTS.speculate) -> GenerationResult:
     """Generate new tokens for a padded batch input_ids [B, T] (mask [B, T]; left or right padding).
 
@@ -181,9 +182,12 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     that shares a tokenizer but pads its embeddings to different sizes. ``streamer`` (batch 1): a
     transformers streamer (``TextStreamer``) that is given the tokens as they are accepted.
     ``kv_cache``: "dynamic" or "static" (preallocated, rollback by position;
-    ``sampling.cache.backends``), ``compile`` (static only): decode passes through
-    ``torch.compile(mode="reduce-overhead")``, CUDA graphs on a GPU; each new shape compiles once,
-    so it pays over many generations, not one. Mode "cascade": ``draft_model=[smallest, ...,
+    ``sampling.cache.backends``), ``compile`` (True, static only): decode passes through
+    ``torch.compile(mode="reduce-overhead")``, CUDA graphs on a GPU; "draft": the draft models'
+    passes only, each on a static cache of its own beside the target's ``kv_cache``. Each new shape
+    compiles once (tokens per pass bucketed to powers of two; inductor's kernels kept under
+    ``$BASS_CACHE_DIR/inductor`` for the next process), so it pays over many generations, not one.
+    Mode "cascade": ``draft_model=[smallest, ...,
     largest draft]``, each model verifying the one below it by speculative sampling, row by row;
     ``gamma`` is the target's draft length, ``cascade_gamma`` (None: gamma) every lower level's,
     each adapted by its own schedule. ``max_new_tokens``: one budget, or one per row (a server's
@@ -191,7 +195,9 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (``sampling.params.RowParams``: greedy and sampled rows share the batch, each keeping its own
     law), and ``seed``: one seed per row makes each row draw its own values (``sampling.params.RowDraws``)
     and draft its own length, so that a row's output does not depend on what shares its batch (a
-    dynamic tree aside, docs/serving.md); a row whose laws stop being finite then fails alone
+    dynamic tree aside, docs/serving.md; and with ``speculate="auto"``, whose draft lengths follow
+    the batch's pass costs, a sampled row's draws do: docs/speculate.md); a row whose laws stop
+    being finite then fails alone
     (``stats["failed"]``). ``streamer`` may also be a row streamer (``put_row(row, tokens)``, ``stopped(row)``,
     ``end()``; ``sampling.rows.Rows``), for any batch: each row's tokens as they are accepted, and a
     row it stops leaves the batch; with ``admit(live) -> list[NewRow]`` it also hands in requests
@@ -221,6 +227,11 @@ def generate(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                          for t, k, p, m in zip(each["temperature"], each["top_k"], each["top_p"], each["min_p"])])
     check_args(mode, max_new_tokens, gamma, params, schedule, finished_rows)
     check_speculate(speculate)
+    kind = drafter_kind(draft_model)
+    if compile == "draft" and (not get_mode(mode).drafters or kind in ("ngram", "heads")):
+        what = f"{DRAFTER_KINDS[kind]} has none" if get_mode(mode).drafters else f"mode {mode!r} has no draft"
+        raise ValueError(f"compile='draft' compiles a draft model's passes; {what} (compile=True compiles the "
+                         f"target's too, with kv_cache='static')")
     if cascade_gamma is not None and cascade_gamma <= 0:
         raise ValueError(f"cascade_gamma must be >= 1, got {cascade_gamma}")
     spec = get_mode(mode)

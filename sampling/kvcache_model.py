@@ -48,7 +48,7 @@ class KVCacheModel:
         self.model = model
         self.params = params
         self.vocab = vocab
-        self.spec = cache
+        self.spec = cache.for_role(role)             # compile="draft": a draft's own static, compiled cache
         self.keeps_hidden = hidden
         self.press = Press(cache.press, model) if cache.press.applies_to(role) else None
         self.backend: CacheBackend | None = None
@@ -122,7 +122,9 @@ class KVCacheModel:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T]; returns the next-token probs [B, V]."""
-        self.backend = make_backend(self.spec, self.model, input_ids.shape[1])
+        # a press that reads a pass's last queries (snapkv) needs passes without extra tokens after them
+        pad = self.press is None or self.press.capture is None
+        self.backend = make_backend(self.spec, self.model, input_ids.shape[1], pad_passes=pad)
         self.mask = mask[:, :0]
         self._hist = None
         if self.press is not None:

@@ -65,6 +65,11 @@ class Mode:
         raise ValueError(f"mode {self.name!r} needs {' or '.join(DRAFTER_KINDS[k] for k in self.drafters)}; "
                          f"{DRAFTER_KINDS[kind]} drafts for {', '.join(takes[:-1])} and {takes[-1]} only")
 
+    def compiles(self, compile: bool | str) -> bool | str:
+        """What ``generate``'s ``compile`` compiles in this mode, for tools that run several modes with
+        one setting: "draft" where the mode has drafts (a mode without one compiles nothing)."""
+        return compile if compile != "draft" or self.drafters else False
+
     def check_models(self, target, drafts: list) -> None:
         """ValueError (one line) when the target or a draft model cannot run this mode's passes."""
         if self.verifier == "tree":
@@ -79,6 +84,7 @@ class Mode:
         why = [f"mode {self.name} ({' or '.join(m.name for m in MODES_TABLE.values() if m.joins)})"
                if not self.joins else "",
                f"the {cache.kind} cache (dynamic)" if cache.kind != "dynamic" else "",
+               "a compiled draft (its cache is static)" if cache.compile == "draft" and kind == "model" else "",
                "a press" if cache.press.active else "",
                f"finished_rows={finished_rows} (drop)" if finished_rows != "drop" else "",
                "this drafter (a draft model or NgramDrafter)" if self.joins and self.drafters

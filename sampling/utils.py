@@ -2,7 +2,9 @@
 and a clock that waits for the device."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,12 @@ def spans_devices(model) -> bool:
     """Whether a model's layers run on more than one device (accelerate split it over GPUs; layers
     offloaded to the CPU or the disk run on the main device)."""
     return len({d for d in (getattr(model, "hf_device_map", None) or {}).values() if d not in ("cpu", "disk")}) > 1
+
+
+def cache_dir() -> Path:
+    """Where the toolkit keeps what it measures or compiles once per machine (the pass-cost table,
+    inductor's compiled kernels): $BASS_CACHE_DIR, else ~/.cache/bass-pp."""
+    return Path(os.environ.get("BASS_CACHE_DIR") or Path.home() / ".cache" / "bass-pp")
 
 
 def now(device: torch.device) -> float:

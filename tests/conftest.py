@@ -1,10 +1,15 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["BASS_CACHE_DIR"] = tempfile.mkdtemp(prefix="bass-tests-")   # pass costs: never the user's
+atexit.register(shutil.rmtree, os.environ["BASS_CACHE_DIR"], True)
+# inductor's kernels outlive a run (the compile tests start warm the next time), outside the repository
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "torchinductor-bass-tests"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -536,3 +536,12 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
     assert models.resolve_dtype("auto", cpu) is torch.bfloat16
     assert models.resolve_dtype("auto", cuda) is torch.float16
     assert models.resolve_dtype("float32", cpu) is torch.float32
+
+
+def test_older_raw_files_read_as_what_they_ran():
+    """A raw.csv from before the controller ran every speculative step at full length ("always"; modes
+    without drafts ""), and a compile column read back as text holds RunConfig's values again."""
+    from benchmark.metrics import upgrade_raw
+    raw = upgrade_raw(pd.DataFrame(dict(mode=["ar", "google", "tree", "hf"], compile=["False", "draft", "True", "0"])))
+    assert raw.speculate.tolist() == ["", "always", "always", ""]
+    assert raw["compile"].tolist() == [False, "draft", True, False]

@@ -96,6 +96,9 @@ BAD = {
     "min_p 1": (["--min_p", "1"], "min_p must be in [0, 1) (0 switches it off), got 1.0"),
     "repetition_penalty 0": (["--repetition_penalty", "0"], "repetition_penalty must be a finite number > 0"),
     "repeats 0": (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    "unknown speculate": (["--speculate", "never"], "invalid choice: 'never' (choose from 'auto', 'always')"),
+    "unknown compile": (["--compile", "target"], "invalid choice: 'target' (choose from 'all', 'draft')"),
+    "compile all without static": (["--compile"], "compile needs the static kv cache"),
 }
 
 

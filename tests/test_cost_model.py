@@ -380,3 +380,17 @@ def test_gpu_check_compares_the_compiled_rows_only(tmp_path):
     got = pd.read_csv(tmp_path / "exactness_compiled.csv", keep_default_na=False)
     assert got["mode"].tolist() == ["ar", "tree"] and got["draft"].tolist() == ["", "mlp"]
     assert got.equal.tolist() == [True, False]          # not matched against the draft model's tree
+
+
+def test_compile_cost_summary_pays_back_where_the_lines_cross():
+    """First generations 5 s (eager 2 s) over settle 2, then 0.5 s against eager's 1 s: compiling
+    added 3 s, saves 0.5 s a generation, so the runs' totals meet after 2 + 3 / 0.5 = 8 generations."""
+    from benchmark.compile_cost import summarise
+    rows = [dict(run=r, generation=i, seconds=s) for r, walls in
+            (("eager", [1.0, 1.0, 1.0, 1.0, 1.0]), ("cold", [4.0, 1.0, 0.5, 0.5, 0.5])) for i, s in enumerate(walls)]
+    s = summarise(pd.DataFrame(rows), settle=2).set_index("run")
+    assert s.loc["cold", "extra_s"] == 3.0 and s.loc["cold", "saved_per_generation_s"] == 0.5
+    assert s.loc["cold", "break_even_generations"] == 8.0
+    eager_total = lambda g: sum([1.0] * g)                                       # noqa: E731
+    cold_total = lambda g: 5.0 + 0.5 * (g - 2)                                  # noqa: E731
+    assert eager_total(8) == cold_total(8)

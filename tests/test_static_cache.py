@@ -159,7 +159,9 @@ def test_static_cache_keeps_the_target_law(mode):
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(kv_cache="paged"), "unknown kv cache 'paged'"),
-                                     (dict(compile=True), "compile needs the static kv cache")])
+                                     (dict(compile=True), "compile needs the static kv cache"),
+                                     (dict(compile="draft"), "compile='draft' compiles a draft model's passes; mode "
+                                                             "'ar' has no draft")])
 def test_bad_cache_settings_are_one_line_errors(kw, msg):
     target = tiny_model("llama")
     with pytest.raises(ValueError, match=msg):
@@ -215,3 +217,47 @@ def test_compiled_passes_compile_once_per_shape():
                  kv_cache="static", compile=True)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[2] == graphs[1] and graphs[1] - graphs[0] <= 1, graphs   # new tokens-per-pass shapes at most
+
+
+def test_compile_draft_gives_the_draft_a_compiled_static_cache_of_its_own():
+    spec = CacheSpec("dynamic", compile="draft")
+    spec.validate()
+    assert spec.for_role("draft") == CacheSpec("static", compile=True)
+    assert spec.for_role("target") == CacheSpec("dynamic")
+    assert CacheSpec("static", compile=True).for_role("draft") == CacheSpec("static", compile=True)
+    with pytest.raises(ValueError, match="compile must be False, True or 'draft', got 'target'"):
+        CacheSpec(compile="target").validate()
+
+
+def test_a_compiled_pass_run_as_its_bucket_equals_an_eager_pass():
+    """A decode pass of 3 tokens runs as one of 4 (the extra token after them, its slot freed after):
+    the same laws as an eager pass, and the next pass starts after the 3."""
+    target = tiny_model("llama", seed=83, layers=1, dim=16)
+    gen = torch.Generator().manual_seed(84)
+    prompt = torch.randint(3, 97, (2, 7), generator=gen)
+    parts = [KVCacheModel(target, SamplingParams(temperature=1.0), cache=CacheSpec("static", compile=c, room=16))
+             for c in (False, True)]
+    seq = torch.cat([prompt, torch.randint(3, 97, (2, 3), generator=gen)], 1)
+    for kv in parts:
+        kv.prefill(prompt, torch.ones_like(prompt))
+        kv.catch_up(seq, torch.ones_like(seq))
+    torch.testing.assert_close(parts[1].probs, parts[0].probs, atol=1e-5, rtol=1e-4)
+    assert parts[0].filled == parts[1].filled == 10
+    seq = torch.cat([seq, torch.randint(3, 97, (2, 1), generator=gen)], 1)
+    for kv in parts:
+        kv.catch_up(seq, torch.ones_like(seq))
+    torch.testing.assert_close(parts[1].probs, parts[0].probs, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_draft_beside_a_dynamic_target_equals_greedy():
+    """compile="draft": the draft's passes compiled on a static cache of its own, the target's eager
+    on the dynamic cache. A chain, and a dynamic tree whose levels of 3 nodes run as passes of 4
+    (an additive mask padded), give AR's tokens."""
+    target = tiny_model("llama", seed=85, layers=1, dim=16)
+    draft = noisy_copy(target, 0.1, seed=86)
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(87))
+    ref = greedy_reference(target, ids, torch.ones_like(ids), 8)
+    for mode, extra in (("google", dict(gamma=3)), ("tree", dict(tree="dynamic:6:3:3"))):
+        res = generate(target, ids, draft_model=draft, mode=mode, max_new_tokens=8, temperature=0, compile="draft",
+                       **extra)
+        assert res.tokens == ref, mode

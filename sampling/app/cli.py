@@ -150,9 +150,23 @@ def add_cache_args(ap: argparse.ArgumentParser, many: bool = False) -> None:
                     **({} if many else dict(choices=CACHES)),
                     help=("comma list of " if many else "") + "KV caches: dynamic (grows by concatenation) or "
                          "static (preallocated, rollback by position; needed by --compile)")
-    ap.add_argument("--compile", action="store_true", default=DEFAULTS.compile,
-                    help="with the static cache: decode passes through torch.compile(mode='reduce-overhead'), "
-                         "CUDA graphs on a GPU (each new shape compiles once: for many generations, not one)")
+    ap.add_argument("--compile", nargs="?", const="all", default=DEFAULTS.compile, choices=tuple(COMPILE_FLAG),
+                    action=CompileFlag,
+                    help="--compile (all) with the static cache: every model's decode passes through "
+                         "torch.compile(mode='reduce-overhead'), CUDA graphs on a GPU; --compile draft: the draft "
+                         "models' only, each on a static cache of its own, beside any target cache. Each new shape "
+                         "compiles once (tokens per pass bucketed to powers of two), kept on disk for the next "
+                         "process: for many generations, not one (docs/caches.md)")
+
+
+COMPILE_FLAG = {"all": True, "draft": "draft"}       # --compile's values: generate's compile
+
+
+class CompileFlag(argparse.Action):
+    """--compile alone is "all"; the namespace holds generate's value (True or "draft"; False when absent)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, COMPILE_FLAG[values])
 
 
 def check_at_least_one(args, *names: str) -> None:
@@ -227,12 +241,12 @@ def generate_kwargs(args, tokenizer, vocab_size: int | None) -> dict:
                 press=presses_of(args)[0], speculate=args.speculate)
 
 
-def parse_caches(text: str, compile: bool) -> list[str]:
-    """--kv_cache as a comma list; one-line errors for an unknown cache or --compile without static."""
+def parse_caches(text: str, compile: bool | str) -> list[str]:
+    """--kv_cache as a comma list; one-line errors for an unknown cache or --compile (all) without static."""
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     for k in kinds or [text]:
         CacheSpec(k).validate()
-    if compile and "static" not in kinds:
+    if compile is True and "static" not in kinds:
         CacheSpec(kinds[0], compile=True).validate()     # the one-line error of compile without static
     return kinds
 

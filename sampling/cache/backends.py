@@ -21,6 +21,7 @@ slots), followed by ``truncate``.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Protocol
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-from ..utils import spans_devices
+from ..utils import cache_dir, spans_devices
 from .spec import CacheSpec, slot_width
 
 HIDDEN, NONE = {"output_hidden_states": -1}, {}   # a pass's arguments that return the last hidden states (the
@@ -267,6 +268,8 @@ def compiled_forward(model):
     guarded on the modules' hooks (snapkv's query capture, transformers' own capture of hidden
     states): by default torch reuses a graph compiled without a hook for a model that has one."""
     if model not in _COMPILED:
+        # inductor's compiled kernels on disk, where a second process finds them (a warm start)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         torch._dynamo.config.skip_nnmodule_hook_guards = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[model] = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
@@ -275,19 +278,27 @@ def compiled_forward(model):
 
 class CompiledBackend(_Static):
     """transformers' ``StaticCache``, decode passes compiled (the prefill stays eager): every pass
-    attends over the whole buffer, the unused slots masked."""
+    attends over the whole buffer, the unused slots masked. A decode pass of n tokens runs as one of
+    ``bucket(n)`` (a power of two), the extra tokens after the real ones, so the graphs are one per
+    bucket, batch size and buffer width (itself a power of two), not one per token count: a catch-up
+    after AR steps, a verify of any length, a tree's level."""
 
     compiled = True
 
-    def __init__(self, model, width: int):
+    def __init__(self, model, width: int, pad_passes: bool = True):
         self.cache = StaticCache(config=model.config, max_cache_len=width)
+        self.pad_passes = pad_passes          # False: passes run as they come (snapkv reads a pass's last queries)
 
     def forward(self, model, input_ids, mask, position_ids, keep, hidden):
-        self.reserve(self.filled + input_ids.shape[1])
+        n = input_ids.shape[1]
+        extra = bucket(n) - n if self.filled and n and self.pad_passes else 0   # decode passes; prefill: eager
+        self.reserve(self.filled + n + extra)
+        if extra:
+            input_ids, mask, position_ids = padded_pass(input_ids, mask, position_ids, extra)
         fill = 0 if mask.dim() == 2 else torch.finfo(mask.dtype).min
         mask = F.pad(mask, (0, self.width - mask.shape[-1]), value=fill)
         forward = model
-        if self.filled:                                                   # decode passes; prefill stays eager
+        if self.filled:
             forward = compiled_forward(model)
             torch.compiler.cudagraph_mark_step_begin()                    # earlier graph outputs may be reused
             # fresh row-major copies: a slice of the growing sequence has a new stride every step, and
@@ -295,11 +306,15 @@ class CompiledBackend(_Static):
             input_ids, position_ids = (t.clone(memory_format=torch.contiguous_format)
                                        for t in (input_ids, position_ids))
         out = forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
-                      use_cache=True, logits_to_keep=keep, **(HIDDEN if hidden else NONE))
-        self.filled += input_ids.shape[1]
-        logits, states = out.logits, out.hidden_states[-1][:, -keep:] if hidden else None
+                      use_cache=True, logits_to_keep=keep + extra, **(HIDDEN if hidden else NONE))
+        logits = out.logits[:, :keep]                                     # [B, keep, V] the real tokens'
+        states = out.hidden_states[-1][:, -keep - extra:][:, :keep] if hidden else None
         if forward is not model:                                          # a graph's outputs are reused: copies
             logits, states = logits.clone(), None if states is None else states.clone()
+        if extra:                                                         # the extra tokens' slots are free again
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(self.filled + n)
+        self.filled += n
         return logits, states
 
     def grow(self, width: int) -> None:
@@ -323,11 +338,35 @@ class CompiledBackend(_Static):
                 torch._dynamo.mark_static_address(t)
 
 
-def make_backend(spec: CacheSpec, model, prompt_len: int) -> CacheBackend:
-    """The backend a spec asks for, sized for a prompt of ``prompt_len`` slots plus ``spec.room``."""
+def bucket(n: int) -> int:
+    """The tokens a compiled decode pass of ``n`` runs as: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
+def padded_pass(input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, extra: int):
+    """A pass of n tokens as one of n + ``extra``: the last token repeated after the real ones, at its
+    position (so never past the model's last position). No real token attends to them (they come
+    later, and a 2D mask [B, L] masks their slots); each extra one attends to the real tokens before
+    it (2D) or to itself alone (an additive 4D mask [B, 1, n, L], a tree's), so every row of the
+    pass stays finite."""
+    B, n = input_ids.shape
+    input_ids = torch.cat([input_ids, input_ids[:, -1:].expand(B, extra)], 1)              # [B, n + extra]
+    position_ids = torch.cat([position_ids, position_ids[:, -1:].expand(B, extra)], 1)    # [B, n + extra]
+    if mask.dim() == 2:
+        return input_ids, F.pad(mask, (0, extra), value=0), position_ids                # [B, L + extra]
+    L, low = mask.shape[-1], torch.finfo(mask.dtype).min
+    out = mask.new_full((B, 1, n + extra, L + extra), low)                              # [B, 1, n + extra, L + extra]
+    out[:, :, :n, :L] = mask
+    out[:, :, n:, L:] = mask.new_full((extra, extra), low).fill_diagonal_(0)      # each extra one: itself
+    return input_ids, out, position_ids
+
+
+def make_backend(spec: CacheSpec, model, prompt_len: int, pad_passes: bool = True) -> CacheBackend:
+    """The backend a spec asks for, sized for a prompt of ``prompt_len`` slots plus ``spec.room``;
+    ``pad_passes`` (compiled): decode passes run as their bucket (``CompiledBackend``)."""
     if spec.kind == "dynamic":
         return DynamicBackend(model)
     width = slot_width(prompt_len + spec.room, spec.compile)
     if spec.compile:
-        return CompiledBackend(model, width)
+        return CompiledBackend(model, width, pad_passes)
     return LayerSlotsBackend(model, width) if spans_devices(model) else SlotBackend(model, width)

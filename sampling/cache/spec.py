@@ -1,11 +1,12 @@
 """How a wrapper keeps its keys and values: which cache, compiled or not, how much room, which press."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .press import PressSpec
 
 CACHES = ("dynamic", "static")
+COMPILES = (False, True, "draft")   # off; every model's decode passes (static cache); the draft models' only
 SLOT_BLOCK = 64          # a static cache's length is rounded up to this, so prompts of similar lengths share shapes
 
 
@@ -13,7 +14,9 @@ SLOT_BLOCK = 64          # a static cache's length is rounded up to this, so pro
 class CacheSpec:
     """How a wrapper keeps its keys and values (``sampling.cache.backends``)."""
     kind: str = "dynamic"     # dynamic | static
-    compile: bool = False     # static only: decode passes through torch.compile(mode="reduce-overhead")
+    compile: bool | str = False   # True (static only): decode passes through torch.compile(mode="reduce-overhead");
+                                  # "draft": the draft models' only, each on a static cache of its own
+                                  # whatever ``kind`` is (the target's stays as ``kind`` says, eager)
     room: int = 0             # static: slots after the prompt (new tokens + drafts); more grow the buffer (a copy)
     press: PressSpec = PressSpec()   # KV-cache compression and whose cache it applies to (sampling.cache.press)
 
@@ -21,9 +24,19 @@ class CacheSpec:
         self.press.validate()
         if self.kind not in CACHES:
             raise ValueError(f"unknown kv cache {self.kind!r}; choose one of {', '.join(CACHES)}")
-        if self.compile and self.kind != "static":
+        if self.compile not in COMPILES:
+            raise ValueError(f"compile must be False, True or 'draft', got {self.compile!r}")
+        if self.compile is True and self.kind != "static":
             raise ValueError("compile needs the static kv cache (kv_cache='static'): a dynamic cache changes "
                              "shape every step")
+
+
+    def for_role(self, role: str) -> CacheSpec:
+        """The spec of one model's cache: with ``compile="draft"``, a draft model's is static and
+        compiled, the target's not compiled; otherwise this one."""
+        if self.compile != "draft":
+            return self
+        return replace(self, kind="static", compile=True) if role == "draft" else replace(self, compile=False)
 
 
 def slot_width(slots: int, compiled: bool = False) -> int:

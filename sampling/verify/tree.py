@@ -40,12 +40,13 @@ class TreeVerifier(CachedPart):
         """One target pass over the pending chain token and the tree's nodes after seq [b, S]."""
         tree, calls = draft.tree, self.kv.calls
         p_root = self.kv.probs[:, -1] if seq.shape[1] == self.kv.length else None    # [b, V]
-        if seq.shape[1] > self.kv.length or tree.n:
+        p_nodes = None
+        if not tree.n and seq.shape[1] > self.kv.length:                 # no nodes (an AR step): AR's own pass
+            p_root = self.kv.catch_up(seq, mask)                             # (a 2D mask, not the tree's 4D one)
+        elif seq.shape[1] > self.kv.length or tree.n:
             on = tree.on(seq.device)                                         # the tree's tensors on the device
             p_chain, p_nodes = self.kv.forward_tree(seq, mask, draft.tokens, on.ancestors, on.depths)
             p_root = p_chain if p_chain is not None else p_root
-        else:
-            p_nodes = None
         b = len(seq)
         slots = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))        # real before the nodes, nodes, all
         # a tree per row: its parents on the device, read by the walk with the tokens (one transfer),
