@@ -125,8 +125,8 @@ def report(args, raw: pd.DataFrame) -> None:
              f"first {args.settle}, over eager's (s) | saved per generation (s) | pays back after (generations) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for _, r in summary.iterrows():
-        be = "" if r.break_even_generations != r.break_even_generations else \
-            ("never" if r.saved_per_generation_s <= 0 else f"{r.break_even_generations:.0f}")
+        be = "" if r.run == "eager" else "never" if r.saved_per_generation_s <= 0 else \
+            f"{r.break_even_generations:.0f}"
         lines.append(f"| {r.run} | {r.first_s:.2f} | {r.settling_s:.2f} | {r.steady_s:.3f} | {r.extra_s:.2f} | "
                      f"{r.saved_per_generation_s:+.3f} | {be} |")
     text = "\n".join(lines) + "\n"

@@ -3,11 +3,14 @@ one-token step, the draft's one-token step and the target's (gamma + 1)-token ve
 through the toolkit's own KV wrapper (``runner_support.measure_cost``), and c = draft / target.
 
     python -m benchmark.pass_cost --out results/drafting/pass-cost
+    python -m benchmark.pass_cost --dtypes float32 --threads 2 --compiled_draft \
+        --out results/drafting/pass-cost-compiled
 
-The configurations (dtype x threads) run in interleaved rounds, the order rotating, each round's
-figure the median of ``--reps`` passes after two warm-up rounds; the table keeps the median round
-and the rounds' range. ``--dtype auto`` picks bfloat16 on a CPU only where it is native
-(``sampling.app.models.native_bf16``): this table is the measurement behind that rule.
+The configurations (dtype x threads; with ``--compiled_draft``, the draft eager or compiled) run
+in interleaved rounds, the order rotating, each round's figure the median of ``--reps`` passes
+after two warm-up rounds; the table keeps the median round and the rounds' range. ``--dtype auto``
+picks bfloat16 on a CPU only where it is native (``sampling.app.models.native_bf16``): this
+table is the measurement behind that rule.
 """
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ import torch
 
 from sampling.app.cli import Parser, add_model_args, run
 from sampling.app.models import load_model, native_bf16
+from sampling.cache.spec import CacheSpec
 
 from .console import fit_markdown
 from .runner_support import measure_cost
 from .utils_io import env_info, write_csv, write_json, write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DRAFT_CACHES = {"eager": CacheSpec(), "compiled": CacheSpec("static", compile=True)}   # the draft's passes
 
 
 def main(argv=None) -> None:
@@ -36,6 +41,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt_len", type=int, default=64, help="tokens in the cache before the passes")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--reps", type=int, default=40, help="passes of each kind per round (the median is kept)")
+    ap.add_argument("--compiled_draft", action="store_true",
+                    help="also each configuration with the draft's passes compiled (its own static cache, "
+                         "--compile draft); the first compiles, a few seconds to a minute")
     ap.add_argument("--out", required=True, help="output folder (must not exist)")
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -56,25 +64,26 @@ def main(argv=None) -> None:
         raise ValueError(f"{args.out} exists; pick another --out")
     models = {d: (load_model(args.target_model_name, "target", args.device, d),
                   load_model(args.approx_model_name, "draft", args.device, d)) for d in dtypes}
-    configs = list(itertools.product(dtypes, threads))
+    drafts = ["eager", "compiled"] if args.compiled_draft else ["eager"]
+    configs = list(itertools.product(dtypes, threads, drafts))
     before = torch.get_num_threads()
     rows = []
     try:
         for r in range(args.rounds):
             for k in range(len(configs)):
-                dtype, n = configs[(k + r) % len(configs)]
+                dtype, n, d = configs[(k + r) % len(configs)]
                 torch.set_num_threads(n)
                 got = measure_cost(*models[dtype], batch=1, gamma=args.gamma, prompt_len=args.prompt_len,
-                                   reps=args.reps)
-                rows.append(dict(round=r, dtype=dtype, threads=n, **{k: got[k] for k in (
+                                   reps=args.reps, draft_cache=DRAFT_CACHES[d])
+                rows.append(dict(round=r, dtype=dtype, threads=n, draft=d, **{k: got[k] for k in (
                     "target_step_ms", "draft_step_ms", "verify_ms", "c", "verify_over_step")}))
     finally:
         torch.set_num_threads(before)
     raw = pd.DataFrame(rows)
     cols = ["target_step_ms", "draft_step_ms", "verify_ms", "c", "verify_over_step"]
-    summary = raw.groupby(["dtype", "threads"], sort=False)[cols].median().reset_index()
+    summary = raw.groupby(["dtype", "threads", "draft"], sort=False)[cols].median().reset_index()
     for col in cols[:3]:
-        g = raw.groupby(["dtype", "threads"], sort=False)[col]
+        g = raw.groupby(["dtype", "threads", "draft"], sort=False)[col]
         summary[col + "_min"], summary[col + "_max"] = g.min().values, g.max().values
     os.makedirs(args.out)
     write_csv(os.path.join(args.out, "raw.csv"), raw)
@@ -83,13 +92,14 @@ def main(argv=None) -> None:
     lines = [f"native bfloat16 on this CPU: {native_bf16()}; batch 1, {args.prompt_len} tokens cached, median of "
              f"{args.rounds} interleaved rounds (each the median of {args.reps} passes; the rounds' range in "
              f"brackets)", "",
-             f"| dtype | threads | target, 1 token (ms) | draft, 1 token (ms) | target, {args.gamma + 1} tokens (ms) "
-             f"| c = draft / target | verify / target step |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| dtype | threads | draft passes | target, 1 token (ms) | draft, 1 token (ms) | "
+             f"target, {args.gamma + 1} tokens (ms) | c = draft / target | verify / target step |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     def ms(s, col):
         return f"{s[col]:.2f} ({s[col + '_min']:.2f}-{s[col + '_max']:.2f})"
     for _, s in summary.iterrows():
-        lines.append(f"| {s['dtype']} | {s.threads} | {ms(s, 'target_step_ms')} | {ms(s, 'draft_step_ms')} | "
-                     f"{ms(s, 'verify_ms')} | {s.c:.3f} | {s.verify_over_step:.2f} |")
+        lines.append(f"| {s['dtype']} | {s.threads} | {s['draft']} | {ms(s, 'target_step_ms')} | "
+                     f"{ms(s, 'draft_step_ms')} | {ms(s, 'verify_ms')} | {s.c:.3f} | {s.verify_over_step:.2f} |")
     text = "\n".join(lines) + "\n"
     write_text(os.path.join(args.out, "table.md"), text)
     print(fit_markdown(text, os.path.join(args.out, "table.md")))

@@ -46,14 +46,16 @@ def hf_generate(target, ids: torch.Tensor, cfg, eos_token_id: int, pad_token_id:
     return new, dict(wall_time_s=wall, ttft_s=float("nan"), target_calls=float("nan"))
 
 
-def measure_cost(target, draft, batch: int, gamma: int, prompt_len: int = 64, reps: int = 15) -> dict:
+def measure_cost(target, draft, batch: int, gamma: int, prompt_len: int = 64, reps: int = 15,
+                 draft_cache: CacheSpec = CacheSpec()) -> dict:
     """Median wall times (ms) of a cached single-token step of each model and of the target's
     (gamma + 1)-token verify step, at the given batch size, through the toolkit's own wrapper.
     The three are measured in interleaved rounds (order rotating), after two warm-up rounds, so
     drift slows all three alike (``sampling.control.time_passes``). c = draft step / target step;
-    v = verify / target step."""
+    v = verify / target step. ``draft_cache``: the draft's (a compiled static one: its compiled pass)."""
     gen = torch.Generator().manual_seed(0)
-    kv = {name: cached_wrapper(m, batch, prompt_len, CacheSpec(), gen) for name, m in (("t", target), ("d", draft))}
+    kv = {"t": cached_wrapper(target, batch, prompt_len, CacheSpec(), gen),
+          "d": cached_wrapper(draft, batch, prompt_len, draft_cache, gen)}
     step, draft_step, verify = time_passes([(kv["t"], 1), (kv["d"], 1), (kv["t"], gamma + 1)], prompt_len, reps, gen)
     return dict(batch=batch, gamma=gamma, target_step_ms=step, draft_step_ms=draft_step, verify_ms=verify,
                 c=draft_step / step, verify_over_step=verify / step, reps=reps)

@@ -514,7 +514,7 @@ def test_pass_cost_measures_each_dtype_and_thread_count(pair, capsys, tmp_path):
                                       "--rounds", "2", "--reps", "2", "--threads", "1", "--out", str(out)], capsys)
     assert code == 0, err
     s = pd.read_csv(out / "summary.csv")
-    assert list(zip(s["dtype"], s.threads)) == [("float32", 1), ("bfloat16", 1)]
+    assert list(zip(s["dtype"], s.threads, s["draft"])) == [("float32", 1, "eager"), ("bfloat16", 1, "eager")]
     assert (s.target_step_ms > 0).all() and (s.draft_step_ms > 0).all() and (s.verify_ms > 0).all()
     assert len(pd.read_csv(out / "raw.csv")) == 2 * 2
     json.loads((out / "env.json").read_text(), parse_constant=reject_constant)
