@@ -148,7 +148,8 @@ def timed_runs(target, modes, ids, kwargs, drafts: dict, repeats: int) -> tuple[
             order = [modes[(k + rep) % len(modes)] for k in range(len(modes))]
             for mode in order:
                 bar.set_postfix_str(f"{'warm-up' if rep == 0 else f'round {rep}/{repeats}'}: {mode}")
-                kw = dict(kwargs, compile=get_mode(mode).compiles(kwargs["compile"]))   # "draft": where there is one
+                kw = dict(kwargs, compile=get_mode(mode).compiles(kwargs["compile"])) if "compile" in kwargs \
+                    else kwargs                            # compile "draft": where the mode has a draft
                 res, _ = generate_many(target, ids, mode=mode, draft_model=drafts[mode], **kw)
                 if rep:                                    # round 0 is the warm-up
                     runs[mode].append(res)

@@ -52,8 +52,8 @@ def batch_axis(ax, batches) -> None:
 def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]:
     """Throughput and speedup over AR by batch size (one PNG per temperature); for chains, acceptance
     per draft token and tokens per target call by gamma; for trees, tokens per target call and
-    acceptance per drafted node by tree (both with the controller off: the gamma drafted is the
-    gamma asked); the controller's mean draft length by batch size; chains' acceptance by Dolly
+    acceptance per drafted node by tree (by the gamma or tree asked: with the controller on, fewer
+    may be drafted); the controller's mean draft length by batch size; chains' acceptance by Dolly
     category. Each quantity on its own axis, titled with its definition."""
     written = []
     s = summary.assign(label=[config_label(r) for _, r in summary.iterrows()])
@@ -90,7 +90,7 @@ def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]
         path = os.path.join(folder, "controller_choices.png")
         _save(fig, path)
         written.append(path)
-    spec = s[(s.drafted > 0) & (s.get("speculate", pd.Series("", index=s.index)) != "auto")]   # gamma as drafted
+    spec = s[s.drafted > 0]
     chains = spec[(spec["mode"] != "tree") & (spec.gamma > 0) & (spec.gamma_schedule == "constant")]
     if len(chains):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
@@ -106,7 +106,8 @@ def plot_all(summary: pd.DataFrame, raw: pd.DataFrame, folder: str) -> list[str]
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.suptitle("chains, constant gamma (mean over batch sizes)", fontsize=10)
+        fig.suptitle("chains, constant gamma asked (mean over batch sizes; with speculate auto the controller may "
+                     "draft fewer: mean_gamma in summary.csv)", fontsize=9)
         path = os.path.join(folder, "acceptance_by_gamma.png")
         _save(fig, path)
         written.append(path)

@@ -30,17 +30,21 @@ def pair(tmp_path_factory):
     return save_tiny_pair(tmp_path_factory.mktemp("pair"), positions=512)
 
 
+# every step drafts what the schedule says: the controller's pass costs are keyed by the thread
+# count, which differs under accelerate, so its choices (and a sampled row's draws) could differ
+FIXED = ["--device", "cpu", "--dtype", "float32", "--speculate", "always"]
+
+
 def launch(n: int, args: list[str]) -> subprocess.CompletedProcess:
     """``accelerate launch`` of n CPU processes (torchrun under it; the tools pick gloo for --device cpu)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port())] + args + ["--device", "cpu", "--dtype", "float32"]
+           "--main_process_port", str(free_port())] + args + FIXED
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def plain(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable] + args + ["--device", "cpu", "--dtype", "float32"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable] + args + FIXED, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 SAME = ["mode", "batch", "sample", "batch_id", "seed", "prompt_tokens", "new_tokens", "tokens", "accepted", "drafted"]
