@@ -210,6 +210,8 @@ class Controller:
         """The draft length of this step for ``batch`` rows in the pass, at most ``most``."""
         if most <= 0:
             return most
+        if not self.tried:       # nothing seen yet: draft in full once, so the rates come from this text
+            return most
         g, _ = self.best(most, batch)
         if g == 0:
             self.ar_steps += 1

@@ -149,3 +149,11 @@ def test_sampled_law_while_switching(mode, switching):
 
 def test_always_is_the_schedule(monkeypatch):
     assert Always().choose(5, 32) == 5
+
+
+def test_the_first_step_drafts_in_full(monkeypatch):
+    """Before any acceptance is seen, the prior alone must not rule drafting out: draft what is allowed."""
+    c = controller(monkeypatch, target=(2.0, 1.0))
+    assert c.choose(5, 64) == 5                            # at a batch where the prior says AR
+    c.observe([0] * 64, [5] * 64)
+    assert c.choose(5, 64) == 0
