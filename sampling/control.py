@@ -1,6 +1,6 @@
-"""Speculation that is never slower than AR: each step, the draft length (0: a plain AR step) whose
-expected tokens per unit of cost are the most, from pass costs measured ahead and the acceptance
-seen so far.
+"""Speculation that aims never to be slower than AR (not yet reached: results/drafting): each step,
+the draft length (0: a plain AR step) whose expected tokens per unit of cost are the most, from
+pass costs measured ahead and the acceptance seen so far.
 
 A step that drafts g tokens costs the target's verify pass over ``b x verify(g)`` tokens and the
 draft model's passes (``Drafter.work``), priced by each model's pass-cost curve (ms against the

@@ -56,7 +56,7 @@ def speculative_decode(drafter: Drafter, verifier: Verifier, input_ids: torch.Te
         most = min(schedule.gamma, drafter.max_draft or schedule.gamma)   # drafts the drafter can make,
         most = control.choose(min(most, rows.room() - 1), len(seq))       # worth making for this batch, and
         limits = None if rows.seeds is None else [max(0, min(most, room - 1)) for room in rows.rooms()]
-        g = min(most, rows.room() - 1) if limits is None else max(limits)   # some row can still use
+        g = most if limits is None else max(limits)                       # some row can still use
         draws = rows.draws(generator, limits)                             # rows of their own: each its own
         acc, seq, mask = step(drafter, verifier, seq, mask, g, draws, rows.live())
         # 5. schedule: the next draft length, from what each live row accepted

@@ -30,7 +30,6 @@ class CacheSpec:
             raise ValueError("compile needs the static kv cache (kv_cache='static'): a dynamic cache changes "
                              "shape every step")
 
-
     def for_role(self, role: str) -> CacheSpec:
         """The spec of one model's cache: with ``compile="draft"``, a draft model's is static and
         compiled, the target's not compiled; otherwise this one."""
