@@ -276,6 +276,7 @@ class RowTrees:
     parent: torch.Tensor            # [b, n] each node's parent (-1: the root)
     depths: torch.Tensor            # [b, n] depth below the root, 1 for the root's children
     fed: torch.Tensor               # [b, n] the node's slot in the draft's tree cache, -1: not fed
+    width: int                      # the most children under one node (K)
 
     def on(self, device) -> RowTrees:
         """Itself: made on the device already (as ``TreeShape.on``)."""

@@ -1,4 +1,4 @@
-"""Small helpers every part uses: facts about a model, moving host values to the device and back,
+"""Small helpers every part uses: facts about a model, moving host values to the device,
 and a clock that waits for the device."""
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def vocab_size(model) -> int:
@@ -59,17 +58,3 @@ def to_device(data: list, device: torch.device, dtype: torch.dtype = torch.long)
     if torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
-
-
-def fetch(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Device tensors of one batch ([b, ...] each, any dtypes) on the host in one transfer (the host
-    waits once, not once a tensor): each row's bytes side by side, every part padded to 8 bytes so
-    that it views back as its dtype and shape without a copy."""
-    b = len(tensors[0])
-    parts = [t.contiguous().view(b, -1).view(torch.uint8) for t in tensors]           # [b, bytes] each
-    parts = [F.pad(x, (0, -x.shape[1] % 8)) for x in parts]
-    host, at, out = torch.cat(parts, 1).cpu(), 0, []                                 # the one transfer
-    for t, x in zip(tensors, parts):
-        out.append(host[:, at:at + t[0].numel() * t.element_size()].view(t.dtype).view(t.shape))
-        at += x.shape[1]
-    return out

@@ -51,8 +51,9 @@ def test_virtual_device_catches_no_host_device_mixing(mode, kv):
 
 
 # host-device synchronisations per decode step: the read of what the step accepted (the one that
-# decides; a tree's walk reads the target's argmaxes (sampled: the laws and its uniforms) and the
-# tree, with the dynamic drafter's fed slots, and decides on the host, all in one transfer), and
+# decides; a greedy tree's walk reads the target's argmaxes and the tree, with the dynamic drafter's
+# fed slots, and decides on the host, all in one transfer; a sampled walk runs on the device and
+# reads its result, with the fed slots of its path), and
 # where the host needs more of the device's values: a cascade's level decides its own acceptance
 # (the n-gram drafter looks up the accepted tokens the loop has read already: Accepted.taken)
 SYNCS_PER_STEP = {"ar": 1, "google": 1, "deepmind": 1, "bass": 1, "bass-mask": 1, "bass static": 1, "tree": 1,
@@ -94,20 +95,21 @@ def test_a_decode_step_makes_the_host_wait_once(mode):
     assert s24 - s12 == SYNCS_PER_STEP[mode] * (c24 - c12), syncs
 
 
-def test_fetch_brings_tensors_of_any_dtype_in_one_transfer():
-    """sampling.utils.fetch: every tensor back with its dtype, shape and values (odd byte counts
-    padded, a row's parts side by side), one synchronisation for all of them."""
-    from sampling.utils import fetch
-    g = torch.Generator().manual_seed(5)
-    parts = [torch.rand(3, 5, 7, generator=g).half(), torch.rand(3, 2, generator=g, dtype=torch.float64),
-             torch.randint(-9, 40000, (3, 5), generator=g), torch.rand(3, 1, generator=g) > 0.5,
-             torch.randint(0, 9, (3, 0), generator=g), torch.rand(3, generator=g)]
-    with VirtualDevice() as vd:
-        on = [p.clone() for p in parts]                          # from tensors made before: the device's
-        back = fetch(*on)
-    assert len(vd.syncs) == 1
-    for p, b in zip(parts, back):
-        assert b.dtype == p.dtype and b.shape == p.shape and torch.equal(b, p)
+@pytest.mark.parametrize("tree", ("2,2,1", "paths:0,1,2,0.0,0.1,1.0", "dynamic:8:3:3"))
+def test_sampled_walk_draws_alike_on_a_device_and_on_the_cpu(tree):
+    """The sampled tree walk runs its loops to their bounds on a device (the host reads nothing)
+    and stops early on the CPU (where reading costs nothing): the same seeded tokens either way,
+    with rows that accept different depths and rows cut at their own depth (seeds per row)."""
+    target = tiny_model("llama", seed=81)
+    draft = noisy_copy(target, 0.05, seed=82)                 # close: some rows accept a whole path
+    ids, mask = left_padded_batch(97, LENGTHS, seed=83)
+    kw = dict(draft_model=draft, mode="tree", tree=tree, temperature=1.0)
+    for seeds in (dict(seed=5, max_new_tokens=10), dict(seed=[5, 6, 7, 8], max_new_tokens=[10, 3, 7, 5])):
+        cpu = generate(target, ids, mask, **kw, **seeds)
+        with VirtualDevice(target, draft):
+            device = generate(target, ids, mask, **kw, **seeds)
+        assert device.tokens == cpu.tokens
+        assert 0 < cpu.stats["acceptance_rate"] < 1
 
 
 def test_virtual_device_raises_on_the_old_ar_bug():

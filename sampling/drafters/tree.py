@@ -164,7 +164,7 @@ class DynamicTreeDrafter(TreeDrafter):
         new_index = torch.full((b, P + 1), -1, device=dev)
         new_index.scatter_(1, keep, torch.arange(n, device=dev).expand(b, n))
         parent = new_index.gather(1, torch.cat(parents, 1).gather(1, keep) % (P + 1))   # [b, n], -1: root
-        tree = RowTrees(n, depth, parent, levels[:P].expand(b, -1).gather(1, keep), fed[:, :P].gather(1, keep))
+        tree = RowTrees(n, depth, parent, levels[:P].expand(b, -1).gather(1, keep), fed[:, :P].gather(1, keep), K)
         q = None if self.greedy else torch.cat(qs, 1).gather(1, keep.unsqueeze(-1).expand(b, n, qs[0].shape[-1]))
         self._tree = tree
         return Draft(torch.cat(toks, 1).gather(1, keep), q, tree, carry=tree.fed)   # tokens [b, n], q [b, n, V]

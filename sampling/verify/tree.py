@@ -51,10 +51,10 @@ class TreeVerifier(CachedPart):
         slots = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))        # real before the nodes, nodes, all
         # a tree per row: its parents on the device, read by the walk with the tokens (one transfer),
         # as is what the drafter asked back along the path
-        links = tree.parent if isinstance(tree, RowTrees) else tree.children
+        links, bounds = (tree.parent, (tree.depth, tree.width)) if isinstance(tree, RowTrees) else (tree.children, None)
         own = isinstance(generator, RowDraws)                               # rows of their own: each its own depth
         n, nxt, nodes, host, carried = tree_accept(p_root, p_nodes, draft.q, draft.tokens, links, generator,
-                                                   self.greedy, draft.carry, generator.limits if own else None)
+                                                   self.greedy, draft.carry, generator.limits if own else None, bounds)
         tokens = draft.tokens.gather(1, nodes) if tree.n else draft.tokens  # [b, depth]
         hidden = self.kv.hidden if self.kv.calls > calls else None          # [b, P + n, D]: a pass ran
         ok = finite_rows(p_root.unsqueeze(1), p_nodes, draft.q) if own else None   # rows of their own: checked
