@@ -29,7 +29,7 @@ from sampling.app.cli import (
     takes_draft,
 )
 from sampling.app.strict_json import dumps
-from sampling.generate import DEFAULTS, check_inputs, default_gamma
+from sampling.generate import DEFAULTS, check_inputs, default_gamma, default_main_mode
 from sampling.modes import get_mode
 from sampling.tree_shapes import parse_tree
 
@@ -40,8 +40,9 @@ def parse(argv=None):
                     help="a prompt (repeat the flag for several)")
     add_model_args(ap, placement=True)
     ap.add_argument("--mode", default=None, choices=MODES,
-                    help=f"decoding mode (default {DEFAULTS.main_mode}, the fastest lossless one measured on the "
-                         f"embedded pair; {DEFAULTS.mode} with --draft ngram, which drafts chains)")
+                    help=f"decoding mode (default: the fastest measured on the embedded pair at the temperature "
+                         f"asked, {DEFAULTS.main_mode} greedy and {DEFAULTS.main_mode_sampled} sampling; "
+                         f"{DEFAULTS.mode} with a drafter that drafts chains only, such as --draft ngram)")
     ap.add_argument("--bass", action="store_true", help="shorthand for --mode bass")
     ap.add_argument("--batch", type=int, default=1,
                     help="batch size; fewer prompts than this are repeated to fill one batch")
@@ -66,7 +67,8 @@ def parse(argv=None):
     check_speculator_flag(args.speculator, [parse_drafts(args.draft)[0]])
     args.draft = parse_drafts(args.draft)[0]
     if args.mode is None:                                  # the fastest mode the drafter can draft for
-        args.mode = DEFAULTS.main_mode if takes_draft(DEFAULTS.main_mode, args.draft) else DEFAULTS.mode
+        fastest = default_main_mode(args.temperature)
+        args.mode = fastest if takes_draft(fastest, args.draft) else DEFAULTS.mode
     if not args.input or any(not p.strip() for p in args.input):
         raise ValueError("empty prompt: give a non-empty --input")
     check_at_least_one(args, "batch", "repeats")

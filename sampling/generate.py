@@ -16,15 +16,17 @@ from .utils import max_positions, vocab_size
 from .utils_bass import ScheduleParams
 
 __all__ = ["DEFAULTS", "FINISHED_ROWS", "MODES", "Defaults", "GenerationResult", "check_args", "check_inputs",
-           "default_gamma", "default_tree", "generate", "left_align", "resolve_schedule"]
+           "default_gamma", "default_main_mode", "default_tree", "generate", "left_align", "resolve_schedule"]
 
 
 @dataclass(frozen=True)
 class Defaults:
     """The one home of every generation default (the CLIs and the benchmarks read theirs from here)."""
     mode: str = "google"          # generate(): ar | google | deepmind | bass | tree
-    main_mode: str = "tree"       # main.py: the fastest lossless configuration at batch 1 on the embedded
-                                  # pair, tree mode with the draft model (results/heads)
+    main_mode: str = "tree"       # main.py, greedy: the fastest lossless configuration at batch 1 on the embedded
+                                  # pair, tree mode with the draft model (results/heads, results/drafting)
+    main_mode_sampled: str = "google"   # main.py at a temperature above 0: the draft model's chain, faster there
+                                        # than the tree (results/drafting/temperature-sweep)
     draft: str = "model"          # what drafts (the CLIs): model | ngram | mlp | medusa (sampling.app.cli.DRAFTS)
     tree: str = "dynamic:16:5:4:3"   # tree, draft model: the fastest at batch 1 on Dolly, embedded pair (results/trees)
     heads_tree: str = "4,2,2,1"   # tree, speculator heads (static trees only): top-k per head (results/heads)
@@ -47,6 +49,11 @@ class Defaults:
 
 
 DEFAULTS = Defaults()
+
+
+def default_main_mode(temperature: float) -> str:
+    """main.py's mode when none is asked: the fastest measured at this temperature (0: greedy)."""
+    return DEFAULTS.main_mode if temperature == 0 else DEFAULTS.main_mode_sampled
 
 
 def default_tree(draft) -> str:

@@ -164,7 +164,8 @@ def test_help_shows_every_default(capsys):
         main_cli.parse(["-h"])
     out = " ".join(capsys.readouterr().out.split())
     for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)",
-                 "decoding mode (default tree, the fastest lossless one measured",
+                 "decoding mode (default: the fastest measured on the embedded pair at the temperature asked, tree "
+                 "greedy and google sampling;",
                  "(default 4 for constant, 7 for bass/aimd)", "--repeats REPEATS", "(default: 3)"):
         assert text in out, text
 
@@ -176,8 +177,12 @@ def test_defaults_live_in_one_place():
     import eval_dolly
     from benchmark import run_experiment
     from sampling import DEFAULTS, generate
+    from sampling.generate import default_main_mode
     sig = inspect.signature(generate).parameters
-    assert sig["mode"].default == DEFAULTS.mode and main_cli.parse(["--input", "x"]).mode == DEFAULTS.main_mode
+    assert sig["mode"].default == DEFAULTS.mode
+    sampled = main_cli.parse(["--input", "x"]).mode
+    assert sampled == default_main_mode(DEFAULTS.temperature) == DEFAULTS.main_mode_sampled
+    assert main_cli.parse(["--input", "x", "--temperature", "0"]).mode == DEFAULTS.main_mode
     for name, flag in (("max_new_tokens", "max_tokens"), ("top_k", "top_k"), ("top_p", "top_p"),
                        ("min_p", "min_p"), ("repetition_penalty", "repetition_penalty")):
         assert sig[name].default == getattr(DEFAULTS, name)

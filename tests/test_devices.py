@@ -96,12 +96,14 @@ def test_a_decode_step_makes_the_host_wait_once(mode):
 
 
 @pytest.mark.parametrize("tree", ("2,2,1", "paths:0,1,2,0.0,0.1,1.0", "dynamic:8:3:3"))
-def test_sampled_walk_draws_alike_on_a_device_and_on_the_cpu(tree):
+@pytest.mark.parametrize("noise", (0.05, 0.5))
+def test_sampled_walk_draws_alike_on_a_device_and_on_the_cpu(tree, noise):
     """The sampled tree walk runs its loops to their bounds on a device (the host reads nothing)
     and stops early on the CPU (where reading costs nothing): the same seeded tokens either way,
-    with rows that accept different depths and rows cut at their own depth (seeds per row)."""
+    with rows that accept different depths and rows cut at their own depth (seeds per row). A
+    close draft (some rows accept a whole path) and a far one (most steps reject a sibling)."""
     target = tiny_model("llama", seed=81)
-    draft = noisy_copy(target, 0.05, seed=82)                 # close: some rows accept a whole path
+    draft = noisy_copy(target, noise, seed=82)
     ids, mask = left_padded_batch(97, LENGTHS, seed=83)
     kw = dict(draft_model=draft, mode="tree", tree=tree, temperature=1.0)
     for seeds in (dict(seed=5, max_new_tokens=10), dict(seed=[5, 6, 7, 8], max_new_tokens=[10, 3, 7, 5])):

@@ -136,7 +136,8 @@ def walk_sampled(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor |
     limit [b] each row's own depth. Returns n [b], next [b], path [b, n] (padded with 0).
     On an accelerator the loops run to their bounds (depth + 1 levels of K children) without
     reading the device; on the CPU, where a read costs nothing, a level tests only as many children
-    as a walking row has there, and the walk stops when no row walks."""
+    as a walking row has there, stops testing them once every walking row has accepted one, and the
+    walk stops when no row walks."""
     b, n = tokens.shape
     dev = tokens.device
     reads = dev == torch.device("cpu")                              # the host's own memory
@@ -160,6 +161,8 @@ def walk_sampled(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor |
         if width:                                                   # the law the children were drawn from
             q_u = q.gather(1, here[:, :1].clamp(min=0).unsqueeze(2).expand(b, 1, V)).squeeze(1)   # [b, V]
         for j in range(width):
+            if reads and j and not bool((walking & ~moved).any()):  # every row has moved on or stopped
+                break
             c = here[:, j:j + 1]                                    # [b, 1] the j-th child (-1: none)
             x = tokens.gather(1, c.clamp(min=0))                    # [b, 1]
             q_x = q_u.gather(1, x)
@@ -168,6 +171,8 @@ def walk_sampled(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor |
             used = used + test
             moved, to = moved | ok, torch.where(ok, c + 1, to)
             no = test & ~ok                                         # rejected: r <- norm(max(0, r - q)), q minus x
+            if reads and not bool(no.any()):                        # (on the CPU: skipped when no row was)
+                continue
             r = torch.where(no, max_fn(r - q_u, fallback=r), r)
             q_u = torch.where(no, q_u.scatter(1, x, 0.0), q_u)
             q_u = torch.where(no, q_u / q_u.sum(-1, keepdim=True).clamp(min=torch.finfo(q_u.dtype).tiny), q_u)
