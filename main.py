@@ -41,8 +41,8 @@ def parse(argv=None):
     add_model_args(ap, placement=True)
     ap.add_argument("--mode", default=None, choices=MODES,
                     help=f"decoding mode (default: the fastest measured on the embedded pair at the temperature "
-                         f"asked, {DEFAULTS.main_mode} greedy and {DEFAULTS.main_mode_sampled} sampling; "
-                         f"{DEFAULTS.mode} with a drafter that drafts chains only, such as --draft ngram)")
+                         f"asked, {DEFAULTS.main_mode} greedy with the draft model, {DEFAULTS.main_chain_mode} "
+                         f"sampling or with another drafter)")
     ap.add_argument("--bass", action="store_true", help="shorthand for --mode bass")
     ap.add_argument("--batch", type=int, default=1,
                     help="batch size; fewer prompts than this are repeated to fill one batch")
@@ -66,9 +66,8 @@ def parse(argv=None):
         args.mode = "bass"
     check_speculator_flag(args.speculator, [parse_drafts(args.draft)[0]])
     args.draft = parse_drafts(args.draft)[0]
-    if args.mode is None:                                  # the fastest mode the drafter can draft for
-        fastest = default_main_mode(args.temperature)
-        args.mode = fastest if takes_draft(fastest, args.draft) else DEFAULTS.mode
+    if args.mode is None:                                  # the fastest mode measured for this drafter
+        args.mode = default_main_mode(args.temperature, args.draft)
     if not args.input or any(not p.strip() for p in args.input):
         raise ValueError("empty prompt: give a non-empty --input")
     check_at_least_one(args, "batch", "repeats")

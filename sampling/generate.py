@@ -23,10 +23,10 @@ __all__ = ["DEFAULTS", "FINISHED_ROWS", "MODES", "Defaults", "GenerationResult",
 class Defaults:
     """The one home of every generation default (the CLIs and the benchmarks read theirs from here)."""
     mode: str = "google"          # generate(): ar | google | deepmind | bass | tree
-    main_mode: str = "tree"       # main.py, greedy: the fastest lossless configuration at batch 1 on the embedded
-                                  # pair, tree mode with the draft model (results/heads, results/drafting)
-    main_mode_sampled: str = "google"   # main.py at a temperature above 0: the draft model's chain, faster there
-                                        # than the tree (results/drafting/temperature-sweep)
+    main_mode: str = "tree"       # main.py, greedy with the draft model: the fastest lossless configuration at
+                                  # batch 1 on the embedded pair (results/heads, results/drafting)
+    main_chain_mode: str = "google"   # main.py otherwise: sampling (the draft model's chain beats its tree there),
+                                      # heads (their trees lose to their chain), n-gram (chains only)
     draft: str = "model"          # what drafts (the CLIs): model | ngram | mlp | medusa (sampling.app.cli.DRAFTS)
     tree: str = "dynamic:16:5:4:3"   # tree, draft model: the fastest at batch 1 on Dolly, embedded pair (results/trees)
     heads_tree: str = "4,2,2,1"   # tree, speculator heads (static trees only): top-k per head (results/heads)
@@ -51,9 +51,11 @@ class Defaults:
 DEFAULTS = Defaults()
 
 
-def default_main_mode(temperature: float) -> str:
-    """main.py's mode when none is asked: the fastest measured at this temperature (0: greedy)."""
-    return DEFAULTS.main_mode if temperature == 0 else DEFAULTS.main_mode_sampled
+def default_main_mode(temperature: float, draft: str = "model") -> str:
+    """main.py's mode when none is asked: the fastest measured on the embedded pair at this
+    temperature (0: greedy) with this drafter (``DEFAULTS.draft``'s kinds): the draft model's tree
+    greedy, a chain otherwise (results/drafting/temperature-sweep)."""
+    return DEFAULTS.main_mode if temperature == 0 and draft == "model" else DEFAULTS.main_chain_mode
 
 
 def default_tree(draft) -> str:

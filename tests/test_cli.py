@@ -165,7 +165,7 @@ def test_help_shows_every_default(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)",
                  "decoding mode (default: the fastest measured on the embedded pair at the temperature asked, tree "
-                 "greedy and google sampling;",
+                 "greedy with the draft model, google sampling or with another drafter)",
                  "(default 4 for constant, 7 for bass/aimd)", "--repeats REPEATS", "(default: 3)"):
         assert text in out, text
 
@@ -181,8 +181,10 @@ def test_defaults_live_in_one_place():
     sig = inspect.signature(generate).parameters
     assert sig["mode"].default == DEFAULTS.mode
     sampled = main_cli.parse(["--input", "x"]).mode
-    assert sampled == default_main_mode(DEFAULTS.temperature) == DEFAULTS.main_mode_sampled
+    assert sampled == default_main_mode(DEFAULTS.temperature) == DEFAULTS.main_chain_mode
     assert main_cli.parse(["--input", "x", "--temperature", "0"]).mode == DEFAULTS.main_mode
+    for draft in ("ngram", "mlp", "medusa"):                  # chains: n-gram drafts no tree; heads' trees lose
+        assert main_cli.parse(["--input", "x", "--temperature", "0", "--draft", draft]).mode == DEFAULTS.main_chain_mode
     for name, flag in (("max_new_tokens", "max_tokens"), ("top_k", "top_k"), ("top_p", "top_p"),
                        ("min_p", "min_p"), ("repetition_penalty", "repetition_penalty")):
         assert sig[name].default == getattr(DEFAULTS, name)

@@ -198,8 +198,9 @@ def tree_accept(p_root: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | 
     of each node's parent, which its children were drawn from without replacement, in order;
     tokens: [b, n]; children: node -> its children (-1 is the root), one dict for every row or a
     list of one per row, or each row's tree as its nodes' parents [b, n] on the device (-1: the
-    root), fetched with the tokens; carry: [b, n] integers a node (a drafter's, on the device)
-    whose values along the accepted path the caller needs on the host, fetched with them.
+    root; greedy: fetched with the tokens, sampled: read by the walk on the device); carry: [b, n]
+    integers a node (a drafter's, on the device) whose values along the accepted path the caller
+    needs on the host, fetched with them.
     Sampling: at a node with target law r and draft law q, each child x in turn is accepted with
     probability min(1, r(x) / q(x)); a rejection replaces r by norm(max(0, r - q)) and then q by
     q without x, renormalised; a child with q(x) = 0 (the draft had fewer tokens than children) is

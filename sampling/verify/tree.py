@@ -49,8 +49,8 @@ class TreeVerifier(CachedPart):
             p_root = p_chain if p_chain is not None else p_root
         b = len(seq)
         slots = (mask.sum(), b * tree.n, b * (seq.shape[1] + tree.n))        # real before the nodes, nodes, all
-        # a tree per row: its parents on the device, read by the walk with the tokens (one transfer),
-        # as is what the drafter asked back along the path
+        # a tree per row: its parents on the device (the greedy walk fetches them with the tokens, the
+        # sampled one reads them there), and what the drafter asked back along the path
         links, bounds = (tree.parent, (tree.depth, tree.width)) if isinstance(tree, RowTrees) else (tree.children, None)
         own = isinstance(generator, RowDraws)                               # rows of their own: each its own depth
         n, nxt, nodes, host, carried = tree_accept(p_root, p_nodes, draft.q, draft.tokens, links, generator,
