@@ -63,6 +63,8 @@ def linear_rates(models: dict, rounds: int, dtype: torch.dtype) -> pd.DataFrame:
                 runs = {"linear": lambda x=x, ws=ws: [F.linear(x, w) for w in ws],
                         "x @ W.T stored": lambda x=x, wts=wts: [x @ w for w in wts]}
                 times = {k: [] for k in runs}
+                for f in runs.values():                                   # a warm-up call each
+                    f()
                 for _ in range(rounds):
                     for k, f in runs.items():
                         t = time.perf_counter()
@@ -79,6 +81,7 @@ def linear_rates(models: dict, rounds: int, dtype: torch.dtype) -> pd.DataFrame:
 def read_rate(rounds: int) -> float:
     """GB/s of a sum over 200 MB (memory, not cache), the median of ``rounds``."""
     x = torch.randn(50_000_000)
+    x.sum()                                                               # a warm-up read
     out = []
     for _ in range(rounds):
         t = time.perf_counter()
