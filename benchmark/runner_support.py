@@ -56,6 +56,6 @@ def measure_cost(target, draft, batch: int, gamma: int, prompt_len: int = 64, re
     gen = torch.Generator().manual_seed(0)
     kv = {"t": cached_wrapper(target, batch, prompt_len, CacheSpec(), gen),
           "d": cached_wrapper(draft, batch, prompt_len, draft_cache, gen)}
-    step, draft_step, verify = time_passes([(kv["t"], 1), (kv["d"], 1), (kv["t"], gamma + 1)], prompt_len, reps, gen)
+    step, draft_step, verify = time_passes([(kv["t"], 1), (kv["d"], 1), (kv["t"], gamma + 1)], reps, gen)
     return dict(batch=batch, gamma=gamma, target_step_ms=step, draft_step_ms=draft_step, verify_ms=verify,
                 c=draft_step / step, verify_over_step=verify / step, reps=reps)

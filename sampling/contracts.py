@@ -116,7 +116,8 @@ class Drafter(Protocol):
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None) -> None:
         """Read the prompts [b, T] (left-padded, mask [b, T]); ``hidden`` [b, D]: the target's lm_head
-        input at each prompt's last token when ``reads_target``, else None."""
+        input at each prompt's last token when ``reads_target``, else None. A drafter may defer the
+        work to its first ``propose`` with g > 0, which sees every token since (a draft model's cache)."""
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator: torch.Generator | None) -> Draft:
         """Draft after seq [b, S] (mask [b, S]): a chain of g tokens, or a tree of at most g levels."""

@@ -4,7 +4,9 @@ pass costs measured ahead and the acceptance seen so far.
 
 A step that drafts g tokens costs the target's verify pass over ``b x verify(g)`` tokens and the
 draft model's passes (``Drafter.work``), priced by each model's pass-cost curve (ms against the
-tokens a pass feeds, batch rows x tokens per row). It yields, per row, 1 + sum over levels l <= g
+tokens a pass feeds, batch rows x tokens per row, plus a cost per cached slot of every row: the
+cache's copy and the attention over it, which at a large batch of long rows outweigh the new
+tokens). It yields, per row, 1 + sum over levels l <= g
 of prod_{j <= l} beta_j tokens, beta_j the rate at which a row that reached level j - 1 also
 accepted level j (Leviathan et al.'s alpha when every beta is alike), counted over the steps so far
 (each step's counts decayed, so the rate follows the text). An AR step yields 1 token for the
@@ -35,23 +37,29 @@ from .utils import cache_dir, max_positions, model_device, now, vocab_size
 SPECULATE = ("auto", "always")      # auto: the controller; always: every step drafts what the schedule says
 GRID = (1, 2, 4, 8, 16, 32, 64, 128)  # tokens per pass measured (beyond: extended from the last two)
 CONTEXT = 64                         # cached positions before a timed pass
-PROBE_AFTER = 16                     # AR steps before one speculative step re-measures the acceptance
+FAR = 1024                           # ... and before the pass that prices a cached slot (the model's limit if lower)
+PROBE_AFTER = 16                     # AR steps before a probe (one draft) sees the acceptance again; doubles
+                                     # after each probe that does not bring drafting back
 
 
 @dataclass(frozen=True)
 class CostCurve:
     """ms of one model's cached pass against the tokens it feeds (batch rows x tokens per row):
-    piecewise linear through the measured points, extended beyond the last along the last segment."""
+    piecewise linear through the measured points (one row after CONTEXT cached positions), extended
+    beyond the last along the last segment; plus ``per_slot`` ms for each cached slot beyond those
+    CONTEXT (rows x cached positions: the cache's copy and the attention read every slot)."""
     tokens: tuple[int, ...]
     ms: tuple[float, ...]
+    per_slot: float = 0.0
 
-    def __call__(self, n: float) -> float:
+    def __call__(self, n: float, slots: float = CONTEXT) -> float:
         xs, ys = self.tokens, self.ms
+        extra = self.per_slot * max(0.0, slots - CONTEXT)
         if n <= xs[0] or len(xs) == 1:
-            return ys[0]
+            return ys[0] + extra
         k = next((i for i in range(1, len(xs)) if n <= xs[i]), len(xs) - 1)
         slope = max(0.0, (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1]))
-        return ys[k - 1] + slope * (n - xs[k - 1])
+        return ys[k - 1] + slope * (n - xs[k - 1]) + extra
 
 
 def machine_key(model, cache: CacheSpec) -> str:
@@ -74,16 +82,17 @@ def cpu_name() -> str:
 
 
 @torch.inference_mode()
-def time_passes(points: list[tuple[KVCacheModel, int]], context: int, reps: int,
-                generator: torch.Generator, reduce=statistics.median) -> list[float]:
-    """ms of each (wrapper, tokens) pass, the ``reduce`` (median) of its timed rounds: every wrapper
-    holds ``context`` cached positions of one random prompt; two warm-up rounds, then ``reps``
-    rounds with the points in rotating order (drift slows all alike); each pass is rolled back."""
+def time_passes(points: list[tuple[KVCacheModel, int]], reps: int, generator: torch.Generator,
+                reduce=statistics.median) -> list[float]:
+    """ms of each (wrapper, tokens) pass after the positions the wrapper holds (``cached_wrapper``),
+    the ``reduce`` (median) of its timed rounds: two warm-up rounds, then ``reps`` rounds with the
+    points in rotating order (drift slows all alike); each pass is rolled back."""
     times: list[list[float]] = [[] for _ in points]
+    contexts = [kv.length for kv, _ in points]
     for rep in range(reps + 2):
         for i in range(len(points)):
             j = (i + rep) % len(points)
-            kv, n = points[j]
+            (kv, n), context = points[j], contexts[j]
             device = model_device(kv.model)
             shape = (kv.mask.shape[0], context + n)                       # [b, context + n]
             seq = torch.randint(0, vocab_size(kv.model), shape, generator=generator).to(device)
@@ -106,17 +115,22 @@ def cached_wrapper(model, batch: int, context: int, cache: CacheSpec, generator:
 
 def measure_curve(model, cache: CacheSpec, grid: tuple[int, ...] = GRID, reps: int = 9) -> CostCurve:
     """``model``'s pass cost at each point of ``grid``: one row of ``n`` tokens after CONTEXT cached
-    ones (a batch of b rows of k tokens feeds the same b x k through the same layers), eager on the
-    cache's kind (compiling a graph for every point would cost minutes on a CPU: compiled passes
-    are priced at their eager cost)."""
+    ones (a batch of b rows of k tokens feeds the same b x k through the same layers), and the cost
+    of a cached slot: a one-token pass after FAR cached positions against one after CONTEXT. Eager
+    on the cache's kind (compiling a graph for every point would cost minutes on a CPU: compiled
+    passes are priced at their eager cost)."""
     limit = max_positions(model)
     grid = tuple(n for n in grid if limit is None or CONTEXT + n <= limit) or grid[:1]
+    far = max(CONTEXT, min(FAR, limit or FAR) - 1)
     gen = torch.Generator().manual_seed(0)
     spec = CacheSpec(cache.kind, room=max(grid))
     kv = cached_wrapper(model, 1, CONTEXT, spec, gen)
+    kv_far = cached_wrapper(model, 1, far, CacheSpec(cache.kind, room=1), gen)
     # the fastest of the rounds: the table is kept for good, and another process busy on the same
     # cores only ever slows a pass (a median taken on a busy machine priced drafting out of reach)
-    return CostCurve(tuple(grid), tuple(time_passes([(kv, n) for n in grid], CONTEXT, reps, gen, reduce=min)))
+    ms = time_passes([(kv, n) for n in grid] + [(kv_far, 1)], reps, gen, reduce=min)
+    per_slot = max(0.0, (ms[-1] - ms[0]) / (far - CONTEXT)) if far > CONTEXT else 0.0
+    return CostCurve(tuple(grid), tuple(ms[:-1]), per_slot)
 
 
 _CURVES: dict[str, CostCurve] = {}      # this process's, read from or added to the file
@@ -130,10 +144,10 @@ def pass_costs(model, cache: CacheSpec) -> CostCurve:
         return _CURVES[key]
     path = cache_dir() / "pass-costs.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    if key not in table:
+    if "per_slot" not in table.get(key, {}):                              # new, or measured before slots were priced
         curve = measure_curve(model, cache)
         table = json.loads(path.read_text()) if path.exists() else {}     # another process may have written
-        table[key] = dict(tokens=list(curve.tokens), ms=list(curve.ms))
+        table[key] = dict(tokens=list(curve.tokens), ms=list(curve.ms), per_slot=curve.per_slot)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             json.dump(table, f, indent=1, sort_keys=True)
@@ -141,14 +155,14 @@ def pass_costs(model, cache: CacheSpec) -> CostCurve:
         table = json.loads(path.read_text())      # what the file keeps (a process measuring beside this one may
                                                   # have written last), so that every later run reads the same
     entry = table[key]
-    _CURVES[key] = CostCurve(tuple(entry["tokens"]), tuple(float(v) for v in entry["ms"]))
+    _CURVES[key] = CostCurve(tuple(entry["tokens"]), tuple(float(v) for v in entry["ms"]), float(entry["per_slot"]))
     return _CURVES[key]
 
 
 class Always:
     """Every step drafts what the schedule allows (``speculate="always"``)."""
 
-    def choose(self, most: int, batch: int) -> int:
+    def choose(self, most: int, batch: int, context: int = CONTEXT) -> int:
         return most
 
     def observe(self, counts: list[int], limits: list[int]) -> None:
@@ -172,13 +186,15 @@ class Controller:
     decay: float = 0.95
     tried: list[float] = field(default_factory=list)    # per level l >= 1 (index l - 1): rows that could accept it
     passed: list[float] = field(default_factory=list)   # ... and did
-    ar_steps: int = 0                                   # consecutive AR steps chosen
+    ar_steps: int = 0                                   # AR steps chosen since the last draft
+    probe_after: int = PROBE_AFTER                      # AR steps before the next probe (doubles after a failed one)
 
-    def rates(self, depth: int, prior_only: bool = False) -> list[float]:
+    def rates(self, depth: int, assume: float | None = None) -> list[float]:
         """beta_1 .. beta_depth: each level's rate, pulled toward the level above's (the first toward
-        ``prior``), so a level seldom reached borrows from the one it follows."""
-        if prior_only:
-            return [self.prior] * depth
+        ``prior``), so a level seldom reached borrows from the one it follows; ``assume``: that rate
+        at every level instead of what was seen."""
+        if assume is not None:
+            return [assume] * depth
         out, above = [], self.prior
         for i in range(depth):
             tried, passed = (self.tried[i], self.passed[i]) if i < len(self.tried) else (0.0, 0.0)
@@ -186,45 +202,46 @@ class Controller:
             out.append(above)
         return out
 
-    def step_ms(self, g: int, batch: int) -> float:
-        """Predicted ms of a step drafting g for ``batch`` rows."""
-        w = self.drafter.work(g)
-        ms = self.target(batch * w.verify)
+    def step_ms(self, g: int, batch: int, context: int = CONTEXT) -> float:
+        """Predicted ms of a step drafting g for ``batch`` rows of ``context`` cached positions."""
+        w, slots = self.drafter.work(g), batch * context
+        ms = self.target(batch * w.verify, slots)
         if self.draft is not None:
-            ms += sum(self.draft(batch * t) for t in w.draft)
+            ms += sum(self.draft(batch * t, slots) for t in w.draft)
         return ms
 
-    def best(self, most: int, batch: int, prior_only: bool = False) -> tuple[int, float]:
+    def best(self, most: int, batch: int, context: int = CONTEXT, assume: float | None = None) -> tuple[int, float]:
         """The g in [0, most] with the most expected tokens per ms, and that rate."""
-        best_g, best = 0, 1.0 / self.step_ms(0, batch)
+        best_g, best = 0, 1.0 / self.step_ms(0, batch, context)
         expected, run = 1.0, 1.0
-        for g, beta in enumerate(self.rates(most, prior_only), start=1):
+        for g, beta in enumerate(self.rates(most, assume), start=1):
             run *= beta
             expected += run                                               # tokens a row expects from g drafts
-            rate = expected / self.step_ms(g, batch)
+            rate = expected / self.step_ms(g, batch, context)
             if rate > best:
                 best_g, best = g, rate
         return best_g, best
 
-    def choose(self, most: int, batch: int) -> int:
-        """The draft length of this step for ``batch`` rows in the pass, at most ``most``."""
+    def choose(self, most: int, batch: int, context: int = CONTEXT) -> int:
+        """The draft length of this step for ``batch`` rows of ``context`` cached positions, at most
+        ``most``."""
         if most <= 0:
             return most
+        if not self.best(most, batch, context, assume=1.0)[0]:
+            return 0             # no draft pays here even if every one were accepted: AR (nothing to learn)
         if not self.tried:       # nothing seen yet: draft in full once, so the rates come from this text
             return most
-        g, _ = self.best(most, batch)
-        if g == 0:
-            self.ar_steps += 1
-            # AR because the drafts were rejected, not because drafting costs too much here: now and
-            # then draft once, so the acceptance is seen again (the text may have changed)
-            if self.ar_steps >= PROBE_AFTER:
-                probe, _ = self.best(most, batch, prior_only=True)
-                if probe:
-                    self.ar_steps = 0
-                    return probe
-            return 0
-        self.ar_steps = 0
-        return g
+        g, _ = self.best(most, batch, context)
+        if g:
+            self.ar_steps, self.probe_after = 0, PROBE_AFTER
+            return g
+        # AR because the drafts were rejected (drafting could pay here): now and then one draft, so the
+        # acceptance is seen again (the text may have changed); each probe that fails waits twice as long
+        self.ar_steps += 1
+        if self.ar_steps >= self.probe_after:
+            self.ar_steps, self.probe_after = 0, 2 * self.probe_after
+            return 1
+        return 0
 
     def observe(self, counts: list[int], limits: list[int]) -> None:
         """Drafts each live row accepted (``counts``) out of its own draft length (``limits``)."""

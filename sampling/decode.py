@@ -54,7 +54,7 @@ def speculative_decode(drafter: Drafter, verifier: Verifier, input_ids: torch.Te
     rows.speculative = True
     while not rows.all_done:
         most = min(schedule.gamma, drafter.max_draft or schedule.gamma)   # drafts the drafter can make,
-        most = control.choose(min(most, rows.room() - 1), len(seq))       # worth making for this batch, and
+        most = control.choose(min(most, rows.room() - 1), len(seq), seq.shape[1])   # worth making for these rows
         limits = None if rows.seeds is None else [max(0, min(most, room - 1)) for room in rows.rooms()]
         g = most if limits is None else max(limits)                       # some row can still use
         draws = rows.draws(generator, limits)                             # rows of their own: each its own

@@ -74,7 +74,7 @@ class KVCacheModel:
     @property
     def filled(self) -> int:
         """How many slots the cache holds (fewer than ``length`` after a press; more with a tree's)."""
-        return self.backend.filled
+        return 0 if self.deferred else self.backend.filled
 
     @property
     def dropped(self) -> int:
@@ -135,12 +135,26 @@ class KVCacheModel:
             self.press_final(self.press.spec.prefill_keep(self.filled), mask)
         return self._hist[:, -1]
 
+    def defer(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Stand for a prefill of input_ids [B, T] (mask [B, T]) without running it: the cache stays
+        empty, rows still leave and join, and the first ``catch_up`` prefills the whole sequence."""
+        self.backend, self._hist = None, None
+        self.mask = mask[:, :0]                  # [B, 0]: the rows, no cached position
+
+    @property
+    def deferred(self) -> bool:
+        """Prefilled nothing yet (``defer``)."""
+        return self.backend is None
+
     @torch.inference_mode()
     def catch_up(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Feed the tokens of seq [B, T] the cache has not seen yet (mask [B, T] covers all of seq).
+        """Feed the tokens of seq [B, T] the cache has not seen yet (mask [B, T] covers all of seq);
+        a deferred cache is prefilled with all of them.
 
         Returns the distribution of the token after seq [B, V].
         """
+        if self.deferred:
+            return self.prefill(seq, mask)
         n = seq.shape[1] - self.length
         if n > 0:
             self._forward(seq, mask, n, keep=n)
@@ -156,6 +170,8 @@ class KVCacheModel:
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` cached positions (no-op if it holds fewer); trim mask and history.
         They are final: a press may evict among them before the next pass."""
+        if self.deferred:
+            return
         if self.press is not None:
             self.press.commit(min(length, self.length))
         k = self.length - length
@@ -173,7 +189,8 @@ class KVCacheModel:
     @torch.inference_mode()
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing compute)."""
-        self.backend.select_rows(rows)
+        if not self.deferred:
+            self.backend.select_rows(rows)
         self.mask = self.mask[rows]
         self.params = self.params.select(rows)   # per-row parameters follow their rows
         if self.press is not None:
@@ -191,6 +208,10 @@ class KVCacheModel:
         if self.spec.kind != "dynamic" or self.press is not None:
             raise ValueError("rows join a running batch with the dynamic cache and no press only")
         b, L = len(self.mask), self.length + pad
+        if self.deferred:                               # nothing cached: the new rows are prefilled with the rest
+            self.params = row_params(self.params.per_row(b) + list(params))
+            self.mask = self.mask.new_zeros(b + len(ids), 0)
+            return
         # the new rows are right-aligned: the prefill runs from the first slot any of them uses, not
         # over the batch's whole width (a short prompt beside long rows costs its own length)
         start = max(0, min(L - 1, ids.shape[1] - int(mask.sum(1).max())))
@@ -210,6 +231,8 @@ class KVCacheModel:
     def drop_leading(self, n: int) -> None:
         """Forget the first ``n`` cached slots, padding in every row (continuous batching: the rows that
         made the batch that wide have left). Positions come from the mask, so none changes."""
+        if self.deferred:
+            return                                      # nothing cached yet: the first catch_up starts later
         if n > self.length:
             raise ValueError(f"cannot drop {n} leading slots of a cache that holds {self.length}")
         self.backend.drop_leading(n)

@@ -33,4 +33,4 @@ def drafting_is_free(monkeypatch):
     or tree says each step, as ``speculate="always"`` does, whatever this machine's pass costs:
     outputs stay those the tests pin. Its own tests (tests/test_control.py) give it real costs."""
     from sampling import control
-    monkeypatch.setattr(control.Controller, "step_ms", lambda self, g, batch: 1.0)
+    monkeypatch.setattr(control.Controller, "step_ms", lambda self, g, batch, context=0: 1.0)

@@ -36,14 +36,33 @@ class Joining:
         return [NewRow(ids, budget, params) for ids, budget, params in take]
 
 
+class LateDrafts:
+    """A controller whose first four steps are AR, then drafts of 3 (rows join a draft model that
+    has prefilled nothing yet)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def choose(self, most, batch, context):
+        self.steps += 1
+        return 0 if self.steps <= 4 else most
+
+    def observe(self, counts, limits):
+        pass
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("mode", ("ar", "bass", "bass-ngram", "bass-self", "bass-never"))
-def test_joining_rows_equal_greedy_alone(arch, mode):
+@pytest.mark.parametrize("mode", ("ar", "bass", "bass-ngram", "bass-self", "bass-never", "bass-late"))
+def test_joining_rows_equal_greedy_alone(arch, mode, monkeypatch):
     """Three rows start; a long prompt joins at step 1 (the batch is padded on the left for it), two
     short ones at step 3 (one of a single token), one more when a place is free (limit 4): every
     row's tokens equal plain greedy decoding of its prompt alone. bass-self: the target drafts for
     itself, every draft is accepted (the draft's cache then lags the sequence by two); bass-never:
-    no draft is ever accepted (the draft's rollback leaves it no law of a last position)."""
+    no draft is ever accepted (the draft's rollback leaves it no law of a last position); bass-late:
+    AR steps first, so rows join and leave a draft model whose prefill still waits for its first draft."""
+    if mode == "bass-late":
+        from sampling import speculative_bass
+        monkeypatch.setattr(speculative_bass, "make_controller", lambda *a, **k: LateDrafts())
     target = tiny_model(arch)
     draft = NgramDrafter() if mode == "bass-ngram" else target if mode == "bass-self" else noisy_copy(target, 0.1)
     if mode == "bass-never":

@@ -12,7 +12,7 @@ from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 from sampling import NgramDrafter, generate, new_speculator, speculative_bass, speculative_sampling
 from sampling.cache.spec import CacheSpec
 from sampling.contracts import StepWork
-from sampling.control import PROBE_AFTER, Always, Controller, CostCurve, pass_costs
+from sampling.control import CONTEXT, PROBE_AFTER, Always, Controller, CostCurve, pass_costs
 
 
 class Chain:
@@ -38,6 +38,19 @@ def test_cost_curve_interpolates_and_extends():
     assert c(1) == 10.0 and c(0.5) == 10.0 and c(3) == 12.5
     assert c(8) == 15.0                                   # the last segment, extended
     assert CostCurve((1, 2), (5.0, 4.0))(10) == 5.0       # never cheaper for more tokens (noise): flat
+    slots = CostCurve((1, 2, 4), (10.0, 12.0, 13.0), per_slot=0.01)
+    assert slots(3) == 12.5 and slots(3, CONTEXT + 100) == pytest.approx(13.5)   # the slots beyond the measured ones
+
+
+def test_long_cached_rows_make_drafting_pay(monkeypatch):
+    """At a batch where the new tokens alone rule drafting out, a cache of long rows (read by every
+    pass, a one-token step too) makes a verify pass cost little more than an AR step: drafting pays."""
+    c = controller(monkeypatch, target=(2.0, 1.0))
+    for _ in range(20):
+        c.observe([4] * 32, [4] * 32)                     # every draft accepted
+    assert c.choose(4, 32) == 0                           # 32 rows of CONTEXT slots: the tokens decide
+    monkeypatch.setattr(c, "target", CostCurve(c.target.tokens, c.target.ms, per_slot=0.05))
+    assert c.choose(4, 32, 1000) == 4                     # 32 rows of 1000: the slots decide
 
 
 def test_drafts_while_it_pays_and_not_at_a_large_batch(monkeypatch):
@@ -55,9 +68,14 @@ def test_low_acceptance_means_ar_steps_and_a_probe_now_and_then(monkeypatch):
     c = controller(monkeypatch)
     for _ in range(30):
         c.observe([0], [3])                               # every first draft rejected
-    picks = [c.choose(4, 1) for _ in range(PROBE_AFTER + 2)]
+    picks = [c.choose(4, 1) for _ in range(3 * PROBE_AFTER)]
     assert picks[:PROBE_AFTER - 1] == [0] * (PROBE_AFTER - 1)
-    assert picks[PROBE_AFTER - 1] > 0 and picks[PROBE_AFTER] == 0   # one probe, then AR again
+    assert picks[PROBE_AFTER - 1] == 1 and picks[PROBE_AFTER] == 0   # a probe of one draft, then AR again
+    assert picks[PROBE_AFTER:].index(1) == 2 * PROBE_AFTER - 1      # the next probe after twice as many
+    c.observe([1], [1])
+    for _ in range(30):
+        c.observe([3], [3])                               # the text changed: drafts accepted again
+    assert c.choose(4, 1) > 1 and c.probe_after == PROBE_AFTER
 
 
 def test_rates_per_level(monkeypatch):
@@ -97,7 +115,7 @@ class Scripted:
     def __init__(self, script):
         self.script = itertools.cycle(script)
 
-    def choose(self, most, batch):
+    def choose(self, most, batch, context):
         return min(most, next(self.script))
 
     def observe(self, counts, limits):
@@ -151,9 +169,26 @@ def test_always_is_the_schedule(monkeypatch):
     assert Always().choose(5, 32) == 5
 
 
-def test_the_first_step_drafts_in_full(monkeypatch):
-    """Before any acceptance is seen, the prior alone must not rule drafting out: draft what is allowed."""
+def test_the_first_step_drafts_in_full_where_drafts_could_pay(monkeypatch):
+    """Before any acceptance is seen, the prior alone must not rule drafting out: draft what is
+    allowed, unless no draft could pay at this batch even if every one were accepted."""
     c = controller(monkeypatch, target=(2.0, 1.0))
-    assert c.choose(5, 64) == 5                            # at a batch where the prior says AR
-    c.observe([0] * 64, [5] * 64)
-    assert c.choose(5, 64) == 0
+    assert c.choose(5, 16) == 5                            # at a batch where the prior says AR
+    c.observe([0] * 16, [5] * 16)
+    assert c.choose(5, 16) == 0
+    fresh = controller(monkeypatch, target=(2.0, 1.0))
+    assert fresh.choose(5, 64) == 0                        # compute-bound: a draft costs what it could bring
+
+
+def test_a_generation_of_ar_steps_never_runs_the_draft(monkeypatch):
+    """The draft model's prefill waits for its first draft: a controller that never drafts costs
+    no draft pass at all, and the output is still greedy AR's."""
+    from sampling import speculative_bass as sb
+    target = tiny_model("llama", seed=0, dtype=torch.float32)
+    ids, mask = left_padded_batch(97, (5, 9, 3), seed=2)
+    monkeypatch.setattr(sb, "make_controller", lambda *a, **k: Scripted((0,)))
+    for mode, extra in (("bass", {}), ("tree", dict(tree="dynamic:6:3:3"))):
+        res = generate(target, ids, mask, draft_model=noisy_copy(target, 0.2), mode=mode, max_new_tokens=8,
+                       temperature=0, **extra)
+        assert res.tokens == greedy_reference(target, ids, mask, 8)
+        assert res.stats["draft_calls"] == 0, mode

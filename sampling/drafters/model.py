@@ -16,7 +16,9 @@ class ModelDrafter(CachedPart):
     max_draft = None
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
-        self.kv.prefill(input_ids, mask)
+        """Deferred to the first draft (``KVCacheModel.defer``): a generation whose steps are all AR
+        never runs the draft model."""
+        self.kv.defer(input_ids, mask)
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         """g drafts after seq [b, S] (mask [b, S]) for every row."""

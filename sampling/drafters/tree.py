@@ -60,7 +60,8 @@ class TreeDrafter(CachedPart):
         return self._greedy
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
-        self.kv.prefill(input_ids, mask)
+        """Deferred to the first tree (``KVCacheModel.defer``), as a chain's."""
+        self.kv.defer(input_ids, mask)
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, g: int, generator) -> Draft:
         """The tree cut to g levels after seq [b, S] (mask [b, S]), one draft pass per level but the last."""
