@@ -43,9 +43,8 @@ class Defaults:
     kv_cache: str = "dynamic"     # dynamic | static (sampling.cache.backends; results/static)
     compile: bool | str = False   # True: decode passes through torch.compile (static cache; CUDA graphs on a
                                   # GPU); "draft": the draft models' only (each on a static cache of its own)
-    speculate: str = "always"     # always: what the schedule or tree says; auto: each step's draft length (0: an
-                                  # AR step) from pass costs and acceptance (sampling.control; not the default:
-                                  # its cost table is too noisy on this CPU, docs/speculate.md)
+    speculate: str = "auto"       # auto: each step's draft length (0: an AR step) from pass costs and acceptance
+                                  # (sampling.control, docs/speculate.md); always: what the schedule or tree says
 
 
 DEFAULTS = Defaults()
