@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from sampling import MODES, check_args, generate_many
 from sampling.app.cli import (
@@ -29,9 +30,12 @@ from sampling.app.cli import (
     takes_draft,
 )
 from sampling.app.strict_json import dumps
+from sampling.cache.spec import CacheSpec
+from sampling.control import cost_curves
 from sampling.generate import DEFAULTS, check_inputs, default_gamma, default_main_mode
 from sampling.modes import get_mode
 from sampling.tree_shapes import parse_tree
+from sampling.utils import cache_dir
 
 
 def parse(argv=None):
@@ -106,6 +110,14 @@ def main(argv=None) -> None:
                   **generate_kwargs(args, tok, vocab))
     for m in modes:                                        # every check of the request before anything is echoed
         check_inputs(target, drafts[m], max(map(len, ids)), get_mode(m), args.max_tokens, kwargs.get("vocab_size"))
+    if args.speculate == "auto":                           # the controller's pass costs: measured once per machine,
+        t0 = time.perf_counter()                           # before anything is timed
+        for m in modes:
+            if m != "ar":
+                cost_curves(target, drafts[m], CacheSpec(kwargs["kv_cache"], kwargs["compile"]))
+        if time.perf_counter() - t0 > 1:
+            print(f"measured this machine's pass costs for the controller in {time.perf_counter() - t0:.1f}s, once "
+                  f"(kept in {cache_dir() / 'pass-costs.json'}; docs/speculate.md)", file=sys.stderr)
     if args.compare:
         runs, rounds = timed_runs(target, modes, ids, kwargs, drafts, args.repeats)
         if args.json:

@@ -267,6 +267,14 @@ def draft_models(draft) -> list:
     return [draft[-1]] if isinstance(draft, (list, tuple)) else [draft]
 
 
+def cost_curves(target, draft, cache: CacheSpec) -> tuple[CostCurve, CostCurve | None]:
+    """The target's and the priced draft model's cost curves (None: no draft model is priced),
+    measured now where this machine's table lacks them: a tool calls it before it times anything."""
+    models = draft_models(draft)
+    return (pass_costs(target, cache.for_role("target")),
+            pass_costs(models[0], cache.for_role("draft")) if models else None)
+
+
 def make_controller(speculate: str, target, draft, drafter: Drafter, cache: CacheSpec):
     """The controller of one generation: ``Always`` or a ``Controller`` on this machine's pass costs."""
     if speculate == "always":
@@ -274,9 +282,7 @@ def make_controller(speculate: str, target, draft, drafter: Drafter, cache: Cach
     if not callable(getattr(drafter, "work", None)):
         raise ValueError(f"{type(drafter).__name__} has no work(g) (sampling.contracts.Drafter), so the controller "
                          f"cannot price its steps: give it one, or pass speculate='always'")
-    models = draft_models(draft)
-    draft_cost = pass_costs(models[0], cache.for_role("draft")) if models else None
-    return Controller(pass_costs(target, cache.for_role("target")), draft_cost, drafter)
+    return Controller(*cost_curves(target, draft, cache), drafter)
 
 
 def check_speculate(speculate: str) -> None:
