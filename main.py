@@ -115,8 +115,9 @@ def main(argv=None) -> None:
         for m in modes:
             if m != "ar":
                 cost_curves(target, drafts[m], CacheSpec(kwargs["kv_cache"], kwargs["compile"]))
-        if time.perf_counter() - t0 > 1:
-            print(f"measured this machine's pass costs for the controller in {time.perf_counter() - t0:.1f}s, once "
+        spent = time.perf_counter() - t0
+        if spent > 1:
+            print(f"measured this machine's pass costs for the controller in {spent:.1f}s, once "
                   f"(kept in {cache_dir() / 'pass-costs.json'}; docs/speculate.md)", file=sys.stderr)
     if args.compare:
         runs, rounds = timed_runs(target, modes, ids, kwargs, drafts, args.repeats)

@@ -208,9 +208,9 @@ class KVCacheModel:
         if self.spec.kind != "dynamic" or self.press is not None:
             raise ValueError("rows join a running batch with the dynamic cache and no press only")
         b, L = len(self.mask), self.length + pad
+        joined = row_params(self.params.per_row(b) + list(params))
         if self.deferred:                               # nothing cached: the new rows are prefilled with the rest
-            self.params = row_params(self.params.per_row(b) + list(params))
-            self.mask = self.mask.new_zeros(b + len(ids), 0)
+            self.params, self.mask = joined, self.mask.new_zeros(b + len(ids), 0)
             return
         # the new rows are right-aligned: the prefill runs from the first slot any of them uses, not
         # over the batch's whole width (a short prompt beside long rows costs its own length)
@@ -219,7 +219,6 @@ class KVCacheModel:
         new.prefill(ids[:, start:L], mask[:, start:L])
         self.backend.join(new.backend, pad, start)
         w = min(1, self._hist.shape[1])                 # the next pass reads the last position's law at most
-        joined = row_params(self.params.per_row(b) + list(params))
         old_hist, new_hist = (h._hist[:, h._hist.shape[1] - w:] if joined.greedy or not h.params.greedy
                               else one_hot_argmax(h._hist[:, h._hist.shape[1] - w:]) for h in (self, new))
         self._hist = torch.cat([old_hist, new_hist])    # greedy logits become laws in a batch that samples
