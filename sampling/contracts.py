@@ -11,6 +11,7 @@ target's outputs (``requires_model_outputs``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -103,7 +104,8 @@ class Accepted:
 @dataclass(frozen=True)
 class StepWork:
     """The model passes one step costs per row, for the controller to price (``sampling.control``)."""
-    draft: tuple[int, ...]           # tokens per row of each draft-model pass (): no model pass priced
+    draft: tuple[int, ...]           # tokens per row of each draft pass (a draft model's, or a source's
+                                     # ``priced_pass``); (): none priced
     verify: int                      # tokens per row of the target's verify pass (drafts or nodes, + 1)
 
 
@@ -144,6 +146,14 @@ class JoiningDrafter(Protocol):
         (``rows.drop_leading_padding``)."""
 
 
+@dataclass(frozen=True)
+class PricedPass:
+    """A drafter source's own draft pass, for the controller to time once per machine (``sampling.control``)."""
+    name: str                        # what its cost depends on besides the machine (kind, size, dtype)
+    device: torch.device             # where it runs (the clock waits for it)
+    run: Callable[[int], object]     # one pass for one row of n tokens, on inputs of its own
+
+
 @runtime_checkable
 class DrafterSource(Protocol):
     """Something that is not a model but makes a drafter for each generation (``NgramDrafter``,
@@ -157,6 +167,10 @@ class DrafterSource(Protocol):
 
     def check_target(self, target) -> None:
         """ValueError (one line) unless it may draft for ``target``."""
+
+    def priced_pass(self) -> PricedPass | None:
+        """Its drafters' pass (``Drafter.work`` counts them in ``StepWork.draft``), for the controller
+        to price; None: they run none worth pricing (an n-gram lookup)."""
 
 
 class Verifier(Protocol):

@@ -3,10 +3,10 @@ the draft length (0: a plain AR step) whose expected tokens per unit of cost are
 pass costs measured ahead and the acceptance seen so far.
 
 A step that drafts g tokens costs the target's verify pass over ``b x verify(g)`` tokens and the
-draft model's passes (``Drafter.work``), priced by each model's pass-cost curve (ms against the
-tokens a pass feeds, batch rows x tokens per row, plus a cost per cached slot of every row: the
-cache's copy and the attention over it, which at a large batch of long rows outweigh the new
-tokens). It yields, per row, 1 + sum over levels l <= g
+draft's passes (``Drafter.work``: a draft model's, or speculator heads' stages), priced by each
+one's pass-cost curve (ms against the tokens a pass feeds, batch rows x tokens per row, plus a
+cost per cached slot of every row: the cache's copy and the attention over it, which at a large
+batch of long rows outweigh the new tokens). It yields, per row, 1 + sum over levels l <= g
 of prod_{j <= l} beta_j tokens, beta_j the rate at which a row that reached level j - 1 also
 accepted level j (Leviathan et al.'s alpha when every beta is alike), counted over the steps so far
 (each step's counts decayed, so the rate follows the text). An AR step yields 1 token for the
@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache.spec import CacheSpec
-from .contracts import Drafter, DrafterSource
+from .contracts import Drafter, DrafterSource, PricedPass
 from .kvcache_model import KVCacheModel
 from .params import SamplingParams
+from .skinny import is_skinny
 from .utils import cache_dir, max_positions, model_device, now, vocab_size
 
 SPECULATE = ("auto", "always")      # auto: the controller; always: every step drafts what the schedule says
@@ -64,13 +65,15 @@ class CostCurve:
 
 def machine_key(model, cache: CacheSpec) -> str:
     """What a pass's cost depends on besides its tokens: the model (class, size, layers), its dtype
-    and device, the thread count, the CPU or GPU, and the cache kind."""
+    and device, the thread count, the CPU or GPU, the cache kind, and its linear layers'
+    skinny-pass path (``sampling.skinny``)."""
     p = next(model.parameters())
     cfg = model.config
     device = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else cpu_name()
     size = sum(t.numel() for t in model.parameters())
     return (f"{type(model).__name__}|{size}|{getattr(cfg, 'num_hidden_layers', '?')}|{str(p.dtype)[6:]}|"
-            f"{p.device.type}|{device}|threads={torch.get_num_threads()}|{cache.kind}")
+            f"{p.device.type}|{device}|threads={torch.get_num_threads()}|{cache.kind}"
+            f"{'|skinny' if is_skinny(model) else ''}")
 
 
 def cpu_name() -> str:
@@ -81,28 +84,37 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def time_rounds(timed, points: int, reps: int, reduce=statistics.median) -> list[float]:
+    """The ``reduce`` (median) over rounds of ``timed(j)``, the ms of point j: two warm-up rounds,
+    then ``reps`` rounds with the points in rotating order (drift slows all alike)."""
+    times: list[list[float]] = [[] for _ in range(points)]
+    for rep in range(reps + 2):
+        for i in range(points):
+            j = (i + rep) % points
+            ms = timed(j)
+            if rep >= 2:
+                times[j].append(ms)
+    return [reduce(t) for t in times]
+
+
 @torch.inference_mode()
 def time_passes(points: list[tuple[KVCacheModel, int]], reps: int, generator: torch.Generator,
                 reduce=statistics.median) -> list[float]:
     """ms of each (wrapper, tokens) pass after the positions the wrapper holds (``cached_wrapper``),
-    the ``reduce`` (median) of its timed rounds: two warm-up rounds, then ``reps`` rounds with the
-    points in rotating order (drift slows all alike); each pass is rolled back."""
-    times: list[list[float]] = [[] for _ in points]
+    over rounds (``time_rounds``); each pass is rolled back."""
     contexts = [kv.length for kv, _ in points]
-    for rep in range(reps + 2):
-        for i in range(len(points)):
-            j = (i + rep) % len(points)
-            (kv, n), context = points[j], contexts[j]
-            device = model_device(kv.model)
-            shape = (kv.mask.shape[0], context + n)                       # [b, context + n]
-            seq = torch.randint(0, vocab_size(kv.model), shape, generator=generator).to(device)
-            t0 = now(device)
-            kv.catch_up(seq, torch.ones_like(seq))
-            t1 = now(device)
-            kv.rollback(context)
-            if rep >= 2:
-                times[j].append(1000 * (t1 - t0))
-    return [reduce(t) for t in times]
+
+    def timed(j: int) -> float:
+        (kv, n), context = points[j], contexts[j]
+        device = model_device(kv.model)
+        shape = (kv.mask.shape[0], context + n)                           # [b, context + n]
+        seq = torch.randint(0, vocab_size(kv.model), shape, generator=generator).to(device)
+        t0 = now(device)
+        kv.catch_up(seq, torch.ones_like(seq))
+        t1 = now(device)
+        kv.rollback(context)
+        return 1000 * (t1 - t0)
+    return time_rounds(timed, len(points), reps, reduce)
 
 
 def cached_wrapper(model, batch: int, context: int, cache: CacheSpec, generator: torch.Generator) -> KVCacheModel:
@@ -133,19 +145,41 @@ def measure_curve(model, cache: CacheSpec, grid: tuple[int, ...] = GRID, reps: i
     return CostCurve(tuple(grid), tuple(ms[:-1]), per_slot)
 
 
+@torch.inference_mode()
+def measure_source_curve(priced: PricedPass, grid: tuple[int, ...] = GRID, reps: int = 9) -> CostCurve:
+    """A drafter source's pass (``DrafterSource.priced_pass``) at each point of ``grid``: one row of
+    ``n`` tokens; it keeps no cache, so no slot is priced."""
+    def timed(j: int) -> float:
+        t0 = now(priced.device)
+        priced.run(grid[j])
+        return 1000 * (now(priced.device) - t0)
+    return CostCurve(tuple(grid), tuple(time_rounds(timed, len(grid), reps, reduce=min)))
+
+
+def source_key(priced: PricedPass) -> str:
+    """``machine_key`` of a drafter source's pass: its name, device, CPU or GPU and thread count."""
+    d = priced.device
+    device = torch.cuda.get_device_name(d) if d.type == "cuda" else cpu_name()
+    return f"{priced.name}|{d.type}|{device}|threads={torch.get_num_threads()}"
+
+
 _CURVES: dict[str, CostCurve] = {}      # this process's, read from or added to the file
 
 
 def pass_costs(model, cache: CacheSpec) -> CostCurve:
     """``model``'s cost curve on this machine: from pass-costs.json, or measured now (a few seconds,
     once per machine) and added to it."""
-    key = machine_key(model, cache)
+    return kept_curve(machine_key(model, cache), lambda: measure_curve(model, cache))
+
+
+def kept_curve(key: str, measure) -> CostCurve:
+    """The cost curve kept under ``key`` in pass-costs.json, or ``measure()`` now and added to it."""
     if key in _CURVES:
         return _CURVES[key]
     path = cache_dir() / "pass-costs.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     if "per_slot" not in table.get(key, {}):                              # new, or measured before slots were priced
-        curve = measure_curve(model, cache)
+        curve = measure()
         table = json.loads(path.read_text()) if path.exists() else {}     # another process may have written
         table[key] = dict(tokens=list(curve.tokens), ms=list(curve.ms), per_slot=curve.per_slot)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,10 +207,12 @@ class Always:
 class Controller:
     """The draft length of each step from pass costs and the acceptance so far (module docstring).
 
-    ``target``, ``draft``: the models' cost curves (``draft`` None: the drafter runs no model, or
-    its passes are not priced); ``drafter``: its ``work(g)`` says what a step of g costs. The
-    acceptance per level starts from ``prior`` (as if ``weight`` rows had been seen at that rate)
-    and each step's counts decay by ``decay``.
+    ``target``, ``draft``: the cost curves of the target's passes and the draft's (``draft`` None:
+    the drafter runs no pass worth pricing); ``drafter``: its ``work(g)`` says what a step of g costs. The
+    acceptance per level starts from ``prior`` (as if ``weight`` rows had been seen at that rate);
+    each step's counts decay by ``decay``, and so does the prior's weight, so that drafts never
+    accepted bring the rate to 0, not to a floor the prior would hold (where a verify pass costs
+    about an AR step, a floor of a few per cent keeps a useless drafter drafting).
     """
     target: CostCurve
     draft: CostCurve | None
@@ -186,8 +222,13 @@ class Controller:
     decay: float = 0.95
     tried: list[float] = field(default_factory=list)    # per level l >= 1 (index l - 1): rows that could accept it
     passed: list[float] = field(default_factory=list)   # ... and did
+    prior_weight: float = -1.0                          # the prior's weight now: ``weight`` at first, decaying
     ar_steps: int = 0                                   # AR steps chosen since the last draft
     probe_after: int = PROBE_AFTER                      # AR steps before the next probe (doubles after a failed one)
+
+    def __post_init__(self):
+        if self.prior_weight < 0:
+            self.prior_weight = self.weight
 
     def rates(self, depth: int, assume: float | None = None) -> list[float]:
         """beta_1 .. beta_depth: each level's rate, pulled toward the level above's (the first toward
@@ -196,10 +237,12 @@ class Controller:
         if assume is not None:
             return [assume] * depth
         out, above = [], self.prior
+        pull = self.prior_weight                                          # the first level: toward the prior
         for i in range(depth):
             tried, passed = (self.tried[i], self.passed[i]) if i < len(self.tried) else (0.0, 0.0)
-            above = (passed + self.weight * above) / (tried + self.weight)
+            above = (passed + pull * above) / (tried + pull) if tried + pull > 0 else above
             out.append(above)
+            pull = self.weight                                            # deeper ones: the level above
         return out
 
     def step_ms(self, g: int, batch: int, context: int = CONTEXT) -> float:
@@ -253,6 +296,7 @@ class Controller:
         self.passed += [0.0] * grow
         self.tried = [t * self.decay for t in self.tried]
         self.passed = [p * self.decay for p in self.passed]
+        self.prior_weight *= self.decay
         for n, lim in zip(counts, limits):
             for level in range(min(n + 1, lim)):                          # levels 1 .. min(n + 1, lim) tried
                 self.tried[level] += 1
@@ -268,11 +312,17 @@ def draft_models(draft) -> list:
 
 
 def cost_curves(target, draft, cache: CacheSpec) -> tuple[CostCurve, CostCurve | None]:
-    """The target's and the priced draft model's cost curves (None: no draft model is priced),
-    measured now where this machine's table lacks them: a tool calls it before it times anything."""
+    """The target's cost curve and the draft passes' (a draft model's, or a drafter source's own
+    pass: speculator heads' stages; None: nothing to price, an n-gram lookup), measured now where
+    this machine's table lacks them: a tool calls it before it times anything."""
+    target_curve = pass_costs(target, cache.for_role("target"))
     models = draft_models(draft)
-    return (pass_costs(target, cache.for_role("target")),
-            pass_costs(models[0], cache.for_role("draft")) if models else None)
+    if models:
+        return target_curve, pass_costs(models[0], cache.for_role("draft"))
+    priced = draft.priced_pass() if isinstance(draft, DrafterSource) else None
+    if priced is None:
+        return target_curve, None
+    return target_curve, kept_curve(source_key(priced), lambda: measure_source_curve(priced))
 
 
 def make_controller(speculate: str, target, draft, drafter: Drafter, cache: CacheSpec):

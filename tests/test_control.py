@@ -64,6 +64,15 @@ def test_drafts_while_it_pays_and_not_at_a_large_batch(monkeypatch):
     assert c.choose(0, 1) == 0                            # nothing to choose from
 
 
+def test_drafts_never_accepted_bring_the_rate_to_zero(monkeypatch):
+    """The prior's weight decays with the counts: no floor holds a useless drafter's rate up."""
+    c = controller(monkeypatch)
+    assert c.rates(1) == [pytest.approx(c.prior)]
+    for _ in range(150):
+        c.observe([0], [2])
+    assert c.rates(2)[0] < 0.001 and c.rates(2)[1] < 0.01
+
+
 def test_low_acceptance_means_ar_steps_and_a_probe_now_and_then(monkeypatch):
     c = controller(monkeypatch)
     for _ in range(30):
@@ -107,6 +116,25 @@ def test_pass_costs_are_measured_once_and_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(control, "_CURVES", {})
     monkeypatch.setattr(control, "measure_curve", lambda *a, **k: pytest.fail("measured again"))
     assert pass_costs(model, CacheSpec()) == curve
+
+
+def test_the_heads_stages_are_priced_and_the_ngram_lookup_is_not(monkeypatch, tmp_path):
+    """Speculator heads run a stage and the target's lm_head per level: the controller prices them
+    from their own curve (kept in the table beside the models'), level by level as wide as each."""
+    from sampling import control
+    monkeypatch.setenv("BASS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(control, "_CURVES", {})
+    target = tiny_model("llama", seed=0, dtype=torch.float32)
+    heads = new_speculator(target, "mlp", 3, seed=5)
+    _, stages = control.cost_curves(target, heads, CacheSpec())
+    assert stages is not None and stages.per_slot == 0 and all(ms > 0 for ms in stages.ms)
+    assert len(json.loads((tmp_path / "pass-costs.json").read_text())) == 2     # the target's and the heads'
+    assert control.cost_curves(target, NgramDrafter(), CacheSpec())[1] is None
+    from sampling.params import SamplingParams
+    chain = heads.drafter(SamplingParams(temperature=1.0), None)
+    assert chain.work(3) == StepWork((1, 1, 1), 4)
+    tree = heads.drafter(SamplingParams(temperature=1.0), None, tree="3,2,1")
+    assert tree.work(2) == StepWork((1, 3), 10) and tree.work(3) == StepWork((1, 3, 6), 16)
 
 
 class Scripted:

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..skinny import skinny_linears
 from ..storage import dequantize_int8, quantize_int8
 from ..utils import vocab_size
 
@@ -224,12 +225,21 @@ def load_model(name: str | None, role: str = "target", device: str = "auto", dty
     if is_int8_folder(src):
         config._attn_implementation = extra.get("attn_implementation", config._attn_implementation)
         model = _load_int8(src, config, dtype, f"{role} model")
-        return (dispatch(model, placement, dtype) if split else model.to(dev)).eval()
+        return (dispatch(model, placement, dtype) if split else cpu_linears(model.to(dev))).eval()
     if split:                          # loaded straight onto its devices, never whole in memory
         extra.update(device_map=placement.device_map, max_memory=placement.memory(),
                      offload_folder=placement.folder())
     model = _pretrained(AutoModelForCausalLM, src, f"{role} model", config=config, dtype=dtype, **extra)
-    return (model if split else model.to(dev)).eval()
+    return (model if split else cpu_linears(model.to(dev))).eval()
+
+
+def cpu_linears(model):
+    """A float32 model on the CPU takes ``W @ x.T`` for passes of a few tokens (``sampling.skinny``:
+    measured faster there); any other model is returned as it is."""
+    p = next(model.parameters())
+    if p.device.type == "cpu" and p.dtype == torch.float32:
+        skinny_linears(model)
+    return model
 
 
 def load_tokenizer(name: str | None, role: str = "target"):

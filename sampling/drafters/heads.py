@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..contracts import Accepted, Draft, StepWork
+from ..contracts import Accepted, Draft, PricedPass, StepWork
 from ..params import RowParams, SamplingParams, norm_logits
+from ..skinny import is_skinny
 from ..storage import dequantize_int8, quantize_int8
 from ..tree_shapes import DynamicTree, TreeShape, parse_tree
 from .tree import draft_levels
@@ -141,6 +142,21 @@ class Speculator:
     def drafter(self, params: SamplingParams | RowParams, vocab: int | None, tree=None) -> SpeculatorDrafter:
         return SpeculatorDrafter(self, params, vocab, tree)
 
+    def priced_pass(self) -> PricedPass:
+        """One stage on n nodes and its law (the target's lm_head, then a softmax): what each level
+        of a chain or tree costs beyond the target's verify pass."""
+        w = self.lm_head.weight
+        size = sum(t.numel() for t in self.heads.parameters())
+        drafter = self.drafter(SamplingParams(temperature=1.0), None)
+
+        def run(n: int) -> torch.Tensor:
+            state = torch.zeros(1, n, self.heads.cfg.hidden, device=w.device, dtype=w.dtype)     # [1, n, D]
+            kids = torch.zeros(1, n, dtype=torch.long, device=w.device)
+            _, z = self.heads.stage(1, state, self.embedding(kids))
+            return drafter.law(1, z, kids, None)                                                # [1, n, V]
+        return PricedPass(f"{type(self.heads).__name__}|{self.heads.cfg.kind}|{size}|{tuple(w.shape)}|"
+                          f"{str(w.dtype)[6:]}{'|skinny' if is_skinny(self.lm_head) else ''}", w.device, run)
+
 
 class SpeculatorDrafter:
     """A drafter (``sampling.contracts.Drafter``) on speculator heads: a chain of g tokens or a static
@@ -212,9 +228,14 @@ class SpeculatorDrafter:
         return Draft(tokens, q, shape if self.tree is not None else None)
 
     def work(self, g: int) -> StepWork:
-        """The heads' stages are not priced (small beside a target pass); a verify pass of the
+        """A stage and its law per level (``Speculator.priced_pass``; the root's law, the target's
+        lm_head alone, priced as one), as wide as the level it drafts from; a verify pass of the
         chain's g or the cut tree's nodes, + 1."""
-        return StepWork((), (self.tree.truncated(g).n if self.tree is not None else g) + 1)
+        if self.tree is None:
+            return StepWork((1,) * g, g + 1)
+        tree = self.tree.truncated(g)
+        draft = (1,) + tuple(len(tree.levels[d]) for d in range(tree.depth - 1)) if tree.n else ()
+        return StepWork(draft, tree.n + 1)
 
     def commit(self, acc: Accepted) -> None:
         """The hidden state of each row's last accepted position, from the verify pass's positions

@@ -38,6 +38,10 @@ class NgramDrafter:
     def check_target(self, target) -> None:
         """Any target: the drafts are its own tokens."""
 
+    def priced_pass(self) -> None:
+        """No model pass to price: a lookup in host lists."""
+        return None
+
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """The prompts' real tokens, read once (afterwards each step's come with ``commit``)."""
         self.rows, self.seen = [[] for _ in range(len(input_ids))], 0

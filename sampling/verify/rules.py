@@ -52,6 +52,8 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor,
         if limit is not None:
             n = torch.minimum(n, limit)
         return n, t.gather(1, n.unsqueeze(1)).squeeze(1)            # the target's token after the prefix
+    if not g:                                                       # a plain AR step: q_n is the zero bonus row,
+        return x.new_zeros(B), sample(max_fn(p[:, 0], fallback=p[:, 0]), keyed(generator, "residual"))  # the law p
     if q is None:
         q = F.one_hot(x, p.shape[-1]).to(p.dtype)                   # [B, g, V]
     p_x = p[:, :g].gather(-1, x.unsqueeze(-1)).squeeze(-1)          # [B, g]

@@ -1,0 +1,48 @@
+"""``sampling.skinny``: linear layers that take ``W @ x.T`` for passes of a few tokens compute what
+``nn.Linear`` computes, keep the model's parameters (and ties), and leave speculative output exact."""
+import pytest
+import torch
+import torch.nn as nn
+from tiny import ARCHS, greedy_reference, left_padded_batch, noisy_copy, tiny_model
+
+from sampling import generate
+from sampling.skinny import SKINNY_ROWS, SkinnyLinear, is_skinny, skinny_linears
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_skinny_linear_computes_what_linear_computes(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40, bias=bias, dtype=torch.float64)
+    skinny = SkinnyLinear.of(lin)
+    assert skinny.weight is lin.weight and skinny.bias is lin.bias
+    for shape in [(1, 1), (1, 2), (3, 5), (1, SKINNY_ROWS), (2, SKINNY_ROWS), (7,), (0, 4)]:
+        x = torch.randn(*shape, 48, dtype=torch.float64)
+        torch.testing.assert_close(skinny(x), lin(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_swapped_models_keep_their_parameters_and_greedy_speculation_stays_exact(arch):
+    target = tiny_model(arch, seed=0)
+    draft = noisy_copy(target, 0.3)
+    before = {n: p for n, p in target.named_parameters()}
+    ids, mask = left_padded_batch(97, (5, 9, 3), seed=2)
+    reference = greedy_reference(target, ids, mask, 10)
+    n = skinny_linears(target) + skinny_linears(draft)
+    assert n > 0 and is_skinny(target) and is_skinny(draft)
+    assert all(p is before[n] for n, p in target.named_parameters())     # the same tensors, no copy
+    assert greedy_reference(target, ids, mask, 10) == reference
+    modes = [("google", {}), ("bass", {})]
+    modes += [("tree", dict(tree="dynamic:8:3:2"))] * (arch != "bloom")   # no trees over ALiBi
+    for mode, extra in modes:
+        rows = range(len(ids)) if mode == "google" else [slice(None)]
+        for r in rows:
+            sel = slice(r, r + 1) if isinstance(r, int) else r
+            res = generate(target, ids[sel], mask[sel], draft_model=draft, mode=mode, max_new_tokens=10,
+                           temperature=0, **extra)
+            assert res.tokens == reference[sel], (arch, mode)
+
+
+def test_load_model_swaps_float32_on_the_cpu_only():
+    from sampling.app.models import load_model
+    assert is_skinny(load_model(None, "draft", "cpu", "float32"))
+    assert not is_skinny(load_model(None, "draft", "cpu", "bfloat16"))
