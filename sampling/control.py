@@ -148,7 +148,8 @@ def measure_curve(model, cache: CacheSpec, grid: tuple[int, ...] = GRID, reps: i
 @torch.inference_mode()
 def measure_source_curve(priced: PricedPass, grid: tuple[int, ...] = GRID, reps: int = 9) -> CostCurve:
     """A drafter source's pass (``DrafterSource.priced_pass``) at each point of ``grid``: one row of
-    ``n`` tokens; it keeps no cache, so no slot is priced."""
+    ``n`` tokens, the fastest of its rounds (as ``measure_curve``); it keeps no cache, so no slot is
+    priced."""
     def timed(j: int) -> float:
         t0 = now(priced.device)
         priced.run(grid[j])

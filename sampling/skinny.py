@@ -28,10 +28,10 @@ class SkinnyLinear(nn.Linear):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not 2 <= rows <= SKINNY_ROWS:
             return F.linear(x, self.weight, self.bias)
-        y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T                  # [rows, out]
+        y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T                  # [rows, out], column-major
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)                    # [..., out]
+            y = y + self.bias.to(y.dtype)                                     # autocast: F.linear's dtype
+        return y.contiguous().view(*x.shape[:-1], self.out_features)          # [..., out], as F.linear lays it
 
     @classmethod
     def of(cls, linear: nn.Linear) -> SkinnyLinear:

@@ -18,6 +18,10 @@ def test_a_skinny_linear_computes_what_linear_computes(bias):
     for shape in [(1, 1), (1, 2), (3, 5), (1, SKINNY_ROWS), (2, SKINNY_ROWS), (7,), (0, 4)]:
         x = torch.randn(*shape, 48, dtype=torch.float64)
         torch.testing.assert_close(skinny(x), lin(x), rtol=1e-12, atol=1e-12)
+        assert skinny(x).is_contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):             # the dtype F.linear gives, bias or not
+        x = torch.randn(1, 3, 48)
+        assert SkinnyLinear.of(lin.float())(x).dtype == lin.float()(x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("arch", ARCHS)

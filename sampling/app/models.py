@@ -210,6 +210,7 @@ def _pretrained(cls, src: str, role: str, **kwargs):
 def load_model(name: str | None, role: str = "target", device: str = "auto", dtype: str = "auto",
                placement: Placement | None = None):
     """A causal LM in eval mode. BLOOM gets eager attention (its SDPA path mishandles padding).
+    A float32 model on the CPU gets ``SkinnyLinear`` layers (``cpu_linears``, ``sampling.skinny``).
     A folder written by ``save_int8`` is dequantized to the dtype asked for. ``placement`` with a
     device_map: the layers spread over devices and offloaded by accelerate (``Placement``); the
     model's inputs then go to ``sampling.utils.model_device(model)``."""
