@@ -19,6 +19,7 @@ every time on that machine. docs/speculate.md says more.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -76,6 +77,7 @@ def machine_key(model, cache: CacheSpec) -> str:
             f"{'|skinny' if is_skinny(model) else ''}")
 
 
+@functools.cache
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -223,13 +225,12 @@ class Controller:
     decay: float = 0.95
     tried: list[float] = field(default_factory=list)    # per level l >= 1 (index l - 1): rows that could accept it
     passed: list[float] = field(default_factory=list)   # ... and did
-    prior_weight: float = -1.0                          # the prior's weight now: ``weight`` at first, decaying
+    prior_weight: float = field(init=False)             # the prior's weight now: ``weight`` at first, decaying
     ar_steps: int = 0                                   # AR steps chosen since the last draft
     probe_after: int = PROBE_AFTER                      # AR steps before the next probe (doubles after a failed one)
 
     def __post_init__(self):
-        if self.prior_weight < 0:
-            self.prior_weight = self.weight
+        self.prior_weight = self.weight
 
     def rates(self, depth: int, assume: float | None = None) -> list[float]:
         """beta_1 .. beta_depth: each level's rate, pulled toward the level above's (the first toward

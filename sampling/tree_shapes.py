@@ -122,6 +122,12 @@ class TreeShape:
     def n(self) -> int:
         return len(self.paths)
 
+    @cached_property
+    def pass_widths(self) -> tuple[int, ...]:
+        """Rows of each draft pass that drafts this tree: the root's (1), then one per level but the
+        last, as wide as the level it drafts from (``Drafter.work``); () for an empty tree."""
+        return (1,) + tuple(len(self.levels[d]) for d in range(self.depth - 1)) if self.n else ()
+
     @property
     def cache_slots(self) -> int:
         """Slots a step may add to a cache beyond the chain: its nodes."""

@@ -234,8 +234,7 @@ class SpeculatorDrafter:
         if self.tree is None:
             return StepWork((1,) * g, g + 1)
         tree = self.tree.truncated(g)
-        draft = (1,) + tuple(len(tree.levels[d]) for d in range(tree.depth - 1)) if tree.n else ()
-        return StepWork(draft, tree.n + 1)
+        return StepWork(tree.pass_widths, tree.n + 1)
 
     def commit(self, acc: Accepted) -> None:
         """The hidden state of each row's last accepted position, from the verify pass's positions

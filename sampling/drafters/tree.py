@@ -85,8 +85,7 @@ class TreeDrafter(CachedPart):
         """The root's pass and one per level but the last, as wide as the level; a verify pass of
         the tree's nodes + 1."""
         tree = self.shape.truncated(g)
-        draft = (1,) + tuple(len(tree.levels[d]) for d in range(tree.depth - 1)) if tree.n else ()
-        return StepWork(draft, tree.n + 1)
+        return StepWork(tree.pass_widths, tree.n + 1)
 
     def commit(self, acc: Accepted) -> None:
         """Keep the accepted path's nodes that went through the draft (all but the last level)."""
