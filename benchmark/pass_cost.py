@@ -3,11 +3,13 @@ one-token step, the draft's one-token step and the target's (gamma + 1)-token ve
 through the toolkit's own KV wrapper (``runner_support.measure_cost``), and c = draft / target.
 
     python -m benchmark.pass_cost --out results/drafting/pass-cost
-    python -m benchmark.pass_cost --dtypes float32 --threads 2 --compiled_draft \
+    python -m benchmark.pass_cost --dtypes float32 --threads 2 --drafts transformers,compiled \
         --out results/drafting/pass-cost-compiled
 
-The configurations (dtype x threads; with ``--compiled_draft``, the draft eager or compiled) run
-in interleaved rounds, the order rotating, each round's figure the median of ``--reps`` passes
+The configurations (dtype x threads x the draft's passes, ``--drafts``: transformers' model call,
+the lean loop of ``sampling.cache.backends.LeanBackend``, either with the bfloat16 one-row copies
+``load_model`` gives a float32 draft on the CPU (``sampling.skinny``), or compiled) run in
+interleaved rounds, the order rotating, each round's figure the median of ``--reps`` passes
 after two warm-up rounds; the table keeps the median round and the rounds' range. ``--dtype auto``
 picks bfloat16 on a CPU only where it is native (``sampling.app.models.native_bf16``): this
 table is the measurement behind that rule.
@@ -23,13 +25,28 @@ import torch
 from sampling.app.cli import Parser, add_model_args, run
 from sampling.app.models import load_model, native_bf16
 from sampling.cache.spec import CacheSpec
+from sampling.skinny import SkinnyLinear, linear_path
 
 from .console import fit_markdown
 from .runner_support import measure_cost
 from .utils_io import env_info, write_csv, write_json, write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DRAFT_CACHES = {"eager": CacheSpec(), "compiled": CacheSpec("static", compile=True)}   # the draft's passes
+DRAFTS = {   # the draft's passes: its cache, and whether its linears keep their one-row copies
+    "transformers": (CacheSpec(lean=False), False),
+    "transformers+one-row": (CacheSpec(lean=False), True),
+    "lean": (CacheSpec(lean=True), False),
+    "lean+one-row": (CacheSpec(lean=True), True),      # what a float32 draft on the CPU runs by default
+    "compiled": (CacheSpec("static", compile=True, lean=False), False),
+}
+
+
+def without_copies(model):
+    """``model`` with its linears' one-row copies dropped (they compute from the weights alone)."""
+    for m in model.modules():
+        if isinstance(m, SkinnyLinear):
+            m.one_row = None
+    return model
 
 
 def main(argv=None) -> None:
@@ -41,9 +58,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt_len", type=int, default=64, help="tokens in the cache before the passes")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--reps", type=int, default=40, help="passes of each kind per round (the median is kept)")
-    ap.add_argument("--compiled_draft", action="store_true",
-                    help="also each configuration with the draft's passes compiled (its own static cache, "
-                         "--compile draft); the first compiles, a few seconds to a minute")
+    ap.add_argument("--drafts", default="transformers,transformers+one-row,lean,lean+one-row",
+                    help=f"comma list of the draft's passes to measure: {', '.join(DRAFTS)} (one-row: the "
+                         f"bfloat16 copies of a float32 draft on the CPU; compiled: its own static cache, "
+                         f"--compile draft, a few seconds to a minute to compile)")
     ap.add_argument("--out", required=True, help="output folder (must not exist)")
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -55,6 +73,9 @@ def main(argv=None) -> None:
         threads = []
     if not threads or min(threads) < 1:
         raise ValueError(f"--threads takes a comma list of integers >= 1, got {args.threads!r}")
+    drafts = [d.strip() for d in args.drafts.split(",") if d.strip()]
+    if not drafts or set(drafts) - set(DRAFTS):
+        raise ValueError(f"--drafts takes a comma list of {', '.join(DRAFTS)}, got {args.drafts!r}")
     for name in ("gamma", "prompt_len", "rounds", "reps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -62,10 +83,14 @@ def main(argv=None) -> None:
         raise ValueError(f"--dtype {args.dtype}: this tool measures each dtype of --dtypes; give them there")
     if os.path.exists(args.out):
         raise ValueError(f"{args.out} exists; pick another --out")
-    models = {d: (load_model(args.target_model_name, "target", args.device, d),
-                  load_model(args.approx_model_name, "draft", args.device, d)) for d in dtypes}
-    drafts = ["eager", "compiled"] if args.compiled_draft else ["eager"]
-    configs = list(itertools.product(dtypes, threads, drafts))
+    models = {}
+    for d in dtypes:
+        target = load_model(args.target_model_name, "target", args.device, d)
+        models[d, True] = target, load_model(args.approx_model_name, "draft", args.device, d)
+        models[d, False] = target, without_copies(load_model(args.approx_model_name, "draft", args.device, d))
+    # one-row copies exist only for float32 drafts on the CPU: elsewhere those variants would repeat the others
+    configs = [(dt, n, d) for dt, n, d in itertools.product(dtypes, threads, drafts)
+               if not DRAFTS[d][1] or "one-row" in linear_path(models[dt, True][1])]
     before = torch.get_num_threads()
     rows = []
     try:
@@ -73,8 +98,9 @@ def main(argv=None) -> None:
             for k in range(len(configs)):
                 dtype, n, d = configs[(k + r) % len(configs)]
                 torch.set_num_threads(n)
-                got = measure_cost(*models[dtype], batch=1, gamma=args.gamma, prompt_len=args.prompt_len,
-                                   reps=args.reps, draft_cache=DRAFT_CACHES[d])
+                cache, copies = DRAFTS[d]
+                got = measure_cost(*models[dtype, copies], batch=1, gamma=args.gamma, prompt_len=args.prompt_len,
+                                   reps=args.reps, draft_cache=cache)
                 rows.append(dict(round=r, dtype=dtype, threads=n, draft=d, **{k: got[k] for k in (
                     "target_step_ms", "draft_step_ms", "verify_ms", "c", "verify_over_step")}))
     finally:

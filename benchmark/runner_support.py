@@ -52,10 +52,11 @@ def measure_cost(target, draft, batch: int, gamma: int, prompt_len: int = 64, re
     (gamma + 1)-token verify step, at the given batch size, through the toolkit's own wrapper.
     The three are measured in interleaved rounds (order rotating), after two warm-up rounds, so
     drift slows all three alike (``sampling.control.time_passes``). c = draft step / target step;
-    v = verify / target step. ``draft_cache``: the draft's (a compiled static one: its compiled pass)."""
+    v = verify / target step. ``draft_cache``: the draft's (a compiled static one: its compiled pass;
+    ``lean`` unset: as a generation's draft, ``CacheSpec.for_role``)."""
     gen = torch.Generator().manual_seed(0)
     kv = {"t": cached_wrapper(target, batch, prompt_len, CacheSpec(), gen),
-          "d": cached_wrapper(draft, batch, prompt_len, draft_cache, gen)}
+          "d": cached_wrapper(draft, batch, prompt_len, draft_cache.for_role("draft"), gen)}
     step, draft_step, verify = time_passes([(kv["t"], 1), (kv["d"], 1), (kv["t"], gamma + 1)], reps, gen)
     return dict(batch=batch, gamma=gamma, target_step_ms=step, draft_step_ms=draft_step, verify_ms=verify,
                 c=draft_step / step, verify_over_step=verify / step, reps=reps)

@@ -25,15 +25,16 @@ import os
 import platform
 import statistics
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from .cache.backends import backend_class
 from .cache.spec import CacheSpec
 from .contracts import Drafter, DrafterSource, PricedPass
 from .kvcache_model import KVCacheModel
 from .params import SamplingParams
-from .skinny import is_skinny
+from .skinny import linear_path
 from .utils import cache_dir, max_positions, model_device, now, vocab_size
 
 SPECULATE = ("auto", "always")      # auto: the controller; always: every step drafts what the schedule says
@@ -66,15 +67,16 @@ class CostCurve:
 
 def machine_key(model, cache: CacheSpec) -> str:
     """What a pass's cost depends on besides its tokens: the model (class, size, layers), its dtype
-    and device, the thread count, the CPU or GPU, the cache kind, and its linear layers'
-    skinny-pass path (``sampling.skinny``)."""
+    and device, the thread count, the CPU or GPU, the cache backend its passes run on
+    (``sampling.cache.backends.backend_class``: eager, lean or compiled), and its linear layers'
+    paths (``sampling.skinny.linear_path``)."""
     p = next(model.parameters())
     cfg = model.config
     device = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else cpu_name()
     size = sum(t.numel() for t in model.parameters())
     return (f"{type(model).__name__}|{size}|{getattr(cfg, 'num_hidden_layers', '?')}|{str(p.dtype)[6:]}|"
-            f"{p.device.type}|{device}|threads={torch.get_num_threads()}|{cache.kind}"
-            f"{'|skinny' if is_skinny(model) else ''}")
+            f"{p.device.type}|{device}|threads={torch.get_num_threads()}|{backend_class(cache, model).__name__}"
+            f"{linear_path(model)}")
 
 
 @functools.cache
@@ -137,9 +139,9 @@ def measure_curve(model, cache: CacheSpec, grid: tuple[int, ...] = GRID, reps: i
     grid = tuple(n for n in grid if limit is None or CONTEXT + n <= limit) or grid[:1]
     far = max(CONTEXT, min(FAR, limit or FAR) - 1)
     gen = torch.Generator().manual_seed(0)
-    spec = CacheSpec(cache.kind, room=max(grid))
+    spec = CacheSpec(cache.kind, room=max(grid), lean=cache.lean)
     kv = cached_wrapper(model, 1, CONTEXT, spec, gen)
-    kv_far = cached_wrapper(model, 1, far, CacheSpec(cache.kind, room=1), gen)
+    kv_far = cached_wrapper(model, 1, far, replace(spec, room=1), gen)
     # the fastest of the rounds: the table is kept for good, and another process busy on the same
     # cores only ever slows a pass (a median taken on a busy machine priced drafting out of reach)
     ms = time_passes([(kv, n) for n in grid] + [(kv_far, 1)], reps, gen, reduce=min)

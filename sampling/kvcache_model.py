@@ -49,6 +49,7 @@ class KVCacheModel:
         self.params = params
         self.vocab = vocab
         self.spec = cache.for_role(role)             # compile="draft": a draft's own static, compiled cache
+        self.role = role
         self.keeps_hidden = hidden
         self.press = Press(cache.press, model) if cache.press.applies_to(role) else None
         self.backend: CacheBackend | None = None
@@ -207,6 +208,7 @@ class KVCacheModel:
         Positions come from the mask, so no row's positions change. ``params``: the new rows'."""
         if self.spec.kind != "dynamic" or self.press is not None:
             raise ValueError("rows join a running batch with the dynamic cache and no press only")
+        # (a draft's lean passes keep slots whatever the kind: SlotBackend.join)
         b, L = len(self.mask), self.length + pad
         joined = row_params(self.params.per_row(b) + list(params))
         if self.deferred:                               # nothing cached: the new rows are prefilled with the rest
@@ -215,7 +217,7 @@ class KVCacheModel:
         # the new rows are right-aligned: the prefill runs from the first slot any of them uses, not
         # over the batch's whole width (a short prompt beside long rows costs its own length)
         start = max(0, min(L - 1, ids.shape[1] - int(mask.sum(1).max())))
-        new = KVCacheModel(self.model, row_params(params), self.vocab, self.spec)
+        new = KVCacheModel(self.model, row_params(params), self.vocab, self.spec, self.role)
         new.prefill(ids[:, start:L], mask[:, start:L])
         self.backend.join(new.backend, pad, start)
         w = min(1, self._hist.shape[1])                 # the next pass reads the last position's law at most

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..skinny import skinny_linears
+from ..skinny import ONE_ROW, skinny_linears
 from ..storage import dequantize_int8, quantize_int8
 from ..utils import vocab_size
 
@@ -210,7 +210,8 @@ def _pretrained(cls, src: str, role: str, **kwargs):
 def load_model(name: str | None, role: str = "target", device: str = "auto", dtype: str = "auto",
                placement: Placement | None = None):
     """A causal LM in eval mode. BLOOM gets eager attention (its SDPA path mishandles padding).
-    A float32 model on the CPU gets ``SkinnyLinear`` layers (``cpu_linears``, ``sampling.skinny``).
+    A float32 model on the CPU gets ``SkinnyLinear`` layers (``cpu_linears``, ``sampling.skinny``), a
+    draft's with bfloat16 copies for its one-row products.
     A folder written by ``save_int8`` is dequantized to the dtype asked for. ``placement`` with a
     device_map: the layers spread over devices and offloaded by accelerate (``Placement``); the
     model's inputs then go to ``sampling.utils.model_device(model)``."""
@@ -226,20 +227,21 @@ def load_model(name: str | None, role: str = "target", device: str = "auto", dty
     if is_int8_folder(src):
         config._attn_implementation = extra.get("attn_implementation", config._attn_implementation)
         model = _load_int8(src, config, dtype, f"{role} model")
-        return (dispatch(model, placement, dtype) if split else cpu_linears(model.to(dev))).eval()
+        return (dispatch(model, placement, dtype) if split else cpu_linears(model.to(dev), role)).eval()
     if split:                          # loaded straight onto its devices, never whole in memory
         extra.update(device_map=placement.device_map, max_memory=placement.memory(),
                      offload_folder=placement.folder())
     model = _pretrained(AutoModelForCausalLM, src, f"{role} model", config=config, dtype=dtype, **extra)
-    return (model if split else cpu_linears(model.to(dev))).eval()
+    return (model if split else cpu_linears(model.to(dev), role)).eval()
 
 
-def cpu_linears(model):
-    """A float32 model on the CPU takes ``W @ x.T`` for passes of a few tokens (``sampling.skinny``:
-    measured faster there); any other model is returned as it is."""
+def cpu_linears(model, role: str = "target"):
+    """A float32 model on the CPU takes ``W @ x.T`` for passes of a few tokens and, a draft, its
+    one-row products in bfloat16 (``sampling.skinny``: both measured faster there); any other
+    model is returned as it is."""
     p = next(model.parameters())
     if p.device.type == "cpu" and p.dtype == torch.float32:
-        skinny_linears(model)
+        skinny_linears(model, ONE_ROW if role == "draft" else None)
     return model
 
 

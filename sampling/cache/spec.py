@@ -18,6 +18,8 @@ class CacheSpec:
                                   # "draft": the draft models' only, each on a static cache of its own
                                   # whatever ``kind`` is (the target's stays as ``kind`` says, eager)
     room: int = 0             # static: slots after the prompt (new tokens + drafts); more grow the buffer (a copy)
+    lean: bool | None = None  # passes through the toolkit's own layer loop on static slots where the model allows
+                              # (sampling.cache.lean); None: by role (for_role): a draft's eager passes, not a target's
     press: PressSpec = PressSpec()   # KV-cache compression and whose cache it applies to (sampling.cache.press)
 
     def validate(self) -> None:
@@ -32,10 +34,15 @@ class CacheSpec:
 
     def for_role(self, role: str) -> CacheSpec:
         """The spec of one model's cache: with ``compile="draft"``, a draft model's is static and
-        compiled, the target's not compiled; otherwise this one."""
-        if self.compile != "draft":
-            return self
-        return replace(self, kind="static", compile=True) if role == "draft" else replace(self, compile=False)
+        compiled, the target's not compiled; ``lean`` unset: a draft's eager passes are lean (a
+        draft's passes only move what it proposes, never the output law). A spec already for a
+        role stays as it is."""
+        spec = self
+        if self.compile == "draft":
+            spec = replace(self, kind="static", compile=True) if role == "draft" else replace(self, compile=False)
+        if spec.lean is None:
+            spec = replace(spec, lean=role == "draft" and spec.compile is not True)
+        return spec
 
 
 def slot_width(slots: int, compiled: bool = False) -> int:

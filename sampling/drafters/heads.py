@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..contracts import Accepted, Draft, PricedPass, StepWork
 from ..params import RowParams, SamplingParams, norm_logits
-from ..skinny import is_skinny
+from ..skinny import linear_path
 from ..storage import dequantize_int8, quantize_int8
 from ..tree_shapes import DynamicTree, TreeShape, parse_tree
 from .tree import draft_levels
@@ -155,7 +155,7 @@ class Speculator:
             _, z = self.heads.stage(1, state, self.embedding(kids))
             return drafter.law(1, z, kids, None)                                                # [1, n, V]
         return PricedPass(f"{type(self.heads).__name__}|{self.heads.cfg.kind}|{size}|{tuple(w.shape)}|"
-                          f"{str(w.dtype)[6:]}{'|skinny' if is_skinny(self.lm_head) else ''}", w.device, run)
+                          f"{str(w.dtype)[6:]}{linear_path(self.lm_head)}", w.device, run)
 
 
 class SpeculatorDrafter:
