@@ -160,3 +160,23 @@ def test_int8_storage_round_trip(tmp_path):
     for (name, a), b in zip(spec.heads.state_dict().items(), again.heads.state_dict().values()):
         step = a.abs().amax(-1, keepdim=True) / 127 if a.dim() == 2 else a.abs().max() * 1e-3 + 1e-6
         assert ((a - b).abs() <= step * 0.5 + 1e-3 * step + 1e-4).all(), name
+
+
+def test_loaded_heads_draft_one_row_through_bfloat16_copies_and_stay_exact(tmp_path):
+    """Heads loaded beside a float32 target on the CPU draft their one-row products through bfloat16
+    copies (their own layers and the target's lm_head as they use it); the target's own lm_head is
+    untouched, and greedy speculation still writes greedy AR's tokens."""
+    from sampling.skinny import linear_path
+    target = tiny_model("llama", seed=5, dtype=torch.float32)
+    lm_head = target.get_output_embeddings()
+    save_speculator(new_speculator(target, "mlp", n_heads=3, seed=1, noise=0.02).heads, str(tmp_path / "h"),
+                    dtype=torch.float32)
+    spec = load_speculator(str(tmp_path / "h"), target)
+    assert linear_path(spec.heads) == linear_path(spec.lm_head) == "|skinny|one-row-bfloat16"
+    assert target.get_output_embeddings() is lm_head and linear_path(target) == ""
+    assert spec.lm_head.weight is lm_head.weight                            # shared, not copied
+    assert linear_path(new_speculator(target, "mlp", n_heads=3).heads) == ""   # heads to train: no copies
+    ids, mask = left_padded_batch(97, (6,), seed=2)
+    kw = dict(max_new_tokens=12, temperature=0)
+    ar = generate(target, ids, mask, mode="ar", **kw)
+    assert generate(target, ids, mask, draft_model=spec, mode="google", gamma=3, **kw).tokens == ar.tokens

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..contracts import Accepted, Draft, PricedPass, StepWork
 from ..params import RowParams, SamplingParams, norm_logits
-from ..skinny import linear_path
+from ..skinny import ONE_ROW, SkinnyLinear, linear_path, skinny_linears
 from ..storage import dequantize_int8, quantize_int8
 from ..tree_shapes import DynamicTree, TreeShape, parse_tree
 from .tree import draft_levels
@@ -120,9 +120,17 @@ class Speculator:
 
     kind = "heads"
 
-    def __init__(self, heads: SpeculatorHeads, target):
+    def __init__(self, heads: SpeculatorHeads, target, one_row: bool = False):
         self.heads, self.target = heads, target
         self.embedding, self.lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+        w = self.lm_head.weight
+        if one_row and w.device.type == "cpu" and w.dtype == torch.float32 and type(self.lm_head) in (
+                nn.Linear, SkinnyLinear):
+            # heads for drafting (loaded, not trained): their one-row products, and the target's lm_head
+            # as they use it, through bfloat16 copies (sampling.skinny; the target's own passes keep its
+            # float32 layer): q moves, the output law does not
+            skinny_linears(heads, ONE_ROW)
+            self.lm_head = SkinnyLinear.of(self.lm_head, ONE_ROW)
 
     @property
     def n_heads(self) -> int:
@@ -272,7 +280,8 @@ def save_speculator(heads: SpeculatorHeads, path: str, dtype=torch.float16, extr
 
 def load_speculator(path: str, target) -> Speculator:
     """The heads in folder ``path`` bound to ``target``; ValueError (one line) when the folder is
-    not a speculator or the heads were trained on another target."""
+    not a speculator or the heads were trained on another target. Beside a float32 target on the
+    CPU they draft their one-row products through bfloat16 copies (``Speculator``)."""
     from safetensors.torch import load_file
     cfg_path = os.path.join(str(path), CONFIG)
     if not os.path.isfile(cfg_path) or not os.path.isfile(os.path.join(str(path), WEIGHTS)):
@@ -296,7 +305,7 @@ def load_speculator(path: str, target) -> Speculator:
     stored = load_file(os.path.join(str(path), WEIGHTS))
     heads.load_state_dict(dequantize_int8(stored))
     w = target.get_output_embeddings().weight
-    return Speculator(heads.to(device=w.device, dtype=w.dtype).eval(), target)
+    return Speculator(heads.to(device=w.device, dtype=w.dtype).eval(), target, one_row=True)
 
 
 def new_speculator(target, kind: str, n_heads: int, seed: int = 0, noise: float = 0.0) -> Speculator:
