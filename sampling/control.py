@@ -10,7 +10,10 @@ batch of long rows outweigh the new tokens). It yields, per row, 1 + sum over le
 of prod_{j <= l} beta_j tokens, beta_j the rate at which a row that reached level j - 1 also
 accepted level j (Leviathan et al.'s alpha when every beta is alike), counted over the steps so far
 (each step's counts decayed, so the rate follows the text). An AR step yields 1 token for the
-target's one-token pass. The controller takes the g with the most tokens per ms.
+target's one-token pass. The controller takes the g with the most tokens per ms, a draft only
+where it expects at least ``MARGIN`` times AR's: a curve errs by a few per cent between the points
+it measured and as the machine drifts, and a step predicted to gain less than that measured slower
+than AR at batch 4 to 8 (results/drafting/README.md).
 
 Decisions read no clock: the curves are measured once per machine, model, dtype, device, thread
 count and cache, and kept in ``pass-costs.json`` under ``cache_dir()`` (``$BASS_CACHE_DIR``, by
@@ -34,11 +37,15 @@ from .cache.spec import CacheSpec
 from .contracts import Drafter, DrafterSource, PricedPass
 from .kvcache_model import KVCacheModel
 from .params import SamplingParams
-from .skinny import linear_path
+from .skinny import SKINNY_ROWS, linear_path
 from .utils import cache_dir, max_positions, model_device, now, vocab_size
 
 SPECULATE = ("auto", "always")      # auto: the controller; always: every step drafts what the schedule says
-GRID = (1, 2, 4, 8, 16, 32, 64, 128)  # tokens per pass measured (beyond: extended from the last two)
+GRID = (1, 2, 4, 8, 16, SKINNY_ROWS, SKINNY_ROWS + 1, 64, 128)   # tokens per pass measured (beyond: extended
+                                     # from the last two); both sides of the skinny path's last row, where a
+                                     # pass's cost jumps (sampling.skinny), so no interpolation spans the jump
+CURVE_FORMAT = 2                     # a kept curve of another format (another grid) is measured again
+MARGIN = 1.05                        # a step drafts only where it expects this many times AR's tokens per ms
 CONTEXT = 64                         # cached positions before a timed pass
 FAR = 1024                           # ... and before the pass that prices a cached slot (the model's limit if lower)
 PROBE_AFTER = 16                     # AR steps before a probe (one draft) sees the acceptance again; doubles
@@ -183,10 +190,10 @@ def kept_curve(key: str, measure) -> CostCurve:
         return _CURVES[key]
     path = cache_dir() / "pass-costs.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    if "per_slot" not in table.get(key, {}):                              # new, or measured before slots were priced
+    if table.get(key, {}).get("format") != CURVE_FORMAT:                  # new, or measured on another grid
         curve = measure()
         table = json.loads(path.read_text()) if path.exists() else {}     # another process may have written
-        table[key] = dict(tokens=list(curve.tokens), ms=list(curve.ms), per_slot=curve.per_slot)
+        table[key] = dict(tokens=list(curve.tokens), ms=list(curve.ms), per_slot=curve.per_slot, format=CURVE_FORMAT)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             json.dump(table, f, indent=1, sort_keys=True)
@@ -258,8 +265,10 @@ class Controller:
         return ms
 
     def best(self, most: int, batch: int, context: int = CONTEXT, assume: float | None = None) -> tuple[int, float]:
-        """The g in [0, most] with the most expected tokens per ms, and that rate."""
-        best_g, best = 0, 1.0 / self.step_ms(0, batch, context)
+        """The g in [0, most] with the most expected tokens per ms, a g > 0 only where that is at least
+        ``MARGIN`` times AR's, and that rate."""
+        ar = 1.0 / self.step_ms(0, batch, context)
+        best_g, best = 0, ar * MARGIN
         expected, run = 1.0, 1.0
         for g, beta in enumerate(self.rates(most, assume), start=1):
             run *= beta
@@ -267,7 +276,7 @@ class Controller:
             rate = expected / self.step_ms(g, batch, context)
             if rate > best:
                 best_g, best = g, rate
-        return best_g, best
+        return best_g, best if best_g else ar
 
     def choose(self, most: int, batch: int, context: int = CONTEXT) -> int:
         """The draft length of this step for ``batch`` rows of ``context`` cached positions, at most

@@ -18,7 +18,8 @@ the bytes, and a draft as small as the embedded one then stays in the CPU's cach
 (its 11 MB in float32 do not). On this project's CPU, without native bfloat16, that product costs
 0.58x the float32 one for the draft's 15 matrices, and 1.0x to 4x more for 2 rows and more
 (results/drafting/one-row). A draft's numerics only move which tokens it proposes; the output law
-is the target's whatever the draft computes, so only drafts get the copy, never a target.
+is the target's whatever the draft computes, so only drafts get the copy, never a target. The
+copy is a snapshot of the weight, for inference: heads being trained get none (``new_speculator``).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows == 1 and self.one_row is not None and self.weight.dtype == torch.float32 and x.device.type == "cpu":
+        if (rows == 1 and self.one_row is not None and self.weight.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu")):                    # autocast picks its own dtype
             y = F.linear(x.to(self.one_row.dtype), self.one_row).to(x.dtype)   # [..., out]
             return y if self.bias is None else y + self.bias
         if not 2 <= rows <= SKINNY_ROWS:

@@ -201,9 +201,9 @@ def test_the_first_step_drafts_in_full_where_drafts_could_pay(monkeypatch):
     """Before any acceptance is seen, the prior alone must not rule drafting out: draft what is
     allowed, unless no draft could pay at this batch even if every one were accepted."""
     c = controller(monkeypatch, target=(2.0, 1.0))
-    assert c.choose(5, 16) == 5                            # at a batch where the prior says AR
-    c.observe([0] * 16, [5] * 16)
-    assert c.choose(5, 16) == 0
+    assert c.choose(5, 4) == 5                             # at a batch where the prior says AR
+    c.observe([0] * 4, [5] * 4)
+    assert c.choose(5, 4) == 0
     fresh = controller(monkeypatch, target=(2.0, 1.0))
     assert fresh.choose(5, 64) == 0                        # compute-bound: a draft costs what it could bring
 
@@ -220,3 +220,26 @@ def test_a_generation_of_ar_steps_never_runs_the_draft(monkeypatch):
                        temperature=0, **extra)
         assert res.tokens == greedy_reference(target, ids, mask, 8)
         assert res.stats["draft_calls"] == 0, mode
+
+
+def test_a_draft_must_promise_the_margin_over_ar(monkeypatch):
+    """A step drafts only where it expects MARGIN times AR's tokens per ms: a gain of a few per cent
+    is within what a cost curve errs by."""
+    from sampling.control import MARGIN
+    assert MARGIN == 1.05
+    c = controller(monkeypatch, target=(10.0, 0.0), draft=(1.4, 0.0))
+    assert c.best(1, 1, assume=0.2)[0] == 1                    # 1.2 tokens for 11.4 ms: 1.053x AR's
+    c = controller(monkeypatch, target=(10.0, 0.0), draft=(1.5, 0.0))
+    assert c.best(1, 1, assume=0.2) == (0, pytest.approx(0.1))   # 1.043x: AR, at AR's rate
+
+
+def test_a_kept_curve_of_another_format_is_measured_again(tmp_path, monkeypatch):
+    from sampling import control
+    monkeypatch.setenv("BASS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(control, "_CURVES", {})
+    (tmp_path / "pass-costs.json").write_text(json.dumps({"k": dict(tokens=[1, 2], ms=[5.0, 6.0], per_slot=0.0)}))
+    fresh = CostCurve((1, 2), (7.0, 8.0))
+    assert control.kept_curve("k", lambda: fresh) == fresh                 # the old grid's entry: measured again
+    assert json.loads((tmp_path / "pass-costs.json").read_text())["k"]["format"] == control.CURVE_FORMAT
+    monkeypatch.setattr(control, "_CURVES", {})
+    assert control.kept_curve("k", lambda: CostCurve((1,), (1.0,))) == fresh   # now kept: read, not measured

@@ -69,6 +69,8 @@ def test_a_one_row_copy_serves_one_row_only(bias):
     for shape in [(1, 2), (2, 1), (3, 5)]:
         x = torch.randn(*shape, 48)
         torch.testing.assert_close(skinny(x), lin(x), rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                 # F.linear's dtype, as without a copy
+        assert skinny(torch.randn(1, 48)).dtype == lin(torch.randn(1, 48)).dtype == torch.bfloat16
     skinny.double()
     x = torch.randn(1, 1, 48, dtype=torch.float64)
     torch.testing.assert_close(skinny(x), lin.double()(x), rtol=1e-12, atol=1e-12)

@@ -311,8 +311,8 @@ def additive_mask(mask: torch.Tensor, filled: int, n: int, dtype: torch.dtype) -
     0/1 mask of every slot [B, filled + n]: new token i sees the unmasked slots up to its own, as
     transformers' mask does (a query that sees none, left padding, spreads over every slot at the
     dtype's lowest value: finite, and no real token reads it). None where nothing is hidden: one
-    new token per row and no masked slot."""
-    if n == 1 and bool(mask.all()):
+    new token per row and no masked slot, on the CPU (on a GPU, asking would make the host wait)."""
+    if n == 1 and mask.device.type == "cpu" and bool(mask.all()):
         return None
     keys = torch.arange(filled + n, device=mask.device)
     own = filled + torch.arange(n, device=mask.device)[:, None]                       # [n, 1]
