@@ -45,8 +45,8 @@ def parse(argv=None):
     add_model_args(ap, placement=True)
     ap.add_argument("--mode", default=None, choices=MODES,
                     help=f"decoding mode (default: the fastest measured on the embedded pair at the temperature "
-                         f"asked, {DEFAULTS.main_mode} greedy with the draft model, {DEFAULTS.main_chain_mode} "
-                         f"sampling or with another drafter)")
+                         f"asked: {DEFAULTS.main_mode} greedy with the draft model, {DEFAULTS.main_chain_mode} "
+                         f"otherwise)")
     ap.add_argument("--bass", action="store_true", help="shorthand for --mode bass")
     ap.add_argument("--batch", type=int, default=1,
                     help="batch size; fewer prompts than this are repeated to fill one batch")

@@ -11,9 +11,11 @@ of prod_{j <= l} beta_j tokens, beta_j the rate at which a row that reached leve
 accepted level j (Leviathan et al.'s alpha when every beta is alike), counted over the steps so far
 (each step's counts decayed, so the rate follows the text). An AR step yields 1 token for the
 target's one-token pass. The controller takes the g with the most tokens per ms, a draft only
-where it expects at least ``MARGIN`` times AR's: a curve errs by a few per cent between the points
-it measured and as the machine drifts, and a step predicted to gain less than that measured slower
-than AR at batch 4 to 8 (results/drafting/README.md).
+where it expects more than ``MARGIN`` times AR's: a guard against the few per cent a curve errs by
+between its points and as the machine drifts. It does not cover a larger error: a batch of b rows
+of k tokens is priced as one row of b x k, which on this CPU costs 1.3x to 1.5x less than the
+batch's verify pass, so at batch 4 to 16 the controller still drafts where AR is faster
+(results/drafting/README.md, controller-sweep-margin).
 
 Decisions read no clock: the curves are measured once per machine, model, dtype, device, thread
 count and cache, and kept in ``pass-costs.json`` under ``cache_dir()`` (``$BASS_CACHE_DIR``, by
@@ -41,10 +43,10 @@ from .skinny import SKINNY_ROWS, linear_path
 from .utils import cache_dir, max_positions, model_device, now, vocab_size
 
 SPECULATE = ("auto", "always")      # auto: the controller; always: every step drafts what the schedule says
-GRID = (1, 2, 4, 8, 16, SKINNY_ROWS, SKINNY_ROWS + 1, 64, 128)   # tokens per pass measured (beyond: extended
-                                     # from the last two); both sides of the skinny path's last row, where a
-                                     # pass's cost jumps (sampling.skinny), so no interpolation spans the jump
-CURVE_FORMAT = 2                     # a kept curve of another format (another grid) is measured again
+GRID = tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, SKINNY_ROWS, SKINNY_ROWS + 1}))   # tokens per pass
+                                     # measured (beyond: extended from the last two); both sides of the skinny
+                                     # path's last row, where a pass's cost jumps (sampling.skinny)
+CURVE_FORMAT = 2                     # a kept curve of another format is measured again: bump it with the grid
 MARGIN = 1.05                        # a step drafts only where it expects this many times AR's tokens per ms
 CONTEXT = 64                         # cached positions before a timed pass
 FAR = 1024                           # ... and before the pass that prices a cached slot (the model's limit if lower)
@@ -265,7 +267,7 @@ class Controller:
         return ms
 
     def best(self, most: int, batch: int, context: int = CONTEXT, assume: float | None = None) -> tuple[int, float]:
-        """The g in [0, most] with the most expected tokens per ms, a g > 0 only where that is at least
+        """The g in [0, most] with the most expected tokens per ms, a g > 0 only where that is more than
         ``MARGIN`` times AR's, and that rate."""
         ar = 1.0 / self.step_ms(0, batch, context)
         best_g, best = 0, ar * MARGIN

@@ -53,8 +53,8 @@ DEFAULTS = Defaults()
 
 def default_main_mode(temperature: float, draft: str = "model") -> str:
     """main.py's mode when none is asked: the fastest measured on the embedded pair at this
-    temperature (0: greedy) with this drafter (``DEFAULTS.draft``'s kinds): the draft model's tree
-    greedy, a chain otherwise (results/drafting/temperature-sweep)."""
+    temperature (0: greedy) with this drafter (``DEFAULTS.draft``'s kinds): ``main_mode`` greedy with
+    the draft model, ``main_chain_mode`` otherwise; today both the chain (results/drafting)."""
     return DEFAULTS.main_mode if temperature == 0 and draft == "model" else DEFAULTS.main_chain_mode
 
 

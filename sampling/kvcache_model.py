@@ -1,7 +1,7 @@
 """One KV-cache wrapper for every sampler: prefill, catch-up, rollback.
 
 The wrapper owns a model's cache (a backend, ``sampling.cache.backends``: dynamic, or static
-slots in one of three forms), the attention mask of the cached positions and the filtered
+slots in one of four forms), the attention mask of the cached positions and the filtered
 next-token probabilities of the positions fed by the last forward pass, plus the one before them
 (its *history*). That is all a speculative step reads (the target's ``gamma + 1`` verified
 positions), so the history stays ``[B, <= gamma + 2, V]`` however long the sequence grows; a
@@ -208,7 +208,6 @@ class KVCacheModel:
         Positions come from the mask, so no row's positions change. ``params``: the new rows'."""
         if self.spec.kind != "dynamic" or self.press is not None:
             raise ValueError("rows join a running batch with the dynamic cache and no press only")
-        # (a draft's lean passes keep slots whatever the kind: SlotBackend.join)
         b, L = len(self.mask), self.length + pad
         joined = row_params(self.params.per_row(b) + list(params))
         if self.deferred:                               # nothing cached: the new rows are prefilled with the rest

@@ -29,8 +29,10 @@ def float32_by_default(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def drafting_is_free(monkeypatch):
-    """The controller (``sampling.control``) prices every step alike, so it drafts what the schedule
-    or tree says each step, as ``speculate="always"`` does, whatever this machine's pass costs:
-    outputs stay those the tests pin. Its own tests (tests/test_control.py) give it real costs."""
+    """The controller (``sampling.control``) prices longer drafts cheaper, so it drafts what the
+    schedule or tree says each step, as ``speculate="always"`` does, whatever this machine's pass
+    costs: outputs stay those the tests pin. Its own tests (tests/test_control.py) give it real costs."""
     from sampling import control
-    monkeypatch.setattr(control.Controller, "step_ms", lambda self, g, batch, context=0: 1.0)
+    # a step of g costs 1 / (1 + g): each longer draft is cheaper, so the most allowed always wins, past
+    # the controller's margin over AR too, whatever the acceptance
+    monkeypatch.setattr(control.Controller, "step_ms", lambda self, g, batch, context=0: 1.0 / (1 + g))

@@ -511,16 +511,20 @@ def test_pass_cost_measures_each_dtype_and_thread_count(pair, capsys, tmp_path):
     from benchmark import pass_cost
     out = tmp_path / "pc"
     code, text, err = cli(pass_cost, ["--target_model_name", pair["target"], "--approx_model_name", pair["draft"],
-                                      "--rounds", "2", "--reps", "2", "--threads", "1", "--out", str(out)], capsys)
+                                      "--rounds", "2", "--reps", "2", "--threads", "1", "--drafts", "lean,lean+one-row",
+                                      "--out", str(out)], capsys)
     assert code == 0, err
     s = pd.read_csv(out / "summary.csv")
-    assert list(zip(s["dtype"], s.threads, s["draft"])) == [("float32", 1, "eager"), ("bfloat16", 1, "eager")]
+    # a bfloat16 draft has no one-row copies: that variant would repeat the lean one
+    assert list(zip(s["dtype"], s.threads, s["draft"])) == [("float32", 1, "lean"), ("float32", 1, "lean+one-row"),
+                                                            ("bfloat16", 1, "lean")]
     assert (s.target_step_ms > 0).all() and (s.draft_step_ms > 0).all() and (s.verify_ms > 0).all()
-    assert len(pd.read_csv(out / "raw.csv")) == 2 * 2
+    assert len(pd.read_csv(out / "raw.csv")) == 2 * 3
     json.loads((out / "env.json").read_text(), parse_constant=reject_constant)
     assert max(len(ln) for ln in text.splitlines() if str(tmp_path) not in ln) <= 120
     for bad, message in ((["--dtypes", "float8"], "--dtypes takes a comma list of float32, bfloat16"),
                          (["--threads", "0"], "--threads takes a comma list of integers >= 1"),
+                         (["--drafts", "lean,fast"], "--drafts takes a comma list of transformers, "),
                          (["--dtype", "float32"], "--dtype float32: this tool measures each dtype of --dtypes")):
         code, _, err = cli(pass_cost, ["--out", str(tmp_path / "x")] + bad, capsys)
         assert code == 2 and err.startswith(f"error: {message}"), err

@@ -163,9 +163,10 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main_cli.parse(["-h"])
     out = " ".join(capsys.readouterr().out.split())
+    from sampling import DEFAULTS
     for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)",
-                 "decoding mode (default: the fastest measured on the embedded pair at the temperature asked, tree "
-                 "greedy with the draft model, google sampling or with another drafter)",
+                 "decoding mode (default: the fastest measured on the embedded pair at the temperature asked: "
+                 f"{DEFAULTS.main_mode} greedy with the draft model, {DEFAULTS.main_chain_mode} otherwise)",
                  "(default 4 for constant, 7 for bass/aimd)", "--repeats REPEATS", "(default: 3)"):
         assert text in out, text
 

@@ -3,6 +3,7 @@ transformers' logits, bit for bit, for every kind of pass a drafter makes; rows 
 slots as they do a dynamic cache's."""
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import ARCHS, left_padded_batch, tiny_model
 
 from sampling.cache.backends import DynamicBackend, LeanBackend, backend_class, lean_fits
@@ -45,6 +46,24 @@ def test_lean_passes_give_transformers_logits(dtype):
     torch.testing.assert_close(lean.probs, plain.probs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_chain_of_one_token_passes_without_padding_gives_transformers_logits(dtype):
+    """Batch 1, no masked slot: an unpadded prefill, then one-token passes that need no mask at all
+    (what a draft's chain runs)."""
+    model = tiny_model("llama", seed=11, dtype=dtype)
+    ids = torch.randint(3, 97, (1, 16), generator=torch.Generator().manual_seed(12))
+    plain, lean = wrappers(model, SamplingParams(temperature=0))
+    for end in (10, 11, 12, 13, 12, 14):
+        for kv in (plain, lean):
+            if kv.length == 0:
+                kv.prefill(ids[:, :end], torch.ones(1, end, dtype=torch.long))
+            elif end <= kv.length:
+                kv.rollback(end)
+            else:
+                kv.catch_up(ids[:, :end], torch.ones(1, end, dtype=torch.long))
+        torch.testing.assert_close(lean.probs, plain.probs, rtol=0, atol=0)
+
+
 def test_a_lean_pass_reads_an_additive_4d_mask_as_given():
     """A tree's pass: each node sees the cached slots and the nodes its mask allows."""
     model = tiny_model("llama", seed=5)
@@ -65,24 +84,27 @@ def test_a_lean_pass_reads_an_additive_4d_mask_as_given():
 
 
 def test_rows_join_and_leave_lean_slots_as_they_do_a_dynamic_cache():
-    """Continuous batching: a row joins (the batch's slots shifted right), the leading padding goes."""
+    """Continuous batching: a short row joins (the batch's slots shifted right, the new row
+    prefilled from its first real slot on), then the slots that are padding in every row go."""
     model = tiny_model("llama", seed=8)
-    ids, mask = left_padded_batch(97, (6, 9), seed=9)
-    new_ids, new_mask = left_padded_batch(97, (12,), seed=10)
+    ids, mask = left_padded_batch(97, (6, 9), seed=9)                      # width 9
+    short, short_mask = left_padded_batch(97, (5,), seed=10)
+    new_ids, new_mask = F.pad(short, (7, 0)), F.pad(short_mask, (7, 0))    # aligned with the width 12 after pad 3
     params = SamplingParams(temperature=1.0)
     plain, lean = wrappers(model, params)
     for kv in (plain, lean):
         kv.prefill(ids, mask)
-        kv.admit(new_ids, new_mask, pad=3, params=[params])                # the batch grows to 12 slots
-    seq = torch.cat([torch.nn.functional.pad(ids, (3, 0)), new_ids])
-    both = torch.cat([torch.nn.functional.pad(mask, (3, 0)), new_mask])
+        kv.admit(new_ids, new_mask, pad=3, params=[params])
+    seq = torch.cat([F.pad(ids, (3, 0)), new_ids])
+    both = torch.cat([F.pad(mask, (3, 0)), new_mask])
+    assert not both[:, :3].any()                                           # three slots of padding in every row
     seq, both = torch.cat([seq, seq[:, -1:]], 1), torch.cat([both, both[:, -1:]], 1)
     for kv in (plain, lean):
         kv.catch_up(seq, both)
     torch.testing.assert_close(lean.probs, plain.probs, rtol=0, atol=0)
     for kv in (plain, lean):
-        kv.drop_leading(1)
-        kv.catch_up(torch.cat([seq[:, 1:], seq[:, -1:]], 1), torch.cat([both[:, 1:], both[:, -1:]], 1))
+        kv.drop_leading(3)
+        kv.catch_up(torch.cat([seq[:, 3:], seq[:, -1:]], 1), torch.cat([both[:, 3:], both[:, -1:]], 1))
     torch.testing.assert_close(lean.probs, plain.probs, rtol=0, atol=0)
 
 

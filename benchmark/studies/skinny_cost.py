@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     rows = []
     for role, name in (("target", args.target_model_name), ("draft", args.approx_model_name)):
         skinny = load_model(name, role, "cpu", "float32")
+        for m in skinny.modules():              # W @ x.T against F.linear alone: no draft's one-row copies
+            if isinstance(m, SkinnyLinear):
+                m.one_row = None
         if not is_skinny(skinny):
             raise ValueError(f"the {role} model has no nn.Linear layers to swap: nothing to compare")
         variants = {"nn.Linear": plain_copy(skinny), "SkinnyLinear": skinny}

@@ -211,7 +211,9 @@ def load_model(name: str | None, role: str = "target", device: str = "auto", dty
                placement: Placement | None = None):
     """A causal LM in eval mode. BLOOM gets eager attention (its SDPA path mishandles padding).
     A float32 model on the CPU gets ``SkinnyLinear`` layers (``cpu_linears``, ``sampling.skinny``), a
-    draft's with bfloat16 copies for its one-row products.
+    draft's with bfloat16 copies for its one-row products: a model loaded as a draft is for drafting
+    (as a target its one-row passes would not be float32's), and the copies are snapshots of the
+    weights as loaded.
     A folder written by ``save_int8`` is dequantized to the dtype asked for. ``placement`` with a
     device_map: the layers spread over devices and offloaded by accelerate (``Placement``); the
     model's inputs then go to ``sampling.utils.model_device(model)``."""

@@ -1,4 +1,4 @@
-"""Where a wrapper's keys and values live: four backends behind one contract (``CacheBackend``),
+"""Where a wrapper's keys and values live: five backends behind one contract (``CacheBackend``),
 chosen by ``make_backend`` from a ``CacheSpec``; the same tokens from every one.
 
 * ``DynamicBackend``: transformers' ``DynamicCache``. Every pass concatenates the new keys to the
@@ -9,8 +9,8 @@ chosen by ``make_backend`` from a ``CacheSpec``; the same tokens from every one.
   it a view), and every layer's keys and values are views of one buffer (``SlotCache``): a tree's
   accepted path moves into place in one gather and one copy, where a per-layer cache takes two per
   layer and tensor.
-* ``LeanBackend`` (a draft's eager passes, whatever the cache kind): ``SlotBackend``'s slots, each
-  pass through the model's own modules in a loop of the toolkit's (below).
+* ``LeanBackend`` (a draft's eager passes on the CPU, whatever the cache kind): ``SlotBackend``'s
+  slots, each pass through the model's own modules in a loop of the toolkit's (below).
 * ``LayerSlotsBackend`` (static, eager, a model split over devices): the same slots, each layer's
   on the device where the layer runs.
 * ``CompiledBackend`` (static, ``CacheSpec.compile``): transformers' ``StaticCache`` with the
@@ -25,8 +25,10 @@ call builds a mask, the rotary embedding and its output objects on every pass, a
 norm, lm_head: the same weights and kernels, so the same logits) and calls them in a loop of its
 own: the mask is built only where a pass needs one (a one-token pass of rows without padding needs
 none) and the keys and values go to ``SlotCache``'s slots. It serves Llama-architecture models on
-one device (``lean_fits``); any pass that asks for the hidden states takes transformers' call on
-the same slots. ``CacheSpec.for_role`` gives it to drafts.
+the CPU (``lean_fits``: on a GPU, where a mask would be built for every pass and SDPA would take
+another kernel than transformers' call does, it is neither measured nor bit-exact, so it is not
+used); any pass that asks for the hidden states takes transformers' call on the same slots.
+``CacheSpec.for_role`` gives it to drafts.
 
 Every backend's tensors may be written in place (a tree's path moved into place, a press's kept
 slots), followed by ``truncate``.
@@ -273,7 +275,8 @@ class SlotBackend(_Static):
             raise ValueError("rows join a running batch of slots from slots of the same kind, both written")
         kv, add = self.cache.kv, other.cache.kv       # [layers, 2, b, H, W, D], [layers, 2, n, H, W', D]
         filled = self.filled + pad
-        assert other.filled == filled - start, "the new rows' slots must end where the batch's do"
+        if other.filled != filled - start:
+            raise ValueError(f"the new rows fill slots {start} to {start + other.filled}; the batch's end at {filled}")
         both = kv.new_zeros(*kv.shape[:2], kv.shape[2] + add.shape[2], kv.shape[3],
                             slot_width(max(filled, self.width)), kv.shape[5])
         both[:, :, :kv.shape[2], :, pad:filled] = kv[:, :, :, :, :self.filled]      # one copy of each
@@ -282,7 +285,7 @@ class SlotBackend(_Static):
         self._fill(filled)
 
     def drop_leading(self, n: int) -> None:
-        self.cache.set(self.cache.kv[:, :, :, :, n:])                   # a view: the buffer loses n slots of room
+        self.cache.set(self.cache.kv[:, :, :, :, n:])   # a view, no copy: n slots less room until the buffer grows
         self._fill(self.filled - n)
 
     def _fill(self, slots: int) -> None:
@@ -296,12 +299,12 @@ LEAN_ATTENTION = ("sdpa", "eager")      # attention that reads an additive 4D ma
 
 
 def lean_fits(model) -> bool:
-    """Whether ``LeanBackend`` can run ``model``'s passes: a Llama-architecture causal LM with SDPA or
-    eager attention on one device."""
+    """Whether ``LeanBackend`` runs ``model``'s passes: a Llama-architecture causal LM with SDPA or
+    eager attention, whole on the CPU (module docstring)."""
     cfg = model.config
     body = getattr(model, "model", None)
     return (cfg.model_type in LEAN_TYPES and getattr(cfg, "_attn_implementation", None) in LEAN_ATTENTION
-            and not getattr(model, "hf_device_map", None)
+            and not getattr(model, "hf_device_map", None) and next(model.parameters()).device.type == "cpu"
             and all(hasattr(body, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
             and hasattr(model, "lm_head"))
 
@@ -311,7 +314,7 @@ def additive_mask(mask: torch.Tensor, filled: int, n: int, dtype: torch.dtype) -
     0/1 mask of every slot [B, filled + n]: new token i sees the unmasked slots up to its own, as
     transformers' mask does (a query that sees none, left padding, spreads over every slot at the
     dtype's lowest value: finite, and no real token reads it). None where nothing is hidden: one
-    new token per row and no masked slot, on the CPU (on a GPU, asking would make the host wait)."""
+    new token per row and no masked slot (asked on the host: ``lean_fits`` keeps it on the CPU)."""
     if n == 1 and mask.device.type == "cpu" and bool(mask.all()):
         return None
     keys = torch.arange(filled + n, device=mask.device)

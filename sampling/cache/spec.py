@@ -19,7 +19,8 @@ class CacheSpec:
                                   # whatever ``kind`` is (the target's stays as ``kind`` says, eager)
     room: int = 0             # static: slots after the prompt (new tokens + drafts); more grow the buffer (a copy)
     lean: bool | None = None  # passes through the toolkit's own layer loop on static slots where the model allows
-                              # (sampling.cache.lean); None: by role (for_role): a draft's eager passes, not a target's
+                              # (sampling.cache.backends.LeanBackend: transformers' logits bit for bit on the CPU);
+                              # None: by role (for_role): a draft's eager passes, not a target's
     press: PressSpec = PressSpec()   # KV-cache compression and whose cache it applies to (sampling.cache.press)
 
     def validate(self) -> None:

@@ -12,7 +12,8 @@ into the law of token t + 1, and draft the tokens after it:
   ``lm_head(h_t + silu(W_j h_t + c_j))``, independent of the tokens drafted before it.
 
 Stage 0 of both is the target's lm_head itself on h_t (the law of the token right after the
-prompt, used once, after the prefill). The heads give q; the verifier's one accept/reject rule
+prompt, used once, after the prefill; on the CPU in float32, through the heads' bfloat16 copy of
+it for one-row products, ``Speculator``). The heads give q; the verifier's one accept/reject rule
 keeps the target's law. ``load_speculator(path, target)`` returns a ``Speculator``, which
 ``generate(..., draft_model=speculator)`` accepts in google, deepmind, bass and tree modes (a
 static tree: the children of a node are the top-k, or k draws without replacement, of its law).
