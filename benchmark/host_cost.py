@@ -80,13 +80,17 @@ def shrunk(path, hidden: int, seed: int):
 
 
 class Clock:
-    """Seconds spent inside the models' forward calls (forward hooks), and whether one is running."""
+    """Seconds spent inside the models' forward calls (forward hooks), and whether one is running.
+    Every module of a model is hooked, not only the model: a draft's lean pass
+    (``sampling.cache.backends.LeanBackend``) calls its modules in a loop of the toolkit's, and what
+    that loop does between them is the loop's own work."""
 
     def __init__(self, *models):
         self.inside, self.depth, self._t0 = 0.0, 0, 0.0
         for m in models:
-            m.register_forward_pre_hook(self._enter)
-            m.register_forward_hook(self._leave)
+            for mod in m.modules():
+                mod.register_forward_pre_hook(self._enter)
+                mod.register_forward_hook(self._leave)
 
     def _enter(self, *_):
         if self.depth == 0:

@@ -296,6 +296,7 @@ class SlotBackend(_Static):
 
 LEAN_TYPES = ("llama",)                 # model types whose decoder layers the loop calls (their forward's contract)
 LEAN_ATTENTION = ("sdpa", "eager")      # attention that reads an additive 4D mask as given
+HOST = torch.device("cpu")
 
 
 def lean_fits(model) -> bool:
@@ -314,8 +315,9 @@ def additive_mask(mask: torch.Tensor, filled: int, n: int, dtype: torch.dtype) -
     0/1 mask of every slot [B, filled + n]: new token i sees the unmasked slots up to its own, as
     transformers' mask does (a query that sees none, left padding, spreads over every slot at the
     dtype's lowest value: finite, and no real token reads it). None where nothing is hidden: one
-    new token per row and no masked slot (asked on the host: ``lean_fits`` keeps it on the CPU)."""
-    if n == 1 and mask.device.type == "cpu" and bool(mask.all()):
+    new token per row and no masked slot, asked only of a mask on the host (``torch.device("cpu")``):
+    reading a device's mask back would make the host wait."""
+    if n == 1 and mask.device == HOST and bool(mask.all()):
         return None
     keys = torch.arange(filled + n, device=mask.device)
     own = filled + torch.arange(n, device=mask.device)[:, None]                       # [n, 1]
