@@ -31,7 +31,7 @@ from sampling.app.cli import (
 )
 from sampling.app.strict_json import dumps
 from sampling.cache.spec import CacheSpec
-from sampling.control import cost_curves
+from sampling.control import cost_tables
 from sampling.generate import DEFAULTS, check_inputs, default_gamma, default_main_mode
 from sampling.modes import get_mode
 from sampling.tree_shapes import parse_tree
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()                           # before anything is timed
         for m in modes:
             if m != "ar":
-                cost_curves(target, drafts[m], CacheSpec(kwargs["kv_cache"], kwargs["compile"]))
+                cost_tables(target, drafts[m], CacheSpec(kwargs["kv_cache"], kwargs["compile"]))
         spent = time.perf_counter() - t0
         if spent > 1:
             print(f"measured this machine's pass costs for the controller in {spent:.1f}s, once "

@@ -37,7 +37,8 @@ def config_label(r) -> str:
         (" sorted" if str(r.get("sort_batch")) in ("True", "true", "1") else "")
     draft = f" {r.draft}" if r.get("draft") not in (None, "", "model") else ""
     always = " always" if r.get("speculate") == "always" else ""           # the controller off
-    return f"{r['mode']}{draft}{gamma}{sched}{masked}{always}{cache_label(r)}"
+    dtype = f" {r['dtype']}" if r.get("dtype") else ""                        # --baseline_dtype's AR
+    return f"{r['mode']}{draft}{gamma}{sched}{masked}{always}{cache_label(r)}{dtype}"
 
 
 def batch_axis(ax, batches) -> None:

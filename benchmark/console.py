@@ -83,6 +83,8 @@ SWEEP_COLS = {c.key: c for c in [
         "the lowest-highest of the same ratio taken round by round (a round times every configuration once, "
         "close in time); the speedup uses each batch's median run, which may come from different rounds, so it "
         "can fall outside this range"),
+    Col("speedup_vs_baseline", "vs baseline", ".2f",
+        "tokens/s over AR's with the target in --baseline_dtype, at the same batch, temperature and cache"),
     Col("acceptance_rate", "accept", ".3f", "accepted / drafted tokens (a tree: per node drafted)"),
     Col("tokens_per_call", "tok/call", ".2f", "new tokens per target forward pass, prefill included"),
     Col("alpha", "alpha", ".3f",

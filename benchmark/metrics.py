@@ -8,13 +8,13 @@ from sampling.modes import MODES_TABLE
 
 KEYS = ["mode", "draft", "batch", "gamma", "gamma_schedule", "temperature", "sort_batch", "finished_rows",
         "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "tree", "kv_cache", "compile",
-        "press", "speculate"]   # every field of RunConfig
+        "press", "speculate", "dtype"]   # every field of RunConfig
 NEWER_COLUMNS = {"finished_rows": DEFAULTS.finished_rows,   # columns older raw.csv files lack, and
                  "rows_verified": float("nan"),             # what those runs did or what is unknown
                  "min_p": DEFAULTS.min_p, "repetition_penalty": DEFAULTS.repetition_penalty,
                  "peak_mem_mib": float("nan"), "output": "", "tree": "", "accepted_hist": "",
                  "kv_cache": "dynamic", "compile": False, "press": "", "process": 0, "round_walls": "",
-                 "ttft_tokens": float("nan")}
+                 "ttft_tokens": float("nan"), "dtype": ""}
 EFFICIENCY_MAX = 1.25   # a speedup this far above its analytic expectation means mismeasured step costs
 
 
@@ -33,7 +33,7 @@ def upgrade_raw(raw: pd.DataFrame) -> pd.DataFrame:
     if "draft" not in raw.columns:                # before drafters: the draft model, or none
         raw = raw.assign(draft=["" if m in ("ar", "hf") else "model" for m in raw["mode"]])
     text = {c: raw[c].astype(object).where(raw[c].notna(), "").astype(str)
-            for c in ("tree", "output", "draft", "accepted_hist", "press", "round_walls", "speculate")}
+            for c in ("tree", "output", "draft", "accepted_hist", "press", "round_walls", "speculate", "dtype")}
     return raw.assign(**text)
 
 
@@ -170,9 +170,14 @@ def summarise(raw: pd.DataFrame, cost: dict | None = None) -> pd.DataFrame:
     # ar with the same batching and cache, compiled where the target's passes were (not for a draft compiled alone)
     out["target_compiled"] = [str(c) in ("True", "true", "1") for c in out["compile"]]
     same = ["batch", "temperature", "sort_batch", "kv_cache", "target_compiled"]
-    ar = out[(out["mode"] == "ar") & (out["press"] == "")].set_index(same)  # (and no press: the model itself)
+    plain = (out["mode"] == "ar") & (out["press"] == "")                   # (no press: the model itself)
+    ar = out[plain & (out["dtype"] == "")].set_index(same)                # in the run's own dtype
     for col, name in (("throughput", "speedup_vs_ar"), ("decode_throughput", "decode_speedup_vs_ar")):
         out[name] = [t / ar[col].get(k, float("nan")) for t, k in zip(out[col], zip(*(out[c] for c in same)))]
+    baseline = out[plain & (out["dtype"] != "")].set_index(same)          # run_experiment --baseline_dtype
+    if not baseline.empty:
+        out["speedup_vs_baseline"] = [t / baseline["throughput"].get(k, float("nan"))
+                                      for t, k in zip(out.throughput, zip(*(out[c] for c in same)))]
     # the same speedup round by round (a round's runs of one batch are close in time): its spread is
     # how far the machine's noise moves the figure
     spreads = [round_spread(r if isinstance(r, list) else [], ar["round_tps"].get(k, []))

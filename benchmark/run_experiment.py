@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import time
+from dataclasses import replace
 
 import pandas as pd
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from sampling.app.cli import (
     presses_of,
     run,
 )
+from sampling.app.models import DTYPES, resolve_device, resolve_dtype
 from sampling.control import check_speculate
 from sampling.generate import default_tree
 from sampling.modes import FINISHED_ROWS, MODES_TABLE
@@ -69,7 +71,7 @@ def int_list(text: str, name: str) -> list[int]:
 
 IDENTITY = ("fingerprint", "dataset_path", "samples", "skip_bad_lines", "target_model_name", "approx_model_name",
             "device", "dtype", "speculator", "max_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
-            "repeats", "together")
+            "repeats", "together", "baseline_dtype")
 
 
 def parse(argv=None):
@@ -105,6 +107,11 @@ def parse(argv=None):
     add_cache_args(ap, many=True)
     add_speculate_arg(ap, many=True)
     add_press_args(ap, many=True)
+    ap.add_argument("--baseline_dtype", default=None, choices=tuple(DTYPES),
+                    help="also time AR with the target in this dtype, interleaved with the sweep's configurations "
+                         "at each batch size and temperature (needs ar among --modes); summary.csv's "
+                         "speedup_vs_baseline (the console's 'vs baseline') is each one's tokens/s over it (default: "
+                         "none)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch i: seed + i)")
     ap.add_argument("--out", default=None, help="output folder (default: results/<timestamp>/)")
     ap.add_argument("--resume", action="store_true",
@@ -129,6 +136,12 @@ def parse(argv=None):
     except ValueError:
         raise ValueError(f"--temperatures takes a comma list of numbers, got {args.temperatures!r}") from None
     check_at_least_one(args, "samples", "repeats", "max_tokens")
+    if args.baseline_dtype and "ar" not in args.modes:
+        raise ValueError(f"--baseline_dtype {args.baseline_dtype} times AR beside the sweep's AR: add ar to --modes")
+    if args.baseline_dtype and resolve_dtype(args.baseline_dtype, resolve_device(args.device)) == \
+            resolve_dtype(args.dtype, resolve_device(args.device)):
+        raise ValueError(f"--baseline_dtype {args.baseline_dtype} is the sweep's own dtype (--dtype {args.dtype}): "
+                         f"its AR is the sweep's; name another dtype")
     for t, g, s, f in itertools.product(args.temperatures, args.gammas, args.schedules, args.finished or [""]):
         check_args("bass", args.max_tokens, g, SamplingParams(t, args.top_k, args.top_p, args.min_p,
                                                               args.repetition_penalty), ScheduleParams(kind=s), f)
@@ -188,6 +201,8 @@ def configs(args, loaded: dict) -> list[RunConfig]:
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      seed=args.seed, finished_rows=f, tree=tree, draft=d, kv_cache=kv,
                                      compile=compile_of(args.compile, mode, kv), press=pr, speculate=sp))
+    if args.baseline_dtype:                              # AR in the baseline dtype beside each AR
+        out += [replace(c, dtype=args.baseline_dtype) for c in out if c.mode == "ar" and not c.press]
     return list(dict.fromkeys(out))
 
 
@@ -272,7 +287,8 @@ def main(argv=None) -> None:
     summary["rounds"] = [spread_label(lo, hi) for lo, hi in zip(summary.speedup_min_round, summary.speedup_max_round)]
     print(para(f"each figure: per batch, the median of {args.repeats} timed run(s) after one warm-up run, the "
                f"configurations of a batch size interleaved" + (", batch sizes too" if args.together else "")))
-    keys = ["label", "batch", "temperature", "throughput", "speedup_vs_ar", "rounds", "tokens_per_call",
+    keys = ["label", "batch", "temperature", "throughput", "speedup_vs_ar", "rounds"] + \
+        (["speedup_vs_baseline"] if "speedup_vs_baseline" in summary else []) + ["tokens_per_call",
             "acceptance_rate", "latency_ms", "decode_speedup_vs_ar", "alpha"] + \
         (["predicted_speedup", "efficiency", "predicted_verify", "efficiency_verify", "flagged"] if cost else [])
     print(fit_table(summary, sweep_cols(*keys, processes=int(summary.processes.max())), wide=args.wide,

@@ -102,6 +102,7 @@ class Prepared:
     vocab: int | None           # the shared vocabulary (generate's vocab_size)
     fingerprint: str            # sha256 of the prompts' token ids: the same data, tokenizer and template
     shard: Shard = Shard()      # this process's share of an accelerate launch (one process: everything)
+    baseline: object = None     # the target in --baseline_dtype (run_experiment), for AR beside the sweep
 
     @property
     def draft(self):
@@ -140,7 +141,11 @@ def prepare(args, modes, drafts: list[str]) -> Prepared:
     if not prompts:
         raise ValueError("no record fits the model's positions")
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
-    return Prepared(prompts, meta, target, loaded, tok, vocab, fingerprint, shard)
+    baseline = None
+    if getattr(args, "baseline_dtype", None):                   # (run_experiment's flag)
+        from sampling.app.models import load_model
+        baseline = load_model(args.target_model_name, "target", args.device, args.baseline_dtype, placement_of(args))
+    return Prepared(prompts, meta, target, loaded, tok, vocab, fingerprint, shard, baseline)
 
 
 def filler_text(records: list[dict], start: int, chars: int = 20_000) -> str:
@@ -196,6 +201,7 @@ class RunConfig:
     press: str = ""           # KV-cache press, PressSpec.label() ("" none; sampling.press)
     speculate: str = DEFAULTS.speculate   # auto: the controller picks each step's draft length; always: off;
                                           # "" for modes without drafts
+    dtype: str = ""           # "": the run's --dtype; else AR's target in run_experiment's --baseline_dtype
 
     def key(self) -> tuple:
         """Every field: a raw row is reused (--resume) only by the very same configuration."""
@@ -293,7 +299,7 @@ def schedule(plans: list, repeats: int, together: bool):
 
 def _runner(cfg: RunConfig, data: Prepared):
     """once(idx, bid) -> (tokens, stats): one timed generation of prompts[idx]."""
-    tok, target, draft = data.tokenizer, data.target, data.drafts.get(cfg.draft)
+    tok, target, draft = data.tokenizer, data.baseline if cfg.dtype else data.target, data.drafts.get(cfg.draft)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     device = model_device(target)
 

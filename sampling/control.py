@@ -2,22 +2,20 @@
 the draft length (0: a plain AR step) whose expected tokens per unit of cost are the most, from
 pass costs measured ahead and the acceptance seen so far.
 
-A step that drafts g tokens costs the target's verify pass over ``b x verify(g)`` tokens and the
-draft's passes (``Drafter.work``: a draft model's, or speculator heads' stages), priced by each
-one's pass-cost curve (ms against the tokens a pass feeds, batch rows x tokens per row, plus a
-cost per cached slot of every row: the cache's copy and the attention over it, which at a large
-batch of long rows outweigh the new tokens). It yields, per row, 1 + sum over levels l <= g
-of prod_{j <= l} beta_j tokens, beta_j the rate at which a row that reached level j - 1 also
-accepted level j (Leviathan et al.'s alpha when every beta is alike), counted over the steps so far
-(each step's counts decayed, so the rate follows the text). An AR step yields 1 token for the
-target's one-token pass. The controller takes the g with the most tokens per ms, a draft only
-where it expects more than ``MARGIN`` times AR's: a guard against the few per cent a curve errs by
-between its points and as the machine drifts. It does not cover a larger error: a batch of b rows
-of k tokens is priced as one row of b x k, which on this CPU costs 1.3x to 1.5x less than the
-batch's verify pass, so at batch 4 to 16 the controller still drafts where AR is faster
-(results/drafting/README.md, controller-sweep-margin).
+A step that drafts g tokens costs the target's verify pass over ``b`` rows of ``verify(g)``
+tokens and the draft's passes (``Drafter.work``: a draft model's, or speculator heads' stages),
+priced by each one's pass-cost table (``CostTable``: ms against the rows of a pass and the tokens
+of each row, measured at a few batch sizes, since on a CPU b rows of k tokens cost more than one row
+of b x k; plus a cost per cached slot of every row: the cache's copy and the attention over it,
+which at a large batch of long rows outweigh the new tokens). It yields, per row, 1 + sum over
+levels l <= g of prod_{j <= l} beta_j tokens, beta_j the rate at which a row that reached level
+j - 1 also accepted level j (Leviathan et al.'s alpha when every beta is alike), counted over the
+steps so far (each step's counts decayed, so the rate follows the text). An AR step yields 1 token
+for the target's one-token pass. The controller takes the g with the most tokens per ms, a draft
+only where it expects more than ``MARGIN`` times AR's: a guard against the few per cent a table
+errs by between its points and as the machine drifts.
 
-Decisions read no clock: the curves are measured once per machine, model, dtype, device, thread
+Decisions read no clock: the tables are measured once per machine, model, dtype, device, thread
 count and cache, and kept in ``pass-costs.json`` under ``cache_dir()`` (``$BASS_CACHE_DIR``, by
 default ``~/.cache/bass-pp``), so a seeded run makes the same choices, and so the same tokens,
 every time on that machine. docs/speculate.md says more.
@@ -30,7 +28,7 @@ import os
 import platform
 import statistics
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,10 +41,11 @@ from .skinny import SKINNY_ROWS, linear_path
 from .utils import cache_dir, max_positions, model_device, now, vocab_size
 
 SPECULATE = ("auto", "always")      # auto: the controller; always: every step drafts what the schedule says
-GRID = tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, SKINNY_ROWS, SKINNY_ROWS + 1}))   # tokens per pass
-                                     # measured (beyond: extended from the last two); both sides of the skinny
-                                     # path's last row, where a pass's cost jumps (sampling.skinny)
-CURVE_FORMAT = 2                     # a kept curve of another format is measured again: bump it with the grid
+ROWS = (1, 2, 4, 8, 16, 32)           # batch rows measured (between: interpolated; beyond: extended)
+PER_ROW = (1, 2, 4, 8, 16, 32, 64, 128)  # tokens per row measured, up to MOST_TOKENS in a pass (beyond:
+MOST_TOKENS = 256                    # extended from the last two), with both sides of the skinny path's
+                                     # last row, where a pass's cost jumps (sampling.skinny)
+TABLE_FORMAT = 3                     # a kept table of another format is measured again: bump it with the grids
 MARGIN = 1.05                        # a step drafts only where it expects this many times AR's tokens per ms
 CONTEXT = 64                         # cached positions before a timed pass
 FAR = 1024                           # ... and before the pass that prices a cached slot (the model's limit if lower)
@@ -56,22 +55,43 @@ PROBE_AFTER = 16                     # AR steps before a probe (one draft) sees 
 
 @dataclass(frozen=True)
 class CostCurve:
-    """ms of one model's cached pass against the tokens it feeds (batch rows x tokens per row):
-    piecewise linear through the measured points (one row after CONTEXT cached positions), extended
-    beyond the last along the last segment; plus ``per_slot`` ms for each cached slot beyond those
-    CONTEXT (rows x cached positions: the cache's copy and the attention read every slot)."""
+    """ms of a pass against the tokens of each row, at one number of rows: piecewise linear through
+    the measured points, never falling (a point below the one before is noise), extended beyond the
+    last along the last segment."""
     tokens: tuple[int, ...]
     ms: tuple[float, ...]
-    per_slot: float = 0.0
 
-    def __call__(self, n: float, slots: float = CONTEXT) -> float:
+    def __call__(self, n: float) -> float:
         xs, ys = self.tokens, self.ms
-        extra = self.per_slot * max(0.0, slots - CONTEXT)
         if n <= xs[0] or len(xs) == 1:
-            return ys[0] + extra
+            return ys[0]
         k = next((i for i in range(1, len(xs)) if n <= xs[i]), len(xs) - 1)
         slope = max(0.0, (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1]))
-        return ys[k - 1] + slope * (n - xs[k - 1]) + extra
+        return ys[k - 1] + slope * (n - xs[k - 1])
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """ms of one model's cached pass of ``rows`` rows of ``k`` tokens each, after ``context`` cached
+    positions per row: a ``CostCurve`` over k at each measured number of rows (after CONTEXT
+    positions), linear in the rows between them and extended beyond the last two; plus ``per_slot``
+    ms for each cached slot beyond those CONTEXT (rows x positions: the cache's copy and the
+    attention read every slot). A table of one row count (a drafter source's pass, measured as one
+    row) prices r rows of k tokens as one row of r x k."""
+    rows: tuple[int, ...]
+    curves: tuple[CostCurve, ...]
+    per_slot: float = 0.0
+
+    def __call__(self, rows: int, k: float, context: float = CONTEXT) -> float:
+        extra = self.per_slot * rows * max(0.0, context - CONTEXT)
+        rs, curves = self.rows, self.curves
+        if len(rs) == 1:
+            return curves[0](rows * k / rs[0]) + extra
+        if rows <= rs[0]:
+            return curves[0](k) + extra
+        i = next((i for i in range(1, len(rs)) if rows <= rs[i]), len(rs) - 1)
+        lo, hi = curves[i - 1](k), curves[i](k)
+        return lo + max(0.0, hi - lo) * (rows - rs[i - 1]) / (rs[i] - rs[i - 1]) + extra
 
 
 def machine_key(model, cache: CacheSpec) -> str:
@@ -138,36 +158,59 @@ def cached_wrapper(model, batch: int, context: int, cache: CacheSpec, generator:
     return kv
 
 
-def measure_curve(model, cache: CacheSpec, grid: tuple[int, ...] = GRID, reps: int = 9) -> CostCurve:
-    """``model``'s pass cost at each point of ``grid``: one row of ``n`` tokens after CONTEXT cached
-    ones (a batch of b rows of k tokens feeds the same b x k through the same layers), and the cost
-    of a cached slot: a one-token pass after FAR cached positions against one after CONTEXT. Eager
-    on the cache's kind (compiling a graph for every point would cost minutes on a CPU: compiled
-    passes are priced at their eager cost)."""
+def per_row_grid(rows: int, limit: int | None = None) -> tuple[int, ...]:
+    """The tokens per row a table measures at ``rows`` rows: PER_ROW's up to MOST_TOKENS a pass (1 and
+    2 always), both sides of the skinny path's last row, and none past the model's ``limit`` of
+    positions after CONTEXT."""
+    ks = {k for k in PER_ROW if rows * k <= MOST_TOKENS} | {1, 2}
+    ks |= {SKINNY_ROWS // rows, SKINNY_ROWS // rows + 1} - {0}
+    return tuple(sorted(k for k in ks if limit is None or CONTEXT + k <= limit)) or (1,)
+
+
+def measure_curve(model, cache: CacheSpec, reps: int = 9) -> CostCurve:
+    """``model``'s pass cost at one row of each of ``per_row_grid(1)``'s tokens after CONTEXT cached
+    ones, the fastest of its rounds (as ``measure_table``)."""
+    return measure_table(model, cache, rows=(1,), reps=reps).curves[0]
+
+
+def measure_table(model, cache: CacheSpec, rows: tuple[int, ...] = ROWS, reps: int = 5) -> CostTable:
+    """``model``'s pass costs at each number of ``rows`` and its ``per_row_grid`` after CONTEXT cached
+    positions, and the cost of a cached slot: a one-token pass after FAR cached positions against
+    one after CONTEXT. Eager on the cache's kind (compiling a graph for every point would cost
+    minutes on a CPU: compiled passes are priced at their eager cost)."""
     limit = max_positions(model)
-    grid = tuple(n for n in grid if limit is None or CONTEXT + n <= limit) or grid[:1]
     far = max(CONTEXT, min(FAR, limit or FAR) - 1)
     gen = torch.Generator().manual_seed(0)
-    spec = CacheSpec(cache.kind, room=max(grid), lean=cache.lean)
-    kv = cached_wrapper(model, 1, CONTEXT, spec, gen)
-    kv_far = cached_wrapper(model, 1, far, replace(spec, room=1), gen)
+    grids = [per_row_grid(b, limit) for b in rows]
+    points = []
+    for b, ks in zip(rows, grids):
+        kv = cached_wrapper(model, b, CONTEXT, CacheSpec(cache.kind, room=max(ks), lean=cache.lean), gen)
+        points += [(kv, k) for k in ks]
+    kv_far = cached_wrapper(model, 1, far, CacheSpec(cache.kind, room=1, lean=cache.lean), gen)
     # the fastest of the rounds: the table is kept for good, and another process busy on the same
     # cores only ever slows a pass (a median taken on a busy machine priced drafting out of reach)
-    ms = time_passes([(kv, n) for n in grid] + [(kv_far, 1)], reps, gen, reduce=min)
-    per_slot = max(0.0, (ms[-1] - ms[0]) / (far - CONTEXT)) if far > CONTEXT else 0.0
-    return CostCurve(tuple(grid), tuple(ms[:-1]), per_slot)
+    ms = time_passes(points + [(kv_far, 1)], reps, gen, reduce=min)
+    one_row = ms[0] if rows[0] == 1 else None                             # rows[0]'s first point: 1 token
+    per_slot = max(0.0, (ms[-1] - one_row) / (far - CONTEXT)) if one_row is not None and far > CONTEXT else 0.0
+    curves, at = [], 0
+    for ks in grids:
+        curves.append(CostCurve(ks, tuple(ms[at:at + len(ks)])))
+        at += len(ks)
+    return CostTable(tuple(rows), tuple(curves), per_slot)
 
 
 @torch.inference_mode()
-def measure_source_curve(priced: PricedPass, grid: tuple[int, ...] = GRID, reps: int = 9) -> CostCurve:
-    """A drafter source's pass (``DrafterSource.priced_pass``) at each point of ``grid``: one row of
-    ``n`` tokens, the fastest of its rounds (as ``measure_curve``); it keeps no cache, so no slot is
-    priced."""
+def measure_source_table(priced: PricedPass, reps: int = 5) -> CostTable:
+    """A drafter source's pass (``DrafterSource.priced_pass``) at one row of each of
+    ``per_row_grid(1)``'s tokens, the fastest of its rounds (as ``measure_table``); it keeps no
+    cache, so no slot is priced."""
+    grid = per_row_grid(1)
+
     def timed(j: int) -> float:
         t0 = now(priced.device)
         priced.run(grid[j])
         return 1000 * (now(priced.device) - t0)
-    return CostCurve(tuple(grid), tuple(time_rounds(timed, len(grid), reps, reduce=min)))
+    return CostTable((1,), (CostCurve(grid, tuple(time_rounds(timed, len(grid), reps, reduce=min))),))
 
 
 def source_key(priced: PricedPass) -> str:
@@ -177,34 +220,36 @@ def source_key(priced: PricedPass) -> str:
     return f"{priced.name}|{d.type}|{device}|threads={torch.get_num_threads()}"
 
 
-_CURVES: dict[str, CostCurve] = {}      # this process's, read from or added to the file
+_TABLES: dict[str, CostTable] = {}      # this process's, read from or added to the file
 
 
-def pass_costs(model, cache: CacheSpec) -> CostCurve:
-    """``model``'s cost curve on this machine: from pass-costs.json, or measured now (a few seconds,
-    once per machine) and added to it."""
-    return kept_curve(machine_key(model, cache), lambda: measure_curve(model, cache))
+def pass_costs(model, cache: CacheSpec) -> CostTable:
+    """``model``'s cost table on this machine: from pass-costs.json, or measured now (10 to 30 s on
+    a CPU, once per machine) and added to it."""
+    return kept_table(machine_key(model, cache), lambda: measure_table(model, cache))
 
 
-def kept_curve(key: str, measure) -> CostCurve:
-    """The cost curve kept under ``key`` in pass-costs.json, or ``measure()`` now and added to it."""
-    if key in _CURVES:
-        return _CURVES[key]
+def kept_table(key: str, measure) -> CostTable:
+    """The cost table kept under ``key`` in pass-costs.json, or ``measure()`` now and added to it."""
+    if key in _TABLES:
+        return _TABLES[key]
     path = cache_dir() / "pass-costs.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    if table.get(key, {}).get("format") != CURVE_FORMAT:                  # new, or measured on another grid
-        curve = measure()
+    if table.get(key, {}).get("format") != TABLE_FORMAT:                  # new, or measured on other grids
+        costs = measure()
         table = json.loads(path.read_text()) if path.exists() else {}     # another process may have written
-        table[key] = dict(tokens=list(curve.tokens), ms=list(curve.ms), per_slot=curve.per_slot, format=CURVE_FORMAT)
+        table[key] = dict(rows=list(costs.rows), tokens=[list(c.tokens) for c in costs.curves],
+                          ms=[list(c.ms) for c in costs.curves], per_slot=costs.per_slot, format=TABLE_FORMAT)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         os.replace(f.name, path)                                          # whole, never half-written
         table = json.loads(path.read_text())      # what the file keeps (a process measuring beside this one may
                                                   # have written last), so that every later run reads the same
-    entry = table[key]
-    _CURVES[key] = CostCurve(tuple(entry["tokens"]), tuple(float(v) for v in entry["ms"]), float(entry["per_slot"]))
-    return _CURVES[key]
+    e = table[key]
+    curves = tuple(CostCurve(tuple(ks), tuple(float(v) for v in ms)) for ks, ms in zip(e["tokens"], e["ms"]))
+    _TABLES[key] = CostTable(tuple(e["rows"]), curves, float(e["per_slot"]))
+    return _TABLES[key]
 
 
 class Always:
@@ -221,15 +266,15 @@ class Always:
 class Controller:
     """The draft length of each step from pass costs and the acceptance so far (module docstring).
 
-    ``target``, ``draft``: the cost curves of the target's passes and the draft's (``draft`` None:
+    ``target``, ``draft``: the cost tables of the target's passes and the draft's (``draft`` None:
     the drafter runs no pass worth pricing); ``drafter``: its ``work(g)`` says what a step of g costs. The
     acceptance per level starts from ``prior`` (as if ``weight`` rows had been seen at that rate);
     each step's counts decay by ``decay``, and so does the prior's weight, so that drafts never
     accepted bring the rate to 0, not to a floor the prior would hold (where a verify pass costs
     about an AR step, a floor of a few per cent keeps a useless drafter drafting).
     """
-    target: CostCurve
-    draft: CostCurve | None
+    target: CostTable
+    draft: CostTable | None
     drafter: Drafter
     prior: float = 0.8
     weight: float = 2.0
@@ -260,10 +305,10 @@ class Controller:
 
     def step_ms(self, g: int, batch: int, context: int = CONTEXT) -> float:
         """Predicted ms of a step drafting g for ``batch`` rows of ``context`` cached positions."""
-        w, slots = self.drafter.work(g), batch * context
-        ms = self.target(batch * w.verify, slots)
+        w = self.drafter.work(g)
+        ms = self.target(batch, w.verify, context)
         if self.draft is not None:
-            ms += sum(self.draft(batch * t, slots) for t in w.draft)
+            ms += sum(self.draft(batch, t, context) for t in w.draft)
         return ms
 
     def best(self, most: int, batch: int, context: int = CONTEXT, assume: float | None = None) -> tuple[int, float]:
@@ -326,18 +371,18 @@ def draft_models(draft) -> list:
     return [draft[-1]] if isinstance(draft, (list, tuple)) else [draft]
 
 
-def cost_curves(target, draft, cache: CacheSpec) -> tuple[CostCurve, CostCurve | None]:
-    """The target's cost curve and the draft passes' (a draft model's, or a drafter source's own
+def cost_tables(target, draft, cache: CacheSpec) -> tuple[CostTable, CostTable | None]:
+    """The target's cost table and the draft passes' (a draft model's, or a drafter source's own
     pass: speculator heads' stages; None: nothing to price, an n-gram lookup), measured now where
     this machine's table lacks them: a tool calls it before it times anything."""
-    target_curve = pass_costs(target, cache.for_role("target"))
+    target_table = pass_costs(target, cache.for_role("target"))
     models = draft_models(draft)
     if models:
-        return target_curve, pass_costs(models[0], cache.for_role("draft"))
+        return target_table, pass_costs(models[0], cache.for_role("draft"))
     priced = draft.priced_pass() if isinstance(draft, DrafterSource) else None
     if priced is None:
-        return target_curve, None
-    return target_curve, kept_curve(source_key(priced), lambda: measure_source_curve(priced))
+        return target_table, None
+    return target_table, kept_table(source_key(priced), lambda: measure_source_table(priced))
 
 
 def make_controller(speculate: str, target, draft, drafter: Drafter, cache: CacheSpec):
@@ -347,7 +392,7 @@ def make_controller(speculate: str, target, draft, drafter: Drafter, cache: Cach
     if not callable(getattr(drafter, "work", None)):
         raise ValueError(f"{type(drafter).__name__} has no work(g) (sampling.contracts.Drafter), so the controller "
                          f"cannot price its steps: give it one, or pass speculate='always'")
-    return Controller(*cost_curves(target, draft, cache), drafter)
+    return Controller(*cost_tables(target, draft, cache), drafter)
 
 
 def check_speculate(speculate: str) -> None:

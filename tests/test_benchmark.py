@@ -549,3 +549,30 @@ def test_older_raw_files_read_as_what_they_ran():
     raw = upgrade_raw(pd.DataFrame(dict(mode=["ar", "google", "tree", "hf"], compile=["False", "draft", "True", "0"])))
     assert raw.speculate.tolist() == ["", "always", "always", ""]
     assert raw["compile"].tolist() == [False, "draft", True, False]
+
+
+def test_a_baseline_dtype_times_ar_beside_the_sweep(pair, capsys, tmp_path):
+    """--baseline_dtype: AR with the target in another dtype, interleaved with the sweep at each batch
+    size; every configuration's tokens/s over it in summary.csv and the console. Its AR is not the
+    sweep's own (speedup_vs_ar stays against AR in the sweep's dtype). A dtype the sweep runs in
+    already, or a sweep without ar, is refused."""
+    common = ["--dataset_path", FIXTURE, "--samples", "2", "--max_tokens", "4", "--repeats", "1", "--dtype", "float32",
+              "--target_model_name", pair["target"], "--approx_model_name", pair["draft"], "--batch_sizes", "1,2"]
+    code, out, err = cli(run_experiment, common + ["--modes", "ar,google,bass", "--baseline_dtype", "bfloat16",
+                                                   "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    raw = pd.read_csv(tmp_path / "b" / "raw.csv", keep_default_na=False)
+    assert sorted(set(zip(raw["mode"], raw["dtype"], raw["batch"]))) == [
+        ("ar", "", 1), ("ar", "", 2), ("ar", "bfloat16", 1), ("ar", "bfloat16", 2), ("bass", "", 1), ("bass", "", 2),
+        ("google", "", 1)]
+    s = pd.read_csv(tmp_path / "b" / "summary.csv", keep_default_na=False)
+    base = s[s["dtype"] == "bfloat16"].set_index("batch")
+    assert (base.speedup_vs_baseline == 1.0).all()
+    ar = s[(s["mode"] == "ar") & (s["dtype"] == "")].set_index("batch")
+    assert (ar.speedup_vs_ar == 1.0).all()
+    assert ar.speedup_vs_baseline.to_list() == pytest.approx((ar.throughput / base.throughput).to_list())
+    assert "vs baseline" in out and "ar bfloat16" in out
+    for extra, words in ((["--modes", "ar", "--baseline_dtype", "float32"], "is the sweep's own dtype"),
+                         (["--modes", "google", "--baseline_dtype", "bfloat16"], "add ar to --modes")):
+        code, out, err = cli(run_experiment, common + extra + ["--out", str(tmp_path / "x")], capsys)
+        assert code == 2 and words in err and len(err.splitlines()) == 1, err

@@ -12,7 +12,7 @@ from tiny import greedy_reference, left_padded_batch, noisy_copy, tiny_model
 from sampling import NgramDrafter, generate, new_speculator, speculative_bass, speculative_sampling
 from sampling.cache.spec import CacheSpec
 from sampling.contracts import StepWork
-from sampling.control import CONTEXT, PROBE_AFTER, Always, Controller, CostCurve, pass_costs
+from sampling.control import CONTEXT, PROBE_AFTER, Always, Controller, CostCurve, CostTable, pass_costs
 
 
 class Chain:
@@ -25,12 +25,16 @@ class Chain:
 ORIGINAL_STEP_MS = Controller.step_ms        # read at import, before any fixture patches it
 
 
+def linear(a: float, b: float, per_slot: float = 0.0) -> CostTable:
+    """a + b x tokens ms for a pass of rows x tokens (a table of one row count prices them so)."""
+    grid = (1, 2, 4, 8, 16, 32, 64, 128)
+    return CostTable((1,), (CostCurve(grid, tuple(a + b * n for n in grid)),), per_slot)
+
+
 def controller(monkeypatch, target=(10.0, 0.5), draft=(1.0, 0.05), **kw) -> Controller:
     """A controller on linear costs: target a + b x tokens, draft likewise (ms)."""
     monkeypatch.setattr(Controller, "step_ms", ORIGINAL_STEP_MS)
-    grid = (1, 2, 4, 8, 16, 32, 64, 128)
-    curve = lambda a, b: CostCurve(grid, tuple(a + b * n for n in grid))    # noqa: E731
-    return Controller(curve(*target), curve(*draft), Chain(), **kw)
+    return Controller(linear(*target), linear(*draft), Chain(), **kw)
 
 
 def test_cost_curve_interpolates_and_extends():
@@ -38,8 +42,40 @@ def test_cost_curve_interpolates_and_extends():
     assert c(1) == 10.0 and c(0.5) == 10.0 and c(3) == 12.5
     assert c(8) == 15.0                                   # the last segment, extended
     assert CostCurve((1, 2), (5.0, 4.0))(10) == 5.0       # never cheaper for more tokens (noise): flat
-    slots = CostCurve((1, 2, 4), (10.0, 12.0, 13.0), per_slot=0.01)
-    assert slots(3) == 12.5 and slots(3, CONTEXT + 100) == pytest.approx(13.5)   # the slots beyond the measured ones
+
+
+def test_cost_table_prices_rows_and_tokens_apart():
+    """Each measured row count has its curve over tokens per row; between two row counts the cost is
+    linear in the rows, beyond the last extended; a cached slot beyond CONTEXT costs per row."""
+    one, four = CostCurve((1, 5), (10.0, 12.0)), CostCurve((1, 5), (14.0, 30.0))
+    t = CostTable((1, 4), (one, four), per_slot=0.01)
+    assert t(1, 5) == 12.0 and t(4, 5) == 30.0            # 4 rows of 5: not one row of 20
+    assert t(2, 1) == pytest.approx(10.0 + 4.0 / 3) and t(7, 5) == pytest.approx(30.0 + 18.0)
+    assert t(2, 5, CONTEXT + 100) == pytest.approx(12.0 + 6.0 + 2.0)          # 2 rows x 100 slots x 0.01
+    source = CostTable((1,), (CostCurve((1, 8), (1.0, 8.0)),))
+    assert source(4, 2) == source(1, 8) == 8.0           # one row count: r rows of k as one row of r x k
+
+
+def test_a_batch_dearer_than_its_tokens_means_ar(monkeypatch):
+    """Drafting that pays when 4 rows of 5 tokens cost what one row of 20 does is an AR step when
+    the table measured 4 rows at 20 ms a token each (compute-bound: the pricing before drafted there)."""
+    c = controller(monkeypatch, target=(10.0, 0.1), draft=(1.0, 0.0))
+    for _ in range(20):
+        c.observe([3] * 4, [4] * 4)                       # 3 of every 4 drafts accepted
+    assert c.choose(4, 4) > 0
+    grid = (1, 2, 4, 8)
+    rows = lambda a, b: CostCurve(grid, tuple(a + b * n for n in grid))     # noqa: E731
+    monkeypatch.setattr(c, "target", CostTable((1, 4), (rows(10.0, 0.1), rows(0.0, 20.0))))
+    assert c.choose(4, 4) == 0 and c.choose(4, 1) > 0     # batch 4's verify pass is dear; batch 1's is not
+
+
+def test_the_grid_straddles_the_skinny_path_and_the_model_limit():
+    from sampling.control import MOST_TOKENS, per_row_grid
+    from sampling.skinny import SKINNY_ROWS
+    assert {SKINNY_ROWS, SKINNY_ROWS + 1} <= set(per_row_grid(1))
+    assert {SKINNY_ROWS // 8, SKINNY_ROWS // 8 + 1} <= set(per_row_grid(8))
+    assert max(per_row_grid(32)) * 32 <= MOST_TOKENS and per_row_grid(64)[:2] == (1, 2)
+    assert max(per_row_grid(1, limit=CONTEXT + 10)) <= 10
 
 
 def test_long_cached_rows_make_drafting_pay(monkeypatch):
@@ -49,7 +85,7 @@ def test_long_cached_rows_make_drafting_pay(monkeypatch):
     for _ in range(20):
         c.observe([4] * 32, [4] * 32)                     # every draft accepted
     assert c.choose(4, 32) == 0                           # 32 rows of CONTEXT slots: the tokens decide
-    monkeypatch.setattr(c, "target", CostCurve(c.target.tokens, c.target.ms, per_slot=0.05))
+    monkeypatch.setattr(c, "target", CostTable(c.target.rows, c.target.curves, per_slot=0.05))
     assert c.choose(4, 32, 1000) == 4                     # 32 rows of 1000: the slots decide
 
 
@@ -107,15 +143,16 @@ def test_pass_costs_are_measured_once_and_kept(monkeypatch, tmp_path):
     """The table is written whole under $BASS_CACHE_DIR and read back, not measured again."""
     from sampling import control
     monkeypatch.setenv("BASS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(control, "_CURVES", {})
+    monkeypatch.setattr(control, "_TABLES", {})
     model = tiny_model("llama", seed=0, dtype=torch.float32)
-    curve = pass_costs(model, CacheSpec())
+    costs = pass_costs(model, CacheSpec())
     table = json.loads((tmp_path / "pass-costs.json").read_text())
-    assert len(table) == 1 and list(curve.tokens) == next(iter(table.values()))["tokens"]
-    assert all(ms > 0 for ms in curve.ms)
-    monkeypatch.setattr(control, "_CURVES", {})
-    monkeypatch.setattr(control, "measure_curve", lambda *a, **k: pytest.fail("measured again"))
-    assert pass_costs(model, CacheSpec()) == curve
+    assert costs.rows == control.ROWS and len(costs.curves) == len(control.ROWS)
+    assert len(table) == 1 and [list(c.tokens) for c in costs.curves] == next(iter(table.values()))["tokens"]
+    assert all(ms > 0 for c in costs.curves for ms in c.ms)
+    monkeypatch.setattr(control, "_TABLES", {})
+    monkeypatch.setattr(control, "measure_table", lambda *a, **k: pytest.fail("measured again"))
+    assert pass_costs(model, CacheSpec()) == costs
 
 
 def test_the_heads_stages_are_priced_and_the_ngram_lookup_is_not(monkeypatch, tmp_path):
@@ -123,13 +160,14 @@ def test_the_heads_stages_are_priced_and_the_ngram_lookup_is_not(monkeypatch, tm
     from their own curve (kept in the table beside the models'), level by level as wide as each."""
     from sampling import control
     monkeypatch.setenv("BASS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(control, "_CURVES", {})
+    monkeypatch.setattr(control, "_TABLES", {})
     target = tiny_model("llama", seed=0, dtype=torch.float32)
     heads = new_speculator(target, "mlp", 3, seed=5)
-    _, stages = control.cost_curves(target, heads, CacheSpec())
-    assert stages is not None and stages.per_slot == 0 and all(ms > 0 for ms in stages.ms)
+    _, stages = control.cost_tables(target, heads, CacheSpec())
+    assert stages is not None and stages.per_slot == 0 and stages.rows == (1,)
+    assert all(ms > 0 for ms in stages.curves[0].ms)
     assert len(json.loads((tmp_path / "pass-costs.json").read_text())) == 2     # the target's and the heads'
-    assert control.cost_curves(target, NgramDrafter(), CacheSpec())[1] is None
+    assert control.cost_tables(target, NgramDrafter(), CacheSpec())[1] is None
     from sampling.params import SamplingParams
     chain = heads.drafter(SamplingParams(temperature=1.0), None)
     assert chain.work(3) == StepWork((1, 1, 1), 4)
@@ -233,13 +271,14 @@ def test_a_draft_must_promise_the_margin_over_ar(monkeypatch):
     assert c.best(1, 1, assume=0.2) == (0, pytest.approx(0.1))   # 1.043x: AR, at AR's rate
 
 
-def test_a_kept_curve_of_another_format_is_measured_again(tmp_path, monkeypatch):
+def test_a_kept_table_of_another_format_is_measured_again(tmp_path, monkeypatch):
     from sampling import control
     monkeypatch.setenv("BASS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(control, "_CURVES", {})
-    (tmp_path / "pass-costs.json").write_text(json.dumps({"k": dict(tokens=[1, 2], ms=[5.0, 6.0], per_slot=0.0)}))
-    fresh = CostCurve((1, 2), (7.0, 8.0))
-    assert control.kept_curve("k", lambda: fresh) == fresh                 # the old grid's entry: measured again
-    assert json.loads((tmp_path / "pass-costs.json").read_text())["k"]["format"] == control.CURVE_FORMAT
-    monkeypatch.setattr(control, "_CURVES", {})
-    assert control.kept_curve("k", lambda: CostCurve((1,), (1.0,))) == fresh   # now kept: read, not measured
+    monkeypatch.setattr(control, "_TABLES", {})
+    old = dict(tokens=[1, 2], ms=[5.0, 6.0], per_slot=0.0, format=2)          # one row's curve, the format before
+    (tmp_path / "pass-costs.json").write_text(json.dumps({"k": old}))
+    fresh = CostTable((1, 2), (CostCurve((1, 2), (7.0, 8.0)), CostCurve((1,), (9.0,))), 0.5)
+    assert control.kept_table("k", lambda: fresh) == fresh                 # the old format's entry: measured again
+    assert json.loads((tmp_path / "pass-costs.json").read_text())["k"]["format"] == control.TABLE_FORMAT
+    monkeypatch.setattr(control, "_TABLES", {})
+    assert control.kept_table("k", lambda: pytest.fail("measured again")) == fresh   # now kept: read back whole

@@ -345,7 +345,8 @@ def test_an_exception_in_a_batch_fails_only_the_request_that_causes_it(monkeypat
     tokens."""
     from sampling import control
     # the controller's pricing passes feed random tokens: priced flat here, so no pass but the requests' runs
-    monkeypatch.setattr(control, "pass_costs", lambda model, cache: control.CostCurve((1,), (1.0,), 0.0))
+    flat = control.CostTable((1,), (control.CostCurve((1,), (1.0,)),))
+    monkeypatch.setattr(control, "pass_costs", lambda model, cache: flat)
     tok, target, draft, sched = scheduler_pair("bass")
     prompts = PROMPTS[:2] + ["Speculative decoding drafts"] + PROMPTS[3:]
     marker = tok(prompts[2])["input_ids"][0]

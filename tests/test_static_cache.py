@@ -135,7 +135,8 @@ def test_a_model_split_over_gpus_keeps_its_static_slots_per_layer(run, monkeypat
     assert spans_devices(target)
     from sampling import control
     # the map is emulated: its passes cannot be timed
-    monkeypatch.setattr(control, "pass_costs", lambda model, cache: control.CostCurve((1,), (1.0,), 0.0))
+    flat = control.CostTable((1,), (control.CostCurve((1,), (1.0,)),))
+    monkeypatch.setattr(control, "pass_costs", lambda model, cache: flat)
     made = []
     init = SlotCache.__init__
     monkeypatch.setattr(SlotCache, "__init__", lambda self, *a: made.append(1) or init(self, *a))
