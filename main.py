@@ -29,6 +29,7 @@ from sampling.app.cli import (
     schedule_of,
     takes_draft,
 )
+from sampling.app.models import resolve_device, resolve_dtype
 from sampling.app.strict_json import dumps
 from sampling.cache.spec import CacheSpec
 from sampling.control import cost_tables
@@ -45,8 +46,8 @@ def parse(argv=None):
     add_model_args(ap, placement=True)
     ap.add_argument("--mode", default=None, choices=MODES,
                     help=f"decoding mode (default: the fastest measured on the embedded pair at the temperature "
-                         f"asked: {DEFAULTS.main_mode} greedy with the draft model, {DEFAULTS.main_chain_mode} "
-                         f"otherwise)")
+                         f"asked: {DEFAULTS.main_mode} greedy with the draft model ({DEFAULTS.main_mode_bfloat16} in "
+                         f"bfloat16), {DEFAULTS.main_chain_mode} otherwise)")
     ap.add_argument("--bass", action="store_true", help="shorthand for --mode bass")
     ap.add_argument("--batch", type=int, default=1,
                     help="batch size; fewer prompts than this are repeated to fill one batch")
@@ -71,7 +72,8 @@ def parse(argv=None):
     check_speculator_flag(args.speculator, [parse_drafts(args.draft)[0]])
     args.draft = parse_drafts(args.draft)[0]
     if args.mode is None:                                  # the fastest mode measured for this drafter
-        args.mode = default_main_mode(args.temperature, args.draft)
+        dtype = resolve_dtype(args.dtype, resolve_device(args.device))   # the models' (auto: this machine's)
+        args.mode = default_main_mode(args.temperature, args.draft, dtype)
     if not args.input or any(not p.strip() for p in args.input):
         raise ValueError("empty prompt: give a non-empty --input")
     check_at_least_one(args, "batch", "repeats")

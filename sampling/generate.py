@@ -23,9 +23,13 @@ __all__ = ["DEFAULTS", "FINISHED_ROWS", "MODES", "Defaults", "GenerationResult",
 class Defaults:
     """The one home of every generation default (the CLIs and the benchmarks read theirs from here)."""
     mode: str = "google"          # generate(): ar | google | deepmind | bass | tree
-    main_mode: str = "google"     # main.py, greedy with the draft model: the fastest lossless configuration at
-                                  # batch 1 on the embedded pair (results/drafting: the chain 1.68x and 1.67x AR,
-                                  # the tree 1.55x and 1.58x, in two processes, since a draft pass costs 0.14)
+    main_mode: str = "google"     # main.py, greedy with the draft model, float32: the fastest lossless configuration
+                                  # at batch 1 on the embedded pair (results/drafting: the chain 1.68x and 1.67x
+                                  # AR, the tree 1.55x and 1.58x, in two processes on the earlier CPU; 1.66x
+                                  # against 1.58x on today's)
+    main_mode_bfloat16: str = "tree"   # ... in bfloat16 (--dtype auto on a CPU with it natively): there the verify
+                                       # pass costs 1.13 target steps, not 0.86, and the tree's 3.4 tokens a pass
+                                       # win (results/drafting/native-bfloat16: 1.54x, 1.52x against 1.39x, 1.38x)
     main_chain_mode: str = "google"   # main.py otherwise: sampling (the draft model's chain beats its tree there),
                                       # heads (their trees lose to their chain), n-gram (chains only)
     draft: str = "model"          # what drafts (the CLIs): model | ngram | mlp | medusa (sampling.app.cli.DRAFTS)
@@ -51,11 +55,14 @@ class Defaults:
 DEFAULTS = Defaults()
 
 
-def default_main_mode(temperature: float, draft: str = "model") -> str:
+def default_main_mode(temperature: float, draft: str = "model", dtype: torch.dtype | None = None) -> str:
     """main.py's mode when none is asked: the fastest measured on the embedded pair at this
-    temperature (0: greedy) with this drafter (``DEFAULTS.draft``'s kinds): ``main_mode`` greedy with
-    the draft model, ``main_chain_mode`` otherwise; today both the chain (results/drafting)."""
-    return DEFAULTS.main_mode if temperature == 0 and draft == "model" else DEFAULTS.main_chain_mode
+    temperature (0: greedy) with this drafter (``DEFAULTS.draft``'s kinds) in this dtype (the
+    models'): greedy with the draft model ``main_mode_bfloat16`` in bfloat16, ``main_mode`` in any
+    other; ``main_chain_mode`` otherwise (results/drafting)."""
+    if temperature == 0 and draft == "model":
+        return DEFAULTS.main_mode_bfloat16 if dtype == torch.bfloat16 else DEFAULTS.main_mode
+    return DEFAULTS.main_chain_mode
 
 
 def default_tree(draft) -> str:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tiny import save_tiny_pair
 
 import main as main_cli
@@ -166,7 +167,8 @@ def test_help_shows_every_default(capsys):
     from sampling import DEFAULTS
     for text in ("--max_tokens MAX_TOKENS new tokens per prompt (default: 20)",
                  "decoding mode (default: the fastest measured on the embedded pair at the temperature asked: "
-                 f"{DEFAULTS.main_mode} greedy with the draft model, {DEFAULTS.main_chain_mode} otherwise)",
+                 f"{DEFAULTS.main_mode} greedy with the draft model ({DEFAULTS.main_mode_bfloat16} in bfloat16), "
+                 f"{DEFAULTS.main_chain_mode} otherwise)",
                  "(default 4 for constant, 7 for bass/aimd)", "--repeats REPEATS", "(default: 3)"):
         assert text in out, text
 
@@ -183,7 +185,9 @@ def test_defaults_live_in_one_place():
     assert sig["mode"].default == DEFAULTS.mode
     sampled = main_cli.parse(["--input", "x"]).mode
     assert sampled == default_main_mode(DEFAULTS.temperature) == DEFAULTS.main_chain_mode
-    assert main_cli.parse(["--input", "x", "--temperature", "0"]).mode == DEFAULTS.main_mode
+    assert main_cli.parse(["--input", "x", "--temperature", "0", "--dtype", "float32"]).mode == DEFAULTS.main_mode
+    greedy_bf16 = main_cli.parse(["--input", "x", "--temperature", "0", "--dtype", "bfloat16"]).mode
+    assert greedy_bf16 == default_main_mode(0, "model", torch.bfloat16) == DEFAULTS.main_mode_bfloat16
     for draft in ("ngram", "mlp", "medusa"):                  # chains: n-gram drafts no tree; heads' trees lose
         assert main_cli.parse(["--input", "x", "--temperature", "0", "--draft", draft]).mode == DEFAULTS.main_chain_mode
     for name, flag in (("max_new_tokens", "max_tokens"), ("top_k", "top_k"), ("top_p", "top_p"),

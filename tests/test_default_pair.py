@@ -19,7 +19,8 @@ PROMPTS = ["The quick brown fox",
 def pair():
     assert is_int8_folder(DEFAULT_TARGET), "the embedded target (int8) is missing from models/"
     tok = load_tokenizer(None)
-    return load_model(None, "target", "cpu"), load_model(None, "draft", "cpu"), tok
+    # float32, where the greedy equality is exact (--dtype auto picks bfloat16 on a CPU with it natively)
+    return load_model(None, "target", "cpu", "float32"), load_model(None, "draft", "cpu", "float32"), tok
 
 
 def test_pair_shares_a_vocabulary_and_loads_as_float32(pair):
@@ -52,7 +53,7 @@ def test_main_runs_offline_on_the_default_pair(pair):
     ids, mask = pad_left([tok(prompt)["input_ids"]], tok.pad_token_id)
     ar = generate(target, ids, mask, mode="ar", max_new_tokens=12, temperature=0, eos_token_id=tok.eos_token_id)
     assert proc.stdout.rstrip("\n") == prompt + tok.decode(ar.tokens[0])
-    assert f"[{DEFAULTS.main_mode}] " in proc.stderr
+    assert f"[{DEFAULTS.main_mode}] " in proc.stderr                  # float32: the chain
 
 
 @pytest.mark.parametrize("kind", ("mlp", "medusa"))
