@@ -147,8 +147,9 @@ def replot(folder: str) -> list[str]:
     summary = pd.read_csv(os.path.join(folder, "summary.csv"), keep_default_na=False, na_values=[""])
     raw = upgrade_raw(pd.read_csv(os.path.join(folder, "raw.csv"), keep_default_na=False, na_values=[""]))
     for col, default in (("draft", "model"), ("tree", ""), ("kv_cache", "dynamic"), ("press", ""),
-                         ("speculate", "always")):
-        summary[col] = summary[col].fillna(default) if col in summary else default     # older files lack it
+                         ("speculate", "always"), ("dtype", "")):
+        # an empty cell reads back as NaN: "" (ar drafts nothing); an older file without the column ran the default
+        summary[col] = summary[col].astype(object).where(summary[col].notna(), "") if col in summary else default
     return plot_all(summary, raw, folder)
 
 
@@ -162,7 +163,9 @@ def markdown_table(summary: pd.DataFrame) -> str:
     lines = []
     nan = float("nan")
     for temp, part in summary.groupby("temperature"):
-        base = part[part["mode"] == "ar"].sort_values(["batch", "sort_batch"])
+        own = part["dtype"].fillna("") == "" if "dtype" in part else True   # not --baseline_dtype's ar
+        base = part[(part["mode"] == "ar") & own].sort_values(["batch", "sort_batch"])
+        versus = "speedup_vs_baseline" in part                            # run_experiment --baseline_dtype
         if base.empty:
             tput = lat = float("nan")
             lines.append(f"\n**temperature {temp:g}** (no ar configuration: the gain columns are empty)\n")
@@ -174,8 +177,10 @@ def markdown_table(summary: pd.DataFrame) -> str:
                   " | acceptance | alpha | tokens / target call | speedup vs ar, same batch"
                   " | that speedup per round, lowest-highest | decode-phase tok/s"
                   " | decode speedup vs ar | predicted (Leviathan)"
-                  " | efficiency | predicted with verify cost | efficiency (verify-aware) |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  " | efficiency | predicted with verify cost | efficiency (verify-aware) |"
+                  + (" speedup vs the baseline dtype's ar, same batch |" if versus else ""),
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                  + ("---:|" if versus else "")]
         order = [k for k in ("mode", "draft", "batch", "gamma", "gamma_schedule", "sort_batch", "finished_rows")
                  if k in part]
         for _, r in part.sort_values(order).iterrows():
@@ -183,7 +188,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
                 f"{r.gamma}" + ("" if r.gamma_schedule == "constant" else f" {r.gamma_schedule}")
             name = r["mode"] + (f" {r.draft}" if r.get("draft") not in (None, "", "model") else "") + \
                 (f" {r.tree}" if r.get("tree") else "") + (" sorted" if r.sort_batch else "") + \
-                (" masked" if r.get("finished_rows") == "mask" else "") + cache_label(r)
+                (" masked" if r.get("finished_rows") == "mask" else "") + cache_label(r) + \
+                (f" {r['dtype']}" if isinstance(r.get("dtype"), str) and r["dtype"] else "")
             lines.append(f"| {name} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {f(r.throughput / tput, '.2f', 'x')} | {r.latency_ms:.1f} | "
                          f"{f(r.latency_ms / lat, '.2f', 'x')} | {f(r.acceptance_rate, '.3f')} | {f(r.alpha, '.3f')} | "
@@ -193,7 +199,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
                          f"{f(r.get('predicted_speedup', float('nan')), '.2f')} | "
                          f"{f(r.get('efficiency', float('nan')), '.2f')} | "
                          f"{f(r.get('predicted_verify', float('nan')), '.2f')} | "
-                         f"{f(r.get('efficiency_verify', float('nan')), '.2f')} |")
+                         f"{f(r.get('efficiency_verify', float('nan')), '.2f')} |"
+                         + (f" {f(r.speedup_vs_baseline, '.2f')} |" if versus else ""))
     return "\n".join(lines) + "\n"
 
 

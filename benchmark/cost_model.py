@@ -264,11 +264,12 @@ def predict_batch(rows: pd.DataFrame, target: PassCost, draft: PassCost | None) 
 
 
 def modeled(raw: pd.DataFrame, kv_cache: str) -> pd.DataFrame:
-    """The rows of a sweep the model can replay: ar or the draft model, eager, with this cache."""
+    """The rows of a sweep the model can replay: ar or the draft model, eager, with this cache, in the
+    sweep's dtype (not run_experiment --baseline_dtype's ar)."""
     from .metrics import upgrade_raw
     raw = upgrade_raw(raw)
     return raw[raw["draft"].isin(MODELED_DRAFTS) & ~raw["mode"].str.startswith("hf") & (raw.kv_cache == kv_cache)
-               & ~raw["compile"].astype(str).isin(["True", "true", "1", "draft"])]
+               & ~raw["compile"].astype(str).isin(["True", "true", "1", "draft"]) & (raw["dtype"] == "")]
 
 
 CALIBRATION_KEY = ["mode", "batch", "tree"]     # the host work per loop iteration is calibrated per these

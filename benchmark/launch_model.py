@@ -50,7 +50,7 @@ def decode_passes(raw: pd.DataFrame) -> pd.DataFrame:
     a speculative loop, all but each row's first for AR)."""
     raw = upgrade_raw(raw)
     raw = raw[(raw.temperature == 0) & ~raw["compile"].astype(str).isin(["True", "true", "1", "draft"])
-              & ~raw["mode"].str.startswith("hf")]
+              & ~raw["mode"].str.startswith("hf") & (raw["dtype"] == "")]       # (--baseline_dtype's ar: another dtype)
     raw = raw.assign(draft=raw["draft"].where(raw["mode"] != "ar", ""),
                      gamma=raw.gamma.where(~raw["mode"].isin(["ar", "tree"]), 0).astype(int),
                      tree=raw["tree"].where(raw["mode"] == "tree", ""))

@@ -53,45 +53,48 @@ PROBE_AFTER = 16                     # AR steps before a probe (one draft) sees 
                                      # after each probe that does not bring drafting back
 
 
+def through(xs: tuple[float, ...], ys: tuple[float, ...], x: float) -> float:
+    """y at ``x`` on the line through the measured points (xs ascending): flat before the first, along
+    the last segment beyond the last, never falling there (the last two points may differ by noise
+    alone). Between points a measured fall is kept: a float32 pass of 2 tokens on the skinny path
+    costs less than one of 1 token (``sampling.skinny``)."""
+    if x <= xs[0] or len(xs) == 1:
+        return ys[0]
+    k = next((i for i in range(1, len(xs)) if x <= xs[i]), len(xs) - 1)
+    slope = (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1])
+    if x > xs[k]:                                                         # beyond the last point
+        return ys[k] + max(0.0, slope) * (x - xs[k])
+    return ys[k - 1] + slope * (x - xs[k - 1])
+
+
 @dataclass(frozen=True)
 class CostCurve:
-    """ms of a pass against the tokens of each row, at one number of rows: piecewise linear through
-    the measured points, never falling (a point below the one before is noise), extended beyond the
-    last along the last segment."""
+    """ms of a pass against the tokens of each row, at one number of rows: through the measured
+    points (``through``)."""
     tokens: tuple[int, ...]
     ms: tuple[float, ...]
 
     def __call__(self, n: float) -> float:
-        xs, ys = self.tokens, self.ms
-        if n <= xs[0] or len(xs) == 1:
-            return ys[0]
-        k = next((i for i in range(1, len(xs)) if n <= xs[i]), len(xs) - 1)
-        slope = max(0.0, (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1]))
-        return ys[k - 1] + slope * (n - xs[k - 1])
+        return through(self.tokens, self.ms, n)
 
 
 @dataclass(frozen=True)
 class CostTable:
     """ms of one model's cached pass of ``rows`` rows of ``k`` tokens each, after ``context`` cached
     positions per row: a ``CostCurve`` over k at each measured number of rows (after CONTEXT
-    positions), linear in the rows between them and extended beyond the last two; plus ``per_slot``
-    ms for each cached slot beyond those CONTEXT (rows x positions: the cache's copy and the
-    attention read every slot). A table of one row count (a drafter source's pass, measured as one
-    row) prices r rows of k tokens as one row of r x k."""
+    positions), through them in the rows (``through``); plus ``per_slot`` ms for each cached slot
+    beyond those CONTEXT (rows x positions: the cache's copy and the attention read every slot). A
+    table of one row count (a drafter source's pass, measured as one row) prices r rows of k tokens
+    as one row of r x k."""
     rows: tuple[int, ...]
     curves: tuple[CostCurve, ...]
     per_slot: float = 0.0
 
     def __call__(self, rows: int, k: float, context: float = CONTEXT) -> float:
         extra = self.per_slot * rows * max(0.0, context - CONTEXT)
-        rs, curves = self.rows, self.curves
-        if len(rs) == 1:
-            return curves[0](rows * k / rs[0]) + extra
-        if rows <= rs[0]:
-            return curves[0](k) + extra
-        i = next((i for i in range(1, len(rs)) if rows <= rs[i]), len(rs) - 1)
-        lo, hi = curves[i - 1](k), curves[i](k)
-        return lo + max(0.0, hi - lo) * (rows - rs[i - 1]) / (rs[i] - rs[i - 1]) + extra
+        if len(self.rows) == 1:
+            return self.curves[0](rows * k / self.rows[0]) + extra
+        return through(self.rows, tuple(c(k) for c in self.curves), rows) + extra
 
 
 def machine_key(model, cache: CacheSpec) -> str:
@@ -178,6 +181,8 @@ def measure_table(model, cache: CacheSpec, rows: tuple[int, ...] = ROWS, reps: i
     positions, and the cost of a cached slot: a one-token pass after FAR cached positions against
     one after CONTEXT. Eager on the cache's kind (compiling a graph for every point would cost
     minutes on a CPU: compiled passes are priced at their eager cost)."""
+    if rows[0] != 1:
+        raise ValueError(f"a cost table's rows start at 1 (its slot cost is a one-row pass's), got {rows}")
     limit = max_positions(model)
     far = max(CONTEXT, min(FAR, limit or FAR) - 1)
     gen = torch.Generator().manual_seed(0)
@@ -190,8 +195,7 @@ def measure_table(model, cache: CacheSpec, rows: tuple[int, ...] = ROWS, reps: i
     # the fastest of the rounds: the table is kept for good, and another process busy on the same
     # cores only ever slows a pass (a median taken on a busy machine priced drafting out of reach)
     ms = time_passes(points + [(kv_far, 1)], reps, gen, reduce=min)
-    one_row = ms[0] if rows[0] == 1 else None                             # rows[0]'s first point: 1 token
-    per_slot = max(0.0, (ms[-1] - one_row) / (far - CONTEXT)) if one_row is not None and far > CONTEXT else 0.0
+    per_slot = max(0.0, (ms[-1] - ms[0]) / (far - CONTEXT)) if far > CONTEXT else 0.0   # ms[0]: 1 row, 1 token
     curves, at = [], 0
     for ks in grids:
         curves.append(CostCurve(ks, tuple(ms[at:at + len(ks)])))

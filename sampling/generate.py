@@ -28,8 +28,8 @@ class Defaults:
                                   # AR, the tree 1.55x and 1.58x, in two processes on the earlier CPU; 1.66x
                                   # against 1.58x on today's)
     main_mode_bfloat16: str = "tree"   # ... in bfloat16 (--dtype auto on a CPU with it natively): there the verify
-                                       # pass costs 1.13 target steps, not 0.86, and the tree's 3.4 tokens a pass
-                                       # win (results/drafting/native-bfloat16: 1.54x, 1.52x against 1.39x, 1.38x)
+                                       # pass costs 1.09 target steps, not 0.82, and the tree's 3.4 tokens a pass
+                                       # win (results/drafting/native-bfloat16: 1.53x, 1.51x against 1.41x, 1.37x)
     main_chain_mode: str = "google"   # main.py otherwise: sampling (the draft model's chain beats its tree there),
                                       # heads (their trees lose to their chain), n-gram (chains only)
     draft: str = "model"          # what drafts (the CLIs): model | ngram | mlp | medusa (sampling.app.cli.DRAFTS)

@@ -572,6 +572,12 @@ def test_a_baseline_dtype_times_ar_beside_the_sweep(pair, capsys, tmp_path):
     assert (ar.speedup_vs_ar == 1.0).all()
     assert ar.speedup_vs_baseline.to_list() == pytest.approx((ar.throughput / base.throughput).to_list())
     assert "vs baseline" in out and "ar bfloat16" in out
+    table = (tmp_path / "b" / "table.md").read_text()
+    assert "| ar bfloat16 | 1 |" in table and "speedup vs the baseline dtype's ar" in table
+    own = ar.loc[1, "throughput"] if ar.index.is_unique else None
+    assert own is not None and f"(baseline: ar at batch 1, {own:.1f} tokens/s" in table   # the sweep's own dtype's
+    from benchmark.analyzer import replot
+    assert replot(str(tmp_path / "b"))                               # an empty dtype reads back as the sweep's
     for extra, words in ((["--modes", "ar", "--baseline_dtype", "float32"], "is the sweep's own dtype"),
                          (["--modes", "google", "--baseline_dtype", "bfloat16"], "add ar to --modes")):
         code, out, err = cli(run_experiment, common + extra + ["--out", str(tmp_path / "x")], capsys)

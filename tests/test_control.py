@@ -41,7 +41,9 @@ def test_cost_curve_interpolates_and_extends():
     c = CostCurve((1, 2, 4), (10.0, 12.0, 13.0))
     assert c(1) == 10.0 and c(0.5) == 10.0 and c(3) == 12.5
     assert c(8) == 15.0                                   # the last segment, extended
-    assert CostCurve((1, 2), (5.0, 4.0))(10) == 5.0       # never cheaper for more tokens (noise): flat
+    assert CostCurve((1, 2), (5.0, 4.0))(10) == 4.0       # beyond the last point never cheaper: flat
+    skinny = CostCurve((1, 2, 4), (14.4, 8.2, 9.0))       # float32: 2 tokens on the skinny path, 1 not
+    assert skinny(2) == 8.2 and skinny(1.5) == pytest.approx(11.3) and skinny(1) == 14.4   # the points kept
 
 
 def test_cost_table_prices_rows_and_tokens_apart():
@@ -52,6 +54,8 @@ def test_cost_table_prices_rows_and_tokens_apart():
     assert t(1, 5) == 12.0 and t(4, 5) == 30.0            # 4 rows of 5: not one row of 20
     assert t(2, 1) == pytest.approx(10.0 + 4.0 / 3) and t(7, 5) == pytest.approx(30.0 + 18.0)
     assert t(2, 5, CONTEXT + 100) == pytest.approx(12.0 + 6.0 + 2.0)          # 2 rows x 100 slots x 0.01
+    fall = CostTable((1, 2, 4), (CostCurve((1,), (14.4,)), CostCurve((1,), (7.7,)), CostCurve((1,), (9.0,))))
+    assert fall(2, 1) == 7.7 and fall(3, 1) == pytest.approx(8.35)   # a measured row count's own cost
     source = CostTable((1,), (CostCurve((1, 8), (1.0, 8.0)),))
     assert source(4, 2) == source(1, 8) == 8.0           # one row count: r rows of k as one row of r x k
 
