@@ -163,7 +163,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
     lines = []
     nan = float("nan")
     for temp, part in summary.groupby("temperature"):
-        own = part["dtype"].fillna("") == "" if "dtype" in part else True   # not --baseline_dtype's ar
+        own = part["dtype"] == ""                                         # not --baseline_dtype's ar
         base = part[(part["mode"] == "ar") & own].sort_values(["batch", "sort_batch"])
         versus = "speedup_vs_baseline" in part                            # run_experiment --baseline_dtype
         if base.empty:
@@ -189,7 +189,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
             name = r["mode"] + (f" {r.draft}" if r.get("draft") not in (None, "", "model") else "") + \
                 (f" {r.tree}" if r.get("tree") else "") + (" sorted" if r.sort_batch else "") + \
                 (" masked" if r.get("finished_rows") == "mask" else "") + cache_label(r) + \
-                (f" {r['dtype']}" if isinstance(r.get("dtype"), str) and r["dtype"] else "")
+                (f" {r['dtype']}" if r["dtype"] else "")
             lines.append(f"| {name} | {r.batch} | {gamma} | "
                          f"{r.throughput:.1f} | {f(r.throughput / tput, '.2f', 'x')} | {r.latency_ms:.1f} | "
                          f"{f(r.latency_ms / lat, '.2f', 'x')} | {f(r.acceptance_rate, '.3f')} | {f(r.alpha, '.3f')} | "

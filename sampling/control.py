@@ -323,16 +323,18 @@ class Controller:
             ms += sum(self.draft(batch, t, context) for t in w.draft)
         return ms
 
-    def best(self, most: int, batch: int, context: int = CONTEXT, assume: float | None = None) -> tuple[int, float]:
+    def best(self, most: int, batch: int, context: int = CONTEXT, assume: float | None = None,
+             costs: list[float] | None = None) -> tuple[int, float]:
         """The g in [0, most] with the most expected tokens per ms, a g > 0 only where that is more than
-        ``MARGIN`` times AR's, and that rate."""
-        ar = 1.0 / self.step_ms(0, batch, context)
+        ``MARGIN`` times AR's, and that rate. ``costs``: ``step_ms`` of g = 0 .. most, if priced already."""
+        costs = costs or [self.step_ms(g, batch, context) for g in range(most + 1)]
+        ar = 1.0 / costs[0]
         best_g, best = 0, ar * MARGIN
         expected, run = 1.0, 1.0
         for g, beta in enumerate(self.rates(most, assume), start=1):
             run *= beta
             expected += run                                               # tokens a row expects from g drafts
-            rate = expected / self.step_ms(g, batch, context)
+            rate = expected / costs[g]
             if rate > best:
                 best_g, best = g, rate
         return best_g, best if best_g else ar
@@ -342,11 +344,12 @@ class Controller:
         ``most``."""
         if most <= 0:
             return most
-        if not self.best(most, batch, context, assume=1.0)[0]:
+        costs = [self.step_ms(g, batch, context) for g in range(most + 1)]      # priced once for both questions
+        if not self.best(most, batch, context, assume=1.0, costs=costs)[0]:
             return 0             # no draft pays here even if every one were accepted: AR (nothing to learn)
         if not self.tried:       # nothing seen yet: draft in full once, so the rates come from this text
             return most
-        g, _ = self.best(most, batch, context)
+        g, _ = self.best(most, batch, context, costs=costs)
         if g:
             self.ar_steps, self.probe_after = 0, PROBE_AFTER
             return g
